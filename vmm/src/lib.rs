@@ -1,0 +1,22 @@
+//! The Strata VMM: builds and runs a KVM virtual machine.
+//!
+//! This crate owns the `strata` binary and everything about a VM that is not a device:
+//! - [`config`]: a VM's configuration and its validation;
+//! - [`memory`]: guest RAM around the 32-bit MMIO hole;
+//! - [`arch`]: the x86_64 specifics — layout, CPUID, MSRs, the 64-bit entry state, the Linux
+//!   zero page and the ACPI tables;
+//! - [`loader`]: ELF vmlinux and bzImage loading;
+//! - [`vcpu`]: the vCPU threads and their state machine;
+//! - [`vm`]: building a VM from a config; [`runner`]: running it through reboots to its end;
+//! - [`console`]: the host side of the serial console;
+//! - [`cli`]: the command line.
+
+pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod loader;
+pub mod memory;
+pub mod runner;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,324 @@
+//! Building a KVM VM from a [`VmConfig`] and tearing it down.
+//!
+//! [`Platform`] holds what outlives one boot of the guest: the KVM handle, the CPUID KVM
+//! supports, and the serial console (so a reboot keeps the user's terminal). [`Vm::boot`]
+//! builds everything else afresh — VM fd, RAM, irqchip and PIT, kernel, ACPI, devices and vCPU
+//! threads — which is how a reboot "restarts the guest from its kernel".
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, BusError, SharedDevice};
+use devices::legacy::{
+    self, AcpiPm, PvPanic, ResetControl, Serial, ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT,
+    I8042_PORT, PVPANIC_PORT, RESET_CONTROL_PORT,
+};
+use devices::{GuestEvent, GuestEventSink};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{acpi, boot_params, cpuid, layout, msr, regs};
+use crate::config::VmConfig;
+use crate::loader;
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::{ReportSink, VcpuHandle, VcpuReport};
+
+/// Something the VMM's control loop must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// A device reported a guest request.
+    Guest(GuestEvent),
+    /// A vCPU stopped.
+    Vcpu(VcpuReport),
+    /// The user asked to quit from the console.
+    Quit,
+}
+
+/// Errors while building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks a capability Strata needs.
+    #[error("KVM lacks the {0} capability that Strata needs")]
+    MissingCap(&'static str),
+    /// A KVM call failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// More vCPUs than this KVM allows.
+    #[error("this KVM allows at most {max} vCPUs; {wanted} were asked for")]
+    TooManyVcpus {
+        /// What KVM allows.
+        max: usize,
+        /// What was asked for.
+        wanted: u8,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// The kernel.
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// The zero page.
+    #[error(transparent)]
+    BootParams(#[from] boot_params::BootParamsError),
+    /// vCPU registers.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// MSRs.
+    #[error(transparent)]
+    Msr(#[from] msr::MsrError),
+    /// Device placement.
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] BusError),
+    /// vCPU threads.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// Host resources (eventfds).
+    #[error("{what} failed")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// What outlives a guest reboot.
+pub struct Platform {
+    kvm: Kvm,
+    supported_cpuid: CpuId,
+    serial: Arc<Mutex<Serial>>,
+    serial_irq: EventFd,
+}
+
+impl Platform {
+    /// Opens KVM, checks its capabilities and creates the console UART writing to `console`.
+    pub fn new(console: Box<dyn std::io::Write + Send>) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "IRQCHIP"),
+            (Cap::Irqfd, "IRQFD"),
+            (Cap::Pit2, "PIT2"),
+            (Cap::ImmediateExit, "IMMEDIATE_EXIT"),
+            (Cap::UserMemory, "USER_MEMORY"),
+            (Cap::ExtCpuid, "EXT_CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let serial_irq = legacy::irq_eventfd().map_err(|source| VmError::Io {
+            what: "creating the serial interrupt eventfd",
+            source,
+        })?;
+        let serial = Serial::new(&serial_irq, console).map_err(|source| VmError::Io {
+            what: "creating the serial port",
+            source,
+        })?;
+        Ok(Self {
+            kvm,
+            supported_cpuid,
+            serial: Arc::new(Mutex::new(serial)),
+            serial_irq,
+        })
+    }
+
+    /// The console UART, for the input thread.
+    pub fn serial(&self) -> &Arc<Mutex<Serial>> {
+        &self.serial
+    }
+
+    /// Resets the console UART's registers (on guest reboot).
+    pub fn reset_serial(&self) {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = serial.reset() {
+            log::warn!("serial reset: {e}");
+        }
+    }
+}
+
+/// A running VM.
+pub struct Vm {
+    // Field order is drop order: vCPU threads end before the VM fd and memory go away.
+    vcpus: Vec<VcpuHandle>,
+    _fd: VmFd,
+    _memory: GuestMemory,
+}
+
+fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| VmError::MissingCap("host-mapped guest memory"))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping belongs to `memory`, which the `Vm` keeps alive for as long as
+        // the VM fd exists (fields drop in order: vCPUs, VM fd, then memory).
+        unsafe { fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// Puts the legacy devices on a new port bus.
+fn legacy_bus(platform: &Platform, events: &Sender<VmEvent>) -> Result<Bus, VmError> {
+    let tx = Mutex::new(events.clone());
+    let sink: GuestEventSink = Arc::new(move |e| {
+        let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(VmEvent::Guest(e));
+    });
+    let mut pio = Bus::new();
+    let serial: SharedDevice = platform.serial.clone();
+    pio.insert(serial, COM1_PORT.into(), 8)?;
+    pio.insert(
+        Arc::new(Mutex::new(legacy::I8042::new(sink.clone()))),
+        I8042_PORT.into(),
+        5,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiPm::new(sink.clone()))),
+        ACPI_SLEEP_CONTROL_PORT.into(),
+        2,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(ResetControl::new(sink.clone()))),
+        RESET_CONTROL_PORT.into(),
+        1,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(PvPanic::new(sink))),
+        PVPANIC_PORT.into(),
+        1,
+    )?;
+    Ok(pio)
+}
+
+impl Vm {
+    /// Builds the VM described by `config` and starts its vCPUs; events go to `events`.
+    pub fn boot(
+        platform: &Platform,
+        config: &VmConfig,
+        events: &Sender<VmEvent>,
+    ) -> Result<Self, VmError> {
+        let max = platform.kvm.get_max_vcpus();
+        if usize::from(config.vcpus) > max {
+            return Err(VmError::TooManyVcpus {
+                max,
+                wanted: config.vcpus,
+            });
+        }
+        let fd = platform.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let memory = memory::create(config.memory)?;
+        register_memory(&fd, &memory)?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let kernel = loader::load_kernel(&memory, &config.kernel)?;
+        let cmdline_size = loader::load_cmdline(&memory, &config.cmdline)?;
+        let rsdp = acpi::write_tables(
+            &memory,
+            &acpi::AcpiConfig {
+                vcpus: config.vcpus,
+                devices: &[],
+            },
+        )?;
+        let params = boot_params::build(
+            &boot_params::BootInfo {
+                mem_size: config.memory,
+                cmdline_size,
+                rsdp,
+            },
+            kernel.setup_header,
+        )?;
+        boot_params::write(&memory, &params)?;
+
+        let pio = legacy_bus(platform, events)?;
+        let mmio = Bus::new();
+        fd.register_irqfd(&platform.serial_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+
+        let mut fds = Vec::with_capacity(config.vcpus.into());
+        for index in 0..config.vcpus {
+            fds.push(
+                fd.create_vcpu(u64::from(index))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))?,
+            );
+        }
+        let tsc_khz = fds[0].get_tsc_khz().ok().filter(|&k| k > 0);
+        let boot_msrs = msr::accepted_boot_msrs(&platform.kvm, &fds[0])?;
+        let topology = cpuid::Topology {
+            vcpus: config.vcpus,
+        };
+        for (index, vcpu) in fds.iter().enumerate() {
+            let id = index as u8;
+            let cpuid = cpuid::for_vcpu(&platform.supported_cpuid, id, topology, tsc_khz);
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            msr::set(vcpu, &boot_msrs)?;
+            regs::setup_lapic(vcpu)?;
+            if index == 0 {
+                regs::setup_boot_vcpu(vcpu, &memory, kernel.entry)?;
+            }
+        }
+
+        let tx = Mutex::new(events.clone());
+        let reports: ReportSink = Arc::new(move |r| {
+            let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(VmEvent::Vcpu(r));
+        });
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (index, vcpu) in fds.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(
+                index as u8,
+                vcpu,
+                pio.clone(),
+                mmio.clone(),
+                reports.clone(),
+            )?);
+        }
+        Ok(Self {
+            vcpus,
+            _fd: fd,
+            _memory: memory,
+        })
+    }
+
+    /// Stops every vCPU thread and releases the VM.
+    pub fn shutdown(mut self) {
+        for v in &self.vcpus {
+            let _ = v.send(crate::vcpu::VcpuCommand::Exit);
+        }
+        for v in self.vcpus.drain(..) {
+            v.exit();
+        }
+    }
+}
