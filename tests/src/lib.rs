@@ -1,2 +1,243 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness: a failure is a test failure
 //! End-to-end tests of Strata: each test starts the `strata` binary, boots the test guest
-//! under KVM and drives it through its serial console. This library holds the harness.
+//! under KVM and drives it through its serial console, as a user at a terminal would.
+//!
+//! This library is the harness: [`Vm`] runs `strata run` with piped stdio and speaks the test
+//! guest's console protocol (a command line in, output lines, then `ok` or `err <reason>`).
+//! The tests need `/dev/kvm`: without it they fail loudly rather than skip.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a console command may take: guest code runs at ~1 M instructions/s on PVM.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest may take to boot and start its CPUs.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `strata` binary built next to the test executables (or `$STRATA_BIN`).
+pub fn strata_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("STRATA_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/strata
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let bin = dir.join("strata");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (`cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Fails the test unless KVM is usable.
+pub fn require_kvm() {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert!(
+        ok,
+        "/dev/kvm is missing or not accessible: these tests need KVM"
+    );
+}
+
+/// A running `strata run` and its console.
+pub struct Vm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    /// Every console line so far, for failure messages.
+    pub transcript: Vec<String>,
+}
+
+/// The reply to a console command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Output lines before the status line.
+    pub lines: Vec<String>,
+    /// `Ok(())` for `ok`, `Err(reason)` for `err <reason>`.
+    pub status: Result<(), String>,
+}
+
+impl Reply {
+    /// The output of a command that must succeed.
+    pub fn ok(self) -> Vec<String> {
+        match self.status {
+            Ok(()) => self.lines,
+            Err(e) => panic!("command failed: err {e} (output {:?})", self.lines),
+        }
+    }
+}
+
+impl Vm {
+    /// Starts `strata run` with `args`.
+    pub fn start(args: &[&str]) -> Self {
+        require_kvm();
+        let mut child = Command::new(strata_bin())
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start strata");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf)
+                            .trim_end_matches(['\r', '\n'])
+                            .to_string();
+                        if tx.send(line).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut stderr_pipe = child.stderr.take().expect("stderr");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr_pipe.read_to_string(&mut s);
+            sink.lock().unwrap().push_str(&s);
+        });
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            lines,
+            stderr,
+            transcript: Vec::new(),
+        }
+    }
+
+    /// The next console line, or panics after `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                self.transcript.push(line.clone());
+                line
+            }
+            Err(RecvTimeoutError::Timeout) => panic!(
+                "no console line within {timeout:?}; console so far:\n{}",
+                self.transcript.join("\n")
+            ),
+            Err(RecvTimeoutError::Disconnected) => panic!(
+                "console closed; stderr: {}\nconsole so far:\n{}",
+                self.stderr(),
+                self.transcript.join("\n")
+            ),
+        }
+    }
+
+    /// Reads lines until one satisfies `pred`; returns it.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.next_line(left.max(Duration::from_millis(1)));
+            if pred(&line) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits for the guest's ready line and returns the CPU count it reports.
+    pub fn wait_ready(&mut self) -> u32 {
+        let line = self.wait_for(BOOT_TIMEOUT, |l| l.contains("strata test guest ready"));
+        line.rsplit("cpus=")
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("bad ready line {line:?}"))
+    }
+
+    /// Writes raw bytes to the console.
+    pub fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("console input is open");
+        stdin.write_all(text.as_bytes()).expect("write console");
+        stdin.flush().expect("flush console");
+    }
+
+    /// Runs a console command and returns its reply.
+    pub fn command(&mut self, cmd: &str) -> Reply {
+        self.send(&format!("{cmd}\n"));
+        // The guest echoes the line after its prompt.
+        let echo = format!("> {cmd}");
+        self.wait_for(COMMAND_TIMEOUT, |l| l.ends_with(&echo));
+        let mut lines = Vec::new();
+        loop {
+            let line = self.next_line(COMMAND_TIMEOUT);
+            if line == "ok" {
+                return Reply {
+                    lines,
+                    status: Ok(()),
+                };
+            }
+            if let Some(reason) = line.strip_prefix("err") {
+                return Reply {
+                    lines,
+                    status: Err(reason.trim().to_string()),
+                };
+            }
+            lines.push(line);
+        }
+    }
+
+    /// Runs a command that must succeed and returns its single output line.
+    pub fn line(&mut self, cmd: &str) -> String {
+        let mut out = self.command(cmd).ok();
+        assert_eq!(out.len(), 1, "{cmd}: expected one line, got {out:?}");
+        out.remove(0)
+    }
+
+    /// Waits for `strata` to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait strata") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "strata did not exit within {timeout:?}; console:\n{}",
+                    self.transcript.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What `strata` wrote to stderr (complete once it has exited).
+    pub fn stderr(&self) -> String {
+        // Give the reader thread a moment to collect the last bytes.
+        std::thread::sleep(Duration::from_millis(50));
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -41,7 +41,12 @@ pub struct RunArgs {
     pub cmdline: String,
 
     /// Number of vCPUs (1 to 32)
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     pub vcpus: u64,
 
     /// Guest RAM: MiB, or a size with a unit such as 512M or 1G
@@ -65,10 +70,7 @@ impl RunArgs {
             .filter(|v| (1..=MAX_VCPUS).contains(v))
             .ok_or(ConfigError::VcpusOutOfRange(self.vcpus))?;
         Ok(VmConfig {
-            kernel: self
-                .kernel
-                .clone()
-                .map_or(Kernel::TestGuest, Kernel::File),
+            kernel: self.kernel.clone().map_or(Kernel::TestGuest, Kernel::File),
             cmdline: self.cmdline.clone(),
             vcpus,
             memory: parse_memory(&self.memory)?,
@@ -98,8 +100,18 @@ mod tests {
     #[test]
     fn run_flags_map_to_config() {
         let Command::Run(args) = parse(&[
-            "run", "--kernel", "/k", "--cmdline", "a=b", "--vcpus", "4", "--memory", "1G",
-            "--no-reboot", "--console", "none",
+            "run",
+            "--kernel",
+            "/k",
+            "--cmdline",
+            "a=b",
+            "--vcpus",
+            "4",
+            "--memory",
+            "1G",
+            "--no-reboot",
+            "--console",
+            "none",
         ])
         .unwrap()
         .command;
@@ -114,7 +126,10 @@ mod tests {
     fn out_of_range_vcpus_are_config_errors() {
         for n in ["0", "33", "300"] {
             let Command::Run(args) = parse(&["run", "--vcpus", n]).unwrap().command;
-            assert!(matches!(args.to_config(), Err(ConfigError::VcpusOutOfRange(_))));
+            assert!(matches!(
+                args.to_config(),
+                Err(ConfigError::VcpusOutOfRange(_))
+            ));
         }
     }
 

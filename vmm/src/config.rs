@@ -197,33 +197,57 @@ mod tests {
         assert_eq!(parse_memory("0G"), Err(ConfigError::ZeroMemory));
         assert_eq!(parse_memory("1000K"), Err(ConfigError::MemoryNotMibAligned));
         for s in ["", "M", "12X", "-5M", "1.5G", "99999999999999999999G"] {
-            assert!(matches!(parse_memory(s), Err(ConfigError::BadMemorySize(_))), "{s}");
+            assert!(
+                matches!(parse_memory(s), Err(ConfigError::BadMemorySize(_))),
+                "{s}"
+            );
         }
     }
 
     #[test]
     fn validate_checks_limits() {
         assert_eq!(config().validate(Some(1024)), Ok(()));
-        let c = VmConfig { memory: 2 << 30, ..config() };
+        let c = VmConfig {
+            memory: 2 << 30,
+            ..config()
+        };
         assert_eq!(
             c.validate(Some(1024)),
-            Err(ConfigError::MemoryExceedsHost { requested: 2048, host: 1024 })
+            Err(ConfigError::MemoryExceedsHost {
+                requested: 2048,
+                host: 1024
+            })
         );
-        let c = VmConfig { memory: 8 << 20, ..config() };
+        let c = VmConfig {
+            memory: 8 << 20,
+            ..config()
+        };
         assert_eq!(c.validate(None), Err(ConfigError::MemoryTooSmall(8)));
         for vcpus in [0, MAX_VCPUS + 1] {
             let c = VmConfig { vcpus, ..config() };
-            assert_eq!(c.validate(None), Err(ConfigError::VcpusOutOfRange(vcpus.into())));
+            assert_eq!(
+                c.validate(None),
+                Err(ConfigError::VcpusOutOfRange(vcpus.into()))
+            );
         }
-        let c = VmConfig { cmdline: "x".repeat(CMDLINE_MAX_SIZE), ..config() };
-        assert!(matches!(c.validate(None), Err(ConfigError::CmdlineTooLong(_))));
+        let c = VmConfig {
+            cmdline: "x".repeat(CMDLINE_MAX_SIZE),
+            ..config()
+        };
+        assert!(matches!(
+            c.validate(None),
+            Err(ConfigError::CmdlineTooLong(_))
+        ));
     }
 
     #[test]
     fn console_values_parse() {
         assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
         assert_eq!("none".parse(), Ok(ConsoleConfig::None));
-        assert_eq!("file=/tmp/x".parse(), Ok(ConsoleConfig::File("/tmp/x".into())));
+        assert_eq!(
+            "file=/tmp/x".parse(),
+            Ok(ConsoleConfig::File("/tmp/x".into()))
+        );
         assert!("file=".parse::<ConsoleConfig>().is_err());
         assert!("tty".parse::<ConsoleConfig>().is_err());
     }

@@ -36,12 +36,12 @@ pub fn output(config: &ConsoleConfig) -> Result<Box<dyn Write + Send>, ConsoleEr
     Ok(match config {
         ConsoleConfig::Stdio => Box::new(io::stdout()),
         ConsoleConfig::None => Box::new(io::sink()),
-        ConsoleConfig::File(path) => Box::new(File::create(path).map_err(|source| {
-            ConsoleError::File {
+        ConsoleConfig::File(path) => {
+            Box::new(File::create(path).map_err(|source| ConsoleError::File {
                 path: path.clone(),
                 source,
-            }
-        })?),
+            })?)
+        }
     })
 }
 

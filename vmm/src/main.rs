@@ -51,9 +51,7 @@ fn main() -> ExitCode {
                 }
             };
             match runner::run(&config) {
-                Ok(Outcome::PowerOff) | Ok(Outcome::Reset) | Ok(Outcome::Quit) => {
-                    ExitCode::SUCCESS
-                }
+                Ok(Outcome::PowerOff) | Ok(Outcome::Reset) | Ok(Outcome::Quit) => ExitCode::SUCCESS,
                 Err(e @ runner::RunError::Config(_)) => {
                     report(&e);
                     ExitCode::from(2)

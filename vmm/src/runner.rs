@@ -58,18 +58,25 @@ fn decide(event: VmEvent, config: &VmConfig) -> Next {
         }
     };
     match event {
-        VmEvent::Guest(GuestEvent::PowerOff) | VmEvent::Vcpu(vcpu::VcpuReport { stop: VcpuStop::PowerOff, .. }) => {
-            Next::End(Ok(Outcome::PowerOff))
-        }
-        VmEvent::Guest(GuestEvent::Reset) | VmEvent::Vcpu(vcpu::VcpuReport { stop: VcpuStop::Reset, .. }) => {
-            reset()
-        }
-        VmEvent::Guest(GuestEvent::Panic) | VmEvent::Vcpu(vcpu::VcpuReport { stop: VcpuStop::Crash, .. }) => {
-            Next::End(Err(RunError::GuestPanic))
-        }
-        VmEvent::Vcpu(vcpu::VcpuReport { stop: VcpuStop::Failed(why), .. }) => {
-            Next::End(Err(RunError::GuestFailed(why)))
-        }
+        VmEvent::Guest(GuestEvent::PowerOff)
+        | VmEvent::Vcpu(vcpu::VcpuReport {
+            stop: VcpuStop::PowerOff,
+            ..
+        }) => Next::End(Ok(Outcome::PowerOff)),
+        VmEvent::Guest(GuestEvent::Reset)
+        | VmEvent::Vcpu(vcpu::VcpuReport {
+            stop: VcpuStop::Reset,
+            ..
+        }) => reset(),
+        VmEvent::Guest(GuestEvent::Panic)
+        | VmEvent::Vcpu(vcpu::VcpuReport {
+            stop: VcpuStop::Crash,
+            ..
+        }) => Next::End(Err(RunError::GuestPanic)),
+        VmEvent::Vcpu(vcpu::VcpuReport {
+            stop: VcpuStop::Failed(why),
+            ..
+        }) => Next::End(Err(RunError::GuestFailed(why))),
         VmEvent::Quit => Next::End(Ok(Outcome::Quit)),
     }
 }

@@ -14,7 +14,10 @@ use devices::legacy::{
     I8042_PORT, PVPANIC_PORT, RESET_CONTROL_PORT,
 };
 use devices::{GuestEvent, GuestEventSink};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -190,7 +193,10 @@ fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
 fn legacy_bus(platform: &Platform, events: &Sender<VmEvent>) -> Result<Bus, VmError> {
     let tx = Mutex::new(events.clone());
     let sink: GuestEventSink = Arc::new(move |e| {
-        let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(VmEvent::Guest(e));
+        let _ = tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(VmEvent::Guest(e));
     });
     let mut pio = Bus::new();
     let serial: SharedDevice = platform.serial.clone();
@@ -237,7 +243,8 @@ impl Vm {
         register_memory(&fd, &memory)?;
         fd.set_tss_address(layout::KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -293,7 +300,10 @@ impl Vm {
 
         let tx = Mutex::new(events.clone());
         let reports: ReportSink = Arc::new(move |r| {
-            let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(VmEvent::Vcpu(r));
+            let _ = tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(VmEvent::Vcpu(r));
         });
         let mut vcpus = Vec::with_capacity(fds.len());
         for (index, vcpu) in fds.into_iter().enumerate() {

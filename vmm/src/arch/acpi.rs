@@ -9,7 +9,9 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -188,7 +190,14 @@ mod tests {
 
     fn tables(vcpus: u8) -> (GuestMemory, Vec<u8>, Vec<Vec<u8>>) {
         let memory = crate::memory::create(16 << 20).unwrap();
-        let rsdp = write_tables(&memory, &AcpiConfig { vcpus, devices: &[] }).unwrap();
+        let rsdp = write_tables(
+            &memory,
+            &AcpiConfig {
+                vcpus,
+                devices: &[],
+            },
+        )
+        .unwrap();
         let r = read(&memory, rsdp.0, 36);
         assert_eq!(&r[..8], b"RSD PTR ");
         assert!(checksum_ok(&r[..20]));

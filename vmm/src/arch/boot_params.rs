@@ -106,11 +106,7 @@ mod tests {
     fn e820_usable_ram_is_configured_size_minus_legacy_hole() {
         let size = 512u64 << 20;
         let map = e820_map(size);
-        let usable: u64 = map
-            .iter()
-            .filter(|e| e.2 == E820_RAM)
-            .map(|e| e.1)
-            .sum();
+        let usable: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(usable, size - (HIMEM_START - EBDA_START));
         assert!(map.contains(&(ACPI_START, ACPI_END - ACPI_START, E820_RESERVED)));
     }

@@ -57,11 +57,7 @@ pub fn for_vcpu(base: &CpuId, apic_id: u8, topo: Topology, tsc_khz: Option<u32>)
                 let sharing = if level >= 3 { count - 1 } else { 0 };
                 e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
             }
-            0x4000_0000 => {
-                if tsc_khz.is_some() {
-                    e.eax = e.eax.max(TIMING_LEAF);
-                }
-            }
+            0x4000_0000 if tsc_khz.is_some() => e.eax = e.eax.max(TIMING_LEAF),
             _ => {}
         }
     }
@@ -170,9 +166,6 @@ mod tests {
 
     #[test]
     fn id_bits_rounds_up() {
-        assert_eq!(
-            [1, 2, 3, 4, 5, 8, 9].map(id_bits),
-            [0, 1, 2, 2, 3, 3, 4]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(id_bits), [0, 1, 2, 2, 3, 3, 4]);
     }
 }

@@ -156,7 +156,11 @@ fn write_page_tables(memory: &GuestMemory) -> Result<(), RegsError> {
 }
 
 /// Puts the boot vCPU at `entry` in 64-bit mode with the zero page in RSI.
-pub fn setup_boot_vcpu(vcpu: &VcpuFd, memory: &GuestMemory, entry: GuestAddress) -> Result<(), RegsError> {
+pub fn setup_boot_vcpu(
+    vcpu: &VcpuFd,
+    memory: &GuestMemory,
+    entry: GuestAddress,
+) -> Result<(), RegsError> {
     let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let sregs = setup_long_mode(memory, sregs)?;
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
@@ -214,7 +218,10 @@ mod tests {
     fn gdt_code_segment_is_64bit_present_ring0() {
         let cs = segment_from_gdt(BOOT_GDT[1], 1);
         assert_eq!(cs.selector, 8);
-        assert_eq!((cs.l, cs.db, cs.present, cs.dpl, cs.s, cs.g), (1, 0, 1, 0, 1, 1));
+        assert_eq!(
+            (cs.l, cs.db, cs.present, cs.dpl, cs.s, cs.g),
+            (1, 0, 1, 0, 1, 1)
+        );
         assert_eq!(cs.type_, 0xb);
         assert_eq!(cs.limit, 0xffff_ffff);
         assert_eq!(cs.unusable, 0);
