@@ -13,6 +13,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 use std::sync::Arc;
 

@@ -11,7 +11,7 @@
 mod power;
 mod serial;
 
-pub use power::{AcpiPm, I8042, PvPanic, ResetControl};
+pub use power::{AcpiPm, PvPanic, ResetControl, I8042};
 pub use serial::{irq_eventfd, Serial, SerialInput};
 
 /// COM1's base port.

@@ -186,9 +186,7 @@ mod tests {
     #[test]
     fn input_raises_interrupt_and_waits_for_guest_to_drain() {
         let irq = irq_eventfd().unwrap();
-        let serial = Arc::new(Mutex::new(
-            Serial::new(&irq, Box::new(io::sink())).unwrap(),
-        ));
+        let serial = Arc::new(Mutex::new(Serial::new(&irq, Box::new(io::sink())).unwrap()));
         serial.lock().unwrap().write(IER, &[1]); // receive-data interrupt on
         let input = SerialInput::new(&serial);
         let data: Vec<u8> = (0..200u8).collect(); // more than the 64-byte FIFO
