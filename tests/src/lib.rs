@@ -32,7 +32,7 @@ pub fn strata_bin() -> PathBuf {
     let bin = dir.join("strata");
     assert!(
         bin.exists(),
-        "{} does not exist: build it first (`cargo test --workspace` does)",
+        "{} does not exist: build it first (`cargo test --workspace` builds the debug one, `cargo build --release --bin strata` the release one)",
         bin.display()
     );
     bin

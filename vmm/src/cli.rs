@@ -60,6 +60,11 @@ pub struct RunArgs {
     /// Where the serial console goes: stdio, file=PATH (output only) or none
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     pub console: String,
+
+    /// A virtio-blk disk: path=FILE[,readonly=on]; FILE is a raw image or the top layer of a
+    /// Strata chain. Repeat for more disks; the guest sees them in this order
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on]")]
+    pub disks: Vec<String>,
 }
 
 impl RunArgs {
@@ -76,6 +81,11 @@ impl RunArgs {
             memory: parse_memory(&self.memory)?,
             reboot: !self.no_reboot,
             console: self.console.parse::<ConsoleConfig>()?,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| d.parse())
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -46,6 +46,17 @@ pub enum ConfigError {
     /// A command line with a NUL byte.
     #[error("the kernel command line contains a NUL byte")]
     CmdlineHasNul,
+    /// A `--disk` value that does not parse.
+    #[error("invalid --disk '{value}': {why}")]
+    BadDisk {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// More disks than there are device slots.
+    #[error("{0} disks given; a VM has at most {MAX_DISKS}")]
+    TooManyDisks(usize),
     /// A `--console` value that does not parse.
     #[error("invalid --console '{0}': expected stdio, file=PATH or none")]
     BadConsole(String),
@@ -76,6 +87,52 @@ impl std::str::FromStr for ConsoleConfig {
     }
 }
 
+/// The most virtio-blk disks a VM may have (one MMIO slot and one interrupt line each).
+pub const MAX_DISKS: usize = 16;
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// A raw image or the top layer of a Strata chain.
+    pub path: PathBuf,
+    /// Whether the guest may write it.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+    /// Parses `path=FILE[,readonly=on|off]`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::BadDisk {
+            value: s.to_string(),
+            why: why.to_string(),
+        };
+        let mut path = None;
+        let mut read_only = false;
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value"))?;
+            match key {
+                "path" if value.is_empty() => return Err(bad("empty path")),
+                "path" => path = Some(PathBuf::from(value)),
+                "readonly" => {
+                    read_only = match value {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(bad("readonly takes on or off")),
+                    }
+                }
+                other => return Err(bad(&format!("unknown key '{other}'"))),
+            }
+        }
+        Ok(Self {
+            path: path.ok_or_else(|| bad("path= is required"))?,
+            read_only,
+        })
+    }
+}
+
 /// The kernel a VM boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kernel {
@@ -100,6 +157,8 @@ pub struct VmConfig {
     pub reboot: bool,
     /// Where the serial console goes.
     pub console: ConsoleConfig,
+    /// virtio-blk disks, in guest order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Parses `512M`, `1G`, `2048` (MiB), `1GiB`, `524288K` into bytes.
@@ -162,6 +221,9 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineHasNul);
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
         Ok(())
     }
 }
@@ -178,6 +240,35 @@ mod tests {
             memory: 512 << 20,
             reboot: true,
             console: ConsoleConfig::Stdio,
+            disks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn disk_values_parse() {
+        assert_eq!(
+            "path=/a.img".parse(),
+            Ok(DiskConfig {
+                path: "/a.img".into(),
+                read_only: false
+            })
+        );
+        assert_eq!(
+            "path=/b,readonly=on".parse(),
+            Ok(DiskConfig {
+                path: "/b".into(),
+                read_only: true
+            })
+        );
+        for bad in [
+            "",
+            "/a.img",
+            "path=",
+            "readonly=on",
+            "path=/a,readonly=maybe",
+            "path=/a,cache=none",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
         }
     }
 

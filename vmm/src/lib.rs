@@ -8,6 +8,7 @@
 //! - [`loader`]: ELF vmlinux and bzImage loading;
 //! - [`vcpu`]: the vCPU threads and their state machine;
 //! - [`vm`]: building a VM from a config; [`runner`]: running it through reboots to its end;
+//! - [`device_manager`]: virtio-mmio device placement and wiring;
 //! - [`console`]: the host side of the serial console;
 //! - [`cli`]: the command line.
 
@@ -15,6 +16,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod loader;
 pub mod memory;
 pub mod runner;

@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{acpi, boot_params, cpuid, layout, msr, regs};
 use crate::config::VmConfig;
+use crate::device_manager::{self, VirtioDevices};
 use crate::loader;
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{ReportSink, VcpuHandle, VcpuReport};
@@ -86,6 +87,9 @@ pub enum VmError {
     /// Device placement.
     #[error("cannot place a device on the bus")]
     Bus(#[from] BusError),
+    /// virtio devices.
+    #[error(transparent)]
+    Devices(#[from] device_manager::DeviceError),
     /// vCPU threads.
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
@@ -165,6 +169,7 @@ impl Platform {
 pub struct Vm {
     // Field order is drop order: vCPU threads end before the VM fd and memory go away.
     vcpus: Vec<VcpuHandle>,
+    virtio: VirtioDevices,
     _fd: VmFd,
     _memory: GuestMemory,
 }
@@ -252,12 +257,18 @@ impl Vm {
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let kernel = loader::load_kernel(&memory, &config.kernel)?;
-        let cmdline_size = loader::load_cmdline(&memory, &config.cmdline)?;
+        let virtio = device_manager::create(&fd, &memory, &config.disks)?;
+        let mut cmdline = config.cmdline.clone();
+        for entry in &virtio.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(entry);
+        }
+        let cmdline_size = loader::load_cmdline(&memory, &cmdline)?;
         let rsdp = acpi::write_tables(
             &memory,
             &acpi::AcpiConfig {
                 vcpus: config.vcpus,
-                devices: &[],
+                devices: &virtio.acpi,
             },
         )?;
         let params = boot_params::build(
@@ -271,7 +282,7 @@ impl Vm {
         boot_params::write(&memory, &params)?;
 
         let pio = legacy_bus(platform, events)?;
-        let mmio = Bus::new();
+        let mmio = virtio.mmio.clone();
         fd.register_irqfd(&platform.serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
 
@@ -317,6 +328,7 @@ impl Vm {
         }
         Ok(Self {
             vcpus,
+            virtio,
             _fd: fd,
             _memory: memory,
         })
@@ -330,5 +342,6 @@ impl Vm {
         for v in self.vcpus.drain(..) {
             v.exit();
         }
+        self.virtio.stop();
     }
 }

@@ -44,8 +44,22 @@ pub enum AcpiError {
 pub struct AcpiConfig<'a> {
     /// Number of vCPUs.
     pub vcpus: u8,
-    /// More DSDT devices (each a complete `Device` object), placed in `\_SB`.
-    pub devices: &'a [&'a dyn Aml],
+    /// More DSDT devices, each the AML of a complete `Device` object, placed in `\_SB`.
+    pub devices: &'a [Vec<u8>],
+}
+
+/// The AML `Device` for a virtio-mmio transport: `_HID` LNRO0005 (what Linux's virtio_mmio
+/// driver matches), its register window and its edge-triggered interrupt.
+pub fn virtio_mmio_device(index: usize, base: u64, size: u64, irq: u32) -> Vec<u8> {
+    let name = format!("VR{index:02X}");
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid = aml::Name::new("_UID".into(), &(index as u32));
+    let mem = aml::Memory32Fixed::new(true, base as u32, size as u32);
+    let int = aml::Interrupt::new(true, true, false, false, irq);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &int]);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let dev = aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
+    table_bytes(&dev)
 }
 
 fn table_bytes(t: &dyn Aml) -> Vec<u8> {
@@ -85,13 +99,14 @@ fn dsdt_body(cfg: &AcpiConfig) -> Vec<u8> {
     let pevt_crs = aml::Name::new("_CRS".into(), &pevt_crs);
     let pevt = aml::Device::new("PEVT".into(), vec![&pevt_hid, &pevt_crs]);
 
-    let mut sb_children: Vec<&dyn Aml> = vec![&com1, &pevt];
-    sb_children.extend_from_slice(cfg.devices);
-    let sb = aml::Scope::new("_SB_".into(), sb_children);
+    let mut sb_body = table_bytes(&com1);
+    pevt.to_aml_bytes(&mut sb_body);
+    for device in cfg.devices {
+        sb_body.extend_from_slice(device);
+    }
 
-    let mut body = Vec::new();
-    s5.to_aml_bytes(&mut body);
-    sb.to_aml_bytes(&mut body);
+    let mut body = table_bytes(&s5);
+    body.extend(aml::Scope::raw("_SB_".into(), sb_body));
     body
 }
 
@@ -258,5 +273,37 @@ mod tests {
         assert!(has(b"_S5_"));
         assert!(has(b"COM1"));
         assert!(has(b"QEMU0001"));
+    }
+
+    #[test]
+    fn virtio_mmio_devices_appear_in_the_dsdt() {
+        let memory = crate::memory::create(16 << 20).unwrap();
+        let devices = [
+            virtio_mmio_device(0, 0xd000_0000, 0x1000, 5),
+            virtio_mmio_device(1, 0xd000_1000, 0x1000, 6),
+        ];
+        let rsdp = write_tables(
+            &memory,
+            &AcpiConfig {
+                vcpus: 1,
+                devices: &devices,
+            },
+        )
+        .unwrap();
+        let r = read(&memory, rsdp.0, 36);
+        let xsdt = table(&memory, u64_at(&r, 24));
+        let fadt = table(&memory, u64_at(&xsdt, 36));
+        let dsdt = table(&memory, u64_at(&fadt, 140));
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"VR00") && has(b"VR01"));
+        assert!(has(b"LNRO0005"));
+        // Memory32Fixed descriptor (0x86, length 9, read-write) with base 0xd0001000.
+        let mut m = vec![0x86, 9, 0, 1];
+        m.extend_from_slice(&0xd000_1000u32.to_le_bytes());
+        assert!(has(&m));
+        // Extended interrupt descriptor for IRQ 6: consumer, edge, active-high.
+        let mut i = vec![0x89, 6, 0, 0x03, 1];
+        i.extend_from_slice(&6u32.to_le_bytes());
+        assert!(has(&i));
     }
 }

@@ -1,0 +1,187 @@
+//! Places virtio-mmio devices: MMIO windows, interrupt lines, KVM ioeventfds and irqfds, their
+//! event loops, and how the guest learns of them (ACPI DSDT entries and `virtio_mmio.device=`
+//! command-line entries, for kernels that find devices either way).
+//!
+//! Layout: transport `i` has its registers at `0xd000_0000 + i * 4 KiB` and interrupt line
+//! (IOAPIC pin / GSI) `5 + i`. Disks come first, in `--disk` order.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, BusError};
+use devices::virtio::block::{Block, RawFile};
+use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use devices::virtio::{EventLoop, GuestMemory, Interrupt, VirtioDevice};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::acpi;
+use crate::config::DiskConfig;
+
+/// Where the first virtio-mmio window is.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The first interrupt line for virtio devices (COM1 has 4).
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// The last usable IOAPIC pin.
+const LAST_IRQ: u32 = 23;
+
+/// Errors while adding devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A disk image cannot be opened.
+    #[error("cannot open disk {path}")]
+    OpenDisk {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk's size is not a whole number of sectors.
+    #[error("disk {path} is {size} bytes, not a multiple of 512")]
+    DiskSize {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// No interrupt lines are left.
+    #[error("too many virtio devices: no interrupt line left")]
+    NoIrq,
+    /// A KVM call failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Host resources.
+    #[error("{what} failed")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bus placement.
+    #[error("cannot place a device on the MMIO bus")]
+    Bus(#[from] BusError),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
+    move |source| DeviceError::Io { what, source }
+}
+
+/// The virtio devices of one VM.
+pub struct VirtioDevices {
+    /// The MMIO bus the transports are on.
+    pub mmio: Bus,
+    /// DSDT `Device` objects, one per transport.
+    pub acpi: Vec<Vec<u8>>,
+    /// `virtio_mmio.device=` entries to append to the command line.
+    pub cmdline: Vec<String>,
+    // Dropping these stops the device threads.
+    loops: Vec<EventLoop>,
+}
+
+impl VirtioDevices {
+    /// Stops every device's event loop.
+    pub fn stop(&mut self) {
+        self.loops.clear();
+    }
+}
+
+/// Opens a disk image as a block backend.
+fn open_disk(disk: &DiskConfig) -> Result<RawFile, DeviceError> {
+    let open_err = |source| DeviceError::OpenDisk {
+        path: disk.path.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!disk.read_only)
+        .open(&disk.path)
+        .map_err(open_err)?;
+    let backend = RawFile::new(file).map_err(open_err)?;
+    let size = devices::virtio::block::BlockBackend::capacity(&backend);
+    if size % 512 != 0 {
+        return Err(DeviceError::DiskSize {
+            path: disk.path.clone(),
+            size,
+        });
+    }
+    Ok(backend)
+}
+
+/// Creates the devices for `disks`, wires them into KVM and starts their threads.
+pub fn create(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    disks: &[DiskConfig],
+) -> Result<VirtioDevices, DeviceError> {
+    let mut out = VirtioDevices {
+        mmio: Bus::new(),
+        acpi: Vec::new(),
+        cmdline: Vec::new(),
+        loops: Vec::new(),
+    };
+    for (index, disk) in disks.iter().enumerate() {
+        let backend = open_disk(disk)?;
+        let id = format!("strata-disk{index}");
+        let block = Block::new(Box::new(backend), disk.read_only, &id)
+            .map_err(io("creating a block device"))?;
+        let queue_evt = block.queue_event().map_err(io("cloning a queue eventfd"))?;
+        let block = Arc::new(Mutex::new(block));
+        add(vm, mem, &mut out, block.clone(), vec![queue_evt])?;
+        out.loops.push(
+            EventLoop::start(&format!("virtio-blk{index}"), block)
+                .map_err(io("starting a device thread"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Puts one transport on the next slot.
+fn add(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    out: &mut VirtioDevices,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    queue_evts: Vec<EventFd>,
+) -> Result<(), DeviceError> {
+    let index = out.acpi.len();
+    let irq = VIRTIO_FIRST_IRQ + index as u32;
+    if irq > LAST_IRQ {
+        return Err(DeviceError::NoIrq);
+    }
+    let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_SIZE;
+    let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(io("creating an interrupt eventfd"))?;
+    vm.register_irqfd(&irq_evt, irq)
+        .map_err(|source| DeviceError::Kvm {
+            what: "KVM_IRQFD",
+            source,
+        })?;
+    for (queue, evt) in queue_evts.iter().enumerate() {
+        vm.register_ioevent(
+            evt,
+            &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+            queue as u32,
+        )
+        .map_err(|source| DeviceError::Kvm {
+            what: "KVM_IOEVENTFD",
+            source,
+        })?;
+    }
+    let transport = MmioTransport::new(device, mem.clone(), Interrupt::new(irq_evt), queue_evts);
+    out.mmio
+        .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)?;
+    out.acpi
+        .push(acpi::virtio_mmio_device(index, base, MMIO_SIZE, irq));
+    out.cmdline
+        .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+    Ok(())
+}
