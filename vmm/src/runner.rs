@@ -1,12 +1,22 @@
-//! Runs a VM to its end: boot, wait for what the guest or the user does, reboot on reset.
+//! Runs a VM to its end and owns its lifecycle.
+//!
+//! The control loop is the only place that changes what runs: it receives [`VmEvent`]s — from
+//! devices (the guest powered off, reset or panicked), from vCPU threads (KVM stopped the
+//! guest), from the console (the user quit) and, with an API socket, API calls — on one
+//! channel, and applies them to the [`Machine`] in the order they came.
+//!
+//! Lifecycle: `running` ⇄ `paused` (pause/resume), `running|paused → off` (stop, guest power
+//! off), `off → running` (start: a cold boot from the disks). Without an API socket the VMM
+//! exits when the guest powers off or panics; with one it stays up in `off` so the VM can be
+//! inspected, checkpointed and started again.
 
-use std::sync::mpsc;
+use std::sync::mpsc::{self, Receiver, Sender};
 
 use devices::GuestEvent;
 
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::console::{self, RawTerminal};
-use crate::vcpu::{self, VcpuStop};
+use crate::vcpu::{self, VcpuError, VcpuStop};
 use crate::vm::{Platform, Vm, VmError, VmEvent};
 
 /// How a VM's run ended, when it ended the way a guest may.
@@ -41,44 +51,190 @@ pub enum RunError {
     /// KVM stopped running the guest.
     #[error("the guest stopped: {0}")]
     GuestFailed(String),
+    /// A vCPU thread stopped answering.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
 }
 
-/// What the control loop does with an event.
-enum Next {
-    Reboot,
-    End(Result<Outcome, RunError>),
+/// Where a VM is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// vCPUs run the guest.
+    Running,
+    /// vCPUs are stopped; memory and devices are kept.
+    Paused,
+    /// No guest is running.
+    Off,
 }
 
-fn decide(event: VmEvent, config: &VmConfig) -> Next {
-    let reset = || {
-        if config.reboot {
-            Next::Reboot
-        } else {
-            Next::End(Ok(Outcome::Reset))
+impl VmState {
+    /// The state's name in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Off => "off",
         }
-    };
-    match event {
+    }
+}
+
+/// A lifecycle call made in a state that does not allow it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("cannot {action} a VM that is {state}")]
+pub struct WrongState {
+    /// What was asked.
+    pub action: &'static str,
+    /// The state it was asked in.
+    pub state: &'static str,
+}
+
+/// Errors of lifecycle calls.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// Not allowed in this state.
+    #[error(transparent)]
+    WrongState(#[from] WrongState),
+    /// Booting failed.
+    #[error(transparent)]
+    Boot(#[from] VmError),
+    /// A vCPU did not answer.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+/// The VM and what it takes to (re)build it.
+pub struct Machine {
+    platform: Platform,
+    config: VmConfig,
+    events: Sender<VmEvent>,
+    vm: Option<Vm>,
+    paused: bool,
+    /// Why the guest last stopped running, if it did.
+    pub last_exit: Option<String>,
+}
+
+impl Machine {
+    /// A machine for `config`, off; events go to `events`.
+    pub fn new(platform: Platform, config: VmConfig, events: Sender<VmEvent>) -> Self {
+        Self {
+            platform,
+            config,
+            events,
+            vm: None,
+            paused: false,
+            last_exit: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The platform (KVM, console).
+    pub fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    /// The current state.
+    pub fn state(&self) -> VmState {
+        match (&self.vm, self.paused) {
+            (None, _) => VmState::Off,
+            (Some(_), true) => VmState::Paused,
+            (Some(_), false) => VmState::Running,
+        }
+    }
+
+    fn require(&self, action: &'static str, allowed: &[VmState]) -> Result<(), WrongState> {
+        let state = self.state();
+        if allowed.contains(&state) {
+            Ok(())
+        } else {
+            Err(WrongState {
+                action,
+                state: state.name(),
+            })
+        }
+    }
+
+    /// Cold-boots the guest from its kernel and disks.
+    pub fn start(&mut self) -> Result<(), LifecycleError> {
+        self.require("start", &[VmState::Off])?;
+        self.vm = Some(Vm::boot(&self.platform, &self.config, &self.events)?);
+        self.paused = false;
+        self.last_exit = None;
+        Ok(())
+    }
+
+    /// Stops every vCPU; returns when all are out of the guest.
+    pub fn pause(&mut self) -> Result<(), LifecycleError> {
+        self.require("pause", &[VmState::Running])?;
+        if let Some(vm) = &self.vm {
+            vm.pause()?;
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&mut self) -> Result<(), LifecycleError> {
+        self.require("resume", &[VmState::Paused])?;
+        if let Some(vm) = &self.vm {
+            vm.resume()?;
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Powers the VM off at once, like pulling the plug.
+    pub fn stop(&mut self) -> Result<(), LifecycleError> {
+        self.require("stop", &[VmState::Running, VmState::Paused])?;
+        self.halt("stopped");
+        Ok(())
+    }
+
+    /// Tears the running VM down (if any) and records why.
+    pub fn halt(&mut self, why: &str) {
+        if let Some(vm) = self.vm.take() {
+            vm.shutdown();
+        }
+        self.paused = false;
+        self.last_exit = Some(why.to_string());
+    }
+}
+
+/// What the control loop does with a guest or vCPU event.
+#[derive(Debug, PartialEq, Eq)]
+enum GuestOutcome {
+    PowerOff,
+    Reset,
+    Panic,
+    Failed(String),
+}
+
+fn classify(event: &VmEvent) -> Option<GuestOutcome> {
+    Some(match event {
         VmEvent::Guest(GuestEvent::PowerOff)
         | VmEvent::Vcpu(vcpu::VcpuReport {
             stop: VcpuStop::PowerOff,
             ..
-        }) => Next::End(Ok(Outcome::PowerOff)),
+        }) => GuestOutcome::PowerOff,
         VmEvent::Guest(GuestEvent::Reset)
         | VmEvent::Vcpu(vcpu::VcpuReport {
             stop: VcpuStop::Reset,
             ..
-        }) => reset(),
+        }) => GuestOutcome::Reset,
         VmEvent::Guest(GuestEvent::Panic)
         | VmEvent::Vcpu(vcpu::VcpuReport {
             stop: VcpuStop::Crash,
             ..
-        }) => Next::End(Err(RunError::GuestPanic)),
+        }) => GuestOutcome::Panic,
         VmEvent::Vcpu(vcpu::VcpuReport {
             stop: VcpuStop::Failed(why),
             ..
-        }) => Next::End(Err(RunError::GuestFailed(why))),
-        VmEvent::Quit => Next::End(Ok(Outcome::Quit)),
-    }
+        }) => GuestOutcome::Failed(why.clone()),
+        VmEvent::Quit => return None,
+    })
 }
 
 /// Validates `config`, then boots and runs the VM until it powers off, panics or fails.
@@ -105,21 +261,59 @@ pub fn run(config: &VmConfig) -> Result<Outcome, RunError> {
         _ => None,
     };
 
+    let mut machine = Machine::new(platform, config.clone(), events);
+    machine.start().map_err(boot_error)?;
+    control_loop(&mut machine, &event_rx)
+}
+
+fn boot_error(e: LifecycleError) -> RunError {
+    match e {
+        LifecycleError::Boot(e) => RunError::Vm(e),
+        LifecycleError::Vcpu(e) => RunError::Vcpu(e),
+        LifecycleError::WrongState(w) => RunError::GuestFailed(w.to_string()),
+    }
+}
+
+/// Applies events until the run ends.
+fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Outcome, RunError> {
     loop {
-        let vm = Vm::boot(&platform, config, &events)?;
-        // `events` is held here, so recv only fails if every sender is gone, which cannot be.
-        let Ok(event) = event_rx.recv() else {
-            vm.shutdown();
+        // The machine holds a sender, so the channel never disconnects while it lives.
+        let Ok(event) = events.recv() else {
             return Ok(Outcome::Quit);
         };
-        vm.shutdown();
-        match decide(event, config) {
-            Next::End(result) => return result,
-            Next::Reboot => {
+        let Some(outcome) = classify(&event) else {
+            machine.halt("quit");
+            return Ok(Outcome::Quit);
+        };
+        // Events of a VM that is already gone (a second vCPU reporting the same reset, a
+        // device event racing a stop) are stale.
+        if machine.state() == VmState::Off {
+            continue;
+        }
+        match outcome {
+            GuestOutcome::PowerOff => {
+                machine.halt("poweroff");
+                return Ok(Outcome::PowerOff);
+            }
+            GuestOutcome::Reset if !machine.config().reboot => {
+                machine.halt("reset");
+                return Ok(Outcome::Reset);
+            }
+            GuestOutcome::Reset => {
                 log::info!("guest reset: rebooting");
-                // Drop what the old VM said after the event that ended it.
-                while event_rx.try_recv().is_ok() {}
-                platform.reset_serial();
+                machine.halt("reset");
+                // Whatever the old VM said after the event that ended it is stale.
+                while events.try_recv().is_ok() {}
+                machine.platform().reset_serial();
+                machine.start().map_err(boot_error)?;
+            }
+            GuestOutcome::Panic => {
+                machine.halt("panic");
+                return Err(RunError::GuestPanic);
+            }
+            GuestOutcome::Failed(why) => {
+                machine.halt("error");
+                return Err(RunError::GuestFailed(why));
             }
         }
     }

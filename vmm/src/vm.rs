@@ -334,6 +334,41 @@ impl Vm {
         })
     }
 
+    /// Stops every vCPU (all are kicked first, then each is awaited) and returns once all of
+    /// them are out of the guest with their state committed.
+    pub fn pause(&self) -> Result<(), crate::vcpu::VcpuError> {
+        self.broadcast(
+            crate::vcpu::VcpuCommand::Pause,
+            crate::vcpu::VcpuAck::Paused,
+        )
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) -> Result<(), crate::vcpu::VcpuError> {
+        self.broadcast(
+            crate::vcpu::VcpuCommand::Resume,
+            crate::vcpu::VcpuAck::Resumed,
+        )
+    }
+
+    fn broadcast(
+        &self,
+        command: crate::vcpu::VcpuCommand,
+        want: crate::vcpu::VcpuAck,
+    ) -> Result<(), crate::vcpu::VcpuError> {
+        for v in &self.vcpus {
+            v.send(command)?;
+        }
+        for v in &self.vcpus {
+            loop {
+                if v.wait_ack()? == want {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Stops every vCPU thread and releases the VM.
     pub fn shutdown(mut self) {
         for v in &self.vcpus {
