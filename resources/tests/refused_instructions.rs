@@ -177,6 +177,37 @@ fn image_holds_no_instruction_this_kvm_refuses() {
 }
 
 #[test]
+fn image_links_no_core_fmt_integer_formatting() {
+    // Pulled in by bounds-check and slice-index panics (their messages
+    // format integers); it is SSE code. The test above would also fail, but
+    // this names the cause.
+    let elf = Elf::parse(resources::TEST_GUEST);
+
+    let fmt: Vec<_> = elf
+        .symbols()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            [
+                "pad_integral",
+                "4core3fmt3num",
+                "panic_bounds_check",
+                "slice_index_fail",
+            ]
+            .iter()
+            .any(|needle| name.contains(needle))
+        })
+        .collect();
+
+    assert!(
+        fmt.is_empty(),
+        "core::fmt integer formatting is linked in (index with get()/iterators \
+         instead of [] in the guest):\n{}",
+        fmt.join("\n")
+    );
+}
+
+#[test]
 fn refusal_flags_what_the_kvm_refuses() {
     for insn in [
         "pxor   %xmm0,%xmm0",

@@ -16,27 +16,27 @@ pub fn run(line: &[u8]) {
             out.nl();
             Ok(())
         }
-        b"cpus" => no_args(rest, "cpus").map(|()| {
+        b"cpus" => no_args(rest, "usage: cpus").map(|()| {
             out.dec(u64::from(smp::online_cpus()));
             out.nl();
         }),
-        b"cmdline" => no_args(rest, "cmdline").map(|()| {
+        b"cmdline" => no_args(rest, "usage: cmdline").map(|()| {
             out.bytes(bootparams::get().cmdline());
             out.nl();
         }),
-        b"mem" => no_args(rest, "mem").map(|()| mem(&mut out)),
+        b"mem" => no_args(rest, "usage: mem").map(|()| mem(&mut out)),
         b"count" => count_cmd(&mut out, rest),
         b"fill" | b"check" => mem_cmd(name == b"fill", rest),
-        b"poweroff" => no_args(rest, "poweroff").and_then(|()| poweroff(&mut out)),
-        b"reboot" => no_args(rest, "reboot").map(|()| {
+        b"poweroff" => no_args(rest, "usage: poweroff").and_then(|()| poweroff(&mut out)),
+        b"reboot" => no_args(rest, "usage: reboot").map(|()| {
             out.str("ok\r\n");
             power::reboot()
         }),
-        b"panic" => no_args(rest, "panic").map(|()| {
+        b"panic" => no_args(rest, "usage: panic").map(|()| {
             out.str("panic: requested by console\r\n");
             power::guest_panic()
         }),
-        b"help" => no_args(rest, "help").map(|()| {
+        b"help" => no_args(rest, "usage: help").map(|()| {
             out.str(HELP);
         }),
         _ => Err(Fail::Reason("unknown command")),
@@ -82,19 +82,11 @@ fn words(args: &[u8]) -> impl Iterator<Item = &[u8]> {
     args.split(|&b| b == b' ').filter(|w| !w.is_empty())
 }
 
-fn no_args(rest: &[u8], name: &'static str) -> Reply {
-    if words(rest).next().is_none() {
-        Ok(())
-    } else {
-        Err(Fail::Reason(match name {
-            "cpus" => "usage: cpus",
-            "cmdline" => "usage: cmdline",
-            "mem" => "usage: mem",
-            "poweroff" => "usage: poweroff",
-            "reboot" => "usage: reboot",
-            "panic" => "usage: panic",
-            _ => "usage: help",
-        }))
+/// `Ok` when `rest` holds no arguments, else `err <usage>`.
+fn no_args(rest: &[u8], usage: &'static str) -> Reply {
+    match words(rest).next() {
+        None => Ok(()),
+        Some(_) => Err(Fail::Reason(usage)),
     }
 }
 

@@ -3,8 +3,6 @@
 
 use core::arch::asm;
 
-use crate::sync::Global;
-
 /// Kernel code segment selector in [`GDT`].
 pub const KERNEL_CS: u16 = 0x08;
 /// Kernel data segment selector in [`GDT`].
@@ -19,22 +17,6 @@ struct DescriptorPointer {
     base: u64,
 }
 
-/// PML4, one PDPT and four page directories: 0..4 GiB.
-#[repr(C, align(4096))]
-struct PageTables {
-    pml4: [u64; 512],
-    pdpt: [u64; 512],
-    pd: [[u64; 512]; 4],
-}
-
-// Not zeroed at boot: `build_page_tables` writes every entry.
-#[link_section = ".bss.noinit.pagetables"]
-static PAGE_TABLES: Global<PageTables> = Global::new(PageTables {
-    pml4: [0; 512],
-    pdpt: [0; 512],
-    pd: [[0; 512]; 4],
-});
-
 const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITE: u64 = 1 << 1;
 const PTE_PWT: u64 = 1 << 3;
@@ -42,6 +24,65 @@ const PTE_PCD: u64 = 1 << 4;
 const PTE_HUGE: u64 = 1 << 7;
 /// Pages from here up are uncached (LAPIC, IOAPIC, virtio-mmio, ...).
 const UNCACHED_FROM: u64 = 0xC000_0000;
+const TABLE_FLAGS: usize = (PTE_PRESENT | PTE_WRITE) as usize;
+
+/// PML4, one PDPT and four page directories: 0..4 GiB identity-mapped with
+/// 2 MiB pages.
+///
+/// The tables are static data, complete at link time, so boot does no work
+/// for them (a loop over 2048 entries costs milliseconds under emulation).
+/// The upper-level entries are pointers into the same static plus the flag
+/// bits, which the linker resolves (R_X86_64_64): this works because the
+/// image runs where it is linked, identity-mapped.
+#[repr(C, align(4096))]
+struct PageTables {
+    pml4: [*const u8; 512],
+    pdpt: [*const u8; 512],
+    pd: [u64; 4 * 512],
+}
+
+struct SharedTables(PageTables);
+
+// SAFETY: the tables are only read by software (the CPU may set accessed
+// and dirty bits in them, which nothing here looks at).
+unsafe impl Sync for SharedTables {}
+
+// In .data: the CPU writes accessed/dirty bits into the entries.
+#[link_section = ".data.pagetables"]
+static PAGE_TABLES: SharedTables = SharedTables(PageTables {
+    pml4: upper_table(&raw const PAGE_TABLES.0.pdpt as *const u8, 1),
+    pdpt: upper_table(&raw const PAGE_TABLES.0.pd as *const u8, 4),
+    pd: identity_2mib_entries(),
+});
+
+/// A table whose first `count` entries point at consecutive 4 KiB tables
+/// starting at `first`, the rest not present.
+const fn upper_table(first: *const u8, count: usize) -> [*const u8; 512] {
+    let mut table = [core::ptr::null(); 512];
+    let mut i = 0;
+    while i < count {
+        table[i] = first.wrapping_add(i * 4096 + TABLE_FLAGS);
+        i += 1;
+    }
+    table
+}
+
+/// 2048 page-directory entries mapping 0..4 GiB onto itself.
+const fn identity_2mib_entries() -> [u64; 4 * 512] {
+    let mut pd = [0u64; 4 * 512];
+    let mut i = 0;
+    while i < pd.len() {
+        let base = (i as u64) << 21;
+        let cache = if base >= UNCACHED_FROM {
+            PTE_PCD | PTE_PWT
+        } else {
+            0
+        };
+        pd[i] = base | PTE_PRESENT | PTE_WRITE | PTE_HUGE | cache;
+        i += 1;
+    }
+    pd
+}
 
 /// Reads an I/O port byte.
 pub fn inb(port: u16) -> u8 {
@@ -114,44 +155,20 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// Fills the page tables and switches to them, then loads our GDT. BSP only,
-/// before the APs start (they load CR3 from the trampoline).
+/// Switches to our page tables, then loads our GDT. BSP only, before the
+/// APs start (they load CR3 from the trampoline).
 pub fn init_bsp() {
-    build_page_tables();
     // SAFETY: the new tables identity-map everything the old ones did (the
     // VMM maps at least the first GiB identically).
-    unsafe { asm!("mov cr3, {}", in(reg) page_tables_phys(), options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("mov cr3, {}", in(reg) page_tables_phys(), options(nostack, preserves_flags));
+    }
     load_gdt();
 }
 
 /// Physical address of the PML4 (identity mapped, below 4 GiB).
 pub fn page_tables_phys() -> u64 {
-    PAGE_TABLES.get() as u64
-}
-
-fn build_page_tables() {
-    // SAFETY: BSP-only start-up; nothing else uses the tables yet.
-    let pt = unsafe { &mut *PAGE_TABLES.get() };
-    let pdpt = &raw const pt.pdpt as u64;
-    pt.pml4 = [0; 512];
-    pt.pml4[0] = pdpt | PTE_PRESENT | PTE_WRITE;
-    pt.pdpt = [0; 512];
-    for gib in 0..4 {
-        let pd = &raw const pt.pd[gib] as u64;
-        pt.pdpt[gib] = pd | PTE_PRESENT | PTE_WRITE;
-        let base = (gib as u64) << 30;
-        let cache = if base >= UNCACHED_FROM {
-            PTE_PCD | PTE_PWT
-        } else {
-            0
-        };
-        let flags = PTE_PRESENT | PTE_WRITE | PTE_HUGE | cache;
-        let mut entry = base | flags;
-        for slot in pt.pd[gib].iter_mut() {
-            *slot = entry;
-            entry += 1 << 21;
-        }
-    }
+    &raw const PAGE_TABLES as u64
 }
 
 /// Loads [`GDT`] and reloads every segment register (CS through `iretq`).

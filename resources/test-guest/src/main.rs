@@ -27,6 +27,7 @@ mod count;
 mod cpu;
 mod interrupts;
 mod memtest;
+mod pattern;
 mod power;
 mod rt;
 mod shell;

@@ -9,12 +9,11 @@
 use core::arch::asm;
 
 use crate::bootparams::{self, E820_RAM};
+use crate::pattern::{page_value, PAGE_SIZE as PAGE};
 
-const PAGE: u64 = 4096;
 const QWORDS_PER_PAGE: usize = 512;
 const MIB: u64 = 1 << 20;
 const REGION_ALIGN: u64 = 2 * MIB;
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 extern "C" {
     static __image_end: u8;
@@ -26,19 +25,6 @@ pub enum Error {
     ExceedsMemory,
     /// A qword differs from the pattern at this address.
     Mismatch(u64),
-}
-
-/// The splitmix64 finaliser (Steele, Lea, Flood 2014).
-pub fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(GOLDEN);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The value of every qword of the page at `addr`.
-pub fn page_value(seed: u64, addr: u64) -> u64 {
-    splitmix64(seed ^ (addr >> 12).wrapping_mul(GOLDEN))
 }
 
 /// The fill region for `mib` MiB: (start, end).

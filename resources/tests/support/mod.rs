@@ -144,17 +144,30 @@ impl<'a> Elf<'a> {
         self.sections.iter().find(|s| s.name == name)
     }
 
+    /// Every `.symtab` entry as (name, value).
+    pub fn symbols(&self) -> Vec<(String, u64)> {
+        let Some(symtab) = self.sections.iter().find(|s| s.kind == SHT_SYMTAB) else {
+            return Vec::new();
+        };
+        let Some(strtab) = self.sections.get(symtab.link as usize) else {
+            return Vec::new();
+        };
+        (0..symtab.size / 24)
+            .map(|i| {
+                let sym = symtab.offset + i * 24;
+                let name = c_str(
+                    self.bytes,
+                    strtab.offset + u64::from(u32_at(self.bytes, sym)),
+                );
+                (name, u64_at(self.bytes, sym + 8))
+            })
+            .collect()
+    }
+
     /// The value of the symbol `name` from `.symtab`.
     pub fn symbol(&self, name: &str) -> Option<u64> {
-        let symtab = self.sections.iter().find(|s| s.kind == SHT_SYMTAB)?;
-        let strtab = self.sections.get(symtab.link as usize)?;
-        (0..symtab.size / 24).find_map(|i| {
-            let sym = symtab.offset + i * 24;
-            let sym_name = c_str(
-                self.bytes,
-                strtab.offset + u64::from(u32_at(self.bytes, sym)),
-            );
-            (sym_name == name).then(|| u64_at(self.bytes, sym + 8))
-        })
+        self.symbols()
+            .into_iter()
+            .find_map(|(sym, value)| (sym == name).then_some(value))
     }
 }
