@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// Strata chain. Repeat for more disks; the guest sees them in this order
     #[arg(long = "disk", value_name = "path=FILE[,readonly=on]")]
     pub disks: Vec<String>,
+
+    /// A virtio-vsock device: cid=N,socket=PATH. Host programs connect to PATH and write
+    /// "CONNECT <port>"; guest connections to host port P go to PATH_P
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<String>,
 }
 
 impl RunArgs {
@@ -86,6 +91,7 @@ impl RunArgs {
                 .iter()
                 .map(|d| d.parse())
                 .collect::<Result<_, _>>()?,
+            vsock: self.vsock.as_deref().map(str::parse).transpose()?,
         })
     }
 }

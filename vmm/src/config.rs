@@ -57,6 +57,14 @@ pub enum ConfigError {
     /// More disks than there are device slots.
     #[error("{0} disks given; a VM has at most {MAX_DISKS}")]
     TooManyDisks(usize),
+    /// A `--vsock` value that does not parse.
+    #[error("invalid --vsock '{value}': {why}")]
+    BadVsock {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A `--console` value that does not parse.
     #[error("invalid --console '{0}': expected stdio, file=PATH or none")]
     BadConsole(String),
@@ -133,6 +141,48 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// The virtio-vsock device and its host Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u32,
+    /// The host socket: clients connect here; guest connections to port P go to `PATH_P`.
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = ConfigError;
+    /// Parses `cid=N,socket=PATH`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::BadVsock {
+            value: s.to_string(),
+            why: why.to_string(),
+        };
+        let (mut cid, mut socket) = (None, None);
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value"))?;
+            match key {
+                "cid" => {
+                    let n: u32 = value.parse().map_err(|_| bad("cid must be a number"))?;
+                    if n < 3 || n == u32::MAX {
+                        return Err(bad("cid must be 3 or more (0-2 are reserved)"));
+                    }
+                    cid = Some(n);
+                }
+                "socket" if value.is_empty() => return Err(bad("empty socket path")),
+                "socket" => socket = Some(PathBuf::from(value)),
+                other => return Err(bad(&format!("unknown key '{other}'"))),
+            }
+        }
+        Ok(Self {
+            cid: cid.ok_or_else(|| bad("cid= is required"))?,
+            socket: socket.ok_or_else(|| bad("socket= is required"))?,
+        })
+    }
+}
+
 /// The kernel a VM boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kernel {
@@ -159,6 +209,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// virtio-blk disks, in guest order.
     pub disks: Vec<DiskConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// Parses `512M`, `1G`, `2048` (MiB), `1GiB`, `524288K` into bytes.
@@ -241,6 +293,29 @@ mod tests {
             reboot: true,
             console: ConsoleConfig::Stdio,
             disks: Vec::new(),
+            vsock: None,
+        }
+    }
+
+    #[test]
+    fn vsock_values_parse() {
+        assert_eq!(
+            "cid=3,socket=/tmp/v.sock".parse(),
+            Ok(VsockConfig {
+                cid: 3,
+                socket: "/tmp/v.sock".into()
+            })
+        );
+        for bad in [
+            "",
+            "cid=3",
+            "socket=/x",
+            "cid=2,socket=/x",
+            "cid=x,socket=/x",
+            "cid=3,socket=",
+            "cid=3,socket=/x,mtu=1",
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
         }
     }
 

@@ -3,7 +3,7 @@
 //! command-line entries, for kernels that find devices either way).
 //!
 //! Layout: transport `i` has its registers at `0xd000_0000 + i * 4 KiB` and interrupt line
-//! (IOAPIC pin / GSI) `5 + i`. Disks come first, in `--disk` order.
+//! (IOAPIC pin / GSI) `5 + i`. Disks come first, in `--disk` order, then the vsock device.
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -17,7 +17,8 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi;
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, VsockConfig};
+use devices::virtio::vsock::Vsock;
 
 /// Where the first virtio-mmio window is.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -45,6 +46,15 @@ pub enum DeviceError {
         path: PathBuf,
         /// Its size.
         size: u64,
+    },
+    /// The vsock device cannot listen on its socket.
+    #[error("cannot create the vsock socket {path}")]
+    Vsock {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// No interrupt lines are left.
     #[error("too many virtio devices: no interrupt line left")]
@@ -84,6 +94,8 @@ pub struct VirtioDevices {
     pub acpi: Vec<Vec<u8>>,
     /// `virtio_mmio.device=` entries to append to the command line.
     pub cmdline: Vec<String>,
+    /// The vsock device, for transport resets.
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
     // Dropping these stops the device threads.
     loops: Vec<EventLoop>,
 }
@@ -122,11 +134,13 @@ pub fn create(
     vm: &VmFd,
     mem: &GuestMemory,
     disks: &[DiskConfig],
+    vsock: Option<&VsockConfig>,
 ) -> Result<VirtioDevices, DeviceError> {
     let mut out = VirtioDevices {
         mmio: Bus::new(),
         acpi: Vec::new(),
         cmdline: Vec::new(),
+        vsock: None,
         loops: Vec::new(),
     };
     for (index, disk) in disks.iter().enumerate() {
@@ -141,6 +155,23 @@ pub fn create(
             EventLoop::start(&format!("virtio-blk{index}"), block)
                 .map_err(io("starting a device thread"))?,
         );
+    }
+    if let Some(cfg) = vsock {
+        let device =
+            Vsock::new(u64::from(cfg.cid), &cfg.socket).map_err(|source| DeviceError::Vsock {
+                path: cfg.socket.clone(),
+                source,
+            })?;
+        let queue_evts = device
+            .queue_events()
+            .map_err(io("cloning vsock queue eventfds"))?;
+        let device = Arc::new(Mutex::new(device));
+        add(vm, mem, &mut out, device.clone(), queue_evts)?;
+        out.loops.push(
+            EventLoop::start("virtio-vsock", device.clone())
+                .map_err(io("starting a device thread"))?,
+        );
+        out.vsock = Some(device);
     }
     Ok(out)
 }

@@ -12,6 +12,7 @@
 //! - [`console`]: the host side of the serial console;
 //! - [`cli`]: the command line.
 
+pub mod agent;
 pub mod arch;
 pub mod cli;
 pub mod config;

@@ -257,7 +257,7 @@ impl Vm {
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let kernel = loader::load_kernel(&memory, &config.kernel)?;
-        let virtio = device_manager::create(&fd, &memory, &config.disks)?;
+        let virtio = device_manager::create(&fd, &memory, &config.disks, config.vsock.as_ref())?;
         let mut cmdline = config.cmdline.clone();
         for entry in &virtio.cmdline {
             cmdline.push(' ');

@@ -14,6 +14,7 @@
 pub mod block;
 mod event_loop;
 pub mod mmio;
+pub mod vsock;
 
 pub use event_loop::EventLoop;
 

@@ -1,0 +1,654 @@
+//! Device tests: the real event loop thread, mock guest memory driven like a guest driver
+//! would, and real Unix sockets in a temp dir.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::packet::{op, Header, HDR_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::*;
+use crate::virtio::{EventLoop, Interrupt, VirtioDevice};
+
+const GUEST_CID: u64 = 3;
+const QSIZE: u16 = 64;
+const RX_BUFS: u16 = 16;
+const RX_BUF: u64 = 0x10_0000;
+const RX_BUF_LEN: u32 = 0x2000;
+const TX_BUF: u64 = 0x20_0000;
+const TX_SLOTS: u16 = 32;
+const TX_SLOT_LEN: u64 = 0x1_1000;
+const EV_BUF: u64 = 0x70_0000;
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A split virtqueue as the guest driver sees it.
+struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_idx: u16,
+}
+
+impl Ring {
+    fn new(mem: &GuestMemoryMmap, base: u64) -> (Ring, Queue) {
+        let m = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
+        let q = m.create_queue::<Queue>().unwrap();
+        let ring = Ring {
+            desc: m.desc_table_addr().0,
+            avail: m.avail_addr().0,
+            used: m.used_addr().0,
+            avail_idx: 0,
+            used_idx: 0,
+        };
+        (ring, q)
+    }
+
+    fn set_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        idx: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let at = GuestAddress(self.desc + 16 * u64::from(idx));
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&raw, at).unwrap();
+    }
+
+    fn offer(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = u64::from(self.avail_idx % QSIZE);
+        mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+    }
+
+    fn poll_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
+        fence(Ordering::SeqCst);
+        let idx = u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).unwrap());
+        if idx == self.used_idx {
+            return None;
+        }
+        let at = self.used + 4 + 8 * u64::from(self.used_idx % QSIZE);
+        let id = u32::from_le(mem.read_obj(GuestAddress(at)).unwrap());
+        let len = u32::from_le(mem.read_obj(GuestAddress(at + 4)).unwrap());
+        self.used_idx = self.used_idx.wrapping_add(1);
+        Some((id, len))
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    mem: GuestMemoryMmap,
+    dev: Arc<Mutex<Vsock>>,
+    evts: Vec<EventFd>,
+    rx: Ring,
+    tx: Ring,
+    ev: Ring,
+    tx_slot: u16,
+    // Last, so the loop stops before the rest goes away.
+    _el: EventLoop,
+}
+
+fn harness() -> Harness {
+    harness_with(HANDSHAKE_TIMEOUT)
+}
+
+fn harness_with(timeout: Duration) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap();
+    let mut vsock = Vsock::new(GUEST_CID, &path).unwrap();
+    vsock.set_handshake_timeout(timeout);
+    let evts = vsock.queue_events().unwrap();
+    let (mut rx, rxq) = Ring::new(&mem, 0);
+    let (tx, txq) = Ring::new(&mem, 0x1_0000);
+    let (ev, evq) = Ring::new(&mem, 0x2_0000);
+    for i in 0..RX_BUFS {
+        rx.set_desc(
+            &mem,
+            i,
+            RX_BUF + u64::from(i) * u64::from(RX_BUF_LEN),
+            RX_BUF_LEN,
+            2,
+            0,
+        );
+        rx.offer(&mem, i);
+    }
+    let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    vsock
+        .activate(mem.clone(), irq, vec![rxq, txq, evq], 0)
+        .unwrap();
+    let dev = Arc::new(Mutex::new(vsock));
+    let el = EventLoop::start("vsock-test", dev.clone()).unwrap();
+    Harness {
+        dir,
+        path,
+        mem,
+        dev,
+        evts,
+        rx,
+        tx,
+        ev,
+        tx_slot: 0,
+        _el: el,
+    }
+}
+
+/// A header from the guest.
+fn ghdr(op: u16, guest_port: u32, host_port: u32) -> Header {
+    Header {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port: guest_port,
+        dst_port: host_port,
+        len: 0,
+        kind: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: 64 * 1024,
+        fwd_cnt: 0,
+    }
+}
+
+impl Harness {
+    /// Puts `descs` (offsets into a fresh tx slot, lengths) on the tx queue after writing
+    /// `bytes` into the slot; waits until the device used it.
+    fn send_raw(&mut self, bytes: &[u8], descs: &[(u64, u32)]) {
+        let slot = self.tx_slot % TX_SLOTS;
+        self.tx_slot += 1;
+        let base = TX_BUF + u64::from(slot) * TX_SLOT_LEN;
+        self.mem.write_slice(bytes, GuestAddress(base)).unwrap();
+        // Descriptors of one chain use consecutive indices from slot * 2.
+        let first = slot * 2;
+        for (i, &(off, len)) in descs.iter().enumerate() {
+            let idx = first + i as u16;
+            let last = i + 1 == descs.len();
+            let (flags, next) = if last { (0, 0) } else { (1, idx + 1) };
+            self.tx
+                .set_desc(&self.mem, idx, base + off, len, flags, next);
+        }
+        self.tx.offer(&self.mem, first);
+        self.evts[TX_QUEUE].write(1).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while self.tx.poll_used(&self.mem).is_none() {
+            assert!(Instant::now() < deadline, "tx packet not used");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Wait for the device to finish handling it.
+        drop(self.dev.lock().unwrap());
+    }
+
+    /// Sends one well-formed packet (header + payload in one descriptor).
+    fn send(&mut self, mut h: Header, data: &[u8]) {
+        h.len = data.len() as u32;
+        let mut bytes = h.to_bytes().to_vec();
+        bytes.extend_from_slice(data);
+        let len = bytes.len() as u32;
+        self.send_raw(&bytes, &[(0, len)]);
+    }
+
+    /// The next packet the device put on the rx queue (its buffer is offered again).
+    fn recv(&mut self) -> (Header, Vec<u8>) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(got) = self.try_recv() {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "no rx packet");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<(Header, Vec<u8>)> {
+        let (id, len) = self.rx.poll_used(&self.mem)?;
+        let addr = RX_BUF + u64::from(id) * u64::from(RX_BUF_LEN);
+        let mut raw = [0u8; HDR_LEN];
+        self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+        let h = Header::from_bytes(&raw);
+        assert_eq!(len as usize, HDR_LEN + h.len as usize);
+        let mut data = vec![0u8; h.len as usize];
+        self.mem
+            .read_slice(&mut data, GuestAddress(addr + HDR_LEN as u64))
+            .unwrap();
+        self.rx.offer(&self.mem, id as u16);
+        self.evts[RX_QUEUE].write(1).unwrap();
+        Some((h, data))
+    }
+
+    /// Asserts that no rx packet arrives within `ms`.
+    fn expect_silence(&mut self, ms: u64) {
+        std::thread::sleep(Duration::from_millis(ms));
+        if let Some((h, _)) = self.try_recv() {
+            panic!("unexpected packet {h:?}");
+        }
+    }
+
+    fn client(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.path).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    }
+
+    /// A host client connected to guest `port` through the whole handshake, the guest
+    /// advertising `buf_alloc`; returns the client and the device's local port.
+    fn host_connect(&mut self, port: u32, buf_alloc: u32) -> (UnixStream, u32) {
+        let mut c = self.client();
+        c.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        let (h, _) = self.recv();
+        assert_eq!(h.op, op::REQUEST);
+        assert_eq!(
+            (h.src_cid, h.dst_cid, h.dst_port),
+            (HOST_CID, GUEST_CID, port)
+        );
+        let mut resp = ghdr(op::RESPONSE, port, h.src_port);
+        resp.buf_alloc = buf_alloc;
+        self.send(resp, &[]);
+        let line = read_line(&mut c);
+        assert_eq!(line, format!("OK {}", h.src_port));
+        (c, h.src_port)
+    }
+}
+
+fn read_line(s: &mut UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// True when the peer closed `s` (EOF or reset) within the read timeout.
+fn closed(s: &mut UnixStream) -> bool {
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn config_space_holds_the_guest_cid() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = Vsock::new(42, dir.path().join("s")).unwrap();
+    let mut cfg = [0u8; 8];
+    v.read_config(0, &mut cfg);
+    assert_eq!(u64::from_le_bytes(cfg), 42);
+    assert_eq!(v.device_type(), 19);
+    assert_eq!(v.queue_max_sizes().len(), 3);
+    assert!(Vsock::new(2, dir.path().join("t")).is_err());
+}
+
+#[test]
+fn stale_socket_file_is_replaced_but_other_files_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(Vsock::new(3, &path).is_ok());
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(Vsock::new(3, &file).is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+#[test]
+fn host_connect_gets_ok_after_guest_response() {
+    let mut h = harness();
+    let (_c, local) = h.host_connect(52, 64 * 1024);
+    assert!(local >= 1 << 30);
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 1);
+}
+
+#[test]
+fn host_connect_refused_by_guest_closes_the_client() {
+    let mut h = harness();
+    let mut c = h.client();
+    c.write_all(b"CONNECT 52\n").unwrap();
+    let (req, _) = h.recv();
+    h.send(ghdr(op::RST, 52, req.src_port), &[]);
+    assert!(closed(&mut c));
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 0);
+}
+
+#[test]
+fn data_flows_both_ways_after_host_connect() {
+    let mut h = harness();
+    let (mut c, local) = h.host_connect(52, 64 * 1024);
+    c.write_all(b"{\"op\":\"ping\"}\n").unwrap();
+    let (p, data) = h.recv();
+    assert_eq!((p.op, p.src_port, p.dst_port), (op::RW, local, 52));
+    assert_eq!(data, b"{\"op\":\"ping\"}\n");
+    assert_eq!(p.buf_alloc, CONN_BUF_SIZE);
+    h.send(ghdr(op::RW, 52, local), b"{\"ok\":true}\n");
+    assert_eq!(read_n(&mut c, 12), b"{\"ok\":true}\n");
+}
+
+#[test]
+fn bytes_sent_with_the_connect_line_reach_the_guest() {
+    let mut h = harness();
+    let mut c = h.client();
+    c.write_all(b"CONNECT 7\nearly").unwrap();
+    let (req, _) = h.recv();
+    h.send(ghdr(op::RESPONSE, 7, req.src_port), &[]);
+    assert_eq!(read_line(&mut c), format!("OK {}", req.src_port));
+    let (p, data) = h.recv();
+    assert_eq!((p.op, data.as_slice()), (op::RW, &b"early"[..]));
+}
+
+#[test]
+fn host_data_stalls_without_credit_and_resumes_on_credit_update() {
+    let mut h = harness();
+    let (mut c, local) = h.host_connect(52, 8);
+    c.write_all(b"0123456789abcdefghij").unwrap();
+    let (p, data) = h.recv();
+    assert_eq!((p.op, data.as_slice()), (op::RW, &b"01234567"[..]));
+    h.expect_silence(100);
+    let mut upd = ghdr(op::CREDIT_UPDATE, 52, local);
+    upd.buf_alloc = 8;
+    upd.fwd_cnt = 8;
+    h.send(upd, &[]);
+    let (_, data) = h.recv();
+    assert_eq!(data, b"89abcdef");
+    h.expect_silence(50);
+    upd.fwd_cnt = 16;
+    h.send(upd, &[]);
+    let (_, data) = h.recv();
+    assert_eq!(data, b"ghij");
+}
+
+#[test]
+fn a_stalled_connection_does_not_block_another() {
+    let mut h = harness();
+    let (mut stalled, _) = h.host_connect(52, 4);
+    let (mut other, other_port) = h.host_connect(53, 64 * 1024);
+    stalled.write_all(b"aaaaaaaa").unwrap();
+    let (p, _) = h.recv();
+    assert_eq!(p.dst_port, 52);
+    other.write_all(b"hello").unwrap();
+    let (p, data) = h.recv();
+    assert_eq!((p.src_port, data.as_slice()), (other_port, &b"hello"[..]));
+}
+
+#[test]
+fn credit_request_gets_update_with_the_forwarded_count() {
+    let mut h = harness();
+    let (mut c, local) = h.host_connect(52, 64 * 1024);
+    h.send(ghdr(op::RW, 52, local), &[9u8; 1000]);
+    assert_eq!(read_n(&mut c, 1000), vec![9u8; 1000]);
+    h.send(ghdr(op::CREDIT_REQUEST, 52, local), &[]);
+    let (p, _) = h.recv();
+    assert_eq!(
+        (p.op, p.fwd_cnt, p.buf_alloc),
+        (op::CREDIT_UPDATE, 1000, CONN_BUF_SIZE)
+    );
+}
+
+#[test]
+fn credit_update_follows_half_a_buffer_of_guest_data() {
+    let mut h = harness();
+    let (mut c, local) = h.host_connect(52, 64 * 1024);
+    let reader = std::thread::spawn(move || read_n(&mut c, 3 * 60 * 1024));
+    for _ in 0..3 {
+        h.send(ghdr(op::RW, 52, local), &[1u8; 60 * 1024]);
+    }
+    let (p, _) = h.recv();
+    assert_eq!(p.op, op::CREDIT_UPDATE);
+    assert!(p.fwd_cnt >= CONN_BUF_SIZE / 2);
+    assert_eq!(reader.join().unwrap().len(), 3 * 60 * 1024);
+}
+
+#[test]
+fn guest_sending_beyond_its_credit_is_reset() {
+    let mut h = harness();
+    let (mut c, local) = h.host_connect(52, 64 * 1024);
+    // The client never reads, so the socket buffer fills and the device buffers the rest.
+    let chunk = vec![0u8; 64 * 1024];
+    let mut got_rst = false;
+    for _ in 0..40 {
+        h.send(ghdr(op::RW, 52, local), &chunk);
+        if let Some((p, _)) = h.try_recv() {
+            if p.op == op::RST {
+                got_rst = true;
+                break;
+            }
+        }
+    }
+    if !got_rst {
+        let (p, _) = h.recv();
+        assert_eq!(p.op, op::RST);
+    }
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 0);
+    assert!(closed(&mut c));
+}
+
+#[test]
+fn guest_connect_reaches_the_listener_at_path_port() {
+    let mut h = harness();
+    let listener = UnixListener::bind(uds::port_path(&h.path, 1234)).unwrap();
+    h.send(ghdr(op::REQUEST, 5000, 1234), &[]);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.src_port, p.dst_port), (op::RESPONSE, 1234, 5000));
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    h.send(ghdr(op::RW, 5000, 1234), b"from guest");
+    assert_eq!(read_n(&mut s, 10), b"from guest");
+    s.write_all(b"from host").unwrap();
+    let (p, data) = h.recv();
+    assert_eq!((p.op, data.as_slice()), (op::RW, &b"from host"[..]));
+}
+
+#[test]
+fn guest_connect_without_listener_gets_rst() {
+    let mut h = harness();
+    h.send(ghdr(op::REQUEST, 5000, 4321), &[]);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.src_port, p.dst_port), (op::RST, 4321, 5000));
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 0);
+}
+
+#[test]
+fn malformed_packets_are_dropped_and_the_next_good_packet_works() {
+    let mut h = harness();
+    // Header shorter than 44 bytes: dropped silently.
+    h.send_raw(&[0u8; 20], &[(0, 20)]);
+    // len larger than the payload: RST (ports identify it).
+    let mut bad = ghdr(op::RW, 10, 20);
+    bad.len = 100;
+    h.send_raw(&bad.to_bytes(), &[(0, HDR_LEN as u32)]);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.src_port, p.dst_port), (op::RST, 20, 10));
+    // len over 64 KiB: RST.
+    bad.len = MAX_PKT_LEN + 1;
+    h.send_raw(&bad.to_bytes(), &[(0, HDR_LEN as u32)]);
+    assert_eq!(h.recv().0.op, op::RST);
+    // Wrong CIDs: dropped silently.
+    let mut wrong = ghdr(op::REQUEST, 10, 20);
+    wrong.dst_cid = 7;
+    h.send(wrong, &[]);
+    wrong = ghdr(op::REQUEST, 10, 20);
+    wrong.src_cid = 9;
+    h.send(wrong, &[]);
+    h.expect_silence(50);
+    // Unknown op, wrong type, data for an unknown connection: RST each.
+    h.send(ghdr(99, 10, 20), &[]);
+    assert_eq!(h.recv().0.op, op::RST);
+    let mut dgram = ghdr(op::REQUEST, 10, 20);
+    dgram.kind = 2;
+    h.send(dgram, &[]);
+    assert_eq!(h.recv().0.op, op::RST);
+    h.send(ghdr(op::RW, 10, 20), b"x");
+    assert_eq!(h.recv().0.op, op::RST);
+    // An RST for an unknown connection gets no answer.
+    h.send(ghdr(op::RST, 10, 20), &[]);
+    // Header split over two descriptors with the payload in a third: fine.
+    let _l = UnixListener::bind(uds::port_path(&h.path, 20)).unwrap();
+    let good = ghdr(op::REQUEST, 10, 20).to_bytes();
+    h.send_raw(&good, &[(0, 30), (30, 14)]);
+    let (p, _) = h.recv();
+    assert_eq!(p.op, op::RESPONSE);
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 1);
+}
+
+#[test]
+fn unknown_op_on_a_connection_resets_it() {
+    let mut h = harness();
+    let (mut c, local) = h.host_connect(52, 4096);
+    h.send(ghdr(42, 52, local), &[]);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.src_port), (op::RST, local));
+    assert!(closed(&mut c));
+}
+
+#[test]
+fn bad_host_clients_are_closed() {
+    let mut h = harness_with(Duration::from_millis(200));
+    let mut garbage = h.client();
+    garbage.write_all(b"HELLO\n").unwrap();
+    assert!(closed(&mut garbage));
+    let mut long = h.client();
+    long.write_all(&[b'C'; 100]).unwrap();
+    assert!(closed(&mut long));
+    let mut silent = h.client();
+    let start = Instant::now();
+    assert!(closed(&mut silent));
+    assert!(start.elapsed() >= Duration::from_millis(150));
+    h.expect_silence(10);
+    // The device still serves.
+    h.host_connect(52, 4096);
+}
+
+#[test]
+fn guest_that_never_answers_a_request_times_out() {
+    let mut h = harness_with(Duration::from_millis(200));
+    let mut c = h.client();
+    c.write_all(b"CONNECT 52\n").unwrap();
+    let (req, _) = h.recv();
+    assert!(closed(&mut c));
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.src_port), (op::RST, req.src_port));
+}
+
+#[test]
+fn host_eof_sends_shutdown_and_guest_shutdown_closes_with_rst() {
+    let mut h = harness();
+    let (mut c, local) = h.host_connect(52, 4096);
+    c.write_all(b"last").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let (p, data) = h.recv();
+    assert_eq!((p.op, data.as_slice()), (op::RW, &b"last"[..]));
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.flags), (op::SHUTDOWN, SHUTDOWN_SEND));
+    // The guest may still answer before closing.
+    h.send(ghdr(op::RW, 52, local), b"reply");
+    assert_eq!(read_n(&mut c, 5), b"reply");
+    let mut shut = ghdr(op::SHUTDOWN, 52, local);
+    shut.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    h.send(shut, &[]);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.dst_port), (op::RST, 52));
+    assert!(closed(&mut c));
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 0);
+}
+
+#[test]
+fn guest_shutdown_send_half_closes_the_host_socket() {
+    let mut h = harness();
+    let (mut c, local) = h.host_connect(52, 4096);
+    h.send(ghdr(op::RW, 52, local), b"bye");
+    let mut shut = ghdr(op::SHUTDOWN, 52, local);
+    shut.flags = SHUTDOWN_SEND;
+    h.send(shut, &[]);
+    assert_eq!(read_n(&mut c, 3), b"bye");
+    assert!(closed(&mut c)); // EOF
+    c.write_all(b"still").unwrap();
+    let (p, data) = h.recv();
+    assert_eq!((p.op, data.as_slice()), (op::RW, &b"still"[..]));
+}
+
+#[test]
+fn transport_reset_event_drops_all_connections() {
+    let mut h = harness();
+    let (mut c, _) = h.host_connect(52, 4096);
+    h.ev.set_desc(&h.mem, 0, EV_BUF, 4, 2, 0);
+    h.ev.offer(&h.mem, 0);
+    h.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(EV_BUF))
+        .unwrap();
+    assert!(h.dev.lock().unwrap().send_transport_reset());
+    assert_eq!(h.ev.poll_used(&h.mem), Some((0, 4)));
+    let id: u32 = h.mem.read_obj(GuestAddress(EV_BUF)).unwrap();
+    assert_eq!(id, EVENT_TRANSPORT_RESET);
+    assert!(closed(&mut c));
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 0);
+    // Without an event buffer the connections still go, and the caller is told.
+    assert!(!h.dev.lock().unwrap().send_transport_reset());
+    // The device keeps serving new connections.
+    h.host_connect(52, 4096);
+}
+
+#[test]
+fn many_connections_are_served_concurrently() {
+    let mut h = harness();
+    let mut conns: Vec<(UnixStream, u32)> = (0..8).map(|i| h.host_connect(100 + i, 4096)).collect();
+    for (i, (c, _)) in conns.iter_mut().enumerate() {
+        c.write_all(format!("msg{i}").as_bytes()).unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let (p, data) = h.recv();
+        assert_eq!(p.op, op::RW);
+        assert_eq!(data, format!("msg{}", p.dst_port - 100).as_bytes());
+        seen.push(p.dst_port);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (100..108).collect::<Vec<_>>());
+    for (i, (c, local)) in conns.iter_mut().enumerate() {
+        h.send(
+            ghdr(op::RW, 100 + i as u32, *local),
+            format!("re{i}").as_bytes(),
+        );
+        assert_eq!(read_n(c, 3), format!("re{i}").as_bytes());
+    }
+    let _ = &h.dir;
+}
+
+#[test]
+fn device_reset_closes_host_connections() {
+    let mut h = harness();
+    let (mut c, _) = h.host_connect(52, 4096);
+    h.dev.lock().unwrap().reset();
+    assert!(closed(&mut c));
+    // A client arriving while the device is not active is closed at once.
+    let mut late = h.client();
+    late.write_all(b"CONNECT 52\n").unwrap();
+    assert!(closed(&mut late));
+}
