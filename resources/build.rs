@@ -36,6 +36,8 @@ fn main() {
     cmd.env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_MAKEFLAGS")
+        // `info` of the guest's agent reports it (option_env! in agent.rs).
+        .env("STRATA_VERSION", env_or_die("CARGO_PKG_VERSION"))
         .args([
             "--edition",
             "2021",

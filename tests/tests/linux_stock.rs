@@ -64,7 +64,10 @@ fn wait_for_all(boot: &Boot, needles: &[String], limit: Duration) -> String {
         let log = std::fs::read_to_string(&boot.log)
             .unwrap_or_default()
             .replace("\r\n", "\n");
-        let missing: Vec<&String> = needles.iter().filter(|n| !log.contains(n.as_str())).collect();
+        let missing: Vec<&String> = needles
+            .iter()
+            .filter(|n| !log.contains(n.as_str()))
+            .collect();
         if missing.is_empty() {
             return log;
         }

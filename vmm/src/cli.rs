@@ -17,6 +17,11 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `dir` made absolute against the current directory.
+fn absolute(dir: &std::path::Path) -> PathBuf {
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -27,6 +32,11 @@ pub enum Command {
     /// Exit status: 0 when the guest powers off (or resets with --no-reboot), 1 when it panics
     /// or stops with an error, 2 for bad arguments.
     Run(RunArgs),
+    /// Talk to a running VMM through its API socket.
+    ///
+    /// Exit status: 0 on success, 1 when the call fails, 2 for bad arguments;
+    /// `guest exec` exits with the guest command's status.
+    Ctl(api::CtlArgs),
 }
 
 /// `strata run` flags.
@@ -70,6 +80,20 @@ pub struct RunArgs {
     /// "CONNECT <port>"; guest connections to host port P go to PATH_P
     #[arg(long, value_name = "cid=N,socket=PATH")]
     pub vsock: Option<String>,
+
+    /// Serve the HTTP API on this Unix socket (mode 0600). With it, a guest power-off leaves
+    /// strata running with the VM off, to be started again or checkpointed
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Checkpoint type: disabled, standard, production (falls back to standard when the guest
+    /// agent cannot quiesce) or production-only
+    #[arg(long, value_name = "TYPE", default_value = "production")]
+    pub checkpoint_type: api::types::CheckpointType,
+
+    /// Where this VM's checkpoints are stored
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -92,6 +116,14 @@ impl RunArgs {
                 .map(|d| d.parse())
                 .collect::<Result<_, _>>()?,
             vsock: self.vsock.as_deref().map(str::parse).transpose()?,
+            api_socket: self.api_socket.clone(),
+            checkpoint: api::types::CheckpointConfig {
+                kind: self.checkpoint_type,
+                location: self
+                    .state_dir
+                    .as_ref()
+                    .map(|d| absolute(d).display().to_string()),
+            },
         })
     }
 }
@@ -104,9 +136,17 @@ mod tests {
         Cli::try_parse_from(std::iter::once("strata").chain(args.iter().copied()))
     }
 
+    /// The `run` arguments of a command line that must parse as `strata run`.
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(args).unwrap().command {
+            Command::Run(a) => a,
+            other => panic!("not a run command: {other:?}"),
+        }
+    }
+
     #[test]
     fn run_defaults_boot_the_test_guest() {
-        let Command::Run(args) = parse(&["run"]).unwrap().command;
+        let args = run_args(&["run"]);
         let c = args.to_config().unwrap();
         assert_eq!(c.kernel, Kernel::TestGuest);
         assert_eq!((c.vcpus, c.memory, c.reboot), (1, 512 << 20, true));
@@ -115,7 +155,7 @@ mod tests {
 
     #[test]
     fn run_flags_map_to_config() {
-        let Command::Run(args) = parse(&[
+        let args = run_args(&[
             "run",
             "--kernel",
             "/k",
@@ -128,9 +168,7 @@ mod tests {
             "--no-reboot",
             "--console",
             "none",
-        ])
-        .unwrap()
-        .command;
+        ]);
         let c = args.to_config().unwrap();
         assert_eq!(c.kernel, Kernel::File("/k".into()));
         assert_eq!((c.cmdline.as_str(), c.vcpus, c.memory), ("a=b", 4, 1 << 30));
@@ -141,7 +179,7 @@ mod tests {
     #[test]
     fn out_of_range_vcpus_are_config_errors() {
         for n in ["0", "33", "300"] {
-            let Command::Run(args) = parse(&["run", "--vcpus", n]).unwrap().command;
+            let args = run_args(&["run", "--vcpus", n]);
             assert!(matches!(
                 args.to_config(),
                 Err(ConfigError::VcpusOutOfRange(_))

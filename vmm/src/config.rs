@@ -211,6 +211,10 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Where the API is served, if anywhere.
+    pub api_socket: Option<PathBuf>,
+    /// Checkpoint type and location.
+    pub checkpoint: api::types::CheckpointConfig,
 }
 
 /// Parses `512M`, `1G`, `2048` (MiB), `1GiB`, `524288K` into bytes.
@@ -294,6 +298,8 @@ mod tests {
             console: ConsoleConfig::Stdio,
             disks: Vec::new(),
             vsock: None,
+            api_socket: None,
+            checkpoint: Default::default(),
         }
     }
 

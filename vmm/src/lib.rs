@@ -9,10 +9,12 @@
 //! - [`vcpu`]: the vCPU threads and their state machine;
 //! - [`vm`]: building a VM from a config; [`runner`]: running it through reboots to its end;
 //! - [`device_manager`]: virtio-mmio device placement and wiring;
+//! - [`api_handler`]: answering API calls in the control loop;
 //! - [`console`]: the host side of the serial console;
 //! - [`cli`]: the command line.
 
 pub mod agent;
+pub mod api_handler;
 pub mod arch;
 pub mod cli;
 pub mod config;

@@ -54,6 +54,9 @@ pub enum RunError {
     /// A vCPU thread stopped answering.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The API socket cannot be served.
+    #[error(transparent)]
+    Api(#[from] api::ServerError),
 }
 
 /// Where a VM is in its lifecycle.
@@ -111,6 +114,8 @@ pub struct Machine {
     paused: bool,
     /// Why the guest last stopped running, if it did.
     pub last_exit: Option<String>,
+    /// The checkpoint settings (`GET/PUT /v1/vm/checkpoint-config`).
+    pub checkpoint_config: api::types::CheckpointConfig,
 }
 
 impl Machine {
@@ -118,11 +123,12 @@ impl Machine {
     pub fn new(platform: Platform, config: VmConfig, events: Sender<VmEvent>) -> Self {
         Self {
             platform,
-            config,
+            config: config.clone(),
             events,
             vm: None,
             paused: false,
             last_exit: None,
+            checkpoint_config: config.checkpoint.clone(),
         }
     }
 
@@ -186,6 +192,11 @@ impl Machine {
         Ok(())
     }
 
+    /// Whether the guest can be asked to shut down now.
+    pub fn check_can_shutdown(&self) -> Result<(), LifecycleError> {
+        Ok(self.require("shut down", &[VmState::Running])?)
+    }
+
     /// Powers the VM off at once, like pulling the plug.
     pub fn stop(&mut self) -> Result<(), LifecycleError> {
         self.require("stop", &[VmState::Running, VmState::Paused])?;
@@ -233,7 +244,7 @@ fn classify(event: &VmEvent) -> Option<GuestOutcome> {
             stop: VcpuStop::Failed(why),
             ..
         }) => GuestOutcome::Failed(why.clone()),
-        VmEvent::Quit => return None,
+        VmEvent::Quit | VmEvent::Api(_) => return None,
     })
 }
 
@@ -261,6 +272,14 @@ pub fn run(config: &VmConfig) -> Result<Outcome, RunError> {
         _ => None,
     };
 
+    // The server lives as long as this function: dropping it removes the socket.
+    let _server = match &config.api_socket {
+        Some(path) => Some(api::ApiServer::start(
+            path,
+            crate::api_handler::handler(events.clone()),
+        )?),
+        None => None,
+    };
     let mut machine = Machine::new(platform, config.clone(), events);
     machine.start().map_err(boot_error)?;
     control_loop(&mut machine, &event_rx)
@@ -281,10 +300,19 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
         let Ok(event) = events.recv() else {
             return Ok(Outcome::Quit);
         };
+        let event = match event {
+            VmEvent::Api(call) => {
+                crate::api_handler::answer(machine, call);
+                continue;
+            }
+            other => other,
+        };
         let Some(outcome) = classify(&event) else {
             machine.halt("quit");
             return Ok(Outcome::Quit);
         };
+        // With an API socket the VMM outlives its guest: it waits, off, for the next call.
+        let stays_up = machine.config().api_socket.is_some();
         // Events of a VM that is already gone (a second vCPU reporting the same reset, a
         // device event racing a stop) are stale.
         if machine.state() == VmState::Off {
@@ -293,11 +321,15 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
         match outcome {
             GuestOutcome::PowerOff => {
                 machine.halt("poweroff");
-                return Ok(Outcome::PowerOff);
+                if !stays_up {
+                    return Ok(Outcome::PowerOff);
+                }
             }
             GuestOutcome::Reset if !machine.config().reboot => {
                 machine.halt("reset");
-                return Ok(Outcome::Reset);
+                if !stays_up {
+                    return Ok(Outcome::Reset);
+                }
             }
             GuestOutcome::Reset => {
                 log::info!("guest reset: rebooting");
@@ -309,11 +341,17 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
             }
             GuestOutcome::Panic => {
                 machine.halt("panic");
-                return Err(RunError::GuestPanic);
+                if !stays_up {
+                    return Err(RunError::GuestPanic);
+                }
+                log::error!("the guest panicked; the VM is off");
             }
             GuestOutcome::Failed(why) => {
-                machine.halt("error");
-                return Err(RunError::GuestFailed(why));
+                machine.halt(&format!("error: {why}"));
+                if !stays_up {
+                    return Err(RunError::GuestFailed(why));
+                }
+                log::error!("the guest stopped: {why}; the VM is off");
             }
         }
     }

@@ -30,7 +30,7 @@ use crate::memory::{self, GuestMemory};
 use crate::vcpu::{ReportSink, VcpuHandle, VcpuReport};
 
 /// Something the VMM's control loop must act on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VmEvent {
     /// A device reported a guest request.
     Guest(GuestEvent),
@@ -38,6 +38,8 @@ pub enum VmEvent {
     Vcpu(VcpuReport),
     /// The user asked to quit from the console.
     Quit,
+    /// A call from the API server.
+    Api(api::ApiCall),
 }
 
 /// Errors while building a VM.

@@ -1,16 +1,30 @@
 //! The console commands. Each prints its output lines, then `ok` or
 //! `err <reason>` (see the README for the exact contract).
 
-use crate::console::{self, Console};
+use crate::console::{self, Sink};
 use crate::memtest::{self, Error as MemError};
 use crate::power::{self, PowerOffError};
-use crate::{bootparams, count, smp};
+use crate::{blk, bootparams, count, disklog, smp, time, virtio, vsock};
 
-/// Runs one command line (without its line end).
+/// Runs one command line (without its line end) on the console.
 pub fn run(line: &[u8]) {
-    let (name, rest) = split_word(line);
     let mut out = console::lock();
-    let result = match name {
+    let result = execute(line, &mut out);
+    match &result {
+        Ok(()) => out.str("ok"),
+        Err(fail) => {
+            out.str("err ");
+            fail.write(&mut out);
+        }
+    }
+    out.nl();
+}
+
+/// Runs one command line, writing its output lines (not the final
+/// `ok`/`err`) to `out`.
+pub fn execute(line: &[u8], out: &mut dyn Sink) -> Reply {
+    let (name, rest) = split_word(line);
+    match name {
         b"echo" => {
             out.bytes(rest);
             out.nl();
@@ -24,10 +38,13 @@ pub fn run(line: &[u8]) {
             out.bytes(bootparams::get().cmdline());
             out.nl();
         }),
-        b"mem" => no_args(rest, "usage: mem").map(|()| mem(&mut out)),
-        b"count" => count_cmd(&mut out, rest),
+        b"mem" => no_args(rest, "usage: mem").map(|()| mem(out)),
+        b"count" => count_cmd(out, rest),
+        b"blk" => blk_cmd(out, rest),
+        b"log" => log_cmd(out, rest),
+        b"vsock" => no_args(rest, "usage: vsock").and_then(|()| vsock_cmd(out)),
         b"fill" | b"check" => mem_cmd(name == b"fill", rest),
-        b"poweroff" => no_args(rest, "usage: poweroff").and_then(|()| poweroff(&mut out)),
+        b"poweroff" => no_args(rest, "usage: poweroff").and_then(|()| poweroff(out)),
         b"reboot" => no_args(rest, "usage: reboot").map(|()| {
             out.str("ok\r\n");
             power::reboot()
@@ -40,33 +57,44 @@ pub fn run(line: &[u8]) {
             out.str(HELP);
         }),
         _ => Err(Fail::Reason("unknown command")),
-    };
-    match result {
-        Ok(()) => out.str("ok"),
-        Err(Fail::Reason(reason)) => {
-            out.str("err ");
-            out.str(reason);
-        }
-        Err(Fail::MismatchAt(addr)) => {
-            out.str("err mismatch at ");
-            out.hex(addr);
-        }
     }
-    out.nl();
 }
 
 /// Why a command failed.
-enum Fail {
+pub enum Fail {
     /// `err <reason>`.
     Reason(&'static str),
     /// `err mismatch at <hex addr>`.
     MismatchAt(u64),
+    /// `err broken log after <n> records`.
+    BrokenLog(u64),
 }
 
-const HELP: &str = "echo TEXT | cpus | cmdline | mem | count start|get|stop\r\n\
-fill MIB SEED | check MIB SEED | poweroff | reboot | panic | help\r\n";
+impl Fail {
+    /// Writes the reason (what follows `err `).
+    pub fn write(&self, out: &mut dyn Sink) {
+        match *self {
+            Fail::Reason(reason) => out.str(reason),
+            Fail::MismatchAt(addr) => {
+                out.str("mismatch at ");
+                out.hex(addr);
+            }
+            Fail::BrokenLog(n) => {
+                out.str("broken log after ");
+                out.dec(n);
+                out.str(" records");
+            }
+        }
+    }
+}
 
-type Reply = Result<(), Fail>;
+const HELP: &str = "echo TEXT | cpus | cmdline | mem | count start|get|stop | fill MIB SEED | \
+check MIB SEED | poweroff | reboot | panic | help\r\n\
+blk N info|flush | blk N write SECTOR COUNT SEED | blk N read SECTOR COUNT | \
+log start N|stop|verify N\r\n";
+
+/// A command's result.
+pub type Reply = Result<(), Fail>;
 
 /// Splits off the first space-separated word.
 fn split_word(line: &[u8]) -> (&[u8], &[u8]) {
@@ -104,7 +132,7 @@ fn parse_u64(word: &[u8]) -> Option<u64> {
     })
 }
 
-fn mem(out: &mut Console) {
+fn mem(out: &mut dyn Sink) {
     const MIB: u64 = 1 << 20;
     let bytes = bootparams::get()
         .e820()
@@ -117,7 +145,7 @@ fn mem(out: &mut Console) {
 
 const COUNT_USAGE: &str = "usage: count start|get|stop";
 
-fn count_cmd(out: &mut Console, args: &[u8]) -> Reply {
+fn count_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
     let mut words = words(args);
     let (Some(action), None) = (words.next(), words.next()) else {
         return Err(Fail::Reason(COUNT_USAGE));
@@ -167,7 +195,7 @@ fn mem_cmd(fill: bool, args: &[u8]) -> Reply {
 }
 
 /// Prints `ok` and powers off, or returns why it cannot.
-fn poweroff(out: &mut Console) -> Reply {
+fn poweroff(out: &mut dyn Sink) -> Reply {
     match power::prepare_poweroff() {
         Ok(off) => {
             out.str("ok\r\n");
@@ -176,4 +204,103 @@ fn poweroff(out: &mut Console) -> Reply {
         Err(PowerOffError::NoFadt) => Err(Fail::Reason("no FADT")),
         Err(PowerOffError::NoSleepControl) => Err(Fail::Reason("no sleep control register")),
     }
+}
+
+const BLK_USAGE: &str =
+    "usage: blk N info|flush | blk N write SECTOR COUNT SEED | blk N read SECTOR COUNT";
+
+fn blk_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
+    let mut words = words(args);
+    let (Some(n), Some(action)) = (words.next().and_then(parse_u64), words.next()) else {
+        return Err(Fail::Reason(BLK_USAGE));
+    };
+    let mut nums = [0u64; 3];
+    let mut given = 0;
+    for w in words {
+        let (Some(slot), Some(v)) = (nums.get_mut(given), parse_u64(w)) else {
+            return Err(Fail::Reason(BLK_USAGE));
+        };
+        *slot = v;
+        given += 1;
+    }
+    let [a, b, c] = nums;
+    let blk_err = |e: blk::Error| Fail::Reason(e.reason());
+    match (action, given) {
+        (b"info", 0) => {
+            let (capacity, ro, irqs) = blk::info(n).map_err(blk_err)?;
+            out.dec(capacity);
+            out.str(if ro { " ro" } else { " rw" });
+            out.str(" irqs=");
+            out.dec(irqs);
+            out.nl();
+            Ok(())
+        }
+        (b"flush", 0) => blk::flush(n).map_err(blk_err),
+        (b"write", 3) => {
+            if b > blk::MAX_COUNT {
+                return Err(Fail::Reason("count too large"));
+            }
+            blk::write_pattern(n, a, b, c).map_err(blk_err)
+        }
+        (b"read", 2) => {
+            if b > blk::MAX_COUNT {
+                return Err(Fail::Reason("count too large"));
+            }
+            let hash = blk::read_hash(n, a, b).map_err(blk_err)?;
+            out.hex16(hash);
+            out.nl();
+            Ok(())
+        }
+        _ => Err(Fail::Reason(BLK_USAGE)),
+    }
+}
+
+const LOG_USAGE: &str = "usage: log start N|stop|verify N";
+
+fn log_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
+    let mut words = words(args);
+    let action = words.next();
+    let n = words.next();
+    if words.next().is_some() {
+        return Err(Fail::Reason(LOG_USAGE));
+    }
+    match (action, n.map(parse_u64)) {
+        (Some(b"start"), Some(Some(n))) => {
+            disklog::start(n).map_err(|e| Fail::Reason(e.reason()))
+        }
+        (Some(b"stop"), None) => {
+            disklog::stop();
+            Ok(())
+        }
+        (Some(b"verify"), Some(Some(n))) => match disklog::verify(n) {
+            Ok(records) => {
+                out.dec(records);
+                out.nl();
+                Ok(())
+            }
+            Err(disklog::VerifyError::Disk(e)) => Err(Fail::Reason(e.reason())),
+            Err(disklog::VerifyError::Broken(good)) => Err(Fail::BrokenLog(good)),
+        },
+        _ => Err(Fail::Reason(LOG_USAGE)),
+    }
+}
+
+fn vsock_cmd(out: &mut dyn Sink) -> Reply {
+    let (cid, open, stats) = vsock::status().ok_or(Fail::Reason("no vsock device"))?;
+    out.str("cid=");
+    out.dec(cid);
+    out.str(" conns=");
+    out.dec(open as u64);
+    out.str(" irqs=");
+    out.dec(vsock::transport().map_or(0, virtio::irq_count));
+    out.str(" rx=");
+    out.dec(stats.rx_packets);
+    out.str(" tx=");
+    out.dec(stats.tx_packets);
+    out.str(" busy_polls=");
+    out.dec(stats.busy_polls);
+    out.str(" busy_ms=");
+    out.dec(stats.busy_ticks / time::tsc_khz());
+    out.nl();
+    Ok(())
 }

@@ -77,6 +77,51 @@ impl Console {
     }
 }
 
+/// Where command output goes: the console, or a buffer (agent `exec`).
+pub trait Sink {
+    /// Writes raw bytes.
+    fn bytes(&mut self, bytes: &[u8]);
+
+    /// Writes a string.
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+
+    /// Ends the line ("\r\n").
+    fn nl(&mut self) {
+        self.bytes(b"\r\n");
+    }
+
+    /// Writes `n` in decimal.
+    fn dec(&mut self, n: u64) {
+        let mut buf = [0u8; 20];
+        self.bytes(format_digits(n, 10, &mut buf));
+    }
+
+    /// Writes `n` in lower-case hexadecimal with a `0x` prefix.
+    fn hex(&mut self, n: u64) {
+        let mut buf = [0u8; 16];
+        self.bytes(b"0x");
+        self.bytes(format_digits(n, 16, &mut buf));
+    }
+
+    /// Writes `n` as exactly 16 lower-case hex digits, no prefix.
+    fn hex16(&mut self, n: u64) {
+        let mut buf = [0u8; 16];
+        let digits = format_digits(n, 16, &mut buf).len();
+        for _ in digits..16 {
+            self.bytes(b"0");
+        }
+        self.bytes(format_digits(n, 16, &mut buf));
+    }
+}
+
+impl Sink for Console {
+    fn bytes(&mut self, bytes: &[u8]) {
+        Console::bytes(self, bytes);
+    }
+}
+
 impl Drop for Console {
     fn drop(&mut self) {
         LOCK.store(false, Ordering::Release);

@@ -10,12 +10,16 @@ use core::arch::global_asm;
 
 use crate::cpu::{self, outb};
 use crate::sync::Global;
-use crate::{apic, console, power};
+use crate::{apic, console, power, virtio};
 
 /// COM1 receive interrupts (IOAPIC pin 4).
 pub const SERIAL_VECTOR: u8 = 0x30;
 /// The IPI the BSP sends to wake APs (e.g. for `count start`).
 pub const WAKE_VECTOR: u8 = 0xF0;
+/// The local APIC timer (wakes the idle loop for timed work).
+pub const TIMER_VECTOR: u8 = 0x3F;
+/// One past the last virtio transport vector.
+const VIRTIO_VECTOR_END: u8 = virtio::VECTOR_BASE + virtio::MAX_TRANSPORTS as u8;
 /// Local APIC spurious-interrupt vector (no EOI).
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
@@ -164,6 +168,10 @@ extern "C" fn interrupt_dispatch(frame: &mut Frame) {
     }
     match vector as u8 {
         SPURIOUS_VECTOR => {}
+        v @ virtio::VECTOR_BASE..VIRTIO_VECTOR_END => {
+            virtio::handle_irq(usize::from(v - virtio::VECTOR_BASE));
+            apic::eoi();
+        }
         // The serial and wake handlers only need to end the `hlt`: the
         // interrupted loop looks at the UART / the shared flags itself.
         _ => apic::eoi(),

@@ -18,13 +18,16 @@
 #![no_main]
 
 mod acpi;
+mod agent;
 mod apic;
+mod blk;
 mod boot;
 mod bootparams;
 mod commands;
 mod console;
 mod count;
 mod cpu;
+mod disklog;
 mod interrupts;
 mod memtest;
 mod pattern;
@@ -35,6 +38,8 @@ mod smp;
 mod sync;
 mod time;
 mod uart;
+mod virtio;
+mod vsock;
 
 /// Rust entry of the bootstrap processor, called by `_start` (see [`boot`])
 /// on the boot stack with `.bss` zeroed. `boot_params` is the physical
@@ -58,6 +63,9 @@ extern "C" fn bsp_main(boot_params: usize) -> ! {
 
     apic::route_isa_irq(acpi.ioapic, uart::COM1_IRQ, interrupts::SERIAL_VECTOR);
     uart::enable_rx_interrupt();
+    virtio::discover(acpi.ioapic);
+    blk::init();
+    vsock::init();
     cpu::enable_interrupts();
 
     let mut out = console::lock();

@@ -9,7 +9,9 @@
 use core::arch::asm;
 use core::panic::PanicInfo;
 
-/// `memcpy` (forward `rep movsb`).
+/// `memcpy` (forward `rep movsq`, then `rep movsb` for the last 0..7
+/// bytes: the emulator runs a string instruction per element, so qwords
+/// are 8 times faster than bytes — ~1 MB/s with `movsb` alone).
 ///
 /// # Safety
 /// The usual C contract: `dst` and `src` valid for `n` bytes, not overlapping.
@@ -17,7 +19,9 @@ use core::panic::PanicInfo;
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     // SAFETY: caller guarantees validity; DF is clear (ABI).
     unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
+        asm!("rep movsq", "mov rcx, {rest}", "rep movsb",
+             rest = in(reg) n & 7,
+             inout("rcx") n >> 3 => _, inout("rdi") dst => _, inout("rsi") src => _,
              options(nostack, preserves_flags));
     }
     dst

@@ -2,7 +2,7 @@
 //! between interrupts, or counting while `count` runs), echoes them, and
 //! hands complete lines to [`crate::commands`].
 
-use crate::{commands, console, count, cpu, uart};
+use crate::{apic, commands, console, count, cpu, disklog, interrupts, uart, vsock};
 
 /// Longest command line.
 const LINE_MAX: usize = 256;
@@ -53,23 +53,49 @@ pub fn run() -> ! {
     }
 }
 
-/// The next input byte. Sleeps with `hlt` until the UART interrupt (no
-/// polling: every port read is a VM exit); while `count` runs, counts
-/// instead and looks at the UART every [`SPIN_BATCH`] increments.
+/// The next input byte. Between bytes the BSP does the background work
+/// (vsock packets, one `log` record per turn, the automatic thaw) and
+/// otherwise sleeps with `hlt` until an interrupt (UART, virtio, the APIC
+/// timer while a thaw is pending): no polling of idle devices, since every
+/// port read is a VM exit. While `count` runs, it counts instead and looks
+/// at the UART every [`SPIN_BATCH`] increments.
 fn read_byte() -> u8 {
     loop {
         if count::running() {
             count::bsp_spin(SPIN_BATCH);
-            if let Some(byte) = uart::try_get_byte() {
-                return byte;
-            }
-        } else {
-            cpu::disable_interrupts();
-            if let Some(byte) = uart::try_get_byte() {
-                cpu::enable_interrupts();
-                return byte;
-            }
-            cpu::sti_hlt();
         }
+        if let Some(byte) = uart::try_get_byte() {
+            return byte;
+        }
+        if background() || count::running() {
+            continue;
+        }
+        cpu::disable_interrupts();
+        if uart::data_ready() || vsock::pending() || disklog::wants_step() {
+            cpu::enable_interrupts();
+            continue;
+        }
+        cpu::sti_hlt();
     }
 }
+
+/// One round of background work; true if anything was done.
+fn background() -> bool {
+    let mut did = vsock::poll();
+    disklog::check_thaw();
+    if disklog::wants_step() {
+        disklog::step();
+        did = true;
+    }
+    // The timer runs only while an automatic thaw is pending.
+    let want_timer = disklog::thaw_deadline().is_some();
+    // SAFETY: BSP only.
+    let timer_on = unsafe { &mut *TIMER_ON.get() };
+    if want_timer != *timer_on {
+        apic::set_periodic_timer(want_timer.then_some(interrupts::TIMER_VECTOR));
+        *timer_on = want_timer;
+    }
+    did
+}
+
+static TIMER_ON: crate::sync::Global<bool> = crate::sync::Global::new(false);

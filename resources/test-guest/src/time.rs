@@ -45,3 +45,8 @@ pub fn delay_us(us: u64) {
         core::hint::spin_loop();
     }
 }
+
+/// TSC ticks per millisecond.
+pub fn tsc_khz() -> u64 {
+    TSC_KHZ.load(Ordering::Relaxed).max(1)
+}

@@ -1,0 +1,505 @@
+//! `strata ctl`: every API call from the command line, for people and CI scripts.
+//!
+//! Output is for people by default (`state: running`, `key: value` lines) and the API's JSON
+//! with `--json`. Exit status: 0 on success; 1 when the call fails (the error is one line on
+//! stderr, `strata: error: ...`); 2 for a missing `--api-socket`; `guest exec` exits with the
+//! guest command's status. `guest wait` keeps asking until the agent answers, also while the
+//! socket does not exist yet, so a script can start `strata run` in the background and wait.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+
+use crate::call::LifecycleAction;
+use crate::client::{Client, ClientError};
+use crate::types::{
+    CheckpointConfig, CheckpointType, ExecRequest, ExecResponse, GuestInfo, VmInfo,
+    MAX_EXEC_TIMEOUT_S,
+};
+
+/// `strata ctl` flags and subcommand.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The VMM's API socket (required)
+    #[arg(long, value_name = "PATH", global = true)]
+    pub api_socket: Option<PathBuf>,
+
+    /// Print the API's JSON instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `strata ctl` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// The VM's state and lifecycle
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// VM settings
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// The guest agent
+    #[command(subcommand)]
+    Guest(GuestCommand),
+}
+
+/// `strata ctl vm ...`.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum VmCommand {
+    /// Show the state, configuration and checkpoint settings
+    Status,
+    /// Pause a running VM
+    Pause,
+    /// Resume a paused VM
+    Resume,
+    /// Cold-boot a VM that is off
+    Start,
+    /// Power the VM off at once (like pulling the plug)
+    Stop,
+    /// Ask the guest to power off
+    Shutdown,
+}
+
+/// `strata ctl config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Show the checkpoint type and location, or change them
+    Checkpoints {
+        /// The checkpoint type to set
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<CheckpointType>,
+        /// The folder to store checkpoints in (made absolute)
+        #[arg(long, value_name = "DIR")]
+        location: Option<PathBuf>,
+    },
+}
+
+/// `strata ctl guest ...`.
+#[derive(Debug, Subcommand)]
+pub enum GuestCommand {
+    /// Ask the guest agent about itself once
+    Ping,
+    /// Wait until the guest agent answers; exit 1 if it does not in time
+    Wait {
+        /// Seconds to wait
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Run a command in the guest; relays its output and exits with its status
+    Exec {
+        /// Seconds the command may run (1 to 3600) [default: 30]
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_EXEC_TIMEOUT_S)))]
+        timeout: Option<u32>,
+        /// The command and its arguments, after `--`
+        #[arg(last = true, required = true, value_name = "CMD")]
+        argv: Vec<String>,
+    },
+}
+
+/// Why a ctl command failed.
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the guest agent did not answer within {secs} s (last: {last})")]
+    WaitTimeout { secs: u64, last: String },
+    #[error("cannot resolve checkpoint location {path}")]
+    Location {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the output")]
+    Output(#[source] std::io::Error),
+}
+
+/// Runs `strata ctl` and returns the exit status, printing to stdout and stderr.
+pub fn run(args: CtlArgs) -> i32 {
+    run_with(
+        args,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    )
+}
+
+/// [`run`] with the output going to `out` and errors and guest stderr to `err`.
+pub fn run_with(args: CtlArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let Some(socket) = args.api_socket.clone() else {
+        let _ = writeln!(
+            err,
+            "strata: error: --api-socket PATH is required (see 'strata ctl --help')"
+        );
+        return 2;
+    };
+    let mut output = Output {
+        json: args.json,
+        out,
+        err,
+    };
+    let result = Client::new(socket)
+        .map_err(CtlError::from)
+        .and_then(|mut client| dispatch(&mut client, &args.command, &mut output));
+    match result {
+        Ok(status) => status,
+        Err(e) => {
+            let _ = writeln!(output.err, "strata: error: {}", chain(&e));
+            1
+        }
+    }
+}
+
+fn dispatch(client: &mut Client, command: &CtlCommand, out: &mut Output) -> Result<i32, CtlError> {
+    match command {
+        CtlCommand::Vm(cmd) => vm(client, *cmd, out).map(|()| 0),
+        CtlCommand::Config(ConfigCommand::Checkpoints { kind, location }) => {
+            checkpoints(client, *kind, location.as_deref(), out).map(|()| 0)
+        }
+        CtlCommand::Guest(GuestCommand::Ping) => {
+            let info = client.guest()?;
+            out.guest(&info)?;
+            Ok(0)
+        }
+        CtlCommand::Guest(GuestCommand::Wait { timeout }) => {
+            let info = wait(client, Duration::from_secs(*timeout))?;
+            out.guest(&info)?;
+            Ok(0)
+        }
+        CtlCommand::Guest(GuestCommand::Exec { timeout, argv }) => {
+            let request = ExecRequest {
+                argv: argv.clone(),
+                timeout_s: *timeout,
+            };
+            let response = client.exec(&request)?;
+            out.exec(&response)?;
+            Ok(exit_status(response.exit_code))
+        }
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        line.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    line
+}
+
+/// The process exit status for a guest command's exit code: 0 to 255 as they are, a negative
+/// code (killed by signal N, reported as -N) as 128+N like a shell, anything else 255.
+pub fn exit_status(code: i32) -> i32 {
+    match code {
+        0..=255 => code,
+        -127..=-1 => 128 - code,
+        _ => 255,
+    }
+}
+
+fn vm(client: &Client, cmd: VmCommand, out: &mut Output) -> Result<(), CtlError> {
+    let info = match cmd {
+        VmCommand::Status => {
+            let info = client.vm()?;
+            return out.vm_status(&info);
+        }
+        VmCommand::Pause => client.lifecycle(LifecycleAction::Pause)?,
+        VmCommand::Resume => client.lifecycle(LifecycleAction::Resume)?,
+        VmCommand::Start => client.lifecycle(LifecycleAction::Start)?,
+        VmCommand::Stop => client.lifecycle(LifecycleAction::Stop)?,
+        VmCommand::Shutdown => client.lifecycle(LifecycleAction::Shutdown)?,
+    };
+    if out.json {
+        out.print_json(&info)
+    } else {
+        out.line(&format!("state: {}", info.state))
+    }
+}
+
+fn checkpoints(
+    client: &Client,
+    kind: Option<CheckpointType>,
+    location: Option<&std::path::Path>,
+    out: &mut Output,
+) -> Result<(), CtlError> {
+    let config = if kind.is_none() && location.is_none() {
+        client.checkpoint_config()?
+    } else {
+        // The PUT replaces both fields: keep what is not given.
+        let mut config = client.checkpoint_config()?;
+        if let Some(kind) = kind {
+            config.kind = kind;
+        }
+        if let Some(location) = location {
+            let absolute = std::path::absolute(location).map_err(|source| CtlError::Location {
+                path: location.to_path_buf(),
+                source,
+            })?;
+            config.location = Some(absolute.to_string_lossy().into_owned());
+        }
+        client.set_checkpoint_config(&config)?
+    };
+    out.checkpoint_config(&config)
+}
+
+/// Polls `GET /v1/guest` until it answers, the socket missing and 503 counting as "not yet".
+fn wait(client: &mut Client, timeout: Duration) -> Result<GuestInfo, CtlError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let per_try = remaining.max(Duration::from_secs(1));
+        client.set_timeout(per_try);
+        let err = match client.guest() {
+            Ok(info) => return Ok(info),
+            Err(e @ ClientError::Connect { .. }) => e,
+            Err(e) if e.api_code() == Some("agent_unreachable") => e,
+            Err(e) => return Err(e.into()),
+        };
+        if Instant::now() >= deadline {
+            return Err(CtlError::WaitTimeout {
+                secs: timeout.as_secs(),
+                last: chain(&err),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(250).min(remaining));
+    }
+}
+
+/// Where and how results are printed.
+struct Output<'a> {
+    json: bool,
+    out: &'a mut dyn Write,
+    err: &'a mut dyn Write,
+}
+
+impl Output<'_> {
+    fn line(&mut self, text: &str) -> Result<(), CtlError> {
+        writeln!(self.out, "{text}").map_err(CtlError::Output)
+    }
+
+    fn print_json<T: serde::Serialize>(&mut self, value: &T) -> Result<(), CtlError> {
+        let text = serde_json::to_string_pretty(value)
+            .map_err(|e| CtlError::Output(std::io::Error::other(e)))?;
+        self.line(&text)
+    }
+
+    fn vm_status(&mut self, info: &VmInfo) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(info);
+        }
+        self.line(&format_vm(info))
+    }
+
+    fn checkpoint_config(&mut self, config: &CheckpointConfig) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(config);
+        }
+        self.line(&format!(
+            "type:     {}\nlocation: {}",
+            config.kind,
+            config.location.as_deref().unwrap_or("-")
+        ))
+    }
+
+    fn guest(&mut self, info: &GuestInfo) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(info);
+        }
+        let mut text = String::from("agent: connected");
+        for (key, value) in &info.info {
+            let value = match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            text.push_str(&format!("\n{key}: {value}"));
+        }
+        self.line(&text)
+    }
+
+    /// The guest command's stdout and stderr, byte for byte, to ours.
+    fn exec(&mut self, response: &ExecResponse) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(response);
+        }
+        self.out
+            .write_all(response.stdout.as_bytes())
+            .and_then(|()| self.out.flush())
+            .map_err(CtlError::Output)?;
+        self.err
+            .write_all(response.stderr.as_bytes())
+            .and_then(|()| self.err.flush())
+            .map_err(CtlError::Output)
+    }
+}
+
+/// `vm status` for people: aligned `key: value` rows.
+fn format_vm(info: &VmInfo) -> String {
+    let c = &info.config;
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    let mut rows = vec![
+        ("state".to_owned(), info.state.to_string()),
+        ("vcpus".to_owned(), c.vcpus.to_string()),
+        ("memory".to_owned(), format!("{} MiB", c.memory_mib)),
+        ("kernel".to_owned(), c.kernel.clone()),
+        ("cmdline".to_owned(), c.cmdline.clone()),
+    ];
+    for (i, d) in c.disks.iter().enumerate() {
+        let mode = if d.readonly { "ro" } else { "rw" };
+        rows.push((format!("disk {i}"), format!("{} ({mode})", d.path)));
+    }
+    let vsock = c
+        .vsock
+        .as_ref()
+        .map(|v| format!("cid {}, socket {}", v.cid, v.socket));
+    rows.extend([
+        ("vsock".to_owned(), or_dash(vsock.as_deref())),
+        (
+            "checkpoint type".to_owned(),
+            info.checkpoint_config.kind.to_string(),
+        ),
+        (
+            "checkpoint folder".to_owned(),
+            or_dash(info.checkpoint_config.location.as_deref()),
+        ),
+        (
+            "current checkpoint".to_owned(),
+            or_dash(info.current_checkpoint.as_deref()),
+        ),
+        ("last exit".to_owned(), or_dash(info.last_exit.as_deref())),
+    ]);
+    rows.iter()
+        .map(|(k, v)| format!("{:<20}{v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{DiskInfo, VmConfigInfo, VmState};
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct TestCli {
+        #[command(subcommand)]
+        command: Top,
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum Top {
+        Ctl(CtlArgs),
+    }
+
+    fn parse(args: &[&str]) -> Result<CtlArgs, clap::Error> {
+        let mut full = vec!["strata", "ctl"];
+        full.extend_from_slice(args);
+        TestCli::try_parse_from(full).map(|c| match c.command {
+            Top::Ctl(a) => a,
+        })
+    }
+
+    #[test]
+    fn api_socket_may_come_after_the_subcommand() {
+        let a = parse(&["vm", "status", "--api-socket", "/s", "--json"]).unwrap();
+        assert_eq!(a.api_socket, Some(PathBuf::from("/s")));
+        assert!(a.json);
+        assert!(matches!(a.command, CtlCommand::Vm(VmCommand::Status)));
+    }
+
+    #[test]
+    fn exec_takes_the_command_after_double_dash() {
+        let a = parse(&[
+            "--api-socket",
+            "/s",
+            "guest",
+            "exec",
+            "--timeout",
+            "5",
+            "--",
+            "ls",
+            "-l",
+        ])
+        .unwrap();
+        match a.command {
+            CtlCommand::Guest(GuestCommand::Exec { timeout, argv }) => {
+                assert_eq!(timeout, Some(5));
+                assert_eq!(argv, ["ls", "-l"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exec_without_a_command_is_a_usage_error() {
+        assert!(parse(&["--api-socket", "/s", "guest", "exec"]).is_err());
+    }
+
+    #[test]
+    fn checkpoint_type_parses_kebab_case() {
+        let a = parse(&[
+            "--api-socket",
+            "/s",
+            "config",
+            "checkpoints",
+            "--type",
+            "production-only",
+        ])
+        .unwrap();
+        assert!(matches!(
+            a.command,
+            CtlCommand::Config(ConfigCommand::Checkpoints {
+                kind: Some(CheckpointType::ProductionOnly),
+                location: None
+            })
+        ));
+    }
+
+    #[test]
+    fn missing_api_socket_exits_2() {
+        let a = parse(&["vm", "status"]).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(run_with(a, &mut out, &mut err), 2);
+        assert!(String::from_utf8(err)
+            .unwrap()
+            .contains("--api-socket PATH is required"));
+    }
+
+    #[test]
+    fn guest_exit_codes_map_like_a_shell() {
+        assert_eq!(exit_status(0), 0);
+        assert_eq!(exit_status(3), 3);
+        assert_eq!(exit_status(-9), 137);
+        assert_eq!(exit_status(70000), 255);
+    }
+
+    #[test]
+    fn status_text_shows_state_and_disks() {
+        let info = VmInfo {
+            state: VmState::Paused,
+            config: VmConfigInfo {
+                vcpus: 2,
+                memory_mib: 64,
+                kernel: "test-guest".into(),
+                cmdline: "console=ttyS0".into(),
+                disks: vec![DiskInfo {
+                    path: "/d.img".into(),
+                    readonly: true,
+                }],
+                vsock: None,
+            },
+            checkpoint_config: CheckpointConfig::default(),
+            current_checkpoint: None,
+            last_exit: None,
+        };
+        let text = format_vm(&info);
+        assert!(text.starts_with("state:              paused\n"));
+        assert!(text.contains("disk 0:             /d.img (ro)"));
+        assert!(text.contains("checkpoint type:    production"));
+    }
+}

@@ -1,0 +1,584 @@
+//! The HTTP/1.1 server on the API's Unix socket.
+//!
+//! The server runs hyper on a single-threaded tokio runtime on its own thread (`strata-api`);
+//! nothing in it ever runs on a vCPU or device thread, and nothing it does blocks one. A call
+//! goes like this:
+//!
+//! 1. A client connects to the socket (mode 0600, see [`crate::socket`]) and sends a request.
+//!    Each connection is its own task: a client that sends half a request and hangs holds only
+//!    that task, which hyper closes when the headers are not complete within the read timeout
+//!    (the body has its own timeout).
+//! 2. The server matches the path against [`ROUTES`]: an unknown path is a 404, a known path
+//!    with another method a 405 with an `Allow` header.
+//! 3. It reads the whole body (at most [`MAX_BODY_BYTES`], else 413) and parses it into an
+//!    [`ApiRequest`]: JSON that is malformed, not an object, has unknown fields or wrong types,
+//!    or fails the type's `validate`, is a 400. None of this reaches the VMM, so a rejected
+//!    request changes nothing.
+//! 4. It wraps the request with a [`Responder`](crate::call::Responder) into an [`ApiCall`] and
+//!    calls the VMM's [`ApiHandler`] with it, on the API thread. The handler must return at once:
+//!    the VMM forwards the call into its control loop's channel and signals that loop's eventfd.
+//! 5. The VMM handles the call between its other events and answers through the responder;
+//!    sending never blocks it, even if the client is gone.
+//! 6. The connection's task waits for the answer without blocking the runtime, up to a bound
+//!    (30 s; `shutdown` 120 s; guest exec its own timeout plus 30 s). A VMM that does not answer
+//!    in time, or drops the call, is a bug: 500 `internal`.
+//! 7. The answer is checked against the route (right reply kind, an error code the route
+//!    documents in `openapi.yaml`; anything else is a 500) and written as JSON with
+//!    `Content-Type: application/json`.
+//!
+//! [`ApiServer::shutdown`] (or dropping the server) stops accepting, ends open connections, joins
+//! the thread and removes the socket file if it is still ours.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use crate::call::{
+    ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, ErrorCode, LifecycleAction,
+};
+use crate::socket::{self, SocketError, SocketFile};
+use crate::types::{CheckpointConfig, ErrorBody, ErrorDetail, ExecRequest};
+
+/// The largest request body accepted; larger ones get 413 `payload_too_large`.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// What an HTTP route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /v1/vm`.
+    GetVm,
+    /// `POST /v1/vm/{action}`.
+    Lifecycle(LifecycleAction),
+    /// `GET /v1/vm/checkpoint-config`.
+    GetCheckpointConfig,
+    /// `PUT /v1/vm/checkpoint-config`.
+    PutCheckpointConfig,
+    /// `GET /v1/guest`.
+    GetGuest,
+    /// `POST /v1/guest/exec`.
+    GuestExec,
+}
+
+impl Endpoint {
+    /// The error codes the VMM may answer this endpoint with (as documented in
+    /// `openapi.yaml`); any other error becomes a 500.
+    fn handler_errors(self) -> &'static [ErrorCode] {
+        use ErrorCode::*;
+        match self {
+            Endpoint::GetVm | Endpoint::GetCheckpointConfig => &[],
+            Endpoint::Lifecycle(LifecycleAction::Shutdown) => &[InvalidState, AgentUnreachable],
+            Endpoint::Lifecycle(_) => &[InvalidState],
+            Endpoint::PutCheckpointConfig => &[BadRequest, InvalidState],
+            Endpoint::GetGuest => &[InvalidState, AgentUnreachable],
+            Endpoint::GuestExec => &[BadRequest, InvalidState, AgentUnreachable],
+        }
+    }
+
+    /// Whether the endpoint reads a request body (and so can answer 400 and 413).
+    pub fn reads_body(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Lifecycle(_) | Endpoint::PutCheckpointConfig | Endpoint::GuestExec
+        )
+    }
+
+    /// Every HTTP status this endpoint can answer, sorted; `openapi.yaml` lists exactly these.
+    pub fn statuses(self) -> Vec<u16> {
+        let mut statuses = vec![200, 500];
+        if self.reads_body() {
+            statuses.extend([400, 413]);
+        }
+        statuses.extend(self.handler_errors().iter().map(|c| c.status()));
+        statuses.sort_unstable();
+        statuses.dedup();
+        statuses
+    }
+}
+
+/// One path and the methods it answers.
+#[derive(Debug)]
+pub struct Route {
+    /// The path, e.g. `/v1/vm`.
+    pub path: &'static str,
+    /// The methods (`GET`, `PUT`, `POST`) and what each does.
+    pub methods: &'static [(&'static str, Endpoint)],
+}
+
+/// Every route of the server; `openapi.yaml` lists exactly these (a test checks).
+pub const ROUTES: &[Route] = &[
+    Route {
+        path: "/v1/vm",
+        methods: &[("GET", Endpoint::GetVm)],
+    },
+    Route {
+        path: "/v1/vm/start",
+        methods: &[("POST", Endpoint::Lifecycle(LifecycleAction::Start))],
+    },
+    Route {
+        path: "/v1/vm/pause",
+        methods: &[("POST", Endpoint::Lifecycle(LifecycleAction::Pause))],
+    },
+    Route {
+        path: "/v1/vm/resume",
+        methods: &[("POST", Endpoint::Lifecycle(LifecycleAction::Resume))],
+    },
+    Route {
+        path: "/v1/vm/stop",
+        methods: &[("POST", Endpoint::Lifecycle(LifecycleAction::Stop))],
+    },
+    Route {
+        path: "/v1/vm/shutdown",
+        methods: &[("POST", Endpoint::Lifecycle(LifecycleAction::Shutdown))],
+    },
+    Route {
+        path: "/v1/vm/checkpoint-config",
+        methods: &[
+            ("GET", Endpoint::GetCheckpointConfig),
+            ("PUT", Endpoint::PutCheckpointConfig),
+        ],
+    },
+    Route {
+        path: "/v1/guest",
+        methods: &[("GET", Endpoint::GetGuest)],
+    },
+    Route {
+        path: "/v1/guest/exec",
+        methods: &[("POST", Endpoint::GuestExec)],
+    },
+];
+
+/// Timeouts of the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerOptions {
+    /// How long a client may take to send a request's headers (also how long an idle
+    /// keep-alive connection stays open), and separately its body.
+    pub read_timeout: Duration,
+    /// How long the server waits for the VMM's answer to an ordinary call.
+    pub reply_timeout: Duration,
+    /// How long it waits for `shutdown`; guest exec waits its own timeout plus `reply_timeout`.
+    pub long_reply_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            read_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(30),
+            long_reply_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket could not be created.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The runtime or its thread could not be set up.
+    #[error("cannot start the API server thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A running API server. Dropping it stops it and removes the socket.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    file: SocketFile,
+}
+
+struct Shared {
+    handler: ApiHandler,
+    options: ServerOptions,
+}
+
+impl ApiServer {
+    /// Creates the socket at `path` and serves the API on it with default timeouts.
+    pub fn start(path: &Path, handler: ApiHandler) -> Result<ApiServer, ServerError> {
+        Self::start_with(path, handler, ServerOptions::default())
+    }
+
+    /// Like [`ApiServer::start`] with explicit timeouts.
+    pub fn start_with(
+        path: &Path,
+        handler: ApiHandler,
+        options: ServerOptions,
+    ) -> Result<ApiServer, ServerError> {
+        let (listener, file) = socket::bind(path)?;
+        let fail = |e| {
+            file.remove_file();
+            ServerError::Thread(e)
+        };
+        listener.set_nonblocking(true).map_err(fail)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(fail)?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let shared = Arc::new(Shared { handler, options });
+        let thread = std::thread::Builder::new()
+            .name("strata-api".into())
+            .spawn(move || runtime.block_on(accept_loop(listener, shared, stop_rx)))
+            .map_err(fail)?;
+        log::info!("API listening on {}", path.display());
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            file,
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops the server, waits for its thread and removes the socket.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the API server thread panicked");
+            }
+            self.file.remove_file();
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+async fn accept_loop(
+    listener: std::os::unix::net::UnixListener,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("API server cannot use its socket: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, shared.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    log::warn!("API server cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    // Returning drops the runtime with it, which cancels every connection task.
+}
+
+async fn serve_connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
+    let read_timeout = shared.options.read_timeout;
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(respond(req, &shared).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = result {
+        log::debug!("API connection ended: {e}");
+    }
+}
+
+/// Answers one request; never fails (every failure is an error body).
+async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let Some(route) = ROUTES.iter().find(|r| r.path == path) else {
+        return error_response(&ApiError::not_found(format!("no route {path}")));
+    };
+    let Some(&(_, endpoint)) = route.methods.iter().find(|(m, _)| *m == method) else {
+        let allow: Vec<&str> = route.methods.iter().map(|(m, _)| *m).collect();
+        let allow = allow.join(", ");
+        let mut resp = error_response(&ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{method} is not allowed on {path}; use {allow}"),
+        ));
+        if let Ok(v) = HeaderValue::from_str(&allow) {
+            resp.headers_mut().insert(ALLOW, v);
+        }
+        return resp;
+    };
+    log::debug!("API {method} {path}");
+    let result = match parse_request(endpoint, req, shared.options.read_timeout).await {
+        Ok(request) => dispatch(endpoint, request, shared).await,
+        Err(e) => Err(e),
+    };
+    match result.and_then(|reply| serialize(&reply)) {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Reads and validates the request for `endpoint`.
+async fn parse_request(
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+    read_timeout: Duration,
+) -> Result<ApiRequest, ApiError> {
+    Ok(match endpoint {
+        // Bodies of GETs are ignored.
+        Endpoint::GetVm => ApiRequest::GetVm,
+        Endpoint::GetCheckpointConfig => ApiRequest::GetCheckpointConfig,
+        Endpoint::GetGuest => ApiRequest::GetGuest,
+        Endpoint::Lifecycle(action) => {
+            let body = read_body(req, read_timeout).await?;
+            if !body.iter().all(u8::is_ascii_whitespace) {
+                parse_json::<EmptyBody>(&body)?;
+            }
+            ApiRequest::Lifecycle(action)
+        }
+        Endpoint::PutCheckpointConfig => {
+            let body = read_body(req, read_timeout).await?;
+            let config: CheckpointConfig = parse_json(&body)?;
+            config.validate().map_err(ApiError::bad_request)?;
+            ApiRequest::PutCheckpointConfig(config)
+        }
+        Endpoint::GuestExec => {
+            let body = read_body(req, read_timeout).await?;
+            let exec: ExecRequest = parse_json(&body)?;
+            exec.validate().map_err(ApiError::bad_request)?;
+            ApiRequest::GuestExec(exec)
+        }
+    })
+}
+
+/// The body of a `POST` that takes none: `{}` (or nothing at all).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+/// Reads the whole body, at most [`MAX_BODY_BYTES`].
+async fn read_body(req: Request<Incoming>, timeout: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES);
+    match tokio::time::timeout(timeout, body.collect()).await {
+        Err(_) => Err(ApiError::bad_request(format!(
+            "request body not received within {} s",
+            timeout.as_secs()
+        ))),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// Parses a JSON object into `T`. Checking for an object first matters: serde would otherwise
+/// accept a struct written as an array.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "request body required: a JSON object",
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
+/// How long to wait for the VMM's answer to `request`.
+fn reply_timeout(request: &ApiRequest, options: &ServerOptions) -> Duration {
+    match request {
+        ApiRequest::Lifecycle(LifecycleAction::Shutdown) => options.long_reply_timeout,
+        ApiRequest::GuestExec(exec) => {
+            Duration::from_secs(exec.timeout().into()) + options.reply_timeout
+        }
+        _ => options.reply_timeout,
+    }
+}
+
+/// Hands the request to the VMM and waits for its answer, checking it fits the endpoint.
+async fn dispatch(endpoint: Endpoint, request: ApiRequest, shared: &Shared) -> ApiResponse {
+    let wait = reply_timeout(&request, &shared.options);
+    let (call, pending) = ApiCall::new(request);
+    (shared.handler)(call);
+    let response = match tokio::time::timeout(wait, pending.recv()).await {
+        Err(_) => {
+            return Err(ApiError::internal(format!(
+                "the VMM did not answer within {} s",
+                wait.as_secs()
+            )))
+        }
+        Ok(None) => return Err(ApiError::internal("the VMM dropped the request unanswered")),
+        Ok(Some(r)) => r,
+    };
+    match response {
+        Ok(reply) if reply_fits(endpoint, &reply) => Ok(reply),
+        Ok(reply) => Err(ApiError::internal(format!(
+            "bug: the VMM answered {endpoint:?} with {}",
+            reply_kind(&reply)
+        ))),
+        Err(e) if endpoint.handler_errors().contains(&e.code) => Err(e),
+        Err(e) => Err(ApiError::internal(format!(
+            "bug: the VMM answered {endpoint:?} with an undocumented error: {e}"
+        ))),
+    }
+}
+
+fn reply_fits(endpoint: Endpoint, reply: &ApiReply) -> bool {
+    matches!(
+        (endpoint, reply),
+        (Endpoint::GetVm | Endpoint::Lifecycle(_), ApiReply::Vm(_))
+            | (
+                Endpoint::GetCheckpointConfig | Endpoint::PutCheckpointConfig,
+                ApiReply::CheckpointConfig(_)
+            )
+            | (Endpoint::GetGuest, ApiReply::Guest(_))
+            | (Endpoint::GuestExec, ApiReply::Exec(_))
+    )
+}
+
+fn reply_kind(reply: &ApiReply) -> &'static str {
+    match reply {
+        ApiReply::Vm(_) => "a VM",
+        ApiReply::CheckpointConfig(_) => "a checkpoint config",
+        ApiReply::Guest(_) => "guest info",
+        ApiReply::Exec(_) => "an exec result",
+    }
+}
+
+fn serialize(reply: &ApiReply) -> Result<Vec<u8>, ApiError> {
+    match reply {
+        ApiReply::Vm(v) => serde_json::to_vec(v),
+        ApiReply::CheckpointConfig(c) => serde_json::to_vec(c),
+        ApiReply::Guest(g) => serde_json::to_vec(g),
+        ApiReply::Exec(e) => serde_json::to_vec(e),
+    }
+    .map_err(|e| ApiError::internal(format!("cannot serialize the answer: {e}")))
+}
+
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::InvalidState => StatusCode::CONFLICT,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::AgentUnreachable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    if e.code == ErrorCode::Internal {
+        log::error!("API: {}", e.message);
+    }
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: e.code.as_str().to_owned(),
+            message: e.message.clone(),
+        },
+    };
+    // Two strings cannot fail to serialize; fall back to a fixed body all the same.
+    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| {
+        br#"{"error":{"code":"internal","message":"cannot serialize the error"}}"#.to_vec()
+    });
+    json_response(status_of(e.code), bytes)
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_unique() {
+        for (i, a) in ROUTES.iter().enumerate() {
+            assert!(
+                ROUTES[i + 1..].iter().all(|b| b.path != a.path),
+                "{}",
+                a.path
+            );
+        }
+    }
+
+    #[test]
+    fn array_for_a_struct_is_rejected() {
+        let err = parse_json::<CheckpointConfig>(br#"["production", null]"#).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn empty_body_for_a_put_is_rejected() {
+        assert!(parse_json::<CheckpointConfig>(b"  ").is_err());
+    }
+
+    #[test]
+    fn exec_waits_its_own_timeout_plus_the_reply_timeout() {
+        let opts = ServerOptions::default();
+        let req = ApiRequest::GuestExec(ExecRequest {
+            argv: vec!["true".into()],
+            timeout_s: Some(100),
+        });
+        assert_eq!(reply_timeout(&req, &opts), Duration::from_secs(130));
+    }
+
+    #[test]
+    fn mismatched_reply_kind_does_not_fit() {
+        let reply = ApiReply::CheckpointConfig(CheckpointConfig::default());
+        assert!(!reply_fits(Endpoint::GetVm, &reply));
+        assert!(reply_fits(Endpoint::PutCheckpointConfig, &reply));
+    }
+}

@@ -1,0 +1,231 @@
+//! The server as a whole: the socket file, load from concurrent clients, clients that hang, and
+//! a VMM that does not answer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::{ApiCall, ApiHandler, ApiServer, LifecycleAction, ServerOptions};
+use common::fake::Fake;
+use common::get;
+
+#[test]
+fn socket_is_created_owner_only_and_removed_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut fake = Fake::start(&sock);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    fake.server.take().unwrap().shutdown();
+    assert!(!sock.exists());
+}
+
+#[test]
+fn stale_socket_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    drop(UnixListener::bind(&sock).unwrap()); // leaves a socket file nobody accepts on
+    let fake = Fake::start(&sock);
+    assert_eq!(get(&sock, "/v1/vm").status, 200);
+    drop(fake);
+}
+
+#[test]
+fn live_socket_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let _first = Fake::start(&sock);
+    let handler: ApiHandler = Arc::new(|_call: ApiCall| {});
+    let err = ApiServer::start(&sock, handler).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("another VMM is serving API socket {}", sock.display())
+    );
+    // The first server still answers.
+    assert_eq!(get(&sock, "/v1/vm").status, 200);
+}
+
+#[test]
+fn thousand_requests_from_sixteen_clients_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let fake = Fake::start(&sock);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let sock = sock.clone();
+            let next = next.clone();
+            std::thread::spawn(move || {
+                let client = api::Client::new(&sock).unwrap();
+                let mut done = 0;
+                while next.fetch_add(1, Ordering::SeqCst) < 1000 {
+                    match done % 4 {
+                        0 => assert_eq!(client.vm().unwrap().config.vcpus, 2),
+                        1 => {
+                            client.checkpoint_config().unwrap();
+                        }
+                        2 => {
+                            client.guest().unwrap();
+                        }
+                        _ => {
+                            let r = client
+                                .exec(&api::types::ExecRequest {
+                                    argv: vec!["echo".into(), done.to_string()],
+                                    timeout_s: None,
+                                })
+                                .unwrap();
+                            assert_eq!(r.stdout, format!("{done}\n"));
+                        }
+                    }
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(total, 1000);
+    assert_eq!(fake.calls(), 1000);
+    eprintln!("1000 requests from 16 clients in {:?}", start.elapsed());
+}
+
+#[test]
+fn client_hanging_mid_request_does_not_block_others_and_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let options = ServerOptions {
+        read_timeout: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    let fake = Fake::start_with(&sock, options);
+    // One client stops in the middle of its headers, another in the middle of its body.
+    let mut half_head = UnixStream::connect(&sock).unwrap();
+    half_head
+        .write_all(b"GET /v1/vm HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut half_body = UnixStream::connect(&sock).unwrap();
+    half_body
+        .write_all(
+            b"PUT /v1/vm/checkpoint-config HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ty",
+        )
+        .unwrap();
+    let idle = UnixStream::connect(&sock).unwrap();
+
+    let t = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(&sock, "/v1/vm").status, 200);
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // The server gives up on all three after the read timeout.
+    for mut s in [half_head, half_body, idle] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        let t = Instant::now();
+        let _ = s.read_to_end(&mut out);
+        assert!(t.elapsed() < Duration::from_secs(4), "connection kept open");
+    }
+    assert_eq!(
+        fake.snapshot().checkpoint_config.kind.as_str(),
+        "production"
+    );
+}
+
+#[test]
+fn client_that_never_reads_its_answer_does_not_block_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let _fake = Fake::start(&sock);
+    // Pipelines many requests and reads nothing, so the server's writes back up.
+    let mut greedy = UnixStream::connect(&sock).unwrap();
+    greedy.set_nonblocking(true).unwrap();
+    let req = b"GET /v1/vm HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..5000 {
+        if greedy.write_all(req).is_err() {
+            break;
+        }
+    }
+    let t = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(get(&sock, "/v1/vm").status, 200);
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+fn server_with(handler: ApiHandler, options: ServerOptions) -> (tempfile::TempDir, ApiServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let server = ApiServer::start_with(&sock, handler, options).unwrap();
+    (dir, server)
+}
+
+#[test]
+fn vmm_that_never_answers_is_a_500_after_the_timeout() {
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    let handler: ApiHandler = Arc::new(move |call| h.lock().unwrap().push(call));
+    let options = ServerOptions {
+        reply_timeout: Duration::from_millis(300),
+        ..ServerOptions::default()
+    };
+    let (_dir, server) = server_with(handler, options);
+    let r = get(server.path(), "/v1/vm");
+    assert_eq!(r.status, 500);
+    assert_eq!(r.code(), "internal");
+    assert!(r.body.contains("did not answer"), "{}", r.body);
+}
+
+#[test]
+fn vmm_that_drops_the_call_is_a_500() {
+    let handler: ApiHandler = Arc::new(drop);
+    let (_dir, server) = server_with(handler, ServerOptions::default());
+    let r = common::post(server.path(), "/v1/vm/pause", "");
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("dropped"), "{}", r.body);
+}
+
+#[test]
+fn vmm_answer_of_the_wrong_kind_or_undocumented_code_is_a_500() {
+    let handler: ApiHandler = Arc::new(|call: ApiCall| {
+        let response = match call.request {
+            api::ApiRequest::GetVm => Ok(api::ApiReply::CheckpointConfig(Default::default())),
+            _ => Err(api::ApiError::not_found("no such thing")),
+        };
+        call.reply.send(response);
+    });
+    let (_dir, server) = server_with(handler, ServerOptions::default());
+    assert_eq!(get(server.path(), "/v1/vm").status, 500);
+    let r = get(server.path(), "/v1/vm/checkpoint-config");
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("no such thing"));
+}
+
+#[test]
+fn handler_is_called_on_the_api_thread_and_may_answer_later() {
+    let handler: ApiHandler = Arc::new(|call: ApiCall| {
+        assert_eq!(std::thread::current().name(), Some("strata-api"));
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut s = common::fake::FakeState::default();
+            call.reply.send(common::fake::answer(&mut s, call.request));
+        });
+    });
+    let (_dir, server) = server_with(handler, ServerOptions::default());
+    let c = api::Client::new(server.path()).unwrap();
+    assert_eq!(
+        c.lifecycle(LifecycleAction::Pause).unwrap().state,
+        api::types::VmState::Paused
+    );
+}

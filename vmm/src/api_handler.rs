@@ -1,0 +1,202 @@
+//! Answers API calls from the control loop.
+//!
+//! 1. The API server (its own thread, see the `api` crate) turns an HTTP request into an
+//!    [`ApiCall`] and hands it to the handler built by [`handler`], which forwards it into the
+//!    control loop's event channel; the loop wakes on the channel (it blocks on nothing else).
+//! 2. The control loop calls [`answer`] with the [`Machine`]: state queries and lifecycle calls
+//!    are answered there and then, so they are ordered with guest events.
+//! 3. Calls that talk to the guest agent (guest info, exec, shutdown) are checked against the
+//!    state in the loop, then run on a worker thread that owns the reply, so a slow guest never
+//!    holds up the loop, the vCPUs or other API clients.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::types::{AgentStatus, DiskInfo, ExecResponse, GuestInfo, VmConfigInfo, VmInfo, VsockInfo};
+use api::{ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, LifecycleAction};
+
+use crate::agent::{AgentClient, AgentError};
+use crate::config::Kernel;
+use crate::runner::{LifecycleError, Machine, VmState};
+use crate::vm::VmEvent;
+
+/// How long to wait for the agent's handshake and short replies.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The handler the API server calls: forwards every call into the control loop.
+pub fn handler(events: Sender<VmEvent>) -> ApiHandler {
+    Arc::new(move |call: ApiCall| {
+        // A closed channel means the VMM is exiting; the server answers the dropped call.
+        let _ = events.send(VmEvent::Api(call));
+    })
+}
+
+fn api_state(state: VmState) -> api::types::VmState {
+    match state {
+        VmState::Running => api::types::VmState::Running,
+        VmState::Paused => api::types::VmState::Paused,
+        VmState::Off => api::types::VmState::Off,
+    }
+}
+
+/// The VM as `GET /v1/vm` shows it.
+pub fn vm_info(machine: &Machine) -> VmInfo {
+    let c = machine.config();
+    VmInfo {
+        state: api_state(machine.state()),
+        config: VmConfigInfo {
+            vcpus: u32::from(c.vcpus),
+            memory_mib: c.memory >> 20,
+            kernel: match &c.kernel {
+                Kernel::TestGuest => "embedded test guest".to_string(),
+                Kernel::File(p) => p.display().to_string(),
+            },
+            cmdline: c.cmdline.clone(),
+            disks: c
+                .disks
+                .iter()
+                .map(|d| DiskInfo {
+                    path: d.path.display().to_string(),
+                    readonly: d.read_only,
+                })
+                .collect(),
+            vsock: c.vsock.as_ref().map(|v| VsockInfo {
+                cid: v.cid,
+                socket: v.socket.display().to_string(),
+            }),
+        },
+        checkpoint_config: machine.checkpoint_config.clone(),
+        current_checkpoint: None,
+        last_exit: machine.last_exit.clone(),
+    }
+}
+
+fn lifecycle_error(e: LifecycleError) -> ApiError {
+    match e {
+        LifecycleError::WrongState(w) => ApiError::invalid_state(w.to_string()),
+        other => ApiError::internal(format!("{other}")),
+    }
+}
+
+fn agent_error(e: AgentError) -> ApiError {
+    if e.is_unavailable() {
+        ApiError::agent_unreachable(e.to_string())
+    } else {
+        match e {
+            // The agent answered but refused: the request was bad for it.
+            AgentError::Agent { .. } => ApiError::bad_request(e.to_string()),
+            other => ApiError::agent_unreachable(other.to_string()),
+        }
+    }
+}
+
+/// Runs `work` against the guest agent on a worker thread and replies from there.
+fn with_agent(
+    machine: &Machine,
+    call_reply: api::Responder,
+    work: impl FnOnce(&mut AgentClient) -> ApiResponse + Send + 'static,
+) {
+    if machine.state() != VmState::Running {
+        call_reply.send(Err(ApiError::invalid_state(format!(
+            "the guest agent can only be reached while the VM is running; it is {}",
+            machine.state().name()
+        ))));
+        return;
+    }
+    let Some(vsock) = machine.config().vsock.clone() else {
+        call_reply.send(Err(ApiError::agent_unreachable(
+            "this VM has no vsock device, so there is no guest agent (start it with --vsock)",
+        )));
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("api-agent".into())
+        .spawn(move || {
+            let reply = AgentClient::connect(&vsock.socket, AGENT_TIMEOUT)
+                .map_err(agent_error)
+                .and_then(|mut agent| work(&mut agent));
+            call_reply.send(reply);
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start an agent worker thread: {e}");
+    }
+}
+
+/// Answers one call.
+pub fn answer(machine: &mut Machine, call: ApiCall) {
+    let ApiCall { request, reply } = call;
+    let vm = |m: &Machine| Ok(ApiReply::Vm(vm_info(m)));
+    let response = match request {
+        ApiRequest::GetVm => vm(machine),
+        ApiRequest::Lifecycle(action) => {
+            let done = match action {
+                LifecycleAction::Start => machine.start(),
+                LifecycleAction::Pause => machine.pause(),
+                LifecycleAction::Resume => machine.resume(),
+                LifecycleAction::Stop => machine.stop(),
+                LifecycleAction::Shutdown => {
+                    if let Err(e) = machine.check_can_shutdown() {
+                        reply.send(Err(lifecycle_error(e)));
+                        return;
+                    }
+                    let info = vm_info(machine);
+                    with_agent(machine, reply, move |agent| {
+                        // The agent runs the guest's own poweroff; the VM turns off when the
+                        // guest finishes shutting down. The guest may go before the agent
+                        // answers: a dropped connection is the request taking effect.
+                        match agent.exec(&["poweroff".to_string()], 30) {
+                            Ok(_) | Err(AgentError::Io { .. }) => Ok(ApiReply::Vm(info)),
+                            Err(other) => Err(agent_error(other)),
+                        }
+                    });
+                    return;
+                }
+            };
+            done.map_err(lifecycle_error).and_then(|()| vm(machine))
+        }
+        ApiRequest::GetCheckpointConfig => Ok(ApiReply::CheckpointConfig(
+            machine.checkpoint_config.clone(),
+        )),
+        ApiRequest::PutCheckpointConfig(config) => match config.validate() {
+            Ok(()) => {
+                machine.checkpoint_config = config;
+                Ok(ApiReply::CheckpointConfig(
+                    machine.checkpoint_config.clone(),
+                ))
+            }
+            Err(e) => Err(ApiError::bad_request(e)),
+        },
+        ApiRequest::GetGuest => {
+            with_agent(machine, reply, |agent| {
+                let info = agent.info().map_err(agent_error)?;
+                let info = match info {
+                    serde_json::Value::Object(map) => map,
+                    other => {
+                        let mut map = serde_json::Map::new();
+                        map.insert("value".into(), other);
+                        map
+                    }
+                };
+                Ok(ApiReply::Guest(GuestInfo {
+                    agent: AgentStatus::Connected,
+                    info,
+                }))
+            });
+            return;
+        }
+        ApiRequest::GuestExec(req) => {
+            let timeout = u64::from(req.timeout());
+            with_agent(machine, reply, move |agent| {
+                let r = agent.exec(&req.argv, timeout).map_err(agent_error)?;
+                Ok(ApiReply::Exec(ExecResponse {
+                    exit_code: r.exit_code,
+                    stdout: r.stdout,
+                    stderr: r.stderr,
+                }))
+            });
+            return;
+        }
+    };
+    reply.send(response);
+}
