@@ -1,4 +1,36 @@
 //! The Strata differencing-disk format and everything on it: opening a chain, reads and writes
-//! with copy-on-write, flush, layer creation, merge, convert, check/repair and changed-block maps.
+//! with copy-on-write, flush, layer creation, merge, convert, check/repair and changed-cluster
+//! maps. This crate knows nothing of KVM or virtio; it is tested on temporary files.
 //!
-//! This crate knows nothing of KVM or virtio. It is filled in by the disk issue.
+//! - [`format`]: the bytes of a layer file (header, allocation-table entries); `FORMAT.md`
+//!   beside `Cargo.toml` is the normative description, including the crash-consistency and
+//!   merge protocols.
+//! - [`Chain`]: an open chain (a raw base or a layer under any number of layers), the object a
+//!   virtio-blk device holds. It is `Send`; reads take `&self`, writes `&mut self`; all I/O is
+//!   positional (`pread`/`pwrite`).
+//! - [`create_empty`], [`create_layer`], [`merge()`], [`convert`], [`check`], [`info`],
+//!   [`map`], [`changed_clusters`]: the operations behind `strata disk`, whose command-line
+//!   front end is [`cli`].
+//!
+//! Choices where the design is silent: a file is a Strata layer if it starts with the magic
+//! `STRATADK` or its name ends in `.strata` (so a layer with a damaged magic is reported, not
+//! mistaken for a raw image); anything else is a raw image. Parents are recorded by the bare
+//! file name when parent and child share a directory, otherwise by absolute path.
+
+pub mod chain;
+pub mod cli;
+mod error;
+pub mod format;
+mod layer;
+pub mod merge;
+pub mod ops;
+mod progress;
+mod sys;
+
+pub use chain::{create_empty, create_layer, Chain, CreateOptions, OpenOptions, Source};
+pub use error::{error_chain, DiskError, Result};
+pub use layer::Format;
+pub use merge::{merge, MergeDirection, MergeProgress};
+pub use ops::{
+    changed_clusters, check, convert, info, map, ChainInfo, ChangeMap, CheckReport, MapRange,
+};
