@@ -229,6 +229,11 @@ impl Vm {
         }
     }
 
+    /// The `strata` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What `strata` wrote to stderr (complete once it has exited).
     pub fn stderr(&self) -> String {
         // Give the reader thread a moment to collect the last bytes.

@@ -37,6 +37,9 @@ pub enum Command {
     /// Exit status: 0 on success, 1 when the call fails, 2 for bad arguments;
     /// `guest exec` exits with the guest command's status.
     Ctl(api::CtlArgs),
+    /// Work with disk images: create, info, check, map, merge, convert, changes.
+    #[command(subcommand)]
+    Disk(disk::cli::DiskCommand),
 }
 
 /// `strata run` flags.

@@ -5,12 +5,11 @@
 //! Layout: transport `i` has its registers at `0xd000_0000 + i * 4 KiB` and interrupt line
 //! (IOAPIC pin / GSI) `5 + i`. Disks come first, in `--disk` order, then the vsock device.
 
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
-use devices::virtio::block::{Block, RawFile};
+use devices::virtio::block::{Block, ChainBackend};
 use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::{EventLoop, GuestMemory, Interrupt, VirtioDevice};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -30,15 +29,9 @@ const LAST_IRQ: u32 = 23;
 /// Errors while adding devices.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    /// A disk image cannot be opened.
-    #[error("cannot open disk {path}")]
-    OpenDisk {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A disk image cannot be opened (the error names the file).
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
     /// A disk's size is not a whole number of sectors.
     #[error("disk {path} is {size} bytes, not a multiple of 512")]
     DiskSize {
@@ -107,26 +100,25 @@ impl VirtioDevices {
     }
 }
 
-/// Opens a disk image as a block backend.
-fn open_disk(disk: &DiskConfig) -> Result<RawFile, DeviceError> {
-    let open_err = |source| DeviceError::OpenDisk {
-        path: disk.path.clone(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!disk.read_only)
-        .open(&disk.path)
-        .map_err(open_err)?;
-    let backend = RawFile::new(file).map_err(open_err)?;
-    let size = devices::virtio::block::BlockBackend::capacity(&backend);
+/// Opens a disk image (raw, or the top layer of a Strata chain) as a block backend. The
+/// `disk` crate locks it: a second VMM opening the same writable chain gets an error naming
+/// the process that holds it.
+fn open_disk(disk: &DiskConfig) -> Result<ChainBackend, DeviceError> {
+    let chain = disk::Chain::open(
+        &disk.path,
+        disk::OpenOptions {
+            read_only: disk.read_only,
+            format: None,
+        },
+    )?;
+    let size = chain.virtual_size();
     if size % 512 != 0 {
         return Err(DeviceError::DiskSize {
             path: disk.path.clone(),
             size,
         });
     }
-    Ok(backend)
+    Ok(ChainBackend::new(chain))
 }
 
 /// Creates the devices for `disks`, wires them into KVM and starts their threads.

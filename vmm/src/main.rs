@@ -42,6 +42,7 @@ fn main() -> ExitCode {
     };
 
     match cli.command {
+        Command::Disk(cmd) => disk::cli::main(cmd),
         Command::Ctl(args) => ExitCode::from(u8::try_from(api::ctl::run(args)).unwrap_or(1)),
         Command::Run(args) => {
             let config = match args.to_config() {

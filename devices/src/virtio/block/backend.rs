@@ -95,3 +95,45 @@ impl BlockBackend for RawFile {
         Ok(())
     }
 }
+
+/// A Strata disk chain (or a raw image opened through the `disk` crate, which also locks it).
+pub struct ChainBackend {
+    chain: disk::Chain,
+}
+
+impl ChainBackend {
+    /// Wraps an open chain.
+    pub fn new(chain: disk::Chain) -> Self {
+        Self { chain }
+    }
+}
+
+fn disk_io(e: disk::DiskError) -> io::Error {
+    io::Error::other(disk::error_chain(&e))
+}
+
+impl BlockBackend for ChainBackend {
+    fn capacity(&self) -> u64 {
+        self.chain.virtual_size()
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.chain.read_at(offset, buf).map_err(disk_io)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.chain.write_at(offset, buf).map_err(disk_io)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.chain.flush().map_err(disk_io)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.chain.discard(offset, len).map_err(disk_io)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.chain.write_zeroes(offset, len).map_err(disk_io)
+    }
+}

@@ -8,7 +8,7 @@
 mod backend;
 pub mod request;
 
-pub use backend::{BlockBackend, RawFile};
+pub use backend::{BlockBackend, ChainBackend, RawFile};
 
 use std::sync::Arc;
 
