@@ -40,6 +40,44 @@ pub fn strata_bin() -> PathBuf {
     bin
 }
 
+/// Connects to port `port` in the guest through the vsock device's host socket `uds`
+/// (`CONNECT <port>` / `OK <local port>`).
+pub fn vsock_connect(uds: &std::path::Path, port: u32) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot connect to {}: {e}",
+                    uds.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("set a read timeout");
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .expect("send CONNECT");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        assert_eq!(
+            stream.read(&mut byte).expect("read the handshake"),
+            1,
+            "handshake cut short"
+        );
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&line);
+    assert!(line.starts_with("OK "), "handshake refused: {line:?}");
+    stream
+}
+
 /// Fails the test unless KVM is usable.
 pub fn require_kvm() {
     let ok = std::fs::OpenOptions::new()

@@ -196,3 +196,49 @@ fn schemathesis_against_the_live_vmm() {
         output.status.code()
     );
 }
+
+#[test]
+fn guest_routes_and_shutdown_go_through_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let vsock = format!("cid=3,socket={}", dir.path().join("v.sock").display());
+    let mut vm = Vm::start(&[
+        "--memory",
+        "64M",
+        "--vsock",
+        &vsock,
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    vm.wait_ready();
+    let c = client(&sock);
+    let ctl = |args: &[&str]| {
+        Command::new(strata_bin())
+            .args(["ctl", "--api-socket", sock.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let out = ctl(&["guest", "wait", "--timeout", "30"]);
+    assert!(out.status.success(), "{out:?}");
+    let guest = c.guest().unwrap();
+    assert_eq!(guest.info["agent"], "strata-test-guest");
+    let out = ctl(&["guest", "exec", "--", "echo", "from", "ctl"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "from ctl");
+    // The guest command's failure is ctl's exit status.
+    let out = ctl(&["guest", "exec", "--", "blk", "9", "info"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // shutdown asks the guest, which powers itself off.
+    c.lifecycle(LifecycleAction::Shutdown).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.vm().unwrap().state != VmState::Off {
+        assert!(Instant::now() < deadline, "the guest did not shut down");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.vm().unwrap().last_exit.as_deref(), Some("poweroff"));
+    // Off: the agent cannot be reached, and says so with 409.
+    assert_eq!(c.guest().unwrap_err().api_code(), Some("invalid_state"));
+}
