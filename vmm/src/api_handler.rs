@@ -123,6 +123,36 @@ fn with_agent(
     }
 }
 
+/// Asks the guest, through its agent, to power off; the control loop answers the call when
+/// the VM is off (or gives up after a while).
+fn shutdown(machine: &Machine, reply: api::Responder) {
+    let Some(vsock) = machine.config().vsock.clone() else {
+        reply.send(Err(ApiError::agent_unreachable(
+            "this VM has no vsock device, so there is no guest agent to ask to shut down; \
+             use stop for a hard power-off",
+        )));
+        return;
+    };
+    let events = machine.events();
+    let spawned = std::thread::Builder::new()
+        .name("api-shutdown".into())
+        .spawn(move || {
+            let asked = AgentClient::connect(&vsock.socket, AGENT_TIMEOUT)
+                .and_then(|mut agent| agent.exec(&["poweroff".to_string()], 30));
+            match asked {
+                // The guest may go before its agent can answer: a dropped connection is the
+                // request taking effect.
+                Ok(_) | Err(AgentError::Io { .. }) => {
+                    let _ = events.send(VmEvent::AwaitPowerOff(reply));
+                }
+                Err(e) => reply.send(Err(agent_error(e))),
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the shutdown thread: {e}");
+    }
+}
+
 /// Answers one call.
 pub fn answer(machine: &mut Machine, call: ApiCall) {
     let ApiCall { request, reply } = call;
@@ -140,16 +170,7 @@ pub fn answer(machine: &mut Machine, call: ApiCall) {
                         reply.send(Err(lifecycle_error(e)));
                         return;
                     }
-                    let info = vm_info(machine);
-                    with_agent(machine, reply, move |agent| {
-                        // The agent runs the guest's own poweroff; the VM turns off when the
-                        // guest finishes shutting down. The guest may go before the agent
-                        // answers: a dropped connection is the request taking effect.
-                        match agent.exec(&["poweroff".to_string()], 30) {
-                            Ok(_) | Err(AgentError::Io { .. }) => Ok(ApiReply::Vm(info)),
-                            Err(other) => Err(agent_error(other)),
-                        }
-                    });
+                    shutdown(machine, reply);
                     return;
                 }
             };

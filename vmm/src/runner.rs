@@ -10,7 +10,8 @@
 //! exits when the guest powers off or panics; with one it stays up in `off` so the VM can be
 //! inspected, checkpointed and started again.
 
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
 
 use devices::GuestEvent;
 
@@ -132,6 +133,11 @@ impl Machine {
         }
     }
 
+    /// A sender into the control loop.
+    pub fn events(&self) -> Sender<VmEvent> {
+        self.events.clone()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &VmConfig {
         &self.config
@@ -244,7 +250,7 @@ fn classify(event: &VmEvent) -> Option<GuestOutcome> {
             stop: VcpuStop::Failed(why),
             ..
         }) => GuestOutcome::Failed(why.clone()),
-        VmEvent::Quit | VmEvent::Api(_) => return None,
+        VmEvent::Quit | VmEvent::Api(_) | VmEvent::AwaitPowerOff(_) => return None,
     })
 }
 
@@ -293,16 +299,71 @@ fn boot_error(e: LifecycleError) -> RunError {
     }
 }
 
+/// How long a guest asked to shut down may take before the caller is told it did not.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Shutdown calls waiting for the VM to be off.
+#[derive(Default)]
+struct PendingShutdowns(Vec<(api::Responder, Instant)>);
+
+impl PendingShutdowns {
+    /// How long the loop may block before the next deadline.
+    fn wait(&self) -> Option<Duration> {
+        self.0
+            .iter()
+            .map(|(_, deadline)| deadline.saturating_duration_since(Instant::now()))
+            .min()
+    }
+
+    /// Answers the calls whose VM is off now, and those whose time ran out.
+    fn settle(&mut self, machine: &Machine) {
+        let now = Instant::now();
+        let off = machine.state() == VmState::Off;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|(_, deadline)| off || *deadline <= now);
+        self.0 = waiting;
+        for (reply, _) in done {
+            if off {
+                reply.send(Ok(api::ApiReply::Vm(crate::api_handler::vm_info(machine))));
+            } else {
+                reply.send(Err(api::ApiError::agent_unreachable(format!(
+                    "the guest was asked to shut down but is still running after {}s",
+                    SHUTDOWN_TIMEOUT.as_secs()
+                ))));
+            }
+        }
+    }
+}
+
 /// Applies events until the run ends.
 fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Outcome, RunError> {
+    let mut shutdowns = PendingShutdowns::default();
     loop {
         // The machine holds a sender, so the channel never disconnects while it lives.
-        let Ok(event) = events.recv() else {
-            return Ok(Outcome::Quit);
+        let event = match shutdowns.wait() {
+            Some(wait) => match events.recv_timeout(wait) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => {
+                    shutdowns.settle(machine);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(Outcome::Quit),
+            },
+            None => match events.recv() {
+                Ok(event) => event,
+                Err(_) => return Ok(Outcome::Quit),
+            },
         };
         let event = match event {
             VmEvent::Api(call) => {
                 crate::api_handler::answer(machine, call);
+                shutdowns.settle(machine);
+                continue;
+            }
+            VmEvent::AwaitPowerOff(reply) => {
+                shutdowns.0.push((reply, Instant::now() + SHUTDOWN_TIMEOUT));
+                shutdowns.settle(machine);
                 continue;
             }
             other => other,
@@ -354,5 +415,6 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
                 log::error!("the guest stopped: {why}; the VM is off");
             }
         }
+        shutdowns.settle(machine);
     }
 }

@@ -40,6 +40,8 @@ pub enum VmEvent {
     Quit,
     /// A call from the API server.
     Api(api::ApiCall),
+    /// The guest was asked to shut down: answer this call once it is off.
+    AwaitPowerOff(api::Responder),
 }
 
 /// Errors while building a VM.
