@@ -37,13 +37,14 @@ impl Drop for Boot {
     }
 }
 
-fn boot(kernel: &Path, memory: &str, vcpus: &str, cmdline: &str) -> Boot {
+fn boot(kernel: &Path, memory: &str, vcpus: &str, cmdline: &str, extra: &[&str]) -> Boot {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("console.log");
     let child = Command::new(strata_bin())
         .args(["run", "--kernel"])
         .arg(kernel)
+        .args(extra)
         .args(["--memory", memory, "--vcpus", vcpus, "--cmdline", cmdline])
         .arg(format!("--console=file={}", log.display()))
         .stdin(Stdio::null())
@@ -83,7 +84,16 @@ fn wait_for_all(boot: &Boot, needles: &[String], limit: Duration) -> String {
 fn stock_vmlinux_reports_our_cmdline_e820_acpi_and_cpus() {
     let kit = kit();
     let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 strata.test=early-boot-7731";
-    let b = boot(&kit.join("vmlinux"), "256M", "2", cmdline);
+    // A 300000-byte initrd goes to the top of the 256 MiB, page-aligned: 0x0ffb6000.
+    let initrd = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(initrd.path(), vec![0u8; 300_000]).unwrap();
+    let b = boot(
+        &kit.join("vmlinux"),
+        "256M",
+        "2",
+        cmdline,
+        &["--initrd", initrd.path().to_str().unwrap()],
+    );
     let needles = vec![
         "Linux version 6.1".to_string(),
         format!("Command line: {cmdline}\n"),
@@ -97,6 +107,7 @@ fn stock_vmlinux_reports_our_cmdline_e820_acpi_and_cpus() {
         "ACPI: DSDT".to_string(),
         "ACPI: APIC".to_string(),
         "smpboot: Allowing 2 CPUs".to_string(),
+        "RAMDISK: [mem 0x0ffb6000-0x0fffffff]".to_string(),
     ];
     let log = wait_for_all(&b, &needles, Duration::from_secs(150));
     // Nothing beyond our map: exactly three E820 lines.
@@ -107,7 +118,7 @@ fn stock_vmlinux_reports_our_cmdline_e820_acpi_and_cpus() {
 fn stock_bzimage_loads_and_starts() {
     let kit = kit();
     let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 strata.test=bzimage-4410";
-    let b = boot(&kit.join("vmlinuz"), "256M", "1", cmdline);
+    let b = boot(&kit.join("vmlinuz"), "256M", "1", cmdline, &[]);
     // The decompressor runs in the guest first: ~100 s on PVM, well under a second on hardware.
     let needles = vec![
         "Linux version 6.1".to_string(),

@@ -49,6 +49,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
 
+    /// Initial ramdisk (initramfs) for the kernel
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
     /// Kernel command line
     #[arg(long, value_name = "TEXT", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
@@ -108,6 +112,7 @@ impl RunArgs {
             .ok_or(ConfigError::VcpusOutOfRange(self.vcpus))?;
         Ok(VmConfig {
             kernel: self.kernel.clone().map_or(Kernel::TestGuest, Kernel::File),
+            initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
             vcpus,
             memory: parse_memory(&self.memory)?,

@@ -197,6 +197,8 @@ pub enum Kernel {
 pub struct VmConfig {
     /// What to boot.
     pub kernel: Kernel,
+    /// An initial ramdisk for the kernel.
+    pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
     /// Number of vCPUs.
@@ -291,6 +293,7 @@ mod tests {
     fn config() -> VmConfig {
         VmConfig {
             kernel: Kernel::TestGuest,
+            initrd: None,
             cmdline: DEFAULT_CMDLINE.into(),
             vcpus: 1,
             memory: 512 << 20,

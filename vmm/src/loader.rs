@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Address, GuestAddress, ReadVolatile};
+use vm_memory::{Address, Bytes, GuestAddress, ReadVolatile};
 
 use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::config::Kernel;
@@ -44,6 +44,22 @@ pub enum LoadError {
         /// Why.
         source: loader::Error,
     },
+    /// The initrd does not fit in guest RAM.
+    #[error("initrd {path} ({size} bytes) does not fit in guest memory above the kernel")]
+    InitrdTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// The initrd cannot be read.
+    #[error("cannot read initrd {path}: {reason}")]
+    InitrdRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The command line cannot be written.
     #[error("cannot write the kernel command line: {0}")]
     Cmdline(String),
@@ -55,6 +71,8 @@ pub struct LoadedKernel {
     pub entry: GuestAddress,
     /// The bzImage setup header, to seed the zero page with.
     pub setup_header: Option<setup_header>,
+    /// Where the kernel image ends in guest memory.
+    pub end: u64,
 }
 
 fn load_image<F: Read + ReadVolatile + Seek>(
@@ -71,6 +89,7 @@ fn load_image<F: Read + ReadVolatile + Seek>(
             return Ok(LoadedKernel {
                 entry: r.kernel_load,
                 setup_header: None,
+                end: r.kernel_end,
             })
         }
         Err(loader::Error::Elf(
@@ -87,6 +106,7 @@ fn load_image<F: Read + ReadVolatile + Seek>(
                     path: path.to_path_buf(),
                 })?,
             setup_header: r.setup_header,
+            end: r.kernel_end,
         }),
         Err(loader::Error::Bzimage(
             loader::bzimage::Error::InvalidBzImage
@@ -115,6 +135,51 @@ pub fn load_kernel(memory: &GuestMemory, kernel: &Kernel) -> Result<LoadedKernel
             load_image(memory, &mut file, path)
         }
     }
+}
+
+/// Where an initrd was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedInitrd {
+    /// Its guest physical address.
+    pub addr: GuestAddress,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Loads the initrd at `path` as high as possible in RAM below the MMIO hole (and below
+/// `max_addr`, the kernel's `initrd_addr_max`), page-aligned, above the kernel's end.
+pub fn load_initrd(
+    memory: &GuestMemory,
+    path: &Path,
+    ram_below_hole: u64,
+    kernel_end: u64,
+    max_addr: u64,
+) -> Result<LoadedInitrd, LoadError> {
+    let open_err = |source| LoadError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(open_err)?;
+    let size = file.metadata().map_err(open_err)?.len();
+    let top = ram_below_hole.min(max_addr.saturating_add(1));
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end.max(HIMEM_START))
+        .ok_or_else(|| LoadError::InitrdTooLarge {
+            path: path.to_path_buf(),
+            size,
+        })?;
+    memory
+        .read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| LoadError::InitrdRead {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(LoadedInitrd {
+        addr: GuestAddress(addr),
+        size,
+    })
 }
 
 /// Writes `cmdline` at [`CMDLINE_START`]; returns its size including the NUL.
@@ -163,6 +228,23 @@ mod tests {
             .unwrap();
         assert!(matches!(err, LoadError::NotAKernel { .. }), "{err:?}");
         assert!(err.to_string().contains(&*f.path().to_string_lossy()));
+    }
+
+    #[test]
+    fn initrd_goes_to_the_top_of_low_ram_page_aligned() {
+        let memory = crate::memory::create(64 << 20).unwrap();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[0xa5; 10_000]).unwrap();
+        let r = load_initrd(&memory, f.path(), 64 << 20, 2 << 20, u64::MAX).unwrap();
+        assert_eq!(r.size, 10_000);
+        assert_eq!(r.addr.raw_value() % 4096, 0);
+        assert!(r.addr.raw_value() + 10_000 <= 64 << 20);
+        let mut back = vec![0u8; 10_000];
+        memory.read_slice(&mut back, r.addr).unwrap();
+        assert!(back.iter().all(|&b| b == 0xa5));
+        // Too large to fit above the kernel.
+        let err = load_initrd(&memory, f.path(), 64 << 20, (64 << 20) - 4096, u64::MAX);
+        assert!(matches!(err, Err(LoadError::InitrdTooLarge { .. })));
     }
 
     #[test]

@@ -261,6 +261,21 @@ impl Vm {
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let kernel = loader::load_kernel(&memory, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => {
+                // A bzImage says how high its initrd may go; 2 GiB - 1 is the boot protocol's
+                // default for kernels that do not.
+                let max = kernel
+                    .setup_header
+                    .map(|h| u64::from(h.initrd_addr_max))
+                    .filter(|&m| m != 0)
+                    .unwrap_or(0x7fff_ffff);
+                let low_ram = config.memory.min(layout::MMIO_HOLE_START);
+                let r = loader::load_initrd(&memory, path, low_ram, kernel.end, max)?;
+                Some((r.addr, r.size))
+            }
+            None => None,
+        };
         let virtio = device_manager::create(&fd, &memory, &config.disks, config.vsock.as_ref())?;
         let mut cmdline = config.cmdline.clone();
         for entry in &virtio.cmdline {
@@ -280,6 +295,7 @@ impl Vm {
                 mem_size: config.memory,
                 cmdline_size,
                 rsdp,
+                initrd,
             },
             kernel.setup_header,
         )?;

@@ -58,6 +58,8 @@ pub struct BootInfo {
     pub cmdline_size: u32,
     /// Where the ACPI RSDP is.
     pub rsdp: GuestAddress,
+    /// The initrd's address and size, if there is one.
+    pub initrd: Option<(GuestAddress, u64)>,
 }
 
 /// Builds the zero page, starting from a bzImage's setup header when there is one.
@@ -75,6 +77,12 @@ pub fn build(info: &BootInfo, setup: Option<setup_header>) -> Result<boot_params
         params.hdr.kernel_alignment = KERNEL_ALIGNMENT;
     }
     params.acpi_rsdp_addr = info.rsdp.raw_value();
+    if let Some((addr, size)) = info.initrd {
+        params.hdr.ramdisk_image = addr.raw_value() as u32;
+        params.hdr.ramdisk_size = size as u32;
+        params.ext_ramdisk_image = (addr.raw_value() >> 32) as u32;
+        params.ext_ramdisk_size = (size >> 32) as u32;
+    }
 
     let map = e820_map(info.mem_size);
     if map.len() > params.e820_table.len() {
@@ -124,6 +132,7 @@ mod tests {
             mem_size: 256 << 20,
             cmdline_size: 12,
             rsdp: GuestAddress(ACPI_START),
+            initrd: Some((GuestAddress(0x0f00_0000), 0x1234)),
         };
         let p = build(&info, None).unwrap();
         assert_eq!({ p.hdr.header }, HDR_MAGIC);
@@ -132,5 +141,9 @@ mod tests {
         assert_eq!({ p.hdr.cmdline_size }, 12);
         assert_eq!({ p.acpi_rsdp_addr }, ACPI_START);
         assert_eq!(p.e820_entries, 3);
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x0f00_0000, 0x1234)
+        );
     }
 }
