@@ -22,95 +22,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The wire format, shared by every user of the agent protocol: defined once in the
+/// `strata-guest-agent` crate, which the Linux agent is built from too.
+pub use strata_guest_agent::protocol;
+
 /// The vsock port the guest agent listens on.
-pub const AGENT_PORT: u32 = 52;
+pub const AGENT_PORT: u32 = protocol::AGENT_PORT;
 /// Longest reply line accepted (exec output included).
 const MAX_REPLY: usize = 16 << 20;
-
-/// The wire format, shared by every user of the agent protocol.
-pub mod protocol {
-    use serde::{Deserialize, Serialize};
-
-    /// A request: one JSON object on one line, `op` naming the operation. (Operations
-    /// without fields are empty struct variants so that unknown fields are refused for them
-    /// too: serde ignores extra fields on unit variants of an internally tagged enum.)
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-    #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-    pub enum Request {
-        /// Is the agent there? Reply: `{"ok":true}`.
-        Ping {},
-        /// Agent version, kernel, hostname. Reply: [`InfoReply`].
-        Info {},
-        /// Run pre-freeze hooks, sync and freeze every writable filesystem; the agent thaws
-        /// by itself after `timeout_s` if no `thaw` comes. Reply: [`FreezeReply`].
-        Freeze {
-            /// Auto-thaw deadline, seconds.
-            timeout_s: u64,
-        },
-        /// Thaw the filesystems and run the thaw hooks. Reply: `{"ok":true}`.
-        Thaw {},
-        /// Run a command. Reply: [`ExecReply`].
-        Exec {
-            /// Program and arguments.
-            argv: Vec<String>,
-            /// Kill the command after this many seconds.
-            timeout_s: u64,
-        },
-    }
-
-    impl Request {
-        /// The operation's name, as on the wire.
-        pub fn op(&self) -> &'static str {
-            match self {
-                Request::Ping {} => "ping",
-                Request::Info {} => "info",
-                Request::Freeze { .. } => "freeze",
-                Request::Thaw {} => "thaw",
-                Request::Exec { .. } => "exec",
-            }
-        }
-    }
-
-    /// The part every reply has. Replies tolerate unknown fields, so that an agent newer
-    /// than the host can add some.
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Status {
-        /// Whether the operation succeeded.
-        pub ok: bool,
-        /// Why not (when `ok` is false).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub error: Option<String>,
-    }
-
-    /// `info`'s fields.
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct InfoReply {
-        /// Agent version.
-        pub version: String,
-        /// Kernel release.
-        pub kernel: String,
-        /// Guest hostname.
-        pub hostname: String,
-    }
-
-    /// `freeze`'s fields.
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct FreezeReply {
-        /// Mount points that were frozen.
-        pub frozen: Vec<String>,
-    }
-
-    /// `exec`'s fields.
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct ExecReply {
-        /// The command's exit code (by convention 128 + signal when it was killed).
-        pub exit_code: i32,
-        /// What it wrote to stdout (lossy UTF-8).
-        pub stdout: String,
-        /// What it wrote to stderr (lossy UTF-8).
-        pub stderr: String,
-    }
-}
 
 use protocol::{ExecReply, FreezeReply, Request, Status};
 
@@ -598,6 +517,38 @@ mod tests {
             seen[4],
             r#"{"op":"exec","argv":["sh","-c","exit 3"],"timeout_s":10}"#
         );
+    }
+
+    #[test]
+    fn replies_encoded_by_the_agent_crate_decode_in_the_client() {
+        use protocol::{ok_line, Empty, ExecReply, FreezeReply, ThawReply};
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _agent) = fake_agent(&dir, |req| {
+            let line = match protocol::parse_request(req.as_bytes()).unwrap() {
+                Request::Freeze { .. } => ok_line(&FreezeReply {
+                    frozen: vec!["/".into()],
+                }),
+                Request::Thaw {} => ok_line(&ThawReply {
+                    thawed: vec!["/".into()],
+                    lease_expired: false,
+                }),
+                Request::Exec { .. } => ok_line(&ExecReply {
+                    exit_code: 124,
+                    stdout: String::new(),
+                    stderr: "killed".into(),
+                    truncated: false,
+                    timed_out: true,
+                }),
+                _ => ok_line(&Empty {}),
+            };
+            Act::Reply(line.trim_end().to_string())
+        });
+        let mut c = AgentClient::connect(&path, T).unwrap();
+        c.ping().unwrap();
+        assert_eq!(c.freeze(30).unwrap(), vec!["/".to_string()]);
+        c.thaw().unwrap();
+        let r = c.exec(&["sleep".into(), "9".into()], 1).unwrap();
+        assert_eq!((r.exit_code, r.stderr.as_str()), (124, "killed"));
     }
 
     #[test]

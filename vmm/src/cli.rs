@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::linux_kit::LinuxKernel;
+
 use crate::config::{
     parse_memory, ConfigError, ConsoleConfig, Kernel, VmConfig, DEFAULT_CMDLINE, MAX_VCPUS,
 };
@@ -15,6 +17,15 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// What `strata run` boots when no --kernel is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestKind {
+    /// The freestanding test guest built into strata.
+    Test,
+    /// The Linux guest kit.
+    Linux,
 }
 
 /// `dir` made absolute against the current directory.
@@ -53,9 +64,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
 
-    /// Kernel command line
-    #[arg(long, value_name = "TEXT", default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1", or the Linux kit's]
+    #[arg(long, value_name = "TEXT")]
+    pub cmdline: Option<String>,
+
+    /// Which guest to boot without --kernel: the embedded test guest, or the Linux guest kit
+    /// (built on first use by resources/linux-kit/build.sh and cached)
+    #[arg(long, value_name = "GUEST", default_value = "test")]
+    pub guest: GuestKind,
+
+    /// With --guest linux: which kernel (auto = the test kernel on PVM hosts, Debian's stock
+    /// cloud kernel elsewhere)
+    #[arg(long, value_name = "KERNEL", default_value = "auto")]
+    pub linux_kernel: LinuxKernel,
 
     /// Number of vCPUs (1 to 32)
     #[arg(
@@ -105,6 +126,25 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The VM configuration these flags describe.
+    /// The VM configuration these flags describe, building the Linux kit if it is asked for.
+    pub fn resolve(&self) -> Result<VmConfig, RunArgsError> {
+        let mut config = self.to_config()?;
+        if self.kernel.is_none() && self.guest == GuestKind::Linux {
+            let kit = crate::linux_kit::prepare(self.linux_kernel)?;
+            config.kernel = Kernel::File(kit.kernel);
+            if config.initrd.is_none() {
+                config.initrd = kit.initrd;
+            }
+            if self.cmdline.is_none() {
+                if let Some(c) = kit.cmdline {
+                    config.cmdline = c;
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// The VM configuration these flags describe, without building anything.
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
         let vcpus = u8::try_from(self.vcpus)
             .ok()
@@ -113,7 +153,10 @@ impl RunArgs {
         Ok(VmConfig {
             kernel: self.kernel.clone().map_or(Kernel::TestGuest, Kernel::File),
             initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone(),
+            cmdline: self
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             vcpus,
             memory: parse_memory(&self.memory)?,
             reboot: !self.no_reboot,
@@ -134,6 +177,17 @@ impl RunArgs {
             },
         })
     }
+}
+
+/// Errors turning `strata run` flags into a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RunArgsError {
+    /// A flag is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Linux kit could not be prepared.
+    #[error(transparent)]
+    Kit(#[from] crate::linux_kit::KitError),
 }
 
 #[cfg(test)]

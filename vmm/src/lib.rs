@@ -5,6 +5,7 @@
 //! - [`memory`]: guest RAM around the 32-bit MMIO hole;
 //! - [`arch`]: the x86_64 specifics — layout, CPUID, MSRs, the 64-bit entry state, the Linux
 //!   zero page and the ACPI tables;
+//! - [`linux_kit`]: `--guest linux`, the Linux guest kit;
 //! - [`loader`]: ELF vmlinux and bzImage loading;
 //! - [`vcpu`]: the vCPU threads and their state machine;
 //! - [`vm`]: building a VM from a config; [`runner`]: running it through reboots to its end;
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod device_manager;
+pub mod linux_kit;
 pub mod loader;
 pub mod memory;
 pub mod runner;

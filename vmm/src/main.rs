@@ -45,11 +45,15 @@ fn main() -> ExitCode {
         Command::Disk(cmd) => disk::cli::main(cmd),
         Command::Ctl(args) => ExitCode::from(u8::try_from(api::ctl::run(args)).unwrap_or(1)),
         Command::Run(args) => {
-            let config = match args.to_config() {
+            let config = match args.resolve() {
                 Ok(c) => c,
-                Err(e) => {
+                Err(e @ vmm::cli::RunArgsError::Config(_)) => {
                     report(&e);
                     return ExitCode::from(2);
+                }
+                Err(e) => {
+                    report(&e);
+                    return ExitCode::FAILURE;
                 }
             };
             match runner::run(&config) {
