@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::request::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use devices::virtio::block::{Block, RawFile};
+use devices::virtio::block::{Block, ChainBackend, RawFile};
 use devices::virtio::{GuestMemory, Interrupt, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -73,13 +73,28 @@ impl Driver {
     }
 }
 
-fn device(path: &std::path::Path, mem: &GuestMemory) -> Block {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut block = Block::new(Box::new(RawFile::new(file).unwrap()), false, "bench").unwrap();
+/// Which backend the device runs on.
+#[derive(Clone, Copy)]
+enum Backend {
+    Raw,
+    Chain,
+}
+
+fn device(path: &std::path::Path, backend: Backend, mem: &GuestMemory) -> Block {
+    let backend: Box<dyn devices::virtio::block::BlockBackend> = match backend {
+        Backend::Raw => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap();
+            Box::new(RawFile::new(file).unwrap())
+        }
+        Backend::Chain => Box::new(ChainBackend::new(
+            disk::Chain::open(path, disk::OpenOptions::default()).unwrap(),
+        )),
+    };
+    let mut block = Block::new(backend, false, "bench").unwrap();
     let mut q = Queue::new(QUEUE).unwrap();
     q.set_size(QUEUE);
     q.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -109,9 +124,15 @@ fn offsets(case: &Case, disk: u64, i: u64) -> u64 {
     slot * u64::from(case.size)
 }
 
-fn run_device(case: &Case, path: &std::path::Path, disk: u64, total: u64) -> Duration {
+fn run_device(
+    case: &Case,
+    path: &std::path::Path,
+    backend: Backend,
+    disk: u64,
+    total: u64,
+) -> Duration {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
-    let mut block = device(path, &mem);
+    let mut block = device(path, backend, &mem);
     let mut driver = Driver {
         mem: mem.clone(),
         avail_idx: 0,
@@ -193,30 +214,53 @@ fn main() {
             random: true,
         },
     ];
+    // A 32-layer chain over a copy of the same data: 31 empty layers and a top that the write
+    // cases fill as they go (reads fall through to the base).
+    let chain_base = dir.path().join("chain-base.raw");
+    std::fs::copy(&path, &chain_base).unwrap();
+    let mut parent = chain_base.clone();
+    for i in 0..32 {
+        let layer = dir.path().join(format!("layer{i:02}.strata"));
+        disk::create_layer(&parent, &layer).unwrap();
+        parent = layer;
+    }
+    let top = parent;
     println!(
-        "virtio-blk device benchmark: raw file (page cache), 256 MiB, tmpdir {}",
+        "virtio-blk device benchmark: 256 MiB, page cache, tmpdir {}",
         dir.path().display()
     );
     println!(
-        "{:<18} {:>12} {:>10} {:>12} {:>10} {:>7}",
-        "case", "device req/s", "MB/s", "direct req/s", "MB/s", "ratio"
+        "{:<18} {:>10} {:>8} {:>10} {:>8} {:>12} {:>8} {:>7} {:>7}",
+        "case",
+        "raw req/s",
+        "MB/s",
+        "32L req/s",
+        "MB/s",
+        "direct req/s",
+        "MB/s",
+        "raw/dir",
+        "32L/dir"
     );
     for case in &cases {
         let total: u64 = if case.size >= 1 << 20 { 1024 } else { 100_000 };
-        // Warm the page cache the same way for both.
+        // Warm the page cache the same way for all.
         let _ = run_direct(case, &path, disk, total.min(256));
         let direct = run_direct(case, &path, disk, total);
-        let dev = run_device(case, &path, disk, total);
+        let raw = run_device(case, &path, Backend::Raw, disk, total);
+        let chain = run_device(case, &top, Backend::Chain, disk, total);
         let rate = |d: Duration| total as f64 / d.as_secs_f64();
         let mbs = |d: Duration| total as f64 * f64::from(case.size) / d.as_secs_f64() / 1e6;
         println!(
-            "{:<18} {:>12.0} {:>10.1} {:>12.0} {:>10.1} {:>7.2}",
+            "{:<18} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>12.0} {:>8.1} {:>7.2} {:>7.2}",
             case.name,
-            rate(dev),
-            mbs(dev),
+            rate(raw),
+            mbs(raw),
+            rate(chain),
+            mbs(chain),
             rate(direct),
             mbs(direct),
-            rate(dev) / rate(direct)
+            rate(raw) / rate(direct),
+            rate(chain) / rate(direct)
         );
     }
 }
