@@ -19,7 +19,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 mkdir -p "$outdir"
 # cargo prints one JSON message per artifact; the agent's carries its executable's path.
+# Debug info stripped (symbols kept): ~1 MB instead of ~10 MB for the guest image.
 json=$(cd "$here" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+    CARGO_PROFILE_RELEASE_STRIP="${CARGO_PROFILE_RELEASE_STRIP:-debuginfo}" \
     cargo build -p strata-guest-agent --release --target "$target" \
     --message-format=json-render-diagnostics)
 built=$(printf '%s\n' "$json" \

@@ -10,16 +10,18 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::Parser;
 use strata_guest_agent::protocol::{self, AGENT_PORT};
 
-/// Writes one log line to stderr. (Defined before the modules, so they see it.)
+/// Logs one line to stderr without ever blocking the caller (see [`log_line`]). (Defined
+/// before the modules, so they see it.)
 macro_rules! log {
     ($($arg:tt)*) => {
-        eprintln!("strata-guest-agent: {}", format_args!($($arg)*))
+        $crate::log_line(format!("strata-guest-agent: {}", format_args!($($arg)*)))
     };
 }
 
@@ -32,6 +34,37 @@ mod server;
 
 /// Connections served at once; more are answered with an error and closed.
 const MAX_CONNECTIONS: usize = 64;
+/// Log lines waiting for stderr; more are dropped.
+const LOG_BACKLOG: usize = 256;
+
+/// The log thread's queue, once it runs.
+static LOG: OnceLock<SyncSender<String>> = OnceLock::new();
+
+/// Hands `line` to the log thread. stderr may lead to a file on a filesystem the agent froze
+/// (or to a journald that writes to one): a blocking write there while the freeze lock is held
+/// would keep the agent from ever thawing. So the log thread alone writes, and lines that do
+/// not fit its queue are dropped. Before the thread runs (unit tests), lines go straight to
+/// stderr.
+fn log_line(line: String) {
+    match LOG.get() {
+        Some(queue) => {
+            let _ = queue.try_send(line);
+        }
+        None => eprintln!("{line}"),
+    }
+}
+
+/// Starts the log thread.
+fn start_logging() {
+    let (tx, rx) = mpsc::sync_channel::<String>(LOG_BACKLOG);
+    if LOG.set(tx).is_ok() {
+        std::thread::spawn(move || {
+            for line in rx {
+                eprintln!("{line}");
+            }
+        });
+    }
+}
 
 /// The Strata guest agent: freeze/thaw, exec and info over vsock.
 #[derive(Debug, Parser)]
@@ -82,6 +115,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // (Startup errors above went straight to stderr, before returning.)
+    start_logging();
     let freezer = freeze::Freezer::new(freeze::Config {
         hooks_dir: args.hooks_dir.clone(),
         mounts_file: args.mounts.clone(),
@@ -99,6 +134,8 @@ fn main() -> ExitCode {
         if let Some(path) = socket {
             let _ = std::fs::remove_file(path);
         }
+        // Nothing is frozen now: give the log thread a moment to write the last lines.
+        std::thread::sleep(Duration::from_millis(50));
         std::process::exit(0);
     });
     match &args.unix {
