@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::request::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use devices::virtio::block::{Block, ChainBackend, RawFile};
+use devices::virtio::block::{Block, ChainBackend};
 use devices::virtio::{GuestMemory, Interrupt, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -73,28 +73,10 @@ impl Driver {
     }
 }
 
-/// Which backend the device runs on.
-#[derive(Clone, Copy)]
-enum Backend {
-    Raw,
-    Chain,
-}
-
-fn device(path: &std::path::Path, backend: Backend, mem: &GuestMemory) -> Block {
-    let backend: Box<dyn devices::virtio::block::BlockBackend> = match backend {
-        Backend::Raw => {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .unwrap();
-            Box::new(RawFile::new(file).unwrap())
-        }
-        Backend::Chain => Box::new(ChainBackend::new(
-            disk::Chain::open(path, disk::OpenOptions::default()).unwrap(),
-        )),
-    };
-    let mut block = Block::new(backend, false, "bench").unwrap();
+/// Opens `path` (a raw file or the top of a chain) as the device's disk.
+fn device(path: &std::path::Path, mem: &GuestMemory) -> Block {
+    let chain = disk::Chain::open(path, disk::OpenOptions::default()).unwrap();
+    let mut block = Block::new(Box::new(ChainBackend::new(chain)), false, "bench").unwrap();
     let mut q = Queue::new(QUEUE).unwrap();
     q.set_size(QUEUE);
     q.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -127,12 +109,11 @@ fn offsets(case: &Case, disk: u64, i: u64) -> u64 {
 fn run_device(
     case: &Case,
     path: &std::path::Path,
-    backend: Backend,
     disk: u64,
     total: u64,
 ) -> Duration {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
-    let mut block = device(path, backend, &mem);
+    let mut block = device(path, &mem);
     let mut driver = Driver {
         mem: mem.clone(),
         avail_idx: 0,
@@ -246,8 +227,8 @@ fn main() {
         // Warm the page cache the same way for all.
         let _ = run_direct(case, &path, disk, total.min(256));
         let direct = run_direct(case, &path, disk, total);
-        let raw = run_device(case, &path, Backend::Raw, disk, total);
-        let chain = run_device(case, &top, Backend::Chain, disk, total);
+        let raw = run_device(case, &path, disk, total);
+        let chain = run_device(case, &top, disk, total);
         let rate = |d: Duration| total as f64 / d.as_secs_f64();
         let mbs = |d: Duration| total as f64 * f64::from(case.size) / d.as_secs_f64() / 1e6;
         println!(

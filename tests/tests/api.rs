@@ -2,7 +2,7 @@
 //! the CLI client, and schemathesis against the live server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,27 @@ fn client(sock: &Path) -> Client {
     }
 }
 
+/// Boots the test guest with an API socket (and `extra` flags), ready on its console.
+fn api_vm(extra: &[&str]) -> (Vm, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut args = vec!["--memory", "64M", "--api-socket", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut vm = Vm::start(&args);
+    vm.wait_ready();
+    (vm, sock, dir)
+}
+
+/// Runs `strata ctl --api-socket SOCK ARGS...`.
+fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(strata_bin())
+        .args(["ctl", "--api-socket"])
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn conflict(c: &Client, action: LifecycleAction) {
     let err = c.lifecycle(action).unwrap_err();
     assert_eq!(err.api_code(), Some("invalid_state"), "{action:?}: {err}");
@@ -30,17 +51,7 @@ fn conflict(c: &Client, action: LifecycleAction) {
 
 #[test]
 fn lifecycle_through_the_api_follows_the_guest() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut vm = Vm::start(&[
-        "--vcpus",
-        "2",
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    vm.wait_ready();
+    let (mut vm, sock, _dir) = api_vm(&["--vcpus", "2"]);
     let c = client(&sock);
     assert_eq!(c.vm().unwrap().state, VmState::Running);
     conflict(&c, LifecycleAction::Start);
@@ -94,17 +105,7 @@ fn lifecycle_through_the_api_follows_the_guest() {
 
 #[test]
 fn a_thousand_requests_from_16_clients_while_the_guest_counts() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut vm = Vm::start(&[
-        "--vcpus",
-        "2",
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    vm.wait_ready();
+    let (mut vm, sock, _dir) = api_vm(&["--vcpus", "2"]);
     client(&sock);
     vm.command("count start").ok();
 
@@ -134,18 +135,9 @@ fn a_thousand_requests_from_16_clients_while_the_guest_counts() {
 
 #[test]
 fn strata_ctl_drives_the_vm() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut vm = Vm::start(&["--memory", "64M", "--api-socket", sock.to_str().unwrap()]);
-    vm.wait_ready();
+    let (_vm, sock, _dir) = api_vm(&[]);
     client(&sock);
-    let ctl = |args: &[&str]| {
-        Command::new(strata_bin())
-            .args(["ctl", "--api-socket", sock.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let ctl = |args: &[&str]| ctl(&sock, args);
 
     let out = ctl(&["vm", "pause"]);
     assert!(out.status.success(), "{out:?}");
@@ -199,26 +191,11 @@ fn schemathesis_against_the_live_vmm() {
 
 #[test]
 fn guest_routes_and_shutdown_go_through_the_agent() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let vsock = format!("cid=3,socket={}", dir.path().join("v.sock").display());
-    let mut vm = Vm::start(&[
-        "--memory",
-        "64M",
-        "--vsock",
-        &vsock,
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    vm.wait_ready();
+    let vsock_dir = tempfile::tempdir().unwrap();
+    let vsock = format!("cid=3,socket={}", vsock_dir.path().join("v.sock").display());
+    let (_vm, sock, _dir) = api_vm(&["--vsock", &vsock]);
     let c = client(&sock);
-    let ctl = |args: &[&str]| {
-        Command::new(strata_bin())
-            .args(["ctl", "--api-socket", sock.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let ctl = |args: &[&str]| ctl(&sock, args);
 
     let out = ctl(&["guest", "wait", "--timeout", "30"]);
     assert!(out.status.success(), "{out:?}");

@@ -8,7 +8,7 @@
 mod backend;
 pub mod request;
 
-pub use backend::{BlockBackend, ChainBackend, RawFile};
+pub use backend::{BlockBackend, ChainBackend};
 
 use std::sync::Arc;
 
