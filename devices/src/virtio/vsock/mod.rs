@@ -42,6 +42,8 @@ mod rx;
 mod tx;
 pub mod uds;
 
+#[cfg(any(test, feature = "bench-utils"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -1,299 +1,26 @@
 //! Device tests: the real event loop thread, mock guest memory driven like a guest driver
 //! would, and real Unix sockets in a temp dir.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{fence, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{Bytes, GuestAddress};
 
-use super::packet::{op, Header, HDR_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{op, HDR_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND};
+use super::testing::{closed, ghdr, read_line, read_n, Config, Harness, WAIT};
 use super::*;
-use crate::virtio::{EventLoop, Interrupt, VirtioDevice};
-
-const GUEST_CID: u64 = 3;
-const QSIZE: u16 = 64;
-const RX_BUFS: u16 = 16;
-const RX_BUF: u64 = 0x10_0000;
-const RX_BUF_LEN: u32 = 0x2000;
-const TX_BUF: u64 = 0x20_0000;
-const TX_SLOTS: u16 = 32;
-const TX_SLOT_LEN: u64 = 0x1_1000;
-const EV_BUF: u64 = 0x70_0000;
-const WAIT: Duration = Duration::from_secs(5);
-
-/// A split virtqueue as the guest driver sees it.
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_idx: u16,
-}
-
-impl Ring {
-    fn new(mem: &GuestMemoryMmap, base: u64) -> (Ring, Queue) {
-        let m = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        let q = m.create_queue::<Queue>().unwrap();
-        let ring = Ring {
-            desc: m.desc_table_addr().0,
-            avail: m.avail_addr().0,
-            used: m.used_addr().0,
-            avail_idx: 0,
-            used_idx: 0,
-        };
-        (ring, q)
-    }
-
-    fn set_desc(
-        &self,
-        mem: &GuestMemoryMmap,
-        idx: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
-        let at = GuestAddress(self.desc + 16 * u64::from(idx));
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write_slice(&raw, at).unwrap();
-    }
-
-    fn offer(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-    }
-
-    fn poll_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
-        fence(Ordering::SeqCst);
-        let idx = u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).unwrap());
-        if idx == self.used_idx {
-            return None;
-        }
-        let at = self.used + 4 + 8 * u64::from(self.used_idx % QSIZE);
-        let id = u32::from_le(mem.read_obj(GuestAddress(at)).unwrap());
-        let len = u32::from_le(mem.read_obj(GuestAddress(at + 4)).unwrap());
-        self.used_idx = self.used_idx.wrapping_add(1);
-        Some((id, len))
-    }
-}
-
-struct Harness {
-    dir: tempfile::TempDir,
-    path: PathBuf,
-    mem: GuestMemoryMmap,
-    dev: Arc<Mutex<Vsock>>,
-    evts: Vec<EventFd>,
-    rx: Ring,
-    tx: Ring,
-    ev: Ring,
-    tx_slot: u16,
-    // Last, so the loop stops before the rest goes away.
-    _el: EventLoop,
-}
+use crate::virtio::VirtioDevice;
 
 fn harness() -> Harness {
-    harness_with(HANDSHAKE_TIMEOUT)
+    Harness::new(Config::default())
 }
 
 fn harness_with(timeout: Duration) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap();
-    let mut vsock = Vsock::new(GUEST_CID, &path).unwrap();
-    vsock.set_handshake_timeout(timeout);
-    let evts = vsock.queue_events().unwrap();
-    let (mut rx, rxq) = Ring::new(&mem, 0);
-    let (tx, txq) = Ring::new(&mem, 0x1_0000);
-    let (ev, evq) = Ring::new(&mem, 0x2_0000);
-    for i in 0..RX_BUFS {
-        rx.set_desc(
-            &mem,
-            i,
-            RX_BUF + u64::from(i) * u64::from(RX_BUF_LEN),
-            RX_BUF_LEN,
-            2,
-            0,
-        );
-        rx.offer(&mem, i);
-    }
-    let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    vsock
-        .activate(mem.clone(), irq, vec![rxq, txq, evq], 0)
-        .unwrap();
-    let dev = Arc::new(Mutex::new(vsock));
-    let el = EventLoop::start("vsock-test", dev.clone()).unwrap();
-    Harness {
-        dir,
-        path,
-        mem,
-        dev,
-        evts,
-        rx,
-        tx,
-        ev,
-        tx_slot: 0,
-        _el: el,
-    }
-}
-
-/// A header from the guest.
-fn ghdr(op: u16, guest_port: u32, host_port: u32) -> Header {
-    Header {
-        src_cid: GUEST_CID,
-        dst_cid: HOST_CID,
-        src_port: guest_port,
-        dst_port: host_port,
-        len: 0,
-        kind: TYPE_STREAM,
-        op,
-        flags: 0,
-        buf_alloc: 64 * 1024,
-        fwd_cnt: 0,
-    }
-}
-
-impl Harness {
-    /// Puts `descs` (offsets into a fresh tx slot, lengths) on the tx queue after writing
-    /// `bytes` into the slot; waits until the device used it.
-    fn send_raw(&mut self, bytes: &[u8], descs: &[(u64, u32)]) {
-        let slot = self.tx_slot % TX_SLOTS;
-        self.tx_slot += 1;
-        let base = TX_BUF + u64::from(slot) * TX_SLOT_LEN;
-        self.mem.write_slice(bytes, GuestAddress(base)).unwrap();
-        // Descriptors of one chain use consecutive indices from slot * 2.
-        let first = slot * 2;
-        for (i, &(off, len)) in descs.iter().enumerate() {
-            let idx = first + i as u16;
-            let last = i + 1 == descs.len();
-            let (flags, next) = if last { (0, 0) } else { (1, idx + 1) };
-            self.tx
-                .set_desc(&self.mem, idx, base + off, len, flags, next);
-        }
-        self.tx.offer(&self.mem, first);
-        self.evts[TX_QUEUE].write(1).unwrap();
-        let deadline = Instant::now() + WAIT;
-        while self.tx.poll_used(&self.mem).is_none() {
-            assert!(Instant::now() < deadline, "tx packet not used");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Wait for the device to finish handling it.
-        drop(self.dev.lock().unwrap());
-    }
-
-    /// Sends one well-formed packet (header + payload in one descriptor).
-    fn send(&mut self, mut h: Header, data: &[u8]) {
-        h.len = data.len() as u32;
-        let mut bytes = h.to_bytes().to_vec();
-        bytes.extend_from_slice(data);
-        let len = bytes.len() as u32;
-        self.send_raw(&bytes, &[(0, len)]);
-    }
-
-    /// The next packet the device put on the rx queue (its buffer is offered again).
-    fn recv(&mut self) -> (Header, Vec<u8>) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(got) = self.try_recv() {
-                return got;
-            }
-            assert!(Instant::now() < deadline, "no rx packet");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn try_recv(&mut self) -> Option<(Header, Vec<u8>)> {
-        let (id, len) = self.rx.poll_used(&self.mem)?;
-        let addr = RX_BUF + u64::from(id) * u64::from(RX_BUF_LEN);
-        let mut raw = [0u8; HDR_LEN];
-        self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
-        let h = Header::from_bytes(&raw);
-        assert_eq!(len as usize, HDR_LEN + h.len as usize);
-        let mut data = vec![0u8; h.len as usize];
-        self.mem
-            .read_slice(&mut data, GuestAddress(addr + HDR_LEN as u64))
-            .unwrap();
-        self.rx.offer(&self.mem, id as u16);
-        self.evts[RX_QUEUE].write(1).unwrap();
-        Some((h, data))
-    }
-
-    /// Asserts that no rx packet arrives within `ms`.
-    fn expect_silence(&mut self, ms: u64) {
-        std::thread::sleep(Duration::from_millis(ms));
-        if let Some((h, _)) = self.try_recv() {
-            panic!("unexpected packet {h:?}");
-        }
-    }
-
-    fn client(&self) -> UnixStream {
-        let s = UnixStream::connect(&self.path).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s
-    }
-
-    /// A host client connected to guest `port` through the whole handshake, the guest
-    /// advertising `buf_alloc`; returns the client and the device's local port.
-    fn host_connect(&mut self, port: u32, buf_alloc: u32) -> (UnixStream, u32) {
-        let mut c = self.client();
-        c.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-        let (h, _) = self.recv();
-        assert_eq!(h.op, op::REQUEST);
-        assert_eq!(
-            (h.src_cid, h.dst_cid, h.dst_port),
-            (HOST_CID, GUEST_CID, port)
-        );
-        let mut resp = ghdr(op::RESPONSE, port, h.src_port);
-        resp.buf_alloc = buf_alloc;
-        self.send(resp, &[]);
-        let line = read_line(&mut c);
-        assert_eq!(line, format!("OK {}", h.src_port));
-        (c, h.src_port)
-    }
-}
-
-fn read_line(s: &mut UnixStream) -> String {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-        line.push(b[0]);
-    }
-    String::from_utf8(line).unwrap()
-}
-
-fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    s.read_exact(&mut buf).unwrap();
-    buf
-}
-
-/// True when the peer closed `s` (EOF or reset) within the read timeout.
-fn closed(s: &mut UnixStream) -> bool {
-    let mut b = [0u8; 64];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
-        }
-    }
+    Harness::new(Config {
+        handshake_timeout: timeout,
+        ..Config::default()
+    })
 }
 
 #[test]
@@ -598,14 +325,15 @@ fn guest_shutdown_send_half_closes_the_host_socket() {
 fn transport_reset_event_drops_all_connections() {
     let mut h = harness();
     let (mut c, _) = h.host_connect(52, 4096);
-    h.ev.set_desc(&h.mem, 0, EV_BUF, 4, 2, 0);
+    let ev_buf = h.layout.ev_buf;
+    h.ev.set_desc(&h.mem, 0, ev_buf, 4, 2, 0);
     h.ev.offer(&h.mem, 0);
     h.mem
-        .write_obj(0xffff_ffffu32, GuestAddress(EV_BUF))
+        .write_obj(0xffff_ffffu32, GuestAddress(ev_buf))
         .unwrap();
     assert!(h.dev.lock().unwrap().send_transport_reset());
     assert_eq!(h.ev.poll_used(&h.mem), Some((0, 4)));
-    let id: u32 = h.mem.read_obj(GuestAddress(EV_BUF)).unwrap();
+    let id: u32 = h.mem.read_obj(GuestAddress(ev_buf)).unwrap();
     assert_eq!(id, EVENT_TRANSPORT_RESET);
     assert!(closed(&mut c));
     assert_eq!(h.dev.lock().unwrap().connection_count(), 0);
