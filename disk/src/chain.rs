@@ -353,6 +353,31 @@ impl Chain {
                     continue;
                 }
             }
+            if within == 0 && n as u64 == cs {
+                // Whole clusters the top does not hold: allocate consecutive host clusters and
+                // write the run with one pwrite (nothing to copy from below).
+                let mut k = 1u64;
+                while pos + ((k + 1) * cs) as usize <= data.len()
+                    && !matches!(self.source(c + k), Source::Data(li, _) if li == top)
+                {
+                    k += 1;
+                }
+                let l = &mut self.layers[top];
+                let (h, got) = l.alloc_run(k)?;
+                let len = (got * cs) as usize;
+                if let Err(e) = l.file.write_all_at(&data[pos..pos + len], h * cs) {
+                    l.unalloc(h, got);
+                    return Err(DiskError::io(&l.path, "write")(e));
+                }
+                l.mark_data_dirty();
+                for i in 0..got {
+                    self.layers[top].set_entry(c + i, Entry::Data(h + i));
+                    self.set_source(c + i, Source::Data(top, h + i));
+                }
+                self.note_source_write(c, c + got);
+                pos += len;
+                continue;
+            }
             self.cow_write(c, within as usize, &data[pos..pos + n])?;
             pos += n;
         }
@@ -364,16 +389,14 @@ impl Chain {
     fn cow_write(&mut self, c: u64, within: usize, part: &[u8]) -> Result<()> {
         let cs = self.cluster_size() as usize;
         let top = self.layers.len() - 1;
+        let mut buf = vec![0u8; cs];
+        self.read_cluster(c, &mut buf)?;
+        buf[within..within + part.len()].copy_from_slice(part);
         let h = self.layers[top].alloc_cluster()?;
-        let res = if part.len() == cs {
-            self.write_host(top, h, part)
-        } else {
-            let mut buf = vec![0u8; cs];
-            self.read_cluster(c, &mut buf)?;
-            buf[within..within + part.len()].copy_from_slice(part);
-            self.write_host(top, h, &buf)
-        };
-        res?;
+        if let Err(e) = self.write_host(top, h, &buf) {
+            self.layers[top].unalloc(h, 1);
+            return Err(e);
+        }
         self.layers[top].set_entry(c, Entry::Data(h));
         self.set_source(c, Source::Data(top, h));
         self.note_source_write(c, c + 1);
@@ -472,8 +495,13 @@ impl Chain {
 
 impl Drop for Chain {
     fn drop(&mut self) {
-        // A clean close makes everything durable; errors here have no one to go to.
-        let _ = self.flush();
+        // A clean close makes everything durable and gives unused preallocated space back;
+        // errors here have no one to go to.
+        if self.flush().is_ok() && !self.read_only {
+            for l in self.layers.iter_mut().filter(|l| l.writable) {
+                let _ = l.trim_tail();
+            }
+        }
     }
 }
 
@@ -639,6 +667,84 @@ mod tests {
     fn chain_can_move_to_a_device_thread() {
         fn assert_send<T: Send>() {}
         assert_send::<Chain>();
+    }
+
+    fn file_len(p: &Path) -> u64 {
+        std::fs::metadata(p).unwrap().len()
+    }
+
+    #[test]
+    fn allocation_preallocates_and_a_clean_close_trims_the_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.strata");
+        create_empty(&p, 1 << 30, CreateOptions::default()).unwrap();
+        let data_offset = file_len(&p);
+        let mut c = Chain::open(&p, rw()).unwrap();
+        // Whole clusters (one run) and a partial one (copy-on-write).
+        c.write_at(0, &vec![3u8; 1 << 20]).unwrap();
+        c.write_at((5 << 20) + 100, &[4u8; 10]).unwrap();
+        c.flush().unwrap();
+        // The data area grew by a preallocated step, not by what was written.
+        assert!(file_len(&p) >= data_offset + (64 << 20), "{}", file_len(&p));
+        // Crash now: the file as it stands (page cache included) is what a reopen sees.
+        let crashed = d.path().join("crashed.strata");
+        std::fs::copy(&p, &crashed).unwrap();
+        drop(c);
+        // Clean close: trimmed after the last cluster in use, nothing leaked.
+        assert_eq!(file_len(&p), data_offset + 17 * 65_536);
+        let r = crate::ops::check(&p, false).unwrap();
+        assert!(r.is_clean());
+        assert_eq!(r.files[0].leaked_clusters, 0);
+
+        // The crashed copy: clean (the tail is a leak, not corruption), flushed data reads
+        // back, new writes reuse the tail without growing the file.
+        let r = crate::ops::check(&crashed, false).unwrap();
+        assert!(r.is_clean(), "{:?}", r.files[0].errors);
+        assert!(r.files[0].leaked_clusters >= 1000);
+        let len = file_len(&crashed);
+        let mut c = Chain::open(&crashed, rw()).unwrap();
+        let mut b = vec![0u8; 1 << 20];
+        c.read_at(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 3));
+        c.read_at(5 << 20, &mut b[..200]).unwrap();
+        assert_eq!(&b[99..111], &[0, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 0]);
+        c.write_at(100 << 20, &vec![5u8; 2 << 20]).unwrap();
+        c.flush().unwrap();
+        assert_eq!(file_len(&crashed), len);
+        drop(c);
+        assert_eq!(file_len(&crashed), data_offset + 49 * 65_536);
+        let r = crate::ops::check(&crashed, false).unwrap();
+        assert!(r.is_clean());
+        assert_eq!(r.files[0].leaked_clusters, 0);
+        let c = Chain::open(&crashed, rw()).unwrap();
+        c.read_at((100 << 20) + 65_536, &mut b[..4096]).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 5));
+    }
+
+    #[test]
+    fn preallocation_stops_at_the_size_the_table_can_reference() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.strata");
+        create_empty(&p, 4 << 20, CreateOptions::default()).unwrap();
+        let data_offset = file_len(&p);
+        let mut c = Chain::open(&p, rw()).unwrap();
+        c.write_at(0, &[1u8; 512]).unwrap();
+        assert_eq!(file_len(&p), data_offset + (4 << 20));
+        // Rewrites that free clusters only after a flush may need more: the file grows by
+        // what the writes need.
+        c.write_zeroes(0, 4 << 20).unwrap();
+        c.write_at(0, &vec![2u8; 4 << 20]).unwrap();
+        c.write_zeroes(0, 4 << 20).unwrap();
+        c.write_at(0, &vec![3u8; 4 << 20]).unwrap();
+        c.flush().unwrap();
+        // 1 + 64 clusters, then 64 more while the first 64 were still pending free.
+        assert_eq!(file_len(&p), data_offset + (8 << 20) + 65_536);
+        let mut b = vec![0u8; 4 << 20];
+        c.read_at(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 3));
+        drop(c);
+        let r = crate::ops::check(&p, false).unwrap();
+        assert!(r.is_clean());
     }
 
     #[test]

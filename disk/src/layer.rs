@@ -25,20 +25,42 @@ pub enum Format {
     Strata,
 }
 
+/// Smallest step by which the data area grows when the allocator runs out of space.
+const PREALLOC_MIN: u64 = 64 << 20;
+/// Largest step (growth is otherwise 1/8 of the file, so large files grow in proportion).
+const PREALLOC_MAX: u64 = 1 << 30;
+
 /// Writable state of a Strata layer: its table image and its allocator.
+///
+/// Host clusters `first..next` are referenced or in `free`; `next..end` is the unused tail of
+/// the file (space preallocated with `fallocate`, or leaked by a crash): free, handed out in
+/// order once `free` is empty. When the tail runs out, the file grows by a large preallocated
+/// step (FORMAT.md, "Preallocation").
 #[derive(Debug)]
 pub(crate) struct Alloc {
     /// Encoded entries, including updates not yet written to the file.
     pub raw: Vec<u64>,
     /// Table pages holding updates not yet written.
     dirty_pages: BTreeSet<u64>,
-    /// Host clusters no entry (on disk or in memory) references.
+    /// Host clusters below `next` that no entry (on disk or in memory) references.
     free: BTreeSet<u64>,
     /// Host clusters unreferenced in memory but still referenced by the table on disk: free
     /// after the next flush.
     pending_free: Vec<u64>,
-    /// First host cluster past the end of the file.
+    /// First host cluster of the unused tail: no entry references it or anything after it.
+    next: u64,
+    /// First host cluster past the end of the file (or past the last one handed out, when
+    /// growing without preallocation).
     end: u64,
+    /// First host cluster of the data area.
+    first: u64,
+    /// Clusters the table can reference at once (the data area's size when every entry holds
+    /// data): preallocation never grows the file past `first + entries`.
+    entries: u64,
+    /// Whether growth preallocates (cleared when the file system refuses `fallocate`).
+    prealloc: bool,
+    /// Whether this open handed out or preallocated tail space (so closing trims what is left).
+    used_tail: bool,
     /// Data written since the last flush.
     data_dirty: bool,
 }
@@ -220,6 +242,7 @@ impl Layer {
         };
         let cs = h.cluster_size();
         let first = h.data_offset / cs;
+        let entries = h.entries();
         let end = self.file_len()?.div_ceil(cs).max(first);
         let mut used = HashSet::new();
         for (i, &v) in raw.iter().enumerate() {
@@ -227,13 +250,20 @@ impl Layer {
                 used.insert(hc);
             }
         }
-        let free = (first..end).filter(|c| !used.contains(c)).collect();
+        // Everything past the last referenced cluster is the unused tail.
+        let next = used.iter().max().map_or(first, |&m| m + 1).max(first);
+        let free = (first..next).filter(|c| !used.contains(c)).collect();
         self.alloc = Some(Alloc {
             raw,
             dirty_pages: BTreeSet::new(),
             free,
             pending_free: Vec::new(),
-            end,
+            next,
+            end: end.max(next),
+            first,
+            entries,
+            prealloc: true,
+            used_tail: false,
             data_dirty: false,
         });
         Ok(())
@@ -288,24 +318,117 @@ impl Layer {
         a.dirty_pages.insert(index * ENTRY_SIZE / TABLE_PAGE);
     }
 
-    /// Picks a free host cluster (the lowest, or a new one at the end of the file).
+    /// Picks a free host cluster (the lowest, or the next of the unused tail).
     pub fn alloc_cluster(&mut self) -> Result<u64> {
+        Ok(self.alloc_run(1)?.0)
+    }
+
+    /// Picks a run of 1 to `want` consecutive free host clusters: from the lowest free one
+    /// (with the free ones right after it), else from the unused tail at the end of the file,
+    /// growing the file first when the tail is used up. Returns the first and the count.
+    pub fn alloc_run(&mut self, want: u64) -> Result<(u64, u64)> {
+        let want = want.max(1);
         let Some(a) = &mut self.alloc else {
             return Err(DiskError::ReadOnly {
                 path: self.path.clone(),
             });
         };
         if let Some(c) = a.free.pop_first() {
-            return Ok(c);
+            let mut n = 1;
+            while n < want && a.free.remove(&(c + n)) {
+                n += 1;
+            }
+            return Ok((c, n));
         }
-        if a.end > format::MAX_HOST_CLUSTER {
+        if a.next >= a.end {
+            self.grow(want)?;
+        }
+        let Some(a) = &mut self.alloc else {
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
+        };
+        let n = want.min(a.end - a.next);
+        let c = a.next;
+        a.next += n;
+        a.used_tail = true;
+        Ok((c, n))
+    }
+
+    /// Gives back clusters `c..c + n` just handed out (their write failed).
+    pub fn unalloc(&mut self, c: u64, n: u64) {
+        if let Some(a) = &mut self.alloc {
+            a.free.extend(c..c + n);
+        }
+    }
+
+    /// Extends the unused tail (called when it is empty) by at least one cluster: by a
+    /// preallocated step of max(64 MiB, 1/8 of the file), at most 1 GiB, and not past the
+    /// size the table can reference; without preallocation (or when the file system refuses
+    /// it) by `want` clusters that the data writes then append.
+    fn grow(&mut self, want: u64) -> Result<()> {
+        let cs = self.header.as_ref().map_or(1, |h| h.cluster_size());
+        let Some(a) = &mut self.alloc else {
+            return Ok(());
+        };
+        let limit = format::MAX_HOST_CLUSTER + 1;
+        if a.end >= limit {
             return Err(DiskError::Invalid(format!(
                 "{}: file is full",
                 self.path.display()
             )));
         }
-        a.end += 1;
-        Ok(a.end - 1)
+        let cap = (a.first + a.entries).min(limit);
+        if a.prealloc && a.end < cap {
+            let step = (a.end * cs / 8).clamp(PREALLOC_MIN, PREALLOC_MAX) / cs;
+            let target = (a.end + step.max(want)).min(cap);
+            match sys::preallocate(&self.file, a.end * cs, (target - a.end) * cs) {
+                Ok(()) => {
+                    a.end = target;
+                    a.used_tail = true;
+                    return Ok(());
+                }
+                Err(_) => {
+                    // No space for a whole step, or no fallocate here: grow as the writes
+                    // go. A failed fallocate may have grown the file part of the way.
+                    a.prealloc = false;
+                    let len = self
+                        .file
+                        .metadata()
+                        .map_err(DiskError::io(&self.path, "stat"))?
+                        .len();
+                    a.end = a.end.max(len.div_ceil(cs));
+                    if a.next < a.end {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        a.end = (a.end + want).min(limit);
+        Ok(())
+    }
+
+    /// Gives the unused tail back to the file system by truncating the file after the last
+    /// cluster in use. Only after a successful flush (the table on disk then references no
+    /// cluster the one in memory does not), and only if this open preallocated or used the
+    /// tail (an untouched file is left alone).
+    pub fn trim_tail(&mut self) -> Result<()> {
+        let cs = self.header.as_ref().map_or(1, |h| h.cluster_size());
+        let next = match &self.alloc {
+            Some(a) if a.used_tail && a.dirty_pages.is_empty() && a.pending_free.is_empty() => {
+                a.next
+            }
+            _ => return Ok(()),
+        };
+        if self.file_len()? > next * cs {
+            self.file
+                .set_len(next * cs)
+                .map_err(DiskError::io(&self.path, "truncate"))?;
+        }
+        if let Some(a) = &mut self.alloc {
+            a.end = next;
+        }
+        Ok(())
     }
 
     /// Notes that data was written (so the next flush syncs it first).

@@ -364,6 +364,8 @@ impl Chain {
         let top = self.layers.len() - 1;
         for (i, l) in self.layers.iter_mut().enumerate() {
             if i != top && l.writable {
+                // Flushed above: its unused preallocated space can go back.
+                let _ = l.trim_tail();
                 let _ = sys::lock(&l.file, &l.path, false);
                 l.writable = false;
                 l.alloc = None;
