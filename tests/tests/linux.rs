@@ -1,0 +1,442 @@
+//! Linux end to end, on the Linux test kernel of the guest kit (`resources/linux-kit/build.sh
+//! test`): Linux's own virtio-mmio, virtio-blk and virtio-vsock drivers against Strata's
+//! devices, and the real guest agent with a real `FIFREEZE`.
+//!
+//! A Linux boot takes ~35 s on a PVM host, so the whole story runs in one test and two boots:
+//! boot with 2 vCPUs, an ext4 disk and vsock; count the CPUs; check ACPI and signals; mount the
+//! disk and write a file; ping the agent and run a command through it; freeze (a guest write
+//! blocks) and thaw (it completes); reboot and find the files again; `poweroff -f` ends Strata
+//! with status 0.
+//!
+//! When the kit cannot be built (no network for apt, no compiler, ...) the test fails, it does
+//! not skip.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_tests::{require_kvm, strata_bin, vsock_connect};
+
+/// Boot to `strata-linux-ready`: ~25 s here, allow for a loaded CI machine.
+const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// One shell command on the console.
+const SHELL_TIMEOUT: Duration = Duration::from_secs(60);
+const AGENT_PORT: u32 = 52;
+
+/// Builds or finds the test-kernel kit; fails the test when it cannot.
+fn kit() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux-kit/build.sh");
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("test")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the kit script");
+    assert!(
+        out.status.success(),
+        "the Linux kit script failed ({}): the Linux tests need the test kernel",
+        out.status
+    );
+    let dir = String::from_utf8(out.stdout).unwrap();
+    let dir = PathBuf::from(dir.lines().last().expect("the kit folder").trim());
+    for f in ["vmlinux", "initramfs.cpio", "cmdline.txt"] {
+        assert!(dir.join(f).exists(), "the kit {} has no {f}", dir.display());
+    }
+    eprintln!("linux kit: {} ({:?})", dir.display(), started.elapsed());
+    dir
+}
+
+/// A 64 MiB raw disk with an empty ext4 file system, made on the host.
+fn ext4_disk(dir: &Path) -> PathBuf {
+    let path = dir.join("data.raw");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "stratadata"])
+        .arg(&path)
+        .status()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4 failed");
+    path
+}
+
+/// `strata run` with its serial console on piped stdio, driven line by line (the harness's
+/// `Vm` panics on a quiet console; here silence is sometimes the expected answer).
+struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    transcript: Vec<String>,
+    seq: u32,
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Shell {
+    fn start(args: &[&str]) -> Self {
+        require_kvm();
+        let mut child = Command::new(strata_bin())
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start strata");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                buf.clear();
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stderr_pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr_pipe.read_to_string(&mut s);
+            sink.lock().unwrap().push_str(&s);
+        });
+        let stdin = child.stdin.take().unwrap();
+        Shell {
+            child,
+            stdin,
+            lines,
+            stderr,
+            transcript: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        self.stdin
+            .write_all(text.as_bytes())
+            .expect("write to the console");
+        self.stdin.flush().unwrap();
+    }
+
+    fn console(&self) -> String {
+        format!(
+            "console:\n{}\nstrata stderr:\n{}",
+            self.transcript.join("\n"),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// The next console line within `timeout`, or None.
+    fn try_line(&mut self, timeout: Duration) -> Option<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                self.transcript.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(200));
+                panic!("strata closed the console; {}", self.console())
+            }
+        }
+    }
+
+    /// Reads lines until one, trimmed, satisfies `pred`.
+    fn wait_for(&mut self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.try_line(left) {
+                Some(l) if pred(l.trim_end()) => return l.trim_end().to_string(),
+                Some(_) => {}
+                None => panic!("no {what} within {timeout:?}; {}", self.console()),
+            }
+        }
+    }
+
+    /// Runs `cmd` in the console shell and returns its output lines and exit status.
+    /// Keep `cmd` short: busybox's line editing redraws lines wider than the terminal. The end
+    /// marker is split by quotes so that the echo of the input never matches it.
+    fn run(&mut self, cmd: &str, timeout: Duration) -> (Vec<String>, i32) {
+        self.seq += 1;
+        let tag = format!("@E{}", self.seq);
+        let (head, tail) = tag.split_at(2);
+        let echoed = format!("{head}\"\"{tail}");
+        self.send(&format!("{cmd}; echo {echoed} $?\n"));
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(line) = self.try_line(left) else {
+                panic!(
+                    "`{cmd}` did not finish within {timeout:?}; {}",
+                    self.console()
+                )
+            };
+            let clean = line.trim_end();
+            if let Some(rest) = clean.strip_prefix(&format!("{tag} ")) {
+                let status = rest.trim().parse().unwrap_or(-1);
+                // Drop the echo of our input, stray readiness probes and kernel messages.
+                lines.retain(|l: &String| {
+                    !l.contains(&echoed) && !l.starts_with("@R") && !l.starts_with('[')
+                });
+                return (lines, status);
+            }
+            lines.push(clean.to_string());
+        }
+    }
+
+    /// Runs `cmd`, which must succeed; returns its output lines.
+    fn ok(&mut self, cmd: &str) -> Vec<String> {
+        let (out, status) = self.run(cmd, SHELL_TIMEOUT);
+        assert_eq!(
+            status,
+            0,
+            "`{cmd}` failed with {status}: {out:?}; {}",
+            self.console()
+        );
+        out
+    }
+
+    /// Waits until the shell answers (input sent while it starts may be lost).
+    fn wait_shell(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.seq += 1;
+            let tag = format!("@R{}", self.seq);
+            let (head, tail) = tag.split_at(2);
+            self.send(&format!("echo {head}\"\"{tail}\n"));
+            let until = Instant::now() + Duration::from_secs(3);
+            while let Some(l) = self.try_line(until.saturating_duration_since(Instant::now())) {
+                if l.trim_end() == tag {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the console shell does not answer; {}",
+                self.console()
+            );
+        }
+    }
+
+    /// Waits for the kit's ready line and a shell; returns how long the boot took from `since`.
+    fn wait_ready(&mut self, since: Instant) -> Duration {
+        self.wait_for(LINUX_BOOT_TIMEOUT, "strata-linux-ready", |l| {
+            l == "strata-linux-ready"
+        });
+        let took = since.elapsed();
+        self.wait_shell();
+        took
+    }
+
+    /// Waits for strata to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("strata did not exit within {timeout:?}; {}", self.console());
+            }
+            while self
+                .lines
+                .try_recv()
+                .map(|l| self.transcript.push(l))
+                .is_ok()
+            {}
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One JSON-lines connection to the guest agent.
+struct Agent {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Agent {
+    /// Connects to the agent, retrying while it starts (it is started by /init).
+    fn connect(uds: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let attempt = std::panic::catch_unwind(|| {
+                let s = vsock_connect(uds, AGENT_PORT);
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut a = Agent {
+                    reader: BufReader::new(s.try_clone().unwrap()),
+                    writer: s,
+                };
+                let pong = a.request(r#"{"op":"ping"}"#);
+                assert_eq!(pong["ok"], true, "{pong}");
+                a.writer
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                a
+            });
+            match attempt {
+                Ok(a) => return a,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+    }
+
+    fn request(&mut self, json: &str) -> serde_json::Value {
+        self.writer
+            .write_all(format!("{json}\n").as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .expect("read the agent's reply");
+        assert!(n > 0, "the agent closed the connection after {json}");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+    }
+}
+
+#[test]
+fn linux_test_kernel_end_to_end() {
+    let kit = kit();
+    let cmdline = std::fs::read_to_string(kit.join("cmdline.txt")).unwrap();
+    let cmdline = cmdline.trim();
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = ext4_disk(tmp.path());
+    let uds = tmp.path().join("vsock.sock");
+
+    let started = Instant::now();
+    let mut sh = Shell::start(&[
+        "--kernel",
+        kit.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        kit.join("initramfs.cpio").to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--vcpus",
+        "2",
+        "--memory",
+        "256M",
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--vsock",
+        &format!("cid=3,socket={}", uds.display()),
+    ]);
+    let boot = sh.wait_ready(started);
+    eprintln!("linux: strata-linux-ready {boot:?} after start");
+
+    // Both vCPUs, from the MADT.
+    let cpus = sh.ok("grep -c ^processor /proc/cpuinfo");
+    assert_eq!(cpus, ["2"], "CPUs in /proc/cpuinfo");
+
+    // ACPI loaded Strata's tables without AML errors.
+    let (errors, _) = sh.run("dmesg | grep -c AE_", SHELL_TIMEOUT);
+    assert_eq!(errors, ["0"], "ACPI errors in dmesg");
+    // Both virtio-mmio devices are in the DSDT (LNRO0005); the command line's copies of them
+    // are refused as duplicates (EBUSY) once ACPI has them.
+    let acpi = sh.ok("ls /sys/bus/acpi/devices").join(" ");
+    for dev in ["LNRO0005:00", "LNRO0005:01", "PNP0501:00"] {
+        assert!(acpi.contains(dev), "no ACPI device {dev}: {acpi}");
+    }
+    let (blocks, _) = sh.run("ls /sys/block", SHELL_TIMEOUT);
+    assert!(
+        blocks.iter().any(|l| l.contains("vda")),
+        "no vda: {blocks:?}"
+    );
+
+    // Signals and their return path (the SYSCALL-as-page-fault patch on PVM: sigreturn,
+    // restarted system calls, a child killed by a signal).
+    assert_eq!(
+        sh.ok("trap 'echo got-usr1' USR1; kill -USR1 $$"),
+        ["got-usr1"]
+    );
+    let (killed, status) = sh.run("timeout 1 sleep 9", SHELL_TIMEOUT);
+    assert_eq!(status, 143, "timeout 1 sleep 9: {killed:?}");
+
+    // ext4 on virtio-blk.
+    sh.ok("mount -t ext4 /dev/vda /mnt");
+    sh.ok("echo hello-strata > /mnt/hello");
+    sh.ok("sync");
+
+    // The agent over vsock.
+    let mut agent = Agent::connect(&uds);
+    let info = agent.request(r#"{"op":"info"}"#);
+    assert_eq!(info["ok"], true, "{info}");
+    assert_eq!(info["hostname"], "strata-linux", "{info}");
+    let exec = agent.request(r#"{"op":"exec","argv":["cat","/mnt/hello"],"timeout_s":30}"#);
+    assert_eq!(exec["ok"], true, "{exec}");
+    assert_eq!(exec["exit_code"], 0, "{exec}");
+    assert_eq!(exec["stdout"], "hello-strata\n", "{exec}");
+
+    // freeze really freezes the guest's ext4: a write from the console blocks until thaw.
+    let frozen = agent.request(r#"{"op":"freeze","timeout_s":120}"#);
+    assert_eq!(frozen["ok"], true, "{frozen}");
+    let list: Vec<String> = frozen["frozen"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no frozen list: {frozen}"))
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        list.iter().any(|m| m == "/mnt"),
+        "/mnt not frozen: {frozen}"
+    );
+    sh.send("echo x > /mnt/f; sync; echo W\"\"DONE\n");
+    let blocked_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < blocked_until {
+        if let Some(l) = sh.try_line(blocked_until.saturating_duration_since(Instant::now())) {
+            assert_ne!(
+                l.trim_end(),
+                "WDONE",
+                "the write finished on a frozen file system"
+            );
+        }
+    }
+    let thawed = agent.request(r#"{"op":"thaw"}"#);
+    assert_eq!(thawed["ok"], true, "{thawed}");
+    sh.wait_for(SHELL_TIMEOUT, "the write after thaw", |l| l == "WDONE");
+    drop(agent);
+
+    // Reboot (Strata resets the guest in the same process) and find both files again.
+    sh.ok("umount /mnt");
+    let rebooted = Instant::now();
+    sh.send("reboot -f\n");
+    let boot2 = sh.wait_ready(rebooted);
+    eprintln!("linux: strata-linux-ready {boot2:?} after reboot");
+    sh.ok("mount -t ext4 /dev/vda /mnt");
+    assert_eq!(sh.ok("cat /mnt/hello"), ["hello-strata"]);
+    assert_eq!(sh.ok("cat /mnt/f"), ["x"]);
+    sh.ok("umount /mnt");
+
+    // poweroff ends Strata with status 0.
+    sh.send("poweroff -f\n");
+    let status = sh.wait_exit(Duration::from_secs(120));
+    assert!(
+        status.success(),
+        "strata exited with {status}; {}",
+        sh.console()
+    );
+}
