@@ -106,12 +106,7 @@ fn offsets(case: &Case, disk: u64, i: u64) -> u64 {
     slot * u64::from(case.size)
 }
 
-fn run_device(
-    case: &Case,
-    path: &std::path::Path,
-    disk: u64,
-    total: u64,
-) -> Duration {
+fn run_device(case: &Case, path: &std::path::Path, disk: u64, total: u64) -> Duration {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
     let mut block = device(path, &mem);
     let mut driver = Driver {

@@ -254,8 +254,7 @@ impl Harness {
         let layout = Layout::new(&cfg);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.sock");
-        let mem =
-            GuestMemory::from_ranges(&[(GuestAddress(0), layout.mem_size as usize)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), layout.mem_size as usize)]).unwrap();
         let mut vsock = Vsock::new(GUEST_CID, &path).unwrap();
         vsock.set_handshake_timeout(cfg.handshake_timeout);
         let evts = vsock.queue_events().unwrap();
