@@ -170,23 +170,30 @@ impl Vm {
         }
     }
 
-    /// The next console line, or panics after `timeout`.
-    pub fn next_line(&mut self, timeout: Duration) -> String {
+    /// The next console line within `timeout`, or `None`; panics if the console closed.
+    pub fn try_line(&mut self, timeout: Duration) -> Option<String> {
         match self.lines.recv_timeout(timeout) {
             Ok(line) => {
                 self.transcript.push(line.clone());
-                line
+                Some(line)
             }
-            Err(RecvTimeoutError::Timeout) => panic!(
-                "no console line within {timeout:?}; console so far:\n{}",
-                self.transcript.join("\n")
-            ),
+            Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => panic!(
                 "console closed; stderr: {}\nconsole so far:\n{}",
                 self.stderr(),
                 self.transcript.join("\n")
             ),
         }
+    }
+
+    /// The next console line, or panics after `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> String {
+        self.try_line(timeout).unwrap_or_else(|| {
+            panic!(
+                "no console line within {timeout:?}; console so far:\n{}",
+                self.transcript.join("\n")
+            )
+        })
     }
 
     /// Reads lines until one satisfies `pred`; returns it.
@@ -262,6 +269,10 @@ impl Vm {
                     "strata did not exit within {timeout:?}; console:\n{}",
                     self.transcript.join("\n")
                 );
+            }
+            // Keep the transcript complete for failure messages.
+            while let Ok(line) = self.lines.try_recv() {
+                self.transcript.push(line);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

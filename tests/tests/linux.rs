@@ -12,15 +12,13 @@
 //! not skip.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use strata_tests::{require_kvm, strata_bin, vsock_connect};
+use strata_tests::{vsock_connect, Vm};
 
 /// Boot to `strata-linux-ready`: ~25 s here, allow for a loaded CI machine.
 const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -68,97 +66,36 @@ fn ext4_disk(dir: &Path) -> PathBuf {
     path
 }
 
-/// `strata run` with its serial console on piped stdio, driven line by line (the harness's
-/// `Vm` panics on a quiet console; here silence is sometimes the expected answer).
+/// `strata run` with the Linux shell on its serial console, driven line by line through the
+/// harness's [`Vm`] (whose `command` speaks the test guest's protocol, not a shell's).
 struct Shell {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    transcript: Vec<String>,
+    vm: Vm,
     seq: u32,
-}
-
-impl Drop for Shell {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Shell {
     fn start(args: &[&str]) -> Self {
-        require_kvm();
-        let mut child = Command::new(strata_bin())
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start strata");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                let line = String::from_utf8_lossy(&buf)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string();
-                buf.clear();
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut stderr_pipe = child.stderr.take().unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr_pipe.read_to_string(&mut s);
-            sink.lock().unwrap().push_str(&s);
-        });
-        let stdin = child.stdin.take().unwrap();
         Shell {
-            child,
-            stdin,
-            lines,
-            stderr,
-            transcript: Vec::new(),
+            vm: Vm::start(args),
             seq: 0,
         }
     }
 
     fn send(&mut self, text: &str) {
-        self.stdin
-            .write_all(text.as_bytes())
-            .expect("write to the console");
-        self.stdin.flush().unwrap();
+        self.vm.send(text);
     }
 
     fn console(&self) -> String {
         format!(
             "console:\n{}\nstrata stderr:\n{}",
-            self.transcript.join("\n"),
-            self.stderr.lock().unwrap()
+            self.vm.transcript.join("\n"),
+            self.vm.stderr()
         )
     }
 
     /// The next console line within `timeout`, or None.
     fn try_line(&mut self, timeout: Duration) -> Option<String> {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => {
-                self.transcript.push(line.clone());
-                Some(line)
-            }
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(Duration::from_millis(200));
-                panic!("strata closed the console; {}", self.console())
-            }
-        }
+        self.vm.try_line(timeout)
     }
 
     /// Reads lines until one, trimmed, satisfies `pred`.
@@ -252,23 +189,7 @@ impl Shell {
 
     /// Waits for strata to exit.
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("strata did not exit within {timeout:?}; {}", self.console());
-            }
-            while self
-                .lines
-                .try_recv()
-                .map(|l| self.transcript.push(l))
-                .is_ok()
-            {}
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.vm.wait_exit(timeout)
     }
 }
 
