@@ -115,21 +115,27 @@ pub enum CliError {
 
 /// Parses `123`, `64K`, `10G`, `1.5`-free binary sizes.
 pub fn parse_size(s: &str) -> Result<u64, CliError> {
-    let bad = || CliError::BadSize(s.to_string());
+    parse_binary_size(s, 0).ok_or_else(|| CliError::BadSize(s.to_string()))
+}
+
+/// Parses a number with an optional binary unit (`K`, `M`, `G`, `T`, optionally followed by
+/// `iB` or `B`, any case) into bytes; a bare number is in units of `1 << default_shift`
+/// bytes. `None` for anything else or on overflow. `strata run --memory` uses it too.
+pub fn parse_binary_size(s: &str, default_shift: u32) -> Option<u64> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| bad())?;
+    let n: u64 = num.parse().ok()?;
     let unit = unit.trim().to_ascii_uppercase();
     let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
-        "" => 0,
+        "" => default_shift,
         "K" => 10,
         "M" => 20,
         "G" => 30,
         "T" => 40,
-        _ => return Err(bad()),
+        _ => return None,
     };
-    n.checked_mul(1 << shift).ok_or_else(bad)
+    n.checked_mul(1u64.checked_shl(shift)?)
 }
 
 fn human(bytes: u64) -> String {

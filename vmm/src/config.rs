@@ -221,20 +221,8 @@ pub struct VmConfig {
 
 /// Parses `512M`, `1G`, `2048` (MiB), `1GiB`, `524288K` into bytes.
 pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadMemorySize(s.to_string());
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let unit = unit.trim().to_ascii_uppercase();
-    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
-        "" | "M" => 20,
-        "K" => 10,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(bad()),
-    };
-    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    let bytes = disk::cli::parse_binary_size(s, 20)
+        .ok_or_else(|| ConfigError::BadMemorySize(s.to_string()))?;
     if bytes == 0 {
         return Err(ConfigError::ZeroMemory);
     }
