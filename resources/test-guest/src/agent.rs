@@ -127,7 +127,8 @@ struct Request {
     timeout_s: Option<u64>,
 }
 
-static REQUEST: Global<Request> = Global::new(Request {
+/// A request before anything is parsed into it.
+const EMPTY_REQUEST: Request = Request {
     op: [0; 16],
     op_len: 0,
     has_op: false,
@@ -137,7 +138,9 @@ static REQUEST: Global<Request> = Global::new(Request {
     has_argv: false,
     argc: 0,
     timeout_s: None,
-});
+};
+
+static REQUEST: Global<Request> = Global::new(EMPTY_REQUEST);
 static CAPTURE: Global<[u8; CAPTURE_MAX]> = Global::new([0; CAPTURE_MAX]);
 
 /// Answers one request line into `out`; returns the response's length
@@ -150,17 +153,7 @@ pub fn handle_line(line: &[u8], out: &mut [u8]) -> usize {
     // SAFETY: BSP only, not re-entered (exec runs console commands, which
     // do not talk to the agent).
     let req = unsafe { &mut *REQUEST.get() };
-    *req = Request {
-        op: [0; 16],
-        op_len: 0,
-        has_op: false,
-        op_too_long: false,
-        command: [0; COMMAND_MAX],
-        command_len: 0,
-        has_argv: false,
-        argc: 0,
-        timeout_s: None,
-    };
+    *req = EMPTY_REQUEST;
     let mut w = SliceWriter::new(out);
     match Parser::new(line).request(req) {
         Err(e) => {
