@@ -17,7 +17,9 @@
 //! once, received payloads are not copied out) so that the device and the sockets dominate;
 //! still, guest, device loop and host threads share the machine's cores.
 //!
-//! `cargo bench -p devices --bench vsock`
+//! `cargo bench -p devices --bench vsock`. `cargo test` runs it too, without the `--bench` flag:
+//! then each case runs once on 1/64 of the data (a smoke run that keeps the bench from rotting;
+//! its figures mean nothing).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{Read, Write};
@@ -34,13 +36,32 @@ use vm_memory::{Bytes, GuestAddress};
 const PKT: u32 = MAX_PKT_LEN;
 /// The guest's receive buffer per connection (Linux's default `buf_alloc`).
 const GUEST_BUF_ALLOC: u32 = 256 * 1024;
-/// Bytes per throughput run, split evenly between the connections.
+/// Bytes per throughput run of a full run, split evenly between the connections.
 const BULK_BYTES: u64 = 1 << 30;
-/// Runs per throughput case; the median is reported.
+/// Runs per throughput case of a full run; the median is reported.
 const RUNS: usize = 5;
-/// Round trips measured (after `RTT_WARMUP` unmeasured ones).
+/// Round trips measured in a full run (after `RTT_WARMUP` unmeasured ones).
 const RTT_COUNT: usize = 5000;
 const RTT_WARMUP: usize = 200;
+
+/// By how much a smoke run (`cargo test`, no `--bench` flag) shrinks sizes and counts.
+fn scale() -> usize {
+    if std::env::args().any(|a| a == "--bench") {
+        1
+    } else {
+        64
+    }
+}
+
+/// Bytes per throughput run of this run.
+fn bulk_bytes() -> u64 {
+    BULK_BYTES / scale() as u64
+}
+
+/// Runs per throughput case of this run.
+fn runs() -> usize {
+    RUNS.div_ceil(scale())
+}
 /// Size of a request and of its answer.
 const MSG: usize = 64;
 /// How long the guest sleeps on the interrupt before it looks at the rings anyway.
@@ -171,7 +192,7 @@ struct Bulk {
     stalls: Option<Stalls>,
 }
 
-/// Guest → host: `BULK_BYTES` over `n` connections.
+/// Guest → host: `bulk_bytes()` over `n` connections.
 fn guest_to_host(n: usize) -> Bulk {
     let mut h = Harness::new(config());
     // Payloads are written once: every packet reuses its slot's bytes after the header.
@@ -181,7 +202,7 @@ fn guest_to_host(n: usize) -> Bulk {
         h.mem.write_slice(&pattern, GuestAddress(at)).unwrap();
     }
     let (mut conns, streams) = connect(&mut h, n);
-    let per_conn = BULK_BYTES / n as u64;
+    let per_conn = bulk_bytes() / n as u64;
     for c in &mut conns {
         c.to_send = per_conn;
     }
@@ -254,11 +275,11 @@ fn guest_to_host(n: usize) -> Bulk {
     }
 }
 
-/// Host → guest: `BULK_BYTES` over `n` connections.
+/// Host → guest: `bulk_bytes()` over `n` connections.
 fn host_to_guest(n: usize) -> Bulk {
     let mut h = Harness::new(config());
     let (mut conns, streams) = connect(&mut h, n);
-    let per_conn = BULK_BYTES / n as u64 / u64::from(PKT) * u64::from(PKT);
+    let per_conn = bulk_bytes() / n as u64 / u64::from(PKT) * u64::from(PKT);
     let start = Instant::now();
     let writers: Vec<JoinHandle<UnixStream>> = streams
         .into_iter()
@@ -312,7 +333,8 @@ fn round_trips() -> Vec<Duration> {
     let mut h = Harness::new(config());
     let (mut conns, mut streams) = connect(&mut h, 1);
     let mut s = streams.pop().unwrap();
-    let rounds = RTT_WARMUP + RTT_COUNT;
+    let warmup = RTT_WARMUP / scale();
+    let rounds = warmup + RTT_COUNT / scale();
     let host = std::thread::spawn(move || {
         let req = [0x5au8; MSG];
         let mut resp = [0u8; MSG];
@@ -355,7 +377,7 @@ fn round_trips() -> Vec<Duration> {
         }
     }
     let mut times = host.join().unwrap();
-    times.drain(..RTT_WARMUP);
+    times.drain(..warmup);
     times
 }
 
@@ -371,10 +393,11 @@ fn main() {
     );
     println!(
         "queues {QUEUE_SIZE}, 64 KiB packets and rx buffers, device credit {} KiB/conn, \
-         guest credit {} KiB/conn, {} MiB/run, median of {RUNS} runs",
+         guest credit {} KiB/conn, {} MiB/run, median of {} runs",
         devices::virtio::vsock::CONN_BUF_SIZE / 1024,
         GUEST_BUF_ALLOC / 1024,
-        BULK_BYTES >> 20
+        bulk_bytes() >> 20,
+        runs()
     );
     println!();
     println!(
@@ -389,14 +412,17 @@ fn main() {
         ("host -> guest (rx)", host_to_guest, 4),
     ];
     for (name, run, n) in cases {
-        let runs: Vec<Bulk> = (0..RUNS).map(|_| run(n)).collect();
+        let runs: Vec<Bulk> = (0..runs()).map(|_| run(n)).collect();
         let (lo, mid, hi) = median(runs.iter().map(|r| r.mbps).collect());
         let waits = runs
             .iter()
             .filter_map(|r| r.stalls.as_ref())
             .fold((0, 0), |(c, s), st| (c + st.credit, s + st.slots));
         let waits = match runs[0].stalls {
-            Some(_) => format!("{} / {}", waits.0 / RUNS as u64, waits.1 / RUNS as u64),
+            Some(_) => {
+                let k = runs.len() as u64;
+                format!("{} / {}", waits.0 / k, waits.1 / k)
+            }
             None => "-".to_string(),
         };
         println!("{name:<26} {n:>5} {mid:>9.0} {lo:>9.0} {hi:>9.0} {waits:>22}");

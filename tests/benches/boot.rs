@@ -2,14 +2,15 @@
 //! console line, and from process start to exit after an immediate `poweroff`.
 //!
 //! `cargo bench -p strata-tests --bench boot [-- RUNS]` (default 20 runs each). Prints the
-//! median, min and max. This measures; it asserts nothing about speed.
+//! median, min and max. This measures; it asserts nothing about speed. `cargo test` runs each
+//! case once (see `bench_is_full`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strata_tests::{require_kvm, strata_bin};
+use strata_tests::{bench_is_full, require_kvm, strata_bin};
 
 fn first_line() -> Duration {
     let start = Instant::now();
@@ -75,7 +76,7 @@ fn main() {
     let runs: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(if bench_is_full() { 20 } else { 1 });
     println!("strata boot benchmark: embedded test guest, 1 vCPU, 512 MiB");
     report(
         "process start -> first console line",

@@ -2,13 +2,14 @@
 //! the VMM gives once every vCPU is out of the guest (pause) or running again (resume).
 //!
 //! `cargo build --release --bin strata && cargo bench -p strata-tests --bench lifecycle`
+//! (`cargo test` runs it with two rounds, see `bench_is_full`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::{Client, LifecycleAction};
-use strata_tests::{require_kvm, strata_bin};
+use strata_tests::{bench_is_full, require_kvm, strata_bin};
 
 fn stats(name: &str, mut v: Vec<Duration>) {
     v.sort();
@@ -24,6 +25,7 @@ fn stats(name: &str, mut v: Vec<Duration>) {
 
 fn main() {
     require_kvm();
+    let rounds = if bench_is_full() { 50 } else { 2 };
     for vcpus in ["1", "4"] {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("api.sock");
@@ -49,11 +51,14 @@ fn main() {
                     break c;
                 }
             }
-            assert!(Instant::now() < deadline);
+            assert!(
+                Instant::now() < deadline,
+                "the API socket did not answer within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         };
         let (mut pause, mut resume) = (Vec::new(), Vec::new());
-        for _ in 0..50 {
+        for _ in 0..rounds {
             let t = Instant::now();
             c.lifecycle(LifecycleAction::Pause).unwrap();
             pause.push(t.elapsed());

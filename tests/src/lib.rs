@@ -91,6 +91,13 @@ pub fn require_kvm() {
     );
 }
 
+/// Whether a benchmark runs in full. `cargo bench` passes `--bench` to a bench binary; `cargo
+/// test` runs the benches too (they are test targets) without it, and they then run once at a
+/// small scale, so the test suite compiles and exercises them and they cannot rot.
+pub fn bench_is_full() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
 /// A running `strata run` and its console.
 pub struct Vm {
     child: Child,

@@ -34,26 +34,31 @@ pub fn install() -> PathBuf {
     if st.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(SCHEMATHESIS) {
         return st;
     }
-    let run = |cmd: &mut Command, what: &str| {
+    let run = |cmd: &mut Command, what: &str, hint: &str| {
         let out = cmd
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}; {hint}"));
         assert!(
             out.status.success(),
-            "{what} failed (is PyPI reachable?):\n{}\n{}",
+            "{what} failed; {hint}\n{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     };
+    // A half-made venv from an earlier failure would fail the same way again.
+    let _ = std::fs::remove_dir_all(&venv);
     run(
         Command::new("python3").arg("-m").arg("venv").arg(&venv),
         "python3 -m venv",
+        "the API tests need Python's venv module: install Debian's python3-venv \
+         (apt-get install python3-venv)",
     );
     run(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .arg(SCHEMATHESIS),
         &format!("pip install {SCHEMATHESIS}"),
+        "the API tests install schemathesis from PyPI: is https://pypi.org reachable?",
     );
     std::fs::write(&stamp, SCHEMATHESIS).expect("write the venv stamp");
     st
