@@ -7,6 +7,8 @@
 
 mod backend;
 pub mod request;
+#[cfg(test)]
+mod tests;
 
 pub use backend::{BlockBackend, ChainBackend};
 
@@ -135,13 +137,16 @@ impl Block {
         };
         let mut ctx = ctx;
         let mut used_any = false;
+        let mut first_pass = true;
         loop {
             if let Err(e) = active.queue.disable_notification(&active.mem) {
                 log::warn!("virtio-blk: queue unusable: {e}");
                 active.broken = true;
                 return;
             }
+            let mut popped = false;
             while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+                popped = true;
                 let head = chain.head_index();
                 let len = request::handle(&active.mem, chain, &mut ctx);
                 if let Err(e) = active.queue.add_used(&active.mem, head, len) {
@@ -152,7 +157,15 @@ impl Block {
                 used_any = true;
             }
             match active.queue.enable_notification(&active.mem) {
-                Ok(true) => continue, // more arrived while notifications were off
+                // The last check saw requests pending, yet this pass popped none: the available
+                // ring is unusable (its index is more than a queue size ahead, or its entries are
+                // outside guest memory). Stop rather than spin.
+                Ok(true) if !popped && !first_pass => {
+                    log::warn!("virtio-blk: queue unusable: available ring cannot be read");
+                    active.broken = true;
+                    return;
+                }
+                Ok(true) => first_pass = false, // more arrived while notifications were off
                 Ok(false) => break,
                 Err(e) => {
                     log::warn!("virtio-blk: queue unusable: {e}");
