@@ -173,6 +173,9 @@ pub fn write_tables(memory: &GuestMemory, cfg: &AcpiConfig) -> Result<GuestAddre
     Ok(GuestAddress(rsdp_addr))
 }
 
+/// The walk from the RSDP and the MADT's structure, without external tools. The FADT, the
+/// DSDT's devices and resources and every table's checksum are checked by ACPICA itself (`iasl`
+/// and `acpiexec`) on the tables of a realistic VM in `vmm/tests/acpi_iasl.rs`.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,7 +206,8 @@ mod tests {
         t
     }
 
-    fn tables(vcpus: u8) -> (GuestMemory, Vec<u8>, Vec<Vec<u8>>) {
+    /// The tables the XSDT lists, each checksum checked.
+    fn tables(vcpus: u8) -> Vec<Vec<u8>> {
         let memory = crate::memory::create(16 << 20).unwrap();
         let rsdp = write_tables(
             &memory,
@@ -219,17 +223,16 @@ mod tests {
         assert!(checksum_ok(&r));
         let xsdt = table(&memory, u64_at(&r, 24));
         assert_eq!(&xsdt[..4], b"XSDT");
-        let entries = (36..xsdt.len())
+        (36..xsdt.len())
             .step_by(8)
             .map(|o| table(&memory, u64_at(&xsdt, o)))
-            .collect();
-        (memory, xsdt, entries)
+            .collect()
     }
 
     #[test]
     fn madt_has_one_enabled_lapic_per_vcpu_and_the_ioapic() {
         for vcpus in [1u8, 4, 8] {
-            let (_, _, t) = tables(vcpus);
+            let t = tables(vcpus);
             let madt = t.iter().find(|t| &t[..4] == b"APIC").unwrap();
             assert_eq!(u32_at(madt, 36), LAPIC_START as u32);
             let mut lapics = Vec::new();
@@ -248,62 +251,5 @@ mod tests {
             assert_eq!(lapics, want);
             assert_eq!(ioapics, vec![IOAPIC_START as u32]);
         }
-    }
-
-    #[test]
-    fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
-        let (memory, _, t) = tables(1);
-        let fadt = t.iter().find(|t| &t[..4] == b"FACP").unwrap();
-        let flags = u32_at(fadt, 112);
-        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
-        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
-        // Reset register: GAS at 116, value at 128.
-        assert_eq!(fadt[116], 1);
-        assert_eq!(u64_at(fadt, 120), u64::from(RESET_CONTROL_PORT));
-        assert_eq!(fadt[128], RESET_CONTROL_VALUE);
-        // Sleep control register: GAS at 244; status at 256.
-        assert_eq!(fadt[244], 1);
-        assert_eq!(u64_at(fadt, 248), u64::from(ACPI_SLEEP_CONTROL_PORT));
-        assert_eq!(u64_at(fadt, 260), u64::from(ACPI_SLEEP_CONTROL_PORT + 1));
-        // X_DSDT at 140 points at a valid DSDT.
-        let dsdt = table(&memory, u64_at(fadt, 140));
-        assert_eq!(&dsdt[..4], b"DSDT");
-        let body = &dsdt[36..];
-        let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
-        assert!(has(b"_S5_"));
-        assert!(has(b"COM1"));
-        assert!(has(b"QEMU0001"));
-    }
-
-    #[test]
-    fn virtio_mmio_devices_appear_in_the_dsdt() {
-        let memory = crate::memory::create(16 << 20).unwrap();
-        let devices = [
-            virtio_mmio_device(0, 0xd000_0000, 0x1000, 5),
-            virtio_mmio_device(1, 0xd000_1000, 0x1000, 6),
-        ];
-        let rsdp = write_tables(
-            &memory,
-            &AcpiConfig {
-                vcpus: 1,
-                devices: &devices,
-            },
-        )
-        .unwrap();
-        let r = read(&memory, rsdp.0, 36);
-        let xsdt = table(&memory, u64_at(&r, 24));
-        let fadt = table(&memory, u64_at(&xsdt, 36));
-        let dsdt = table(&memory, u64_at(&fadt, 140));
-        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
-        assert!(has(b"VR00") && has(b"VR01"));
-        assert!(has(b"LNRO0005"));
-        // Memory32Fixed descriptor (0x86, length 9, read-write) with base 0xd0001000.
-        let mut m = vec![0x86, 9, 0, 1];
-        m.extend_from_slice(&0xd000_1000u32.to_le_bytes());
-        assert!(has(&m));
-        // Extended interrupt descriptor for IRQ 6: consumer, edge, active-high.
-        let mut i = vec![0x89, 6, 0, 0x03, 1];
-        i.extend_from_slice(&6u32.to_le_bytes());
-        assert!(has(&i));
     }
 }
