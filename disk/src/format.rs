@@ -481,7 +481,13 @@ mod tests {
         }
     }
 
+    // Seeded from STRATA_TEST_SEED (or randomly); the seed is printed, so shown on failure.
     proptest! {
+        #![proptest_config(ProptestConfig {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(crate::test_seed::announce()),
+            ..ProptestConfig::default()
+        })]
+
         #[test]
         fn random_bytes_never_panic_the_parsers(bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
             let _ = Header::parse(&bytes);

@@ -12,6 +12,10 @@
 //!   [`map`], [`changed_clusters`]: the operations behind `strata disk`, whose command-line
 //!   front end is [`cli`].
 //!
+//! Testing: every randomised test (the proptests, the crash tests, the fuzz smoke test) prints
+//! `seed = N (replay with STRATA_TEST_SEED=N)` when it fails, and setting `STRATA_TEST_SEED`
+//! replays that seed (`tests/common/mod.rs`).
+//!
 //! Choices where the design is silent: a file is a Strata layer if it starts with the magic
 //! `STRATADK` or its name ends in `.strata` (so a layer with a damaged magic is reported, not
 //! mistaken for a raw image); anything else is a raw image. Parents are recorded by the bare
@@ -26,6 +30,9 @@ pub mod merge;
 pub mod ops;
 mod progress;
 mod sys;
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+mod test_seed;
 
 pub use chain::{create_empty, create_layer, Chain, CreateOptions, OpenOptions, Source};
 pub use error::{error_chain, DiskError, Result};

@@ -1,47 +1,91 @@
-//! Crash tests. The test binary re-executes itself as a child process (selected by an
-//! environment variable) that writes and flushes, or merges, and reports on stdout; the parent
-//! SIGKILLs it at a random moment, then checks the files and verifies the data.
+//! Crash tests. The test binary re-executes itself as a child process that writes and flushes,
+//! or merges, and reports on stdout; the parent SIGKILLs it at a random moment, then checks the
+//! files and verifies the data.
 //!
 //! SIGKILL leaves the page cache intact, so this tests the process-crash half of the contract
 //! (every write completed before the last flush is there, check is clean); the power-loss half
 //! rests on the write ordering argued in FORMAT.md ("Crash consistency").
+//!
+//! This target has its own `main` (`harness = false` in Cargo.toml): when the environment
+//! variable [`CHILD`] is set it is the child and runs until killed; otherwise it runs the tests
+//! through libtest-mimic, which takes libtest's arguments (`--list`, filters, `--exact`, ...) and
+//! prints the usual `test result:` line. So the child is never a test of its own, and its output
+//! goes to its parent through pipes, never to the terminal.
+//!
+//! Seeded: every random choice (the operations of the children, which layer to merge, when to
+//! kill) comes from one seed, `STRATA_TEST_SEED` if set, else random (see `common/mod.rs`). A
+//! failure message ends with `seed = N (replay with STRATA_TEST_SEED=N)`; replaying repeats the
+//! same operations, though the kill lands where the clock puts it, so not always in the same
+//! place.
 
-// Test code: helpers outside #[test] functions panic on failure by design.
+// Test code: helpers panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::Rng;
 use disk::{check, create_layer, Chain, MergeDirection, OpenOptions};
+use libtest_mimic::{Arguments, Failed, Trial};
 
-const WRITE_CHILD: &str = "STRATA_DISK_CRASH_WRITE_CHILD";
-const MERGE_CHILD: &str = "STRATA_DISK_CRASH_MERGE_CHILD";
+/// Set (to `write` or `merge`) in the environment of a child; the other parameters of the child
+/// are in the variables below.
+const CHILD: &str = "STRATA_DISK_CRASH_CHILD";
+const CHILD_PATH: &str = "STRATA_DISK_CRASH_PATH";
+const CHILD_SEED: &str = "STRATA_DISK_CRASH_SEED";
+const SEQ_BASE: &str = "STRATA_DISK_CRASH_SEQ_BASE";
+const MERGE_LAYER: &str = "STRATA_DISK_CRASH_MERGE_LAYER";
+const MERGE_DIR: &str = "STRATA_DISK_CRASH_MERGE_DIR";
 const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 512; // a 2 MiB disk: 32 clusters of 64 KiB
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+fn main() {
+    if let Ok(mode) = std::env::var(CHILD) {
+        match mode.as_str() {
+            "write" => write_child(),
+            "merge" => merge_child(),
+            _ => panic!("{CHILD}={mode:?}: expected write or merge"),
+        }
     }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+    let args = Arguments::from_args();
+    let trials = vec![
+        trial(
+            "sigkill_during_writes_loses_no_flushed_write",
+            sigkill_during_writes_loses_no_flushed_write,
+        ),
+        trial(
+            "sigkill_during_merge_leaves_a_chain_that_reads_the_same",
+            sigkill_during_merge_leaves_a_chain_that_reads_the_same,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit()
 }
 
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t | 1
+/// A test that gets its seed when it starts and names it when it fails (libtest-mimic does not
+/// capture output, so the seed goes in the failure message rather than on stdout).
+fn trial(name: &'static str, test: fn(u64)) -> Trial {
+    Trial::test(name, move || {
+        let seed = common::seed();
+        std::panic::catch_unwind(move || test(seed)).map_err(|payload| {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            Failed::from(format!("{msg}\n{}", common::replay_hint(seed)))
+        })
+    })
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("child: {name} is not set"))
 }
 
 /// Block content written by write number `seq` (0 = zeroes).
@@ -55,12 +99,12 @@ fn block(seq: u64, b: u64) -> Vec<u8> {
 }
 
 /// Child: random writes, write-zeroes and discards of whole blocks, flushing now and then.
-/// Prints `W seq first count` before each write (zeroes have seq with the top bit set) and
-/// `F seq` after each flush that covered writes up to seq.
-fn write_child(path: &str) {
-    let first_seq: u64 = std::env::var("SEQ_BASE").unwrap().parse().unwrap();
-    let mut rng = Rng(seed());
-    let mut chain = Chain::open(path, OpenOptions::default()).unwrap();
+/// Prints `W seq first count zero` before each write (`zero` is 1 for write-zeroes and
+/// discards) and `F seq` after each flush that covered writes up to seq. Runs until killed.
+fn write_child() -> ! {
+    let first_seq: u64 = env(SEQ_BASE).parse().unwrap();
+    let mut rng = Rng::new(env(CHILD_SEED).parse().unwrap());
+    let mut chain = Chain::open(env(CHILD_PATH), OpenOptions::default()).unwrap();
     let mut out = std::io::stdout();
     let mut seq = first_seq;
     loop {
@@ -68,7 +112,7 @@ fn write_child(path: &str) {
         let b = rng.below(BLOCKS);
         let n = (1 + rng.below(24)).min(BLOCKS - b);
         let kind = rng.below(10);
-        writeln!(out, "@@W {seq} {b} {n} {}", u8::from(kind >= 8)).unwrap();
+        writeln!(out, "W {seq} {b} {n} {}", u8::from(kind >= 8)).unwrap();
         out.flush().unwrap();
         if kind < 8 {
             let data: Vec<u8> = (b..b + n).flat_map(|x| block(seq, x)).collect();
@@ -78,54 +122,58 @@ fn write_child(path: &str) {
         } else {
             chain.discard(b * BLOCK, n * BLOCK).unwrap();
         }
-        if rng.below(4) == 0 {
+        if rng.one_in(4) {
             chain.flush().unwrap();
-            writeln!(out, "@@F {seq}").unwrap();
+            writeln!(out, "F {seq}").unwrap();
             out.flush().unwrap();
         }
     }
 }
 
-#[test]
-fn crash_child() {
-    if let Ok(p) = std::env::var(WRITE_CHILD) {
-        write_child(&p);
-    }
-    if let Ok(p) = std::env::var(MERGE_CHILD) {
-        merge_child(&p);
-    }
-}
-
-/// Runs the child until killed at a random moment; returns its report lines.
-fn run_and_kill(env: &[(&str, String)], kill_after_ms: u64) -> Vec<String> {
+/// Runs a child (`mode` and its environment) until it is killed `kill_after_ms` after its first
+/// report; returns its report lines. Fails if the child dies of anything but that kill.
+fn run_and_kill(mode: &str, env: &[(&str, String)], kill_after_ms: u64) -> Vec<String> {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "crash_child", "--nocapture", "--test-threads=1"]);
+    cmd.env(CHILD, mode);
     for (k, v) in env {
         cmd.env(k, v);
     }
     let mut child = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            // libtest may print "test crash_child ... " without a newline before our lines.
-            if let Some(i) = line.find("@@") {
-                let _ = tx.send(line[i + 2..].to_string());
-            }
+            let _ = tx.send(line);
         }
     });
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
     // Start the clock at the child's first report, so the kill lands mid-work.
-    let first = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("child never started");
-    std::thread::sleep(Duration::from_millis(kill_after_ms));
+    let first = rx.recv_timeout(Duration::from_secs(30));
+    if first.is_ok() {
+        std::thread::sleep(Duration::from_millis(kill_after_ms));
+    }
     child.kill().unwrap();
-    child.wait().unwrap();
+    let status = child.wait().unwrap();
     reader.join().unwrap();
+    let errors = errors.join().unwrap();
+    let Ok(first) = first else {
+        panic!("{mode} child never reported ({status}); its stderr:\n{errors}");
+    };
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{mode} child ended by itself ({status}) before it was killed; its stderr:\n{errors}"
+    );
     std::iter::once(first).chain(rx.try_iter()).collect()
 }
 
@@ -133,8 +181,7 @@ fn run_and_kill(env: &[(&str, String)], kill_after_ms: u64) -> Vec<String> {
 /// carries the other's lock until it execs, so they take turns.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-#[test]
-fn sigkill_during_writes_loses_no_flushed_write() {
+fn sigkill_during_writes_loses_no_flushed_write(seed: u64) {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = tempfile::tempdir().unwrap();
     let base = d.path().join("base.img");
@@ -145,15 +192,17 @@ fn sigkill_during_writes_loses_no_flushed_write() {
     std::fs::write(&base, base_data).unwrap();
     let top = d.path().join("top.strata");
     create_layer(&base, &top).unwrap();
-    let mut rng = Rng(seed());
+    let mut rng = Rng::new(seed);
     let iterations: u64 = 80;
     let mut total_writes = 0;
     for it in 0..iterations {
         let seq_base = (it + 1) << 32;
         let lines = run_and_kill(
+            "write",
             &[
-                (WRITE_CHILD, top.display().to_string()),
-                ("SEQ_BASE", seq_base.to_string()),
+                (CHILD_PATH, top.display().to_string()),
+                (SEQ_BASE, seq_base.to_string()),
+                (CHILD_SEED, rng.next().to_string()),
             ],
             5 + rng.below(150),
         );
@@ -218,29 +267,31 @@ fn sigkill_during_writes_loses_no_flushed_write() {
 }
 
 /// Child: merges the layer named by MERGE_LAYER in MERGE_DIR, one cluster per step with a
-/// pause, so the parent's kill lands inside it.
-fn merge_child(top: &str) {
-    let layer = PathBuf::from(std::env::var("MERGE_LAYER").unwrap());
-    let into_child = std::env::var("MERGE_DIR").unwrap() == "child";
-    let mut chain = Chain::open(top, OpenOptions::default()).unwrap();
+/// pause, so the parent's kill lands inside it; then waits to be killed.
+fn merge_child() -> ! {
+    let layer = PathBuf::from(env(MERGE_LAYER));
+    let into_child = env(MERGE_DIR) == "child";
+    let mut chain = Chain::open(env(CHILD_PATH), OpenOptions::default()).unwrap();
     let idx = chain.layer_index(&layer).unwrap();
     let dir = if into_child {
         MergeDirection::IntoChild
     } else {
         MergeDirection::IntoParent
     };
-    println!("@@B");
+    println!("B");
     chain.begin_merge(idx, dir).unwrap();
     loop {
         let p = chain.merge_step(1).unwrap();
-        println!("@@S {} {}", p.done, p.total);
+        println!("S {} {}", p.done, p.total);
         if p.finished {
             break;
         }
         std::thread::sleep(Duration::from_micros(300));
     }
-    println!("@@D");
-    std::thread::sleep(Duration::from_secs(60));
+    println!("D");
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
 }
 
 /// base.img <- l1 <- l2 <- l3, with overlapping writes and zeroes in every layer.
@@ -285,10 +336,9 @@ fn read_all(top: &Path) -> Vec<u8> {
     b
 }
 
-#[test]
-fn sigkill_during_merge_leaves_a_chain_that_reads_the_same() {
+fn sigkill_during_merge_leaves_a_chain_that_reads_the_same(seed: u64) {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut rng = Rng(seed());
+    let mut rng = Rng::new(seed);
     // (layer to merge, into child?) over base.img <- l1 <- l2 <- l3.
     let cases = [
         (1, false),
@@ -305,11 +355,12 @@ fn sigkill_during_merge_leaves_a_chain_that_reads_the_same() {
         let before = read_all(&top);
         let (layer, into_child) = cases[it % cases.len()];
         let lines = run_and_kill(
+            "merge",
             &[
-                (MERGE_CHILD, top.display().to_string()),
-                ("MERGE_LAYER", paths[layer].display().to_string()),
+                (CHILD_PATH, top.display().to_string()),
+                (MERGE_LAYER, paths[layer].display().to_string()),
                 (
-                    "MERGE_DIR",
+                    MERGE_DIR,
                     if into_child { "child" } else { "parent" }.to_string(),
                 ),
             ],

@@ -1,6 +1,9 @@
 //! Property test: random reads, writes, write-zeroes, discards, flushes, reopens, layer
 //! creations and online merges in both directions against an in-memory model of the disk.
 //! After every operation the whole chain must read what the model says.
+//!
+//! Seeded: each test prints `seed = N (replay with STRATA_TEST_SEED=N)` (shown when it fails);
+//! run it again with `STRATA_TEST_SEED=N` to replay the same cases (see `common/mod.rs`).
 
 // Test code: helpers outside #[test] functions panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,6 +12,9 @@ use std::path::PathBuf;
 
 use disk::{create_empty, create_layer, Chain, CreateOptions, MergeDirection, OpenOptions};
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
+
+mod common;
 
 const SIZE: u64 = 64 * 4096 + 1024; // 65 clusters of 4 KiB, the last one partial
 const CLUSTER_BITS: u32 = 12;
@@ -222,7 +228,11 @@ fn run(ops: &[Op], raw_base: bool) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        rng_seed: RngSeed::Fixed(common::announce()),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn chain_over_strata_base_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
