@@ -4,7 +4,7 @@
 use crate::console::{self, Sink};
 use crate::memtest::{self, Error as MemError};
 use crate::power::{self, PowerOffError};
-use crate::{blk, bootparams, count, disklog, smp, time, virtio, vsock};
+use crate::{blk, bootparams, count, disklog, flood, smp, time, virtio, vsock};
 
 /// Runs one command line (without its line end) on the console.
 pub fn run(line: &[u8]) {
@@ -44,6 +44,7 @@ pub fn execute(line: &[u8], out: &mut dyn Sink) -> Reply {
         b"log" => log_cmd(out, rest),
         b"vsock" => no_args(rest, "usage: vsock").and_then(|()| vsock_cmd(out)),
         b"fill" | b"check" => mem_cmd(name == b"fill", rest),
+        b"flood" => flood_cmd(out, rest),
         b"poweroff" => no_args(rest, "usage: poweroff").and_then(|()| poweroff(out)),
         b"reboot" => no_args(rest, "usage: reboot").map(|()| {
             out.str("ok\r\n");
@@ -89,7 +90,7 @@ impl Fail {
 }
 
 const HELP: &str = "echo TEXT | cpus | cmdline | mem | count start|get|stop | fill MIB SEED | \
-check MIB SEED | poweroff | reboot | panic | help\r\n\
+check MIB SEED | flood KIB | poweroff | reboot | panic | help\r\n\
 blk N info|flush | blk N write SECTOR COUNT SEED | blk N read SECTOR COUNT | \
 log start N|stop|verify N\r\n";
 
@@ -192,6 +193,20 @@ fn mem_cmd(fill: bool, args: &[u8]) -> Reply {
         MemError::ExceedsMemory => Fail::Reason("fill region exceeds memory"),
         MemError::Mismatch(addr) => Fail::MismatchAt(addr),
     })
+}
+
+const FLOOD_USAGE: &str = "usage: flood KIB";
+
+fn flood_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
+    let mut words = words(args);
+    let (Some(kib), None) = (words.next().and_then(parse_u64), words.next()) else {
+        return Err(Fail::Reason(FLOOD_USAGE));
+    };
+    if kib > flood::MAX_KIB {
+        return Err(Fail::Reason("size too large"));
+    }
+    flood::flood(out, kib);
+    Ok(())
 }
 
 /// Prints `ok` and powers off, or returns why it cannot.

@@ -28,6 +28,7 @@ mod console;
 mod count;
 mod cpu;
 mod disklog;
+mod flood;
 mod interrupts;
 mod memtest;
 mod pattern;
