@@ -1,5 +1,6 @@
-//! Schemathesis (from PyPI) against `openapi.yaml` and the live server with the fake VMM: no 500,
-//! no answer that breaks the schema, every check of `--checks all`.
+//! Schemathesis (from PyPI) against `openapi.yaml` and the live server with a handler that
+//! answers fixed replies (`common::recorder`): no 500, no answer that breaks the schema, every
+//! check of `--checks all`.
 //!
 //! Installing schemathesis and the TCP→Unix proxy it needs live in `strata_tests::schemathesis`,
 //! shared with the end-to-end run against the real VMM; when PyPI is unreachable the test fails
@@ -9,13 +10,13 @@
 
 mod common;
 
-use common::fake::Fake;
+use common::recorder::Recorder;
 
 #[test]
 fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let fake = Fake::start(&sock);
+    let recorder = Recorder::start(&sock);
 
     let output = strata_tests::schemathesis::run(&sock, 100, dir.path());
 
@@ -24,5 +25,8 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         "schemathesis found problems (exit {:?})",
         output.status.code()
     );
-    assert!(fake.calls() > 0, "schemathesis never reached the VMM");
+    assert!(
+        recorder.count() > 0,
+        "schemathesis never reached the handler"
+    );
 }

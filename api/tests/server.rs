@@ -1,5 +1,6 @@
 //! The server as a whole: the socket file, load from concurrent clients, clients that hang, and
-//! a VMM that does not answer.
+//! a VMM that does not answer. The VMM is a handler that records calls and answers fixed
+//! replies (`common::recorder`), or one written for the test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns
 
@@ -12,18 +13,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::{ApiCall, ApiHandler, ApiServer, LifecycleAction, ServerOptions};
-use common::fake::Fake;
+use api::{ApiCall, ApiHandler, ApiRequest, ApiServer, LifecycleAction, ServerOptions};
 use common::get;
+use common::recorder::{self, Recorder};
 
 #[test]
 fn socket_is_created_owner_only_and_removed_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let mut fake = Fake::start(&sock);
+    let mut recorder = Recorder::start(&sock);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
-    fake.server.take().unwrap().shutdown();
+    recorder.server.take().unwrap().shutdown();
     assert!(!sock.exists());
 }
 
@@ -32,16 +33,16 @@ fn stale_socket_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     drop(UnixListener::bind(&sock).unwrap()); // leaves a socket file nobody accepts on
-    let fake = Fake::start(&sock);
+    let recorder = Recorder::start(&sock);
     assert_eq!(get(&sock, "/v1/vm").status, 200);
-    drop(fake);
+    assert_eq!(recorder.calls(), [ApiRequest::GetVm]);
 }
 
 #[test]
 fn live_socket_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let _first = Fake::start(&sock);
+    let first = Recorder::start(&sock);
     let handler: ApiHandler = Arc::new(|_call: ApiCall| {});
     let err = ApiServer::start(&sock, handler).unwrap_err();
     assert_eq!(
@@ -50,15 +51,15 @@ fn live_socket_is_refused_with_a_clear_error() {
     );
     // The first server still answers.
     assert_eq!(get(&sock, "/v1/vm").status, 200);
+    assert_eq!(first.calls(), [ApiRequest::GetVm]);
 }
 
 #[test]
-fn thousand_requests_from_sixteen_clients_all_succeed() {
+fn thousand_requests_from_sixteen_clients_all_reach_the_vmm_once() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let fake = Fake::start(&sock);
+    let recorder = Recorder::start(&sock);
     let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
     let threads: Vec<_> = (0..16)
         .map(|_| {
             let sock = sock.clone();
@@ -66,35 +67,47 @@ fn thousand_requests_from_sixteen_clients_all_succeed() {
             std::thread::spawn(move || {
                 let client = api::Client::new(&sock).unwrap();
                 let mut done = 0;
-                while next.fetch_add(1, Ordering::SeqCst) < 1000 {
-                    match done % 4 {
-                        0 => assert_eq!(client.vm().unwrap().config.vcpus, 2),
+                loop {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    if n >= 1000 {
+                        return done;
+                    }
+                    // Each client decodes the answer as the kind it asked for.
+                    match n % 4 {
+                        0 => assert_eq!(client.vm().unwrap(), recorder::vm_info()),
                         1 => {
                             client.checkpoint_config().unwrap();
                         }
-                        2 => {
-                            client.guest().unwrap();
-                        }
+                        2 => assert_eq!(client.guest().unwrap(), recorder::guest_info()),
                         _ => {
                             let r = client
                                 .exec(&api::types::ExecRequest {
-                                    argv: vec!["echo".into(), done.to_string()],
+                                    argv: vec!["echo".into(), n.to_string()],
                                     timeout_s: None,
                                 })
                                 .unwrap();
-                            assert_eq!(r.stdout, format!("{done}\n"));
+                            assert_eq!(r, recorder::exec_response());
                         }
                     }
                     done += 1;
                 }
-                done
             })
         })
         .collect();
     let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(total, 1000);
-    assert_eq!(fake.calls(), 1000);
-    eprintln!("1000 requests from 16 clients in {:?}", start.elapsed());
+    // Every request reached the VMM exactly once, as sent.
+    let calls = recorder.calls();
+    assert_eq!(calls.len(), 1000);
+    let mut execs: Vec<usize> = calls
+        .iter()
+        .filter_map(|c| match c {
+            ApiRequest::GuestExec(e) => Some(e.argv[1].parse().unwrap()),
+            _ => None,
+        })
+        .collect();
+    execs.sort_unstable();
+    assert_eq!(execs, (0..1000).filter(|n| n % 4 == 3).collect::<Vec<_>>());
 }
 
 #[test]
@@ -105,7 +118,7 @@ fn client_hanging_mid_request_does_not_block_others_and_is_dropped() {
         read_timeout: Duration::from_secs(1),
         ..ServerOptions::default()
     };
-    let fake = Fake::start_with(&sock, options);
+    let recorder = Recorder::start_with(&sock, options);
     // One client stops in the middle of its headers, another in the middle of its body.
     let mut half_head = UnixStream::connect(&sock).unwrap();
     half_head
@@ -137,17 +150,15 @@ fn client_hanging_mid_request_does_not_block_others_and_is_dropped() {
         let _ = s.read_to_end(&mut out);
         assert!(t.elapsed() < Duration::from_secs(4), "connection kept open");
     }
-    assert_eq!(
-        fake.snapshot().checkpoint_config.kind.as_str(),
-        "production"
-    );
+    // The half-sent PUT never reached the VMM.
+    assert_eq!(recorder.calls(), vec![api::ApiRequest::GetVm; 20]);
 }
 
 #[test]
 fn client_that_never_reads_its_answer_does_not_block_others() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let _fake = Fake::start(&sock);
+    let _recorder = Recorder::start(&sock);
     // Pipelines many requests and reads nothing, so the server's writes back up.
     let mut greedy = UnixStream::connect(&sock).unwrap();
     greedy.set_nonblocking(true).unwrap();
@@ -218,14 +229,13 @@ fn handler_is_called_on_the_api_thread_and_may_answer_later() {
         assert_eq!(std::thread::current().name(), Some("strata-api"));
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
-            let mut s = common::fake::FakeState::default();
-            call.reply.send(common::fake::answer(&mut s, call.request));
+            call.reply.send(Ok(recorder::fixed_reply(&call.request)));
         });
     });
     let (_dir, server) = server_with(handler, ServerOptions::default());
     let c = api::Client::new(server.path()).unwrap();
     assert_eq!(
-        c.lifecycle(LifecycleAction::Pause).unwrap().state,
-        api::types::VmState::Paused
+        c.lifecycle(LifecycleAction::Pause).unwrap(),
+        recorder::vm_info()
     );
 }

@@ -1,14 +1,18 @@
-//! Helpers of the API's integration tests: the fake VMM and a raw HTTP/1.1 client that sends
-//! exactly the bytes a test wants (malformed bodies, wrong methods) without going through
-//! `api::Client`.
+//! Helpers of the API's integration tests: a handler that records calls and answers fixed
+//! replies ([`recorder`]), and a raw HTTP/1.1 client that sends exactly the bytes a test wants
+//! (malformed bodies, wrong methods) without going through `api::Client`.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-pub mod fake;
+pub mod recorder;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
+
+/// How long a test waits for an answer before it calls the server hung.
+pub const HANG_GUARD: Duration = Duration::from_secs(60);
 
 /// An answer as it came off the socket.
 #[derive(Debug)]
@@ -37,9 +41,11 @@ impl Resp {
     }
 }
 
-/// Sends one request with `Connection: close` and reads the answer to EOF.
+/// Sends one request with `Connection: close` and reads the answer to EOF; panics if the
+/// server does not finish answering within [`HANG_GUARD`].
 pub fn http(sock: &Path, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
     let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(HANG_GUARD)).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if let Some(b) = body {
         req.push_str(&format!(
@@ -53,7 +59,14 @@ pub fn http(sock: &Path, method: &str, path: &str, body: Option<&[u8]>) -> Resp 
     // The server may answer (413) and close before reading a large body: ignore write errors.
     let _ = s.write_all(&bytes);
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
+    match s.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("{method} {path}: the server hung (no complete answer within {HANG_GUARD:?})")
+        }
+        // A reset after the answer (413 before the body was read) still leaves the answer.
+        Err(_) => {}
+    }
     parse(&out)
 }
 
