@@ -11,11 +11,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::{ApiCall, ApiHandler, ApiRequest, ApiServer, LifecycleAction, ServerOptions};
-use common::get;
 use common::recorder::{self, Recorder};
+use common::{get, HANG_GUARD};
 
 #[test]
 fn socket_is_created_owner_only_and_removed_on_shutdown() {
@@ -110,8 +110,60 @@ fn thousand_requests_from_sixteen_clients_all_reach_the_vmm_once() {
     assert_eq!(execs, (0..1000).filter(|n| n % 4 == 3).collect::<Vec<_>>());
 }
 
+/// Whether the server still holds `s` open: nothing to read yet, and no EOF.
+fn still_open(s: &UnixStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let open = matches!(
+        (&*s).read(&mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    );
+    s.set_nonblocking(false).unwrap();
+    open
+}
+
+/// One client stops in the middle of its headers, another in the middle of its body, a third
+/// sends nothing.
+fn hanging_clients(sock: &std::path::Path) -> [UnixStream; 3] {
+    let mut half_head = UnixStream::connect(sock).unwrap();
+    half_head
+        .write_all(b"GET /v1/vm HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut half_body = UnixStream::connect(sock).unwrap();
+    half_body
+        .write_all(
+            b"PUT /v1/vm/checkpoint-config HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ty",
+        )
+        .unwrap();
+    let idle = UnixStream::connect(sock).unwrap();
+    [half_head, half_body, idle]
+}
+
 #[test]
-fn client_hanging_mid_request_does_not_block_others_and_is_dropped() {
+fn clients_hanging_mid_request_do_not_block_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    // Far longer than the test takes, so the hanging clients stay connected throughout.
+    let options = ServerOptions {
+        read_timeout: Duration::from_secs(600),
+        ..ServerOptions::default()
+    };
+    let recorder = Recorder::start_with(&sock, options);
+    let hanging = hanging_clients(&sock);
+
+    // Each of these blocks until answered (or fails the test as hung).
+    for _ in 0..20 {
+        assert_eq!(get(&sock, "/v1/vm").status, 200);
+    }
+    // They were answered while the three were still hanging, not after the server dropped them.
+    for (i, s) in hanging.iter().enumerate() {
+        assert!(still_open(s), "hanging client {i} was dropped");
+    }
+    assert_eq!(recorder.calls(), vec![ApiRequest::GetVm; 20]);
+}
+
+#[test]
+fn clients_hanging_mid_request_are_dropped_after_the_read_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let options = ServerOptions {
@@ -119,60 +171,64 @@ fn client_hanging_mid_request_does_not_block_others_and_is_dropped() {
         ..ServerOptions::default()
     };
     let recorder = Recorder::start_with(&sock, options);
-    // One client stops in the middle of its headers, another in the middle of its body.
-    let mut half_head = UnixStream::connect(&sock).unwrap();
-    half_head
-        .write_all(b"GET /v1/vm HTTP/1.1\r\nHost: x\r\n")
-        .unwrap();
-    let mut half_body = UnixStream::connect(&sock).unwrap();
-    half_body
-        .write_all(
-            b"PUT /v1/vm/checkpoint-config HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ty",
-        )
-        .unwrap();
-    let idle = UnixStream::connect(&sock).unwrap();
-
-    let t = Instant::now();
-    for _ in 0..20 {
-        assert_eq!(get(&sock, "/v1/vm").status, 200);
-    }
-    assert!(
-        t.elapsed() < Duration::from_millis(900),
-        "{:?}",
-        t.elapsed()
-    );
-
-    // The server gives up on all three after the read timeout.
-    for mut s in [half_head, half_body, idle] {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for (i, mut s) in hanging_clients(&sock).into_iter().enumerate() {
+        s.set_read_timeout(Some(HANG_GUARD)).unwrap();
         let mut out = Vec::new();
-        let t = Instant::now();
-        let _ = s.read_to_end(&mut out);
-        assert!(t.elapsed() < Duration::from_secs(4), "connection kept open");
+        // EOF (or a reset) is the server closing; a read timeout is the connection kept open.
+        if let Err(e) = s.read_to_end(&mut out) {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "hanging client {i} was kept open for {HANG_GUARD:?}"
+            );
+        }
     }
     // The half-sent PUT never reached the VMM.
-    assert_eq!(recorder.calls(), vec![api::ApiRequest::GetVm; 20]);
+    assert_eq!(recorder.calls(), []);
 }
 
 #[test]
 fn client_that_never_reads_its_answer_does_not_block_others() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let _recorder = Recorder::start(&sock);
-    // Pipelines many requests and reads nothing, so the server's writes back up.
-    let mut greedy = UnixStream::connect(&sock).unwrap();
-    greedy.set_nonblocking(true).unwrap();
-    let req = b"GET /v1/vm HTTP/1.1\r\nHost: x\r\n\r\n";
-    for _ in 0..5000 {
-        if greedy.write_all(req).is_err() {
-            break;
+    let recorder = Recorder::start(&sock);
+    // Pipelines 5,000 requests and reads nothing: their answers (megabytes) cannot all fit in
+    // the socket buffers, so the server's writes back up. The writer blocks too once the
+    // server stops reading; it ends when the server closes the connection.
+    const SENT: usize = 5000;
+    let greedy = UnixStream::connect(&sock).unwrap();
+    let mut writer = greedy.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let req = b"GET /v1/vm HTTP/1.1\r\nHost: x\r\n\r\n";
+        for _ in 0..SENT {
+            if writer.write_all(req).is_err() {
+                return;
+            }
         }
+    });
+    // The server is working on the greedy client's requests.
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    while recorder.count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never took the greedy client's requests"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let t = Instant::now();
+    // Each of these blocks until answered (or fails the test as hung).
     for _ in 0..10 {
         assert_eq!(get(&sock, "/v1/vm").status, 200);
     }
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Those were answered while the greedy client's answers were backed up: the server is
+    // stuck on it (its answers do not fit in the socket buffers), and not on the others.
+    let greedy_answered = recorder.count() - 10;
+    assert!(
+        greedy_answered < SENT,
+        "all {SENT} pipelined requests were answered: nothing backed up"
+    );
+    drop(greedy);
 }
 
 fn server_with(handler: ApiHandler, options: ServerOptions) -> (tempfile::TempDir, ApiServer) {
