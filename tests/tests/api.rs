@@ -9,6 +9,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use api::types::{VmInfo, VmState};
@@ -621,33 +623,90 @@ fn without_an_agent_guest_calls_are_503_and_ctl_drives_the_lifecycle() {
     assert_eq!(c.vm().unwrap().state, VmState::Paused);
 }
 
+/// The guest's per-CPU counters (`count get`: the sum, then `per-cpu A B ...`).
+fn counters(vm: &mut Vm) -> Vec<u64> {
+    let out = vm.command("count get").ok();
+    let per_cpu = out
+        .get(1)
+        .and_then(|l| l.strip_prefix("per-cpu "))
+        .unwrap_or_else(|| panic!("count get: {out:?}"));
+    per_cpu.split(' ').map(|n| n.parse().unwrap()).collect()
+}
+
 #[test]
 fn a_thousand_requests_from_16_clients_while_the_guest_counts() {
     let mut g = boot(false, &["--vcpus", "2"]);
     g.vm.command("count start").ok();
+    let before = counters(&mut g.vm);
+    assert_eq!(before.len(), 2, "{before:?}");
 
+    // Each client holds back its last request until the guest has been read twice during the
+    // load, so that both readings fall between the load's first and last answers (a console
+    // command takes about a second here while the guest counts, as long as the whole load).
+    let answered = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
     let threads: Vec<_> = (0..16)
         .map(|t| {
             let sock = g.sock.clone();
+            let answered = answered.clone();
+            let gate = gate.clone();
             std::thread::spawn(move || {
-                let c = Client::new(&sock).unwrap();
+                let c = Client::new(&sock).unwrap().with_timeout(HANG_GUARD);
                 let n = if t < 8 { 63 } else { 62 };
                 for i in 0..n {
+                    if i == n - 1 {
+                        let (open, cv) = &*gate;
+                        let guard = open.lock().unwrap();
+                        let (guard, _) = cv.wait_timeout_while(guard, HANG_GUARD, |o| !*o).unwrap();
+                        assert!(*guard, "the test never opened the gate");
+                    }
                     if i % 2 == 0 {
                         assert_eq!(c.vm().unwrap().state, VmState::Running);
                     } else {
                         c.checkpoint_config().unwrap();
                     }
+                    answered.fetch_add(1, Ordering::SeqCst);
                 }
                 n
             })
         })
         .collect();
-    let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
 
+    let deadline = Instant::now() + HANG_GUARD;
+    while answered.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the API answered no request: hung"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let answered_before = answered.load(Ordering::SeqCst);
+    let first = counters(&mut g.vm);
+    let second = counters(&mut g.vm);
+    let answered_after = answered.load(Ordering::SeqCst);
+    {
+        let (open, cv) = &*gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(total, 1000);
-    assert_eq!(g.vm.line("echo still answering"), "still answering");
-    assert_eq!(g.vm.command("count get").ok().len(), 2);
+    let after = counters(&mut g.vm);
+    g.vm.command("count stop").ok();
+
+    // The API kept answering while the console was read...
+    assert!(
+        answered_before < answered_after && answered_after <= 1000 - 16,
+        "answered {answered_before} before the readings, {answered_after} after"
+    );
+    // ...and every vCPU kept counting: before the load, twice during it, after it.
+    let series = [before, first, second, after];
+    for cpu in 0..2 {
+        assert!(
+            series.windows(2).all(|w| w[0][cpu] < w[1][cpu]),
+            "vCPU {cpu} stopped counting under load: {series:?}"
+        );
+    }
 }
 
 #[test]
