@@ -14,7 +14,8 @@
 //!
 //! Testing: every randomised test (the proptests, the crash tests, the fuzz smoke test) prints
 //! `seed = N (replay with STRATA_TEST_SEED=N)` when it fails, and setting `STRATA_TEST_SEED`
-//! replays that seed (`tests/common/mod.rs`).
+//! replays that seed (`tests/common/mod.rs`). `disk::fuzzing` (hidden) holds the fuzz targets'
+//! entry points, shared with a smoke test that runs on the stable toolchain (`fuzz/README.md`).
 //!
 //! Choices where the design is silent: a file is a Strata layer if it starts with the magic
 //! `STRATADK` or its name ends in `.strata` (so a layer with a damaged magic is reported, not
@@ -25,6 +26,8 @@ pub mod chain;
 pub mod cli;
 mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod layer;
 pub mod merge;
 pub mod ops;
