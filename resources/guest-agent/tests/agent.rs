@@ -443,13 +443,8 @@ fn ping_info_and_exec_answer_and_bad_requests_keep_the_connection() {
     let r = c.call(r#"{"op":"exec","argv":["false"],"timeout_s":10}"#);
     assert_eq!(r["exit_code"], 1, "{r}");
 
-    let start = Instant::now();
+    // Killed at its 1 s timeout (the connection's 30 s read timeout guards against a hang).
     let r = c.call(r#"{"op":"exec","argv":["sleep","10"],"timeout_s":1}"#);
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        start.elapsed()
-    );
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["exit_code"], 124, "{r}");
     assert_eq!(r["timed_out"], true, "{r}");
