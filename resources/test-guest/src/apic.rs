@@ -1,10 +1,10 @@
 //! Local APIC (x2APIC through MSRs; xAPIC through MMIO when the CPU does not
 //! offer x2APIC) and the IOAPIC redirection of ISA interrupts.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::cpu::{cpuid, rdmsr, wrmsr};
-use crate::interrupts::SPURIOUS_VECTOR;
+use crate::interrupts::{SPURIOUS_VECTOR, TIMER_VECTOR};
 
 const IA32_APIC_BASE: u32 = 0x1b;
 const APIC_BASE_ENABLE: u64 = 1 << 11;
@@ -75,7 +75,7 @@ const LVT_PERIODIC: u32 = 1 << 17;
 
 /// Starts (`Some(vector)`) or stops (`None`) a periodic local APIC timer
 /// on this CPU, roughly every 10 ms on KVM (1 GHz APIC bus, divide by 1).
-pub fn set_periodic_timer(vector: Option<u8>) {
+fn set_periodic_timer(vector: Option<u8>) {
     match vector {
         Some(v) => {
             write(REG_TIMER_DIVIDE, 0b1011);
@@ -85,6 +85,35 @@ pub fn set_periodic_timer(vector: Option<u8>) {
         None => {
             write(REG_LVT_TIMER, LVT_MASKED);
             write(REG_TIMER_INITIAL, 0);
+        }
+    }
+}
+
+/// Holders of the BSP's periodic wake-up timer (see [`WakeTimer`]).
+static WAKE_HOLDERS: AtomicU32 = AtomicU32::new(0);
+
+/// Keeps the BSP's periodic local APIC timer ([`TIMER_VECTOR`], ~10 ms)
+/// running while it lives, so that a `sti; hlt` wait also wakes up when no
+/// device interrupt comes (bounded waits, the automatic thaw). Holders
+/// nest: the timer stops when the last one is dropped. BSP only.
+pub struct WakeTimer {
+    _private: (),
+}
+
+impl WakeTimer {
+    /// Starts the timer unless another holder already did.
+    pub fn hold() -> Self {
+        if WAKE_HOLDERS.fetch_add(1, Ordering::Relaxed) == 0 {
+            set_periodic_timer(Some(TIMER_VECTOR));
+        }
+        Self { _private: () }
+    }
+}
+
+impl Drop for WakeTimer {
+    fn drop(&mut self) {
+        if WAKE_HOLDERS.fetch_sub(1, Ordering::Relaxed) == 1 {
+            set_periodic_timer(None);
         }
     }
 }

@@ -1,12 +1,18 @@
 //! The virtio-blk driver: one synchronous request at a time per disk,
 //! waited for with `sti; hlt` until the device's interrupt moves the used
 //! ring (the interrupt handler acknowledges and counts, see
-//! [`crate::virtio`]). BSP only.
+//! [`crate::virtio`]), for at most [`REQUEST_TIMEOUT_MS`]. BSP only.
+//!
+//! A disk whose queue the driver cannot trust any more (after `hostile`, a
+//! request that timed out, DEVICE_NEEDS_RESET, a failed reset) answers
+//! every request with an error until `blk N reset` brings the device up
+//! again.
 
+use crate::apic::WakeTimer;
 use crate::pattern::{self, SECTOR_SIZE};
 use crate::sync::Global;
 use crate::virtio::{self, Queue, Ring, DESC_NEXT, DESC_WRITE, F_VERSION_1};
-use crate::{console, cpu};
+use crate::{bootparams, console, cpu, memtest, time};
 
 /// Most disks handled.
 pub const MAX_DISKS: usize = 8;
@@ -14,6 +20,10 @@ pub const MAX_DISKS: usize = 8;
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Largest COUNT of `blk write` / `blk read`.
 pub const MAX_COUNT: u64 = 65_536;
+/// How long one request may take before it answers `err timeout`.
+pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// The data descriptor of `hostile blk N huge`: 1 GiB.
+const HUGE_LEN: u32 = 1 << 30;
 
 const F_SIZE_MAX: u64 = 1 << 1;
 const F_RO: u64 = 1 << 5;
@@ -35,6 +45,15 @@ pub enum Error {
     Io,
     /// VIRTIO_BLK_S_UNSUPP, or the feature is not offered.
     Unsupported,
+    /// The driver gave its queue up (after `hostile`, a timeout or a failed
+    /// reset): `blk N reset` first.
+    DriverNeedsReset,
+    /// The device set DEVICE_NEEDS_RESET.
+    DeviceNeedsReset,
+    /// No completion within [`REQUEST_TIMEOUT_MS`].
+    Timeout,
+    /// `blk N reset` could not bring the device up again.
+    Setup(&'static str),
 }
 
 impl Error {
@@ -44,6 +63,10 @@ impl Error {
             Error::NoDisk => "no such disk",
             Error::Io => "io",
             Error::Unsupported => "unsupported",
+            Error::DriverNeedsReset => "driver needs reset",
+            Error::DeviceNeedsReset => "device needs reset",
+            Error::Timeout => "timeout",
+            Error::Setup(why) => why,
         }
     }
 }
@@ -51,8 +74,21 @@ impl Error {
 struct Disk {
     queue: Queue,
     transport: usize,
+    base: u64,
     capacity: u64,
     features: u64,
+    chunk: usize,
+    /// Why requests fail until the next reset, if they do.
+    broken: Option<Error>,
+    /// [`virtio::config_irq_count`] when the status was last looked at.
+    seen_config: u64,
+}
+
+/// A device brought up: its queue and what the driver learnt.
+struct Up {
+    queue: Queue,
+    features: u64,
+    capacity: u64,
     chunk: usize,
 }
 
@@ -82,6 +118,11 @@ static HEADER: Global<ReqHeader> = Global::new(ReqHeader {
     sector: 0,
 });
 static STATUS: Global<u8> = Global::new(0);
+/// Header, data and status buffers of `hostile` requests, apart from the
+/// real ones so that a late completion cannot touch another disk's data.
+#[repr(C, align(4096))]
+struct Scratch([u8; 4096]);
+static SCRATCH: Global<Scratch> = Global::new(Scratch([0; 4096]));
 // Never zeroed: always written (by us or the device) before it is read.
 #[link_section = ".bss.noinit.blkdata"]
 static DATA: Global<DataBuf> = Global::new(DataBuf([0; CHUNK_BYTES]));
@@ -106,43 +147,163 @@ pub fn init() {
             continue;
         }
         let slot = disks.len;
-        let Ok(features) = virtio::negotiate(t.base, F_VERSION_1 | F_RO | F_FLUSH | F_SIZE_MAX)
-        else {
-            report(slot, "feature negotiation failed");
-            continue;
-        };
-        // SAFETY: slot < MAX_DISKS; each disk owns its ring.
-        let ring = unsafe { (RINGS.get() as *mut Ring).add(slot) };
-        let queue = match Queue::setup(t.base, 0, ring) {
-            Ok(q) => q,
+        let seen_config = virtio::config_irq_count(index);
+        let up = match bring_up(t.base, ring(slot)) {
+            Ok(up) => up,
             Err(e) => {
                 report(slot, e);
                 continue;
             }
         };
-        if !virtio::driver_ok(t.base) {
-            report(slot, "device refused DRIVER_OK");
-            continue;
-        }
-        let capacity = virtio::config_u64(t.base, 0);
-        let mut chunk = CHUNK_BYTES;
-        if features & F_SIZE_MAX != 0 {
-            let size_max = virtio::read32(t.base, virtio::REG_CONFIG + 8) as usize;
-            if size_max >= SECTOR_SIZE {
-                chunk = chunk.min(size_max / SECTOR_SIZE * SECTOR_SIZE);
-            }
-        }
         if let Some(entry) = disks.list.get_mut(slot) {
             *entry = Some(Disk {
-                queue,
+                queue: up.queue,
                 transport: index,
-                capacity,
-                features,
-                chunk,
+                base: t.base,
+                capacity: up.capacity,
+                features: up.features,
+                chunk: up.chunk,
+                broken: None,
+                seen_config,
             });
             disks.len += 1;
         }
     }
+}
+
+/// The ring of disk `slot` (< [`MAX_DISKS`]).
+fn ring(slot: usize) -> *mut Ring {
+    // SAFETY: address only; each disk owns its ring.
+    unsafe { (RINGS.get() as *mut Ring).add(slot.min(MAX_DISKS - 1)) }
+}
+
+/// The full initialisation (virtio 1.2, 3.1.1): reset, ACKNOWLEDGE,
+/// DRIVER, features, FEATURES_OK, the request queue on `ring`, DRIVER_OK;
+/// then the configuration.
+fn bring_up(base: u64, ring: *mut Ring) -> Result<Up, &'static str> {
+    let features = virtio::negotiate(base, F_VERSION_1 | F_RO | F_FLUSH | F_SIZE_MAX)?;
+    let queue = Queue::setup(base, 0, ring)?;
+    if !virtio::driver_ok(base) {
+        return Err("device refused DRIVER_OK");
+    }
+    let capacity = virtio::config_u64(base, 0);
+    let mut chunk = CHUNK_BYTES;
+    if features & F_SIZE_MAX != 0 {
+        let size_max = virtio::read32(base, virtio::REG_CONFIG + 8) as usize;
+        if size_max >= SECTOR_SIZE {
+            chunk = chunk.min(size_max / SECTOR_SIZE * SECTOR_SIZE);
+        }
+    }
+    Ok(Up {
+        queue,
+        features,
+        capacity,
+        chunk,
+    })
+}
+
+/// `blk N reset`: resets the device (status 0, waiting until it reads 0)
+/// and brings it up again with a fresh queue (indexes 0, every descriptor
+/// free), as Linux does after DEVICE_NEEDS_RESET. On failure the disk
+/// stays unusable.
+pub fn reset(n: u64) -> Result<(), Error> {
+    let d = disk(n)?;
+    let slot = n as usize;
+    d.broken = Some(Error::DriverNeedsReset);
+    let seen_config = virtio::config_irq_count(d.transport);
+    let up = bring_up(d.base, ring(slot)).map_err(Error::Setup)?;
+    d.queue = up.queue;
+    d.features = up.features;
+    d.capacity = up.capacity;
+    d.chunk = up.chunk;
+    d.seen_config = seen_config;
+    d.broken = None;
+    Ok(())
+}
+
+/// Gives every disk's queue up until its reset (`hostile mmio`).
+pub fn abandon_all() {
+    for d in disks().list.iter_mut().flatten() {
+        d.broken = Some(Error::DriverNeedsReset);
+    }
+}
+
+/// `blk N status`: the device status register.
+pub fn status(n: u64) -> Result<u32, Error> {
+    let d = disk(n)?;
+    Ok(virtio::status(d.base))
+}
+
+/// What `hostile blk N ...` does to the request queue.
+#[derive(Clone, Copy)]
+pub enum Attack {
+    /// Publish an avail index far more than a queue size ahead.
+    AvailIdx,
+    /// A request whose last descriptor chains back to its first.
+    DescLoop,
+    /// A read whose one data descriptor is 1 GiB long.
+    Huge,
+    /// Requests whose descriptors point past the end of RAM.
+    Oob,
+}
+
+/// `hostile blk N ...`: misbehaves on the request queue, notifies and
+/// returns at once. The driver gives the queue up: later requests fail
+/// with [`Error::DriverNeedsReset`] until [`reset`]. Every request built
+/// here is a read (`VIRTIO_BLK_T_IN` of sector 0), so no attack can write
+/// the disk.
+pub fn hostile(n: u64, attack: Attack) -> Result<(), Error> {
+    let d = disk(n)?;
+    d.broken = Some(Error::DriverNeedsReset);
+    let scratch = SCRATCH.get() as u64;
+    // SAFETY: the scratch page is ours; a device may write its data and
+    // status parts at any time, never its header.
+    unsafe {
+        (SCRATCH.get() as *mut ReqHeader).write_volatile(ReqHeader {
+            kind: T_IN,
+            reserved: 0,
+            sector: 0,
+        });
+    }
+    let (header, data, status) = (scratch, scratch + 512, scratch + 1024);
+    let q = &mut d.queue;
+    match attack {
+        Attack::AvailIdx => q.publish_bogus_avail_idx(),
+        Attack::DescLoop => {
+            q.set_desc(0, header, 16, DESC_NEXT, 1);
+            q.set_desc(1, data, 512, DESC_WRITE | DESC_NEXT, 2);
+            q.set_desc(2, status, 1, DESC_WRITE | DESC_NEXT, 0);
+            q.push(0);
+        }
+        Attack::Huge => {
+            // Into the fill region: should a device write it anyway, it
+            // lands in memory nothing but `fill` uses.
+            q.set_desc(0, header, 16, DESC_NEXT, 1);
+            q.set_desc(1, memtest::region_start(), HUGE_LEN, DESC_WRITE | DESC_NEXT, 2);
+            q.set_desc(2, status, 1, DESC_WRITE, 0);
+            q.push(0);
+        }
+        Attack::Oob => {
+            let end = bootparams::get().ram_end();
+            // Data past the end of RAM (the device can still say IOERR).
+            q.set_desc(0, header, 16, DESC_NEXT, 1);
+            q.set_desc(1, end, 512, DESC_WRITE | DESC_NEXT, 2);
+            q.set_desc(2, status, 1, DESC_WRITE, 0);
+            // Every descriptor past the end of RAM (nowhere to say anything).
+            q.set_desc(3, end + 0x1000, 16, DESC_NEXT, 4);
+            q.set_desc(4, end + 0x2000, 512, DESC_WRITE | DESC_NEXT, 5);
+            q.set_desc(5, end + 0x3000, 1, DESC_WRITE, 0);
+            // Data whose end wraps around the 64-bit address space.
+            q.set_desc(6, header, 16, DESC_NEXT, 7);
+            q.set_desc(7, 0u64.wrapping_sub(256), 512, DESC_WRITE | DESC_NEXT, 8);
+            q.set_desc(8, status, 1, DESC_WRITE, 0);
+            q.push(0);
+            q.push(3);
+            q.push(6);
+        }
+    }
+    q.notify();
+    Ok(())
 }
 
 fn report(slot: usize, what: &str) {
@@ -174,14 +335,29 @@ pub fn info(n: u64) -> Result<(u64, bool, u64), Error> {
     ))
 }
 
-/// Number of disks.
-pub fn count() -> usize {
-    disks().len
+/// Fails when the disk's queue is given up, or the device asks for a
+/// reset (looked at after each configuration-change interrupt only: every
+/// status read is a VM exit).
+fn usable(d: &mut Disk) -> Result<(), Error> {
+    if let Some(e) = d.broken {
+        return Err(e);
+    }
+    let config = virtio::config_irq_count(d.transport);
+    if config != d.seen_config {
+        d.seen_config = config;
+        if virtio::status(d.base) & virtio::DEVICE_NEEDS_RESET != 0 {
+            d.broken = Some(Error::DeviceNeedsReset);
+            return Err(Error::DeviceNeedsReset);
+        }
+    }
+    Ok(())
 }
 
 /// One request: header, `len` bytes of [`DATA`] (device-written for IN),
-/// status. Waits for the device's interrupt.
+/// status. Waits for the device's interrupt, at most
+/// [`REQUEST_TIMEOUT_MS`] (then the queue is given up).
 fn request(d: &mut Disk, kind: u32, sector: u64, len: usize) -> Result<(), Error> {
+    usable(d)?;
     // SAFETY: one request at a time; the device is idle on these buffers.
     unsafe {
         HEADER.get().write_volatile(ReqHeader {
@@ -206,15 +382,36 @@ fn request(d: &mut Disk, kind: u32, sector: u64, len: usize) -> Result<(), Error
     q.push(0);
     q.notify();
     // Wait for the completion: `cli; check; sti; hlt` so the interrupt
-    // cannot slip in between the check and the halt.
+    // cannot slip in between the check and the halt. The wake-up timer
+    // bounds the wait when no interrupt comes.
+    let deadline = time::deadline_ms(REQUEST_TIMEOUT_MS);
+    let mut timer = None;
     loop {
         cpu::disable_interrupts();
-        if q.pop_used().is_some() {
+        if d.queue.pop_used().is_some() {
             cpu::enable_interrupts();
             break;
         }
+        let failed = if time::passed(deadline) {
+            d.broken = Some(Error::DriverNeedsReset);
+            Some(Error::Timeout)
+        } else {
+            usable(d).err()
+        };
+        if let Some(e) = failed {
+            cpu::enable_interrupts();
+            if virtio::status(d.base) & virtio::DEVICE_NEEDS_RESET != 0 {
+                d.broken = Some(Error::DeviceNeedsReset);
+                return Err(Error::DeviceNeedsReset);
+            }
+            return Err(e);
+        }
+        if timer.is_none() {
+            timer = Some(WakeTimer::hold());
+        }
         cpu::sti_hlt();
     }
+    drop(timer);
     // SAFETY: the device is done with the status byte.
     match unsafe { STATUS.get().read_volatile() } {
         S_OK => Ok(()),

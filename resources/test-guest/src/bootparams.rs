@@ -44,6 +44,16 @@ impl BootInfo {
         self.e820.get(..self.e820_len).unwrap_or_default()
     }
 
+    /// The end of RAM: the highest end of a usable E820 range.
+    pub fn ram_end(&self) -> u64 {
+        self.e820()
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.addr.saturating_add(e.size))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The command line, without its NUL.
     pub fn cmdline(&self) -> &[u8] {
         self.cmdline.get(..self.cmdline_len).unwrap_or_default()

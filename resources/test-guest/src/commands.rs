@@ -4,7 +4,7 @@
 use crate::console::{self, Sink};
 use crate::memtest::{self, Error as MemError};
 use crate::power::{self, PowerOffError};
-use crate::{blk, bootparams, count, disklog, flood, smp, time, virtio, vsock};
+use crate::{blk, bootparams, count, disklog, flood, hostile, smp, time, virtio, vsock};
 
 /// Runs one command line (without its line end) on the console.
 pub fn run(line: &[u8]) {
@@ -42,7 +42,8 @@ pub fn execute(line: &[u8], out: &mut dyn Sink) -> Reply {
         b"count" => count_cmd(out, rest),
         b"blk" => blk_cmd(out, rest),
         b"log" => log_cmd(out, rest),
-        b"vsock" => no_args(rest, "usage: vsock").and_then(|()| vsock_cmd(out)),
+        b"vsock" => vsock_cmd(out, rest),
+        b"hostile" => hostile::command(rest),
         b"fill" | b"check" => mem_cmd(name == b"fill", rest),
         b"flood" => flood_cmd(out, rest),
         b"poweroff" => no_args(rest, "usage: poweroff").and_then(|()| poweroff(out)),
@@ -92,7 +93,9 @@ impl Fail {
 const HELP: &str = "echo TEXT | cpus | cmdline | mem | count start|get|stop | fill MIB SEED | \
 check MIB SEED | flood KIB | poweroff | reboot | panic | help\r\n\
 blk N info|flush | blk N write SECTOR COUNT SEED | blk N read SECTOR COUNT | \
-log start N|stop|verify N\r\n";
+log start N|stop|verify N\r\n\
+blk N status|reset | vsock [reset] | hostile blk N avail-idx|desc-loop|huge|oob | \
+hostile vsock avail-idx | hostile mmio SEED\r\n";
 
 /// A command's result.
 pub type Reply = Result<(), Fail>;
@@ -107,7 +110,7 @@ fn split_word(line: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// The space-separated words of `args` (empty words skipped).
-fn words(args: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn words(args: &[u8]) -> impl Iterator<Item = &[u8]> {
     args.split(|&b| b == b' ').filter(|w| !w.is_empty())
 }
 
@@ -120,7 +123,7 @@ fn no_args(rest: &[u8], usage: &'static str) -> Reply {
 }
 
 /// Parses a decimal u64 (digits only, no overflow).
-fn parse_u64(word: &[u8]) -> Option<u64> {
+pub(crate) fn parse_u64(word: &[u8]) -> Option<u64> {
     if word.is_empty() {
         return None;
     }
@@ -221,8 +224,8 @@ fn poweroff(out: &mut dyn Sink) -> Reply {
     }
 }
 
-const BLK_USAGE: &str =
-    "usage: blk N info|flush | blk N write SECTOR COUNT SEED | blk N read SECTOR COUNT";
+const BLK_USAGE: &str = "usage: blk N info|flush|status|reset | blk N write SECTOR COUNT SEED | \
+blk N read SECTOR COUNT";
 
 fn blk_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
     let mut words = words(args);
@@ -251,6 +254,16 @@ fn blk_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
             Ok(())
         }
         (b"flush", 0) => blk::flush(n).map_err(blk_err),
+        (b"status", 0) => {
+            let status = blk::status(n).map_err(blk_err)?;
+            out.hex(u64::from(status));
+            if status & virtio::DEVICE_NEEDS_RESET != 0 {
+                out.str(" needs-reset");
+            }
+            out.nl();
+            Ok(())
+        }
+        (b"reset", 0) => blk::reset(n).map_err(blk_err),
         (b"write", 3) => {
             if b > blk::MAX_COUNT {
                 return Err(Fail::Reason("count too large"));
@@ -300,8 +313,14 @@ fn log_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
     }
 }
 
-fn vsock_cmd(out: &mut dyn Sink) -> Reply {
-    let (cid, open, stats) = vsock::status().ok_or(Fail::Reason("no vsock device"))?;
+fn vsock_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
+    let mut words = words(args);
+    match (words.next(), words.next()) {
+        (None, _) => {}
+        (Some(b"reset"), None) => return vsock::reset().map_err(Fail::Reason),
+        _ => return Err(Fail::Reason("usage: vsock [reset]")),
+    }
+    let (cid, open, stats) = vsock::status().map_err(Fail::Reason)?;
     out.str("cid=");
     out.dec(cid);
     out.str(" conns=");

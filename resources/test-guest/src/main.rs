@@ -29,6 +29,7 @@ mod count;
 mod cpu;
 mod disklog;
 mod flood;
+mod hostile;
 mod interrupts;
 mod memtest;
 mod pattern;

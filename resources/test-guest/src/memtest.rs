@@ -27,10 +27,16 @@ pub enum Error {
     Mismatch(u64),
 }
 
+/// Where the fill region starts: the end of the image rounded up to 2 MiB.
+/// Nothing but `fill` uses the memory from there on.
+pub fn region_start() -> u64 {
+    let image_end = &raw const __image_end as u64;
+    image_end.div_ceil(REGION_ALIGN) * REGION_ALIGN
+}
+
 /// The fill region for `mib` MiB: (start, end).
 fn region(mib: u64) -> Result<(u64, u64), Error> {
-    let image_end = &raw const __image_end as u64;
-    let start = image_end.div_ceil(REGION_ALIGN) * REGION_ALIGN;
+    let start = region_start();
     let end = mib
         .checked_mul(MIB)
         .and_then(|len| start.checked_add(len))

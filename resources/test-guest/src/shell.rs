@@ -2,7 +2,7 @@
 //! between interrupts, or counting while `count` runs), echoes them, and
 //! hands complete lines to [`crate::commands`].
 
-use crate::{apic, commands, console, count, cpu, disklog, interrupts, uart, vsock};
+use crate::{apic, commands, console, count, cpu, disklog, uart, vsock};
 
 /// Longest command line.
 const LINE_MAX: usize = 256;
@@ -87,15 +87,15 @@ fn background() -> bool {
         disklog::step();
         did = true;
     }
-    // The timer runs only while an automatic thaw is pending.
+    // The timer runs only while an automatic thaw is pending (or while a
+    // bounded wait elsewhere holds it).
     let want_timer = disklog::thaw_deadline().is_some();
     // SAFETY: BSP only.
-    let timer_on = unsafe { &mut *TIMER_ON.get() };
-    if want_timer != *timer_on {
-        apic::set_periodic_timer(want_timer.then_some(interrupts::TIMER_VECTOR));
-        *timer_on = want_timer;
+    let timer = unsafe { &mut *THAW_TIMER.get() };
+    if want_timer != timer.is_some() {
+        *timer = want_timer.then(apic::WakeTimer::hold);
     }
     did
 }
 
-static TIMER_ON: crate::sync::Global<bool> = crate::sync::Global::new(false);
+static THAW_TIMER: crate::sync::Global<Option<apic::WakeTimer>> = crate::sync::Global::new(None);

@@ -11,7 +11,7 @@
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use crate::sync::Global;
-use crate::{apic, bootparams};
+use crate::{apic, bootparams, time};
 
 /// Most transports handled.
 pub const MAX_TRANSPORTS: usize = 16;
@@ -38,7 +38,8 @@ const REG_QUEUE_READY: u64 = 0x044;
 const REG_QUEUE_NOTIFY: u64 = 0x050;
 const REG_INTERRUPT_STATUS: u64 = 0x060;
 const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
+/// The device status register.
+pub const REG_STATUS: u64 = 0x070;
 const REG_QUEUE_DESC: u64 = 0x080;
 const REG_QUEUE_DRIVER: u64 = 0x090;
 const REG_QUEUE_DEVICE: u64 = 0x0a0;
@@ -50,6 +51,12 @@ const ACKNOWLEDGE: u32 = 1;
 const DRIVER: u32 = 2;
 const DRIVER_OK: u32 = 4;
 const FEATURES_OK: u32 = 8;
+/// DEVICE_NEEDS_RESET: the device hit an error it cannot recover from.
+pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+/// InterruptStatus bit: the configuration (or the status) changed.
+const INT_CONFIG: u32 = 2;
+/// How long a reset (status 0) may take to read back 0.
+const RESET_TIMEOUT_MS: u64 = 1000;
 
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -87,6 +94,9 @@ static TABLE: Global<Table> = Global::new(Table {
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicU64 = AtomicU64::new(0);
 static IRQ_COUNTS: [AtomicU64; MAX_TRANSPORTS] = [ZERO; MAX_TRANSPORTS];
+/// Interrupts with the configuration-change bit, per transport: a device
+/// that sets DEVICE_NEEDS_RESET sends one.
+static CONFIG_IRQS: [AtomicU64; MAX_TRANSPORTS] = [ZERO; MAX_TRANSPORTS];
 /// Bumped by every virtio interrupt: lets waiters notice "something
 /// happened" cheaply.
 pub static IRQ_EPOCH: AtomicU32 = AtomicU32::new(0);
@@ -103,6 +113,18 @@ pub fn irq_count(index: usize) -> u64 {
     IRQ_COUNTS
         .get(index)
         .map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
+/// Configuration-change interrupts received by transport `index`.
+pub fn config_irq_count(index: usize) -> u64 {
+    CONFIG_IRQS
+        .get(index)
+        .map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
+/// The device status register of the device at `base`.
+pub fn status(base: u64) -> u32 {
+    read32(base, REG_STATUS)
 }
 
 /// Finds the transports and routes their interrupts. BSP, start-up.
@@ -228,6 +250,11 @@ pub fn handle_irq(index: usize) {
         if status != 0 {
             write32(t.base, REG_INTERRUPT_ACK, status);
         }
+        if status & INT_CONFIG != 0 {
+            if let Some(c) = CONFIG_IRQS.get(index) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Some(c) = IRQ_COUNTS.get(index) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -238,14 +265,17 @@ pub fn handle_irq(index: usize) {
 /// Resets the device and negotiates features: `wanted` & offered, which
 /// must include VERSION_1. Leaves the status at FEATURES_OK. Returns the
 /// negotiated features.
+///
+/// The reset is the virtio-mmio one (virtio 1.2, 4.2.3.1): write 0 to
+/// Status, then wait until Status reads 0 (at most [`RESET_TIMEOUT_MS`]).
 pub fn negotiate(base: u64, wanted: u64) -> Result<u64, &'static str> {
     write32(base, REG_STATUS, 0);
-    let mut tries = 0;
+    let deadline = time::deadline_ms(RESET_TIMEOUT_MS);
     while read32(base, REG_STATUS) != 0 {
-        tries += 1;
-        if tries > 1000 {
+        if time::passed(deadline) {
             return Err("device reset failed");
         }
+        core::hint::spin_loop();
     }
     write32(base, REG_STATUS, ACKNOWLEDGE);
     write32(base, REG_STATUS, ACKNOWLEDGE | DRIVER);
@@ -280,6 +310,11 @@ pub fn driver_ok(base: u64) -> bool {
 
 /// Entries of every virtqueue we set up.
 pub const QUEUE_SIZE: usize = 64;
+
+/// How far `hostile ... avail-idx` moves the avail index: far more than
+/// the queue size the driver sets ([`QUEUE_SIZE`]) and than the largest
+/// QueueNumMax Strata's devices offer (256).
+pub const BOGUS_AVAIL_AHEAD: u16 = 0x1000;
 
 /// VIRTQ_DESC_F_NEXT.
 pub const DESC_NEXT: u16 = 1;
@@ -442,6 +477,18 @@ impl Queue {
         unsafe {
             (&raw mut (*self.ring).avail.flags).write_volatile(if on { 0 } else { 1 });
         }
+        fence(Ordering::SeqCst);
+    }
+
+    /// `hostile`: publishes an avail index [`BOGUS_AVAIL_AHEAD`] ahead of
+    /// the last one, far more than a queue size, without making anything
+    /// available. The driver's own view stays behind, so the queue is
+    /// unusable until the device is reset.
+    pub fn publish_bogus_avail_idx(&mut self) {
+        let idx = self.next_avail.wrapping_add(BOGUS_AVAIL_AHEAD);
+        fence(Ordering::SeqCst);
+        // SAFETY: the avail index is written by us only.
+        unsafe { (&raw mut (*self.ring).avail.idx).write_volatile(idx) };
         fence(Ordering::SeqCst);
     }
 

@@ -7,12 +7,18 @@
 //! device interrupts (acknowledged in [`crate::virtio`]) only end the
 //! BSP's `hlt`.
 //!
+//! `vsock reset` resets the device and brings it up again with fresh
+//! queues and no connections; `hostile vsock avail-idx` breaks the tx queue
+//! on purpose, after which the driver does nothing until that reset.
+//!
 //! Flow control (virtio 1.2, 5.10.6.3): each connection advertises
 //! `buf_alloc` = [`IN_SIZE`], the size of its receive ring, and `fwd_cnt` =
 //! bytes taken out of that ring (by the agent's line reader, or sent back by
 //! the echo service). Every packet we send carries both; a CREDIT_UPDATE is
 //! sent when half the ring was freed since we last told the peer, or when
 //! it asks (CREDIT_REQUEST). We send at most the peer's free credit.
+
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::pattern::splitmix64;
 use crate::sync::Global;
@@ -186,7 +192,12 @@ struct ConnBufs {
 }
 
 struct Dev {
+    /// A virtio-vsock transport exists.
+    found: bool,
+    /// The driver is up (queues set, DRIVER_OK).
     present: bool,
+    /// The driver gave its queues up (`hostile`): nothing runs until reset.
+    stale: bool,
     base: u64,
     cid: u64,
     rx: Option<Queue>,
@@ -219,7 +230,9 @@ pub struct Stats {
 }
 
 static DEV: Global<Dev> = Global::new(Dev {
+    found: false,
     present: false,
+    stale: false,
     base: 0,
     cid: 0,
     rx: None,
@@ -271,6 +284,13 @@ static BUFS: Global<[ConnBufs; MAX_CONNS]> = Global::new(
     }; MAX_CONNS],
 );
 
+/// Set while [`poll`] runs: an agent `exec` runs console commands from
+/// inside it, and those must not reset or break the device under it.
+static IN_POLL: AtomicBool = AtomicBool::new(false);
+
+/// Why a command cannot touch the vsock device now.
+pub const NOT_OVER_VSOCK: &str = "not over vsock";
+
 fn dev() -> &'static mut Dev {
     // SAFETY: BSP only, never from interrupt handlers; callers do not keep
     // it across calls that take it again.
@@ -293,6 +313,7 @@ pub fn init() {
     };
     let d = dev();
     d.transport = index;
+    d.found = true;
     if let Err(e) = setup(d, t.base) {
         let mut out = console::lock();
         out.str("virtio-vsock: ");
@@ -301,7 +322,18 @@ pub fn init() {
     }
 }
 
+/// The full initialisation (virtio 1.2, 3.1.1): reset, ACKNOWLEDGE,
+/// DRIVER, features, FEATURES_OK, the three queues (rx and event buffers
+/// posted), DRIVER_OK. Starts with no connections and every tx slot free.
 fn setup(d: &mut Dev, base: u64) -> Result<(), &'static str> {
+    d.present = false;
+    d.stale = false;
+    d.rx = None;
+    d.tx = None;
+    d.event = None;
+    d.conns = [IDLE; MAX_CONNS];
+    d.rst_len = 0;
+    d.tx_irq = true;
     virtio::negotiate(base, F_VERSION_1)?;
     let rings = RINGS.get() as *mut Ring;
     // SAFETY: three distinct rings of the static array.
@@ -345,10 +377,58 @@ fn tx_slot(i: usize) -> Option<&'static mut PktBuf> {
     unsafe { (*TX.get()).get_mut(i) }
 }
 
+/// `vsock reset`: resets the device (status 0, waiting until it reads 0)
+/// and brings it up again, dropping every connection; the services listen
+/// again afterwards.
+pub fn reset() -> Result<(), &'static str> {
+    if IN_POLL.load(Ordering::Relaxed) {
+        return Err(NOT_OVER_VSOCK);
+    }
+    let d = dev();
+    let t = virtio::transports().get(d.transport).copied();
+    let (true, Some(t)) = (d.found, t) else {
+        return Err("no vsock device");
+    };
+    setup(d, t.base)
+}
+
+/// `hostile vsock avail-idx`: publishes a bogus avail index on the tx
+/// queue, notifies, and gives the driver up until [`reset`].
+pub fn hostile_avail_idx() -> Result<(), &'static str> {
+    if IN_POLL.load(Ordering::Relaxed) {
+        return Err(NOT_OVER_VSOCK);
+    }
+    let d = dev();
+    if !d.found {
+        return Err("no vsock device");
+    }
+    let Some(tx) = d.tx.as_mut() else {
+        return Err("driver needs reset");
+    };
+    d.stale = true;
+    tx.publish_bogus_avail_idx();
+    tx.notify();
+    Ok(())
+}
+
+/// Gives the driver up until [`reset`] (`hostile mmio` wrote the device's
+/// registers). Not from inside [`poll`].
+pub fn abandon() {
+    if !IN_POLL.load(Ordering::Relaxed) {
+        dev().stale = true;
+    }
+}
+
+/// Whether an agent `exec` is running a command (inside [`poll`]).
+pub fn in_poll() -> bool {
+    IN_POLL.load(Ordering::Relaxed)
+}
+
 /// Whether the device has something for us (cheap: memory reads only).
 pub fn pending() -> bool {
     let d = dev();
     d.present
+        && !d.stale
         && (d.rx.as_ref().is_some_and(Queue::has_used)
             || d.tx.as_ref().is_some_and(Queue::has_used)
             || d.event.as_ref().is_some_and(Queue::has_used))
@@ -357,11 +437,13 @@ pub fn pending() -> bool {
 /// Does all the work there is; returns whether anything happened.
 pub fn poll() -> bool {
     let d = dev();
-    if !d.present {
+    if !d.present || d.stale {
         return false;
     }
     let start = time::rdtsc();
+    IN_POLL.store(true, Ordering::Relaxed);
     let did = poll_inner(d);
+    IN_POLL.store(false, Ordering::Relaxed);
     if did {
         d.stats.busy_polls += 1;
         d.stats.busy_ticks += time::rdtsc().wrapping_sub(start);
@@ -786,9 +868,15 @@ pub fn transport() -> Option<usize> {
     d.present.then_some(d.transport)
 }
 
-/// (our CID, open connections, counters), if the device is present.
-pub fn status() -> Option<(u64, usize, Stats)> {
+/// (our CID, open connections, counters), or why there are none.
+pub fn status() -> Result<(u64, usize, Stats), &'static str> {
     let d = dev();
+    if !d.found {
+        return Err("no vsock device");
+    }
+    if !d.present || d.stale {
+        return Err("driver needs reset");
+    }
     let open = d.conns.iter().filter(|c| c.used).count();
-    d.present.then_some((d.cid, open, d.stats))
+    Ok((d.cid, open, d.stats))
 }
