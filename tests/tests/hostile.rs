@@ -294,10 +294,6 @@ fn hostile_blk_descriptors_past_ram_leave_the_vmm_and_the_other_disk_working() {
 }
 
 #[test]
-#[ignore = "needs the device rework of issue 11: today the vsock device's event loop spins \
-            (100% CPU, an error line per turn on stderr) on an avail index more than a queue \
-            size ahead, holding the device mutex, so `vsock reset` blocks the vCPU in its Status \
-            write forever and strata never exits after poweroff"]
 fn hostile_vsock_avail_idx_leaves_the_vmm_working_and_vsock_reset_recovers() {
     let mut g = boot();
     g.ping();

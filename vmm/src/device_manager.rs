@@ -2,6 +2,11 @@
 //! event loops, and how the guest learns of them (ACPI DSDT entries and `virtio_mmio.device=`
 //! command-line entries, for kernels that find devices either way).
 //!
+//! Each device gets its own event loop thread and mailbox (see `devices::virtio` for the
+//! threading model). [`VirtioDevices::pause`] parks every device thread (a checkpoint pauses
+//! the vCPUs first, then the devices); a device thread that dies reports it through the
+//! [`FailureSink`] given to [`create`].
+//!
 //! Layout: transport `i` has its registers at `0xd000_0000 + i * 4 KiB` and interrupt line
 //! (IOAPIC pin / GSI) `5 + i`. Disks come first, in `--disk` order, then the vsock device.
 
@@ -10,8 +15,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
 use devices::virtio::block::{Block, ChainBackend};
-use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
-use devices::virtio::{EventLoop, GuestMemory, Interrupt, VirtioDevice};
+use devices::virtio::mmio::{MmioResources, MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use devices::virtio::{
+    EventLoop, FailureSink, GuestMemory, Interrupt, LoopError, Mailbox, VirtioDevice,
+};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -98,6 +105,32 @@ impl VirtioDevices {
     pub fn stop(&mut self) {
         self.loops.clear();
     }
+
+    /// Parks every device thread once it has finished what it was doing; from then on no
+    /// device touches guest memory, its rings or its host sockets until [`Self::resume`]. If
+    /// one cannot be paused (its thread died), the others run again and the error says which.
+    pub fn pause(&self) -> Result<(), LoopError> {
+        for (i, l) in self.loops.iter().enumerate() {
+            if let Err(e) = l.pause() {
+                for paused in &self.loops[..i] {
+                    let _ = paused.resume();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every device thread run again.
+    pub fn resume(&self) -> Result<(), LoopError> {
+        let mut result = Ok(());
+        for l in &self.loops {
+            if let Err(e) = l.resume() {
+                result = Err(e);
+            }
+        }
+        result
+    }
 }
 
 /// Opens a disk image (raw, or the top layer of a Strata chain) as a block backend. The
@@ -121,12 +154,14 @@ fn open_disk(disk: &DiskConfig) -> Result<ChainBackend, DeviceError> {
     Ok(ChainBackend::new(chain))
 }
 
-/// Creates the devices for `disks`, wires them into KVM and starts their threads.
+/// Creates the devices for `disks`, wires them into KVM and starts their threads; a device
+/// thread that dies tells `on_failure`.
 pub fn create(
     vm: &VmFd,
     mem: &GuestMemory,
     disks: &[DiskConfig],
     vsock: Option<&VsockConfig>,
+    on_failure: FailureSink,
 ) -> Result<VirtioDevices, DeviceError> {
     let mut out = VirtioDevices {
         mmio: Bus::new(),
@@ -142,10 +177,15 @@ pub fn create(
             .map_err(io("creating a block device"))?;
         let queue_evt = block.queue_event().map_err(io("cloning a queue eventfd"))?;
         let block = Arc::new(Mutex::new(block));
-        add(vm, mem, &mut out, block.clone(), vec![queue_evt])?;
+        let mailbox = add(vm, mem, &mut out, block.clone(), vec![queue_evt])?;
         out.loops.push(
-            EventLoop::start(&format!("virtio-blk{index}"), block)
-                .map_err(io("starting a device thread"))?,
+            EventLoop::start(
+                &format!("virtio-blk{index}"),
+                block,
+                mailbox,
+                on_failure.clone(),
+            )
+            .map_err(io("starting a device thread"))?,
         );
     }
     if let Some(cfg) = vsock {
@@ -158,9 +198,9 @@ pub fn create(
             .queue_events()
             .map_err(io("cloning vsock queue eventfds"))?;
         let device = Arc::new(Mutex::new(device));
-        add(vm, mem, &mut out, device.clone(), queue_evts)?;
+        let mailbox = add(vm, mem, &mut out, device.clone(), queue_evts)?;
         out.loops.push(
-            EventLoop::start("virtio-vsock", device.clone())
+            EventLoop::start("virtio-vsock", device.clone(), mailbox, on_failure)
                 .map_err(io("starting a device thread"))?,
         );
         out.vsock = Some(device);
@@ -168,14 +208,14 @@ pub fn create(
     Ok(out)
 }
 
-/// Puts one transport on the next slot.
+/// Puts one transport on the next slot; returns the mailbox its device thread serves.
 fn add(
     vm: &VmFd,
     mem: &GuestMemory,
     out: &mut VirtioDevices,
     device: Arc<Mutex<dyn VirtioDevice>>,
     queue_evts: Vec<EventFd>,
-) -> Result<(), DeviceError> {
+) -> Result<Arc<Mailbox>, DeviceError> {
     let index = out.acpi.len();
     let irq = VIRTIO_FIRST_IRQ + index as u32;
     if irq > LAST_IRQ {
@@ -199,12 +239,19 @@ fn add(
             source,
         })?;
     }
-    let transport = MmioTransport::new(device, mem.clone(), Interrupt::new(irq_evt), queue_evts);
+    let mailbox = Mailbox::new().map_err(io("creating a device mailbox"))?;
+    let transport = MmioTransport::new(MmioResources {
+        device,
+        mem: mem.clone(),
+        interrupt: Interrupt::new(irq_evt),
+        queue_evts,
+        mailbox: mailbox.clone(),
+    });
     out.mmio
         .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)?;
     out.acpi
         .push(acpi::virtio_mmio_device(index, base, MMIO_SIZE, irq));
     out.cmdline
         .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-    Ok(())
+    Ok(mailbox)
 }

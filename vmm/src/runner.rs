@@ -104,6 +104,9 @@ pub enum LifecycleError {
     /// A vCPU did not answer.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Pausing or resuming the vCPUs or the devices failed.
+    #[error(transparent)]
+    Pause(#[from] crate::vm::PauseError),
 }
 
 /// The VM and what it takes to (re)build it.
@@ -250,6 +253,7 @@ fn classify(event: &VmEvent) -> Option<GuestOutcome> {
             stop: VcpuStop::Failed(why),
             ..
         }) => GuestOutcome::Failed(why.clone()),
+        VmEvent::DeviceFailed(f) => GuestOutcome::Failed(f.to_string()),
         VmEvent::Quit | VmEvent::Api(_) | VmEvent::AwaitPowerOff(_) => return None,
     })
 }
@@ -296,6 +300,7 @@ fn boot_error(e: LifecycleError) -> RunError {
         LifecycleError::Boot(e) => RunError::Vm(e),
         LifecycleError::Vcpu(e) => RunError::Vcpu(e),
         LifecycleError::WrongState(w) => RunError::GuestFailed(w.to_string()),
+        LifecycleError::Pause(e) => RunError::GuestFailed(e.to_string()),
     }
 }
 

@@ -42,6 +42,19 @@ pub enum VmEvent {
     Api(api::ApiCall),
     /// The guest was asked to shut down: answer this call once it is off.
     AwaitPowerOff(api::Responder),
+    /// A device's thread died; the VM cannot go on.
+    DeviceFailed(devices::virtio::DeviceFailure),
+}
+
+/// Why a pause or resume failed. A pause that fails leaves the VM running, never half paused.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// A vCPU did not answer.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// A device thread is gone.
+    #[error(transparent)]
+    Device(#[from] devices::virtio::LoopError),
 }
 
 /// Errors while building a VM.
@@ -276,7 +289,20 @@ impl Vm {
             }
             None => None,
         };
-        let virtio = device_manager::create(&fd, &memory, &config.disks, config.vsock.as_ref())?;
+        let failures = Mutex::new(events.clone());
+        let on_failure: devices::virtio::FailureSink = Arc::new(move |f| {
+            let _ = failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(VmEvent::DeviceFailed(f));
+        });
+        let virtio = device_manager::create(
+            &fd,
+            &memory,
+            &config.disks,
+            config.vsock.as_ref(),
+            on_failure,
+        )?;
         let mut cmdline = config.cmdline.clone();
         for entry in &virtio.cmdline {
             cmdline.push(' ');
@@ -355,20 +381,32 @@ impl Vm {
     }
 
     /// Stops every vCPU (all are kicked first, then each is awaited) and returns once all of
-    /// them are out of the guest with their state committed.
-    pub fn pause(&self) -> Result<(), crate::vcpu::VcpuError> {
+    /// them are out of the guest with their state committed; then parks every device thread
+    /// (no device touches guest memory until resumed). If the devices cannot be paused, the
+    /// vCPUs run again.
+    pub fn pause(&self) -> Result<(), PauseError> {
         self.broadcast(
             crate::vcpu::VcpuCommand::Pause,
             crate::vcpu::VcpuAck::Paused,
-        )
+        )?;
+        if let Err(e) = self.virtio.pause() {
+            let _ = self.broadcast(
+                crate::vcpu::VcpuCommand::Resume,
+                crate::vcpu::VcpuAck::Resumed,
+            );
+            return Err(e.into());
+        }
+        Ok(())
     }
 
-    /// Lets every vCPU run again.
-    pub fn resume(&self) -> Result<(), crate::vcpu::VcpuError> {
+    /// Lets the device threads, then every vCPU, run again.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        self.virtio.resume()?;
         self.broadcast(
             crate::vcpu::VcpuCommand::Resume,
             crate::vcpu::VcpuAck::Resumed,
-        )
+        )?;
+        Ok(())
     }
 
     fn broadcast(

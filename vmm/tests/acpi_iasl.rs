@@ -390,7 +390,14 @@ fn realistic_vm(dir: &Path) -> (Vec<Table>, vmm::device_manager::VirtioDevices) 
     let vsock: VsockConfig = format!("cid=3,socket={}", dir.join("v.sock").display())
         .parse()
         .unwrap();
-    let virtio = vmm::device_manager::create(&vm, &mem, &disks, Some(&vsock)).unwrap();
+    let virtio = vmm::device_manager::create(
+        &vm,
+        &mem,
+        &disks,
+        Some(&vsock),
+        std::sync::Arc::new(|f| panic!("{f}")),
+    )
+    .unwrap();
     let rsdp = acpi::write_tables(
         &mem,
         &acpi::AcpiConfig {

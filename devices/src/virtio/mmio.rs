@@ -1,19 +1,32 @@
 //! The virtio-mmio transport, register layout version 2 (virtio 1.2, section 4.2.2).
 //!
-//! The transport owns feature negotiation, queue configuration and the device status; when the
-//! driver sets DRIVER_OK it hands the configured queues to the device. Guest accesses arrive on
-//! vCPU threads through the MMIO bus; everything here is cheap and never blocks on device I/O.
+//! The transport owns feature negotiation, the device status, and each queue's configuration
+//! until DRIVER_OK; then it moves the queues to the device thread (see the threading model in
+//! [`crate::virtio`]) and keeps none. Guest accesses arrive on vCPU threads through the MMIO bus;
+//! everything here is cheap and never waits for the device: register reads come from the
+//! transport's own state (the device's identity, features, queue maxima and config space are
+//! copied when the transport is created), DRIVER_OK and reset are posted to the device thread's
+//! [`Mailbox`], and a reset completes (Status reads 0) once the device thread has done it.
+//!
 //! A write to QueueNotify normally never reaches this code: the VMM registers each queue's
 //! eventfd as a KVM ioeventfd on [`NOTIFY_OFFSET`], so KVM signals the device's event loop
 //! directly. If it does arrive (no ioeventfd), the transport signals the same eventfd.
+//!
+//! [`MmioTransport`] implements [`Persist`]: the state is the registers, the interrupt status
+//! and every queue (from the device while it is active; the caller pauses the device thread
+//! first). Restore checks it against the device and, for an active device, hands the queues to
+//! the device thread as an activation.
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+use snapshot::{check, Persist, StateError};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::queue::{restore_queue, SavedQueue};
 use super::{
-    status, GuestMemory, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
+    status, Activation, GuestMemory, Interrupt, Mailbox, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::bus::BusDevice;
@@ -30,57 +43,92 @@ pub const MMIO_SIZE: u64 = 0x1000;
 pub const NOTIFY_OFFSET: u64 = 0x050;
 /// Where the device-specific config space starts.
 const CONFIG_OFFSET: u64 = 0x100;
+/// Status bits only the device sets.
+const DEVICE_ONLY: u32 = status::DEVICE_NEEDS_RESET;
+
+/// What a transport is built on besides its state.
+pub struct MmioResources {
+    /// The device. Locked only at creation and by `save` (the device thread is paused then),
+    /// never on a guest access.
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+    /// One notification eventfd per queue.
+    pub queue_evts: Vec<EventFd>,
+    /// The device thread's mailbox.
+    pub mailbox: Arc<Mailbox>,
+}
 
 /// A virtio device behind an MMIO register window.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
+    mailbox: Arc<Mailbox>,
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
     queue_evts: Vec<EventFd>,
-    queues: Vec<Queue>,
+    device_type: u32,
     device_features: u64,
+    max_sizes: Vec<u16>,
+    config: Vec<u8>,
+    /// Queue configuration; empty while the device thread owns the queues.
+    queues: Vec<Queue>,
+    /// QueueReady of each queue as it was handed over (what the register reads while active).
+    handed_ready: Vec<bool>,
     device_features_sel: u32,
     driver_features: u64,
     driver_features_sel: u32,
     queue_sel: u32,
     status: u32,
-    config_generation: u32,
+    /// The device thread owns the queues (an activation was posted since the last reset).
+    active: bool,
+    /// The reset generation posted to the device thread and not yet done, if any.
+    resetting: Option<u64>,
+    reset_generation: u64,
+}
+
+fn fresh_queues(max_sizes: &[u16]) -> Vec<Queue> {
+    max_sizes
+        .iter()
+        .filter_map(|&max| Queue::new(max).ok())
+        .collect()
 }
 
 impl MmioTransport {
-    /// A transport for `device`, whose queues are notified through `queue_evts` (one per queue).
-    pub fn new(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemory,
-        interrupt: Arc<Interrupt>,
-        queue_evts: Vec<EventFd>,
-    ) -> Self {
-        let (features, sizes) = {
-            let d = device.lock().unwrap_or_else(|e| e.into_inner());
-            (d.features(), d.queue_max_sizes().to_vec())
+    /// A transport for `r.device`, whose queues are notified through `r.queue_evts` (one per
+    /// queue) and which the device thread serves through `r.mailbox`.
+    pub fn new(r: MmioResources) -> Self {
+        let (device_type, features, max_sizes, config) = {
+            let d = r.device.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                d.device_type(),
+                d.features(),
+                d.queue_max_sizes().to_vec(),
+                d.config_space(),
+            )
         };
-        let queues = sizes
-            .iter()
-            .filter_map(|&max| Queue::new(max).ok())
-            .collect();
         Self {
-            device,
-            mem,
-            interrupt,
-            queue_evts,
-            queues,
+            device: r.device,
+            mailbox: r.mailbox,
+            mem: r.mem,
+            interrupt: r.interrupt,
+            queue_evts: r.queue_evts,
+            device_type,
             device_features: features | (1 << VIRTIO_F_VERSION_1),
+            queues: fresh_queues(&max_sizes),
+            handed_ready: Vec::new(),
+            max_sizes,
+            config,
             device_features_sel: 0,
             driver_features: 0,
             driver_features_sel: 0,
             queue_sel: 0,
             status: 0,
-            config_generation: 0,
+            active: false,
+            resetting: None,
+            reset_generation: 0,
         }
-    }
-
-    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -92,24 +140,61 @@ impl MmioTransport {
         self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0
     }
 
-    fn reset(&mut self) {
-        self.device().reset();
-        for q in &mut self.queues {
-            q.reset();
+    /// The Status register: the driver's bits plus DEVICE_NEEDS_RESET when the device set it.
+    fn status_register(&mut self) -> u32 {
+        self.poll_reset();
+        if self.interrupt.needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
         }
+    }
+
+    /// Finishes a pending reset once the device thread has done it.
+    fn poll_reset(&mut self) {
+        if let Some(generation) = self.resetting {
+            if self.mailbox.reset_done() >= generation {
+                self.finish_reset();
+            }
+        }
+    }
+
+    fn finish_reset(&mut self) {
+        self.queues = fresh_queues(&self.max_sizes);
+        self.handed_ready.clear();
         self.driver_features = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.status = 0;
-        self.interrupt.ack(u32::MAX);
+        self.active = false;
+        self.resetting = None;
+        self.interrupt.clear();
+    }
+
+    fn reset(&mut self) {
+        if !self.active {
+            self.finish_reset();
+            return;
+        }
+        // The device thread may be using the rings: Status reads the old value until it stops.
+        self.reset_generation += 1;
+        self.resetting = Some(self.reset_generation);
+        self.mailbox.reset(self.reset_generation);
+        self.poll_reset();
     }
 
     fn set_status(&mut self, value: u32) {
+        self.poll_reset();
+        if self.resetting.is_some() {
+            log::debug!("virtio-mmio: status {value:#x} written while a reset is pending");
+            return;
+        }
         if value == 0 {
             self.reset();
             return;
         }
+        let value = value & !DEVICE_ONLY;
         // The driver only ever adds bits (virtio 1.2, 3.1.1); anything else is ignored.
         if value & self.status != self.status {
             log::debug!(
@@ -132,15 +217,13 @@ impl MmioTransport {
                 accepted &= !status::DRIVER_OK;
             } else if let Err(e) = self.activate() {
                 log::warn!("virtio-mmio: activation failed: {e}");
-                accepted |= status::DEVICE_NEEDS_RESET;
-                self.status = accepted;
-                self.interrupt.trigger(INT_CONFIG);
-                return;
+                self.interrupt.set_needs_reset();
             }
         }
         self.status = accepted;
     }
 
+    /// Checks the queues and hands them to the device thread.
     fn activate(&mut self) -> Result<(), super::ActivateError> {
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         for (i, q) in self.queues.iter_mut().enumerate() {
@@ -151,34 +234,46 @@ impl MmioTransport {
                 q.set_event_idx(event_idx);
             }
         }
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| Queue::try_from(q.state()).map_err(|_| super::ActivateError::BadQueue(i)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let features = self.driver_features;
-        let mem = self.mem.clone();
-        let interrupt = self.interrupt.clone();
-        self.device().activate(mem, interrupt, queues, features)
+        let queues = std::mem::take(&mut self.queues);
+        self.hand_over(queues);
+        Ok(())
+    }
+
+    fn hand_over(&mut self, queues: Vec<Queue>) {
+        self.handed_ready = queues.iter().map(|q| q.ready()).collect();
+        self.active = true;
+        self.mailbox.activate(Activation {
+            mem: self.mem.clone(),
+            interrupt: self.interrupt.clone(),
+            queues,
+            features: self.driver_features,
+        });
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
+        let sel = self.queue_sel as usize;
         match offset {
             0x000 => MAGIC,
             0x004 => VERSION,
-            0x008 => self.device().device_type(),
+            0x008 => self.device_type,
             0x00c => VENDOR_ID,
             0x010 => match self.device_features_sel {
                 0 => self.device_features as u32,
                 1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
-            0x034 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            0x044 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            0x034 => self.max_sizes.get(sel).map_or(0, |&m| u32::from(m)),
+            0x044 => {
+                let ready = if self.active {
+                    self.handed_ready.get(sel).copied()
+                } else {
+                    self.queues.get(sel).map(|q| q.ready())
+                };
+                u32::from(ready.unwrap_or(false))
+            }
             0x060 => self.interrupt.status(),
-            0x070 => self.status,
-            0x0fc => self.config_generation,
+            0x070 => self.status_register(),
+            0x0fc => 0, // ConfigGeneration: the config space never changes.
             _ => {
                 log::debug!("virtio-mmio: read of register {offset:#x}");
                 0
@@ -239,7 +334,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
-            self.device().read_config(offset - CONFIG_OFFSET, data);
+            super::read_config_bytes(&self.config, offset - CONFIG_OFFSET, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -251,8 +346,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_OFFSET {
-            self.device().write_config(offset - CONFIG_OFFSET, data);
-            self.config_generation = self.config_generation.wrapping_add(1);
+            log::debug!("virtio-mmio: config space write at {offset:#x} ignored");
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -265,10 +359,168 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// A transport's saved state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MmioState {
+    /// The device type it was saved with.
+    pub device_type: u32,
+    /// The features the device offered (VERSION_1 included).
+    pub device_features: u64,
+    /// The features the driver wrote.
+    pub driver_features: u64,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// The driver's status bits.
+    pub status: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// DEVICE_NEEDS_RESET is set.
+    pub needs_reset: bool,
+    /// The device thread was serving the queues.
+    pub active: bool,
+    /// Every queue: its configuration, or its live state while active.
+    pub queues: Vec<SavedQueue>,
+}
+
+impl Persist for MmioTransport {
+    type State = MmioState;
+    type Resources = MmioResources;
+    type Error = StateError;
+
+    fn save(&self) -> MmioState {
+        let mut active = self.active && self.resetting.is_none();
+        let queues: Vec<SavedQueue> = if active {
+            let live = self
+                .device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_states();
+            if live.is_empty() {
+                // The device refused the activation (and asked for a reset).
+                active = false;
+            }
+            live.into_iter().map(SavedQueue::from).collect()
+        } else {
+            self.queues
+                .iter()
+                .map(|q| SavedQueue::from(q.state()))
+                .collect()
+        };
+        let queues = if queues.is_empty() {
+            fresh_queues(&self.max_sizes)
+                .iter()
+                .map(|q| SavedQueue::from(q.state()))
+                .collect()
+        } else {
+            queues
+        };
+        MmioState {
+            device_type: self.device_type,
+            device_features: self.device_features,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            // A pending reset is saved as done: the restored device starts reset.
+            status: if self.resetting.is_some() {
+                0
+            } else {
+                self.status
+            },
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset() && self.resetting.is_none(),
+            active,
+            queues,
+        }
+    }
+
+    fn restore(r: MmioResources, state: &MmioState) -> Result<Self, StateError> {
+        let mut t = MmioTransport::new(r);
+        check(state.device_type == t.device_type, "device_type", || {
+            format!("{} but the device is {}", state.device_type, t.device_type)
+        })?;
+        check(
+            state.device_features == t.device_features,
+            "device_features",
+            || {
+                format!(
+                    "{:#x} but the device offers {:#x}",
+                    state.device_features, t.device_features
+                )
+            },
+        )?;
+        let s = state.status;
+        check(s & !0xff == 0 && s & DEVICE_ONLY == 0, "status", || {
+            format!("{s:#x} has bits a driver cannot set")
+        })?;
+        let implies = [
+            (status::DRIVER, status::ACKNOWLEDGE),
+            (status::FEATURES_OK, status::DRIVER),
+            (status::DRIVER_OK, status::FEATURES_OK),
+        ];
+        for (bit, needs) in implies {
+            check(s & bit == 0 || s & needs != 0, "status", || {
+                format!("{s:#x} has {bit:#x} without {needs:#x}")
+            })?;
+        }
+        if s & status::FEATURES_OK != 0 {
+            check(
+                state.driver_features & !t.device_features == 0
+                    && state.driver_features & (1 << VIRTIO_F_VERSION_1) != 0,
+                "driver_features",
+                || {
+                    format!(
+                        "{:#x} is not a modern subset of the device's {:#x}",
+                        state.driver_features, t.device_features
+                    )
+                },
+            )?;
+        }
+        check(
+            !state.active || s & status::DRIVER_OK != 0,
+            "active",
+            || "set without DRIVER_OK in status".into(),
+        )?;
+        check(state.queues.len() == t.max_sizes.len(), "queues", || {
+            format!(
+                "{} queues but the device has {}",
+                state.queues.len(),
+                t.max_sizes.len()
+            )
+        })?;
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, (saved, &max)) in state.queues.iter().zip(&t.max_sizes).enumerate() {
+            queues.push(
+                restore_queue(saved, max, &t.mem).map_err(|e| e.within(format!("queues[{i}]")))?,
+            );
+        }
+        t.driver_features = state.driver_features;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.queue_sel = state.queue_sel;
+        t.status = s;
+        t.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        if state.active {
+            t.hand_over(queues);
+        } else {
+            t.queues = queues;
+        }
+        Ok(t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::virtio::ActivateError;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use virtio_queue::QueueState;
     use vm_memory::GuestAddress;
 
     #[derive(Default)]
@@ -287,10 +539,9 @@ mod tests {
         fn queue_max_sizes(&self) -> &[u16] {
             &[16]
         }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            super::super::read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data);
+        fn config_space(&self) -> Vec<u8> {
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
         }
-        fn write_config(&mut self, _: u64, _: &[u8]) {}
         fn activate(
             &mut self,
             _: GuestMemory,
@@ -305,19 +556,56 @@ mod tests {
             self.activated = None;
             self.resets += 1;
         }
+        fn queue_states(&self) -> Vec<QueueState> {
+            self.activated
+                .iter()
+                .flat_map(|(q, _)| q.iter().map(|q| q.state()))
+                .collect()
+        }
     }
 
-    fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+    struct Fixture {
+        t: MmioTransport,
+        dev: Arc<Mutex<Dummy>>,
+        mailbox: Arc<Mailbox>,
+        interrupt: Arc<Interrupt>,
+        mem: GuestMemory,
+    }
+
+    impl Fixture {
+        /// What the device thread does when its mailbox fires.
+        fn deliver(&self) {
+            self.mailbox.deliver(&mut *self.dev.lock().unwrap());
+        }
+    }
+
+    fn resources(
+        dev: Arc<Mutex<Dummy>>,
+        mem: &GuestMemory,
+    ) -> (MmioResources, Arc<Mailbox>, Arc<Interrupt>) {
+        let mailbox = Mailbox::new().unwrap();
+        let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let r = MmioResources {
+            device: dev,
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+            queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            mailbox: mailbox.clone(),
+        };
+        (r, mailbox, interrupt)
+    }
+
+    fn setup() -> Fixture {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let dev = Arc::new(Mutex::new(Dummy::default()));
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(
-            dev.clone(),
+        let (r, mailbox, interrupt) = resources(dev.clone(), &mem);
+        Fixture {
+            t: MmioTransport::new(r),
+            dev,
+            mailbox,
+            interrupt,
             mem,
-            Interrupt::new(irq),
-            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
-        );
-        (t, dev)
+        }
     }
 
     fn r(t: &mut MmioTransport, off: u64) -> u32 {
@@ -329,6 +617,10 @@ mod tests {
     fn w(t: &mut MmioTransport, off: u64, v: u32) {
         t.write(off, &v.to_le_bytes());
     }
+
+    const FEATURES: u64 = (1 << 9) | (1u64 << VIRTIO_F_VERSION_1);
+    const ACTIVE: u32 =
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     /// Runs the driver's initialisation sequence (virtio 1.2, 3.1.1) with `features`.
     fn init(t: &mut MmioTransport, features: u64) -> u32 {
@@ -355,77 +647,232 @@ mod tests {
 
     #[test]
     fn identifies_as_modern_virtio_mmio() {
-        let (mut t, _) = setup();
-        assert_eq!(r(&mut t, 0), MAGIC);
-        assert_eq!(r(&mut t, 4), 2);
-        assert_eq!(r(&mut t, 8), 2);
-        w(&mut t, 0x014, 1);
-        assert_eq!(r(&mut t, 0x010), 1, "VERSION_1 offered");
-        w(&mut t, 0x014, 0);
-        assert_eq!(r(&mut t, 0x010), 1 << 9);
-        assert_eq!(r(&mut t, 0x034), 16);
+        let mut f = setup();
+        let t = &mut f.t;
+        assert_eq!(r(t, 0), MAGIC);
+        assert_eq!(r(t, 4), 2);
+        assert_eq!(r(t, 8), 2);
+        w(t, 0x014, 1);
+        assert_eq!(r(t, 0x010), 1, "VERSION_1 offered");
+        w(t, 0x014, 0);
+        assert_eq!(r(t, 0x010), 1 << 9);
+        assert_eq!(r(t, 0x034), 16);
     }
 
     #[test]
-    fn full_init_activates_device_with_configured_queue() {
-        let (mut t, dev) = setup();
-        let features = (1 << 9) | (1u64 << VIRTIO_F_VERSION_1);
-        let s = init(&mut t, features);
+    fn driver_ok_hands_the_queues_to_the_device_thread_and_keeps_none() {
+        let mut f = setup();
+        let s = init(&mut f.t, FEATURES);
         assert_ne!(s & status::DRIVER_OK, 0);
-        let d = dev.lock().unwrap();
+        // Posted, not run on this (the vCPU's) thread.
+        assert!(f.dev.lock().unwrap().activated.is_none());
+        assert!(f.t.queues.is_empty(), "the transport keeps no queue copies");
+        assert_eq!(r(&mut f.t, 0x044), 1, "QueueReady still reads");
+        f.deliver();
+        let d = f.dev.lock().unwrap();
         let (queues, got) = d.activated.as_ref().unwrap();
-        assert_eq!(*got, features);
+        assert_eq!(*got, FEATURES);
         assert_eq!(queues[0].size(), 16);
         assert_eq!(queues[0].desc_table(), 0x1000);
         assert!(queues[0].ready());
     }
 
     #[test]
+    fn guest_accesses_never_take_the_device_mutex() {
+        let f = setup();
+        let Fixture { mut t, dev, .. } = f;
+        // The device thread holds its mutex (as across a long request).
+        let held = dev.lock().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            init(&mut t, FEATURES);
+            for off in (0..0x100).step_by(4) {
+                r(&mut t, off);
+            }
+            let mut cfg = [0u8; 8];
+            t.read(0x100, &mut cfg);
+            w(&mut t, 0x050, 0);
+            w(&mut t, 0x070, 0);
+            r(&mut t, 0x070);
+            tx.send(cfg).unwrap();
+        });
+        // Hang guard only.
+        let cfg = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a guest access waited for the device");
+        assert_eq!(cfg, [1, 2, 3, 4, 5, 6, 7, 8]);
+        drop(held);
+    }
+
+    #[test]
+    fn reset_completes_when_the_device_thread_has_done_it() {
+        let mut f = setup();
+        init(&mut f.t, FEATURES);
+        f.deliver();
+        w(&mut f.t, 0x070, 0);
+        assert_eq!(
+            r(&mut f.t, 0x070),
+            ACTIVE,
+            "still in use by the device thread"
+        );
+        // Re-initialising before the reset is done is ignored.
+        w(&mut f.t, 0x070, status::ACKNOWLEDGE);
+        assert_eq!(r(&mut f.t, 0x070), ACTIVE);
+        f.deliver();
+        assert_eq!(r(&mut f.t, 0x070), 0);
+        assert_eq!(f.dev.lock().unwrap().resets, 1);
+        assert!(f.dev.lock().unwrap().activated.is_none());
+        // And the device comes back.
+        assert_eq!(init(&mut f.t, FEATURES), ACTIVE);
+        f.deliver();
+        assert!(f.dev.lock().unwrap().activated.is_some());
+    }
+
+    #[test]
+    fn needs_reset_shows_in_status_with_a_config_interrupt_until_reset() {
+        let mut f = setup();
+        init(&mut f.t, FEATURES);
+        f.deliver();
+        f.interrupt.set_needs_reset();
+        assert_eq!(r(&mut f.t, 0x070), ACTIVE | status::DEVICE_NEEDS_RESET);
+        assert_eq!(r(&mut f.t, 0x060), crate::virtio::INT_CONFIG);
+        // A driver cannot set or clear it itself.
+        w(&mut f.t, 0x070, ACTIVE);
+        assert_eq!(
+            r(&mut f.t, 0x070) & status::DEVICE_NEEDS_RESET,
+            status::DEVICE_NEEDS_RESET
+        );
+        w(&mut f.t, 0x070, 0);
+        f.deliver();
+        assert_eq!(r(&mut f.t, 0x070), 0);
+        assert_eq!(r(&mut f.t, 0x060), 0);
+    }
+
+    #[test]
     fn features_the_device_lacks_or_legacy_drivers_are_refused() {
-        let (mut t, dev) = setup();
-        let s = init(&mut t, (1 << 9) | (1 << 3) | (1u64 << VIRTIO_F_VERSION_1));
+        let mut f = setup();
+        let s = init(&mut f.t, (1 << 9) | (1 << 3) | (1u64 << VIRTIO_F_VERSION_1));
         assert_eq!(s & status::FEATURES_OK, 0);
-        let (mut t2, _) = setup();
-        let s = init(&mut t2, 1 << 9); // no VERSION_1
+        let mut f2 = setup();
+        let s = init(&mut f2.t, 1 << 9); // no VERSION_1
         assert_eq!(s & status::FEATURES_OK, 0);
-        assert!(dev.lock().unwrap().activated.is_none());
+        f.deliver();
+        assert!(f.dev.lock().unwrap().activated.is_none());
     }
 
     #[test]
     fn invalid_queue_sets_needs_reset_instead_of_activating() {
-        let (mut t, dev) = setup();
-        w(&mut t, 0x070, 1);
-        w(&mut t, 0x070, 3);
-        w(&mut t, 0x024, 1);
-        w(&mut t, 0x020, 1);
-        w(&mut t, 0x070, 11);
-        w(&mut t, 0x038, 16);
-        w(&mut t, 0x080, 0xffff_0000); // outside guest memory
-        w(&mut t, 0x044, 1);
-        w(&mut t, 0x070, 15);
-        assert_ne!(r(&mut t, 0x070) & status::DEVICE_NEEDS_RESET, 0);
-        assert!(dev.lock().unwrap().activated.is_none());
+        let mut f = setup();
+        let t = &mut f.t;
+        w(t, 0x070, 1);
+        w(t, 0x070, 3);
+        w(t, 0x024, 1);
+        w(t, 0x020, 1);
+        w(t, 0x070, 11);
+        w(t, 0x038, 16);
+        w(t, 0x080, 0xffff_0000); // outside guest memory
+        w(t, 0x044, 1);
+        w(t, 0x070, 15);
+        assert_ne!(r(t, 0x070) & status::DEVICE_NEEDS_RESET, 0);
+        f.deliver();
+        assert!(f.dev.lock().unwrap().activated.is_none());
+        // A reset needs no device thread here: nothing was handed over.
+        w(&mut f.t, 0x070, 0);
+        assert_eq!(r(&mut f.t, 0x070), 0);
     }
 
     #[test]
     fn status_zero_resets_and_odd_accesses_are_harmless() {
-        let (mut t, dev) = setup();
-        init(&mut t, (1 << 9) | (1u64 << VIRTIO_F_VERSION_1));
-        w(&mut t, 0x070, 0);
-        assert_eq!(r(&mut t, 0x070), 0);
-        assert_eq!(dev.lock().unwrap().resets, 1);
-        assert!(dev.lock().unwrap().activated.is_none());
-        // Byte and unaligned accesses, unknown registers, bad queue selectors.
+        let mut f = setup();
+        init(&mut f.t, FEATURES);
+        f.deliver();
+        w(&mut f.t, 0x070, 0);
+        f.deliver();
+        assert_eq!(r(&mut f.t, 0x070), 0);
+        assert_eq!(f.dev.lock().unwrap().resets, 1);
+        let t = &mut f.t;
+        // Byte and unaligned accesses, unknown registers, bad queue selectors, config writes.
         let mut b = [0xaau8; 1];
         t.read(0x000, &mut b);
         assert_eq!(b, [0]);
         t.write(0x071, &[1, 2, 3, 4]);
-        w(&mut t, 0x030, 99);
-        assert_eq!(r(&mut t, 0x034), 0);
-        w(&mut t, 0x038, 8);
-        w(&mut t, 0xffc, 1);
+        w(t, 0x030, 99);
+        assert_eq!(r(t, 0x034), 0);
+        w(t, 0x038, 8);
+        w(t, 0xffc, 1);
+        w(t, 0x100, 0xdead_beef);
         let mut cfg = [0u8; 4];
         t.read(0x106, &mut cfg);
         assert_eq!(cfg, [7, 8, 0, 0]);
+    }
+
+    type Restored = (MmioTransport, Arc<Mutex<Dummy>>, Arc<Mailbox>);
+    type Corruption = (fn(&mut MmioState), &'static str);
+
+    fn restore(
+        f: &Fixture,
+        state: &MmioState,
+    ) -> Result<Restored, StateError> {
+        let dev = Arc::new(Mutex::new(Dummy::default()));
+        let (r, mailbox, _) = resources(dev.clone(), &f.mem);
+        MmioTransport::restore(r, state).map(|t| (t, dev, mailbox))
+    }
+
+    #[test]
+    fn state_round_trips_through_json_with_live_queues() {
+        let mut f = setup();
+        init(&mut f.t, FEATURES);
+        f.deliver();
+        // The device thread moved the queue on.
+        {
+            let mut d = f.dev.lock().unwrap();
+            let q = &mut d.activated.as_mut().unwrap().0[0];
+            q.set_next_avail(5);
+            q.set_next_used(4);
+        }
+        let saved = f.t.save();
+        assert!(saved.active);
+        assert_eq!(
+            (saved.queues[0].next_avail, saved.queues[0].next_used),
+            (5, 4)
+        );
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: MmioState = serde_json::from_str(&json).unwrap();
+        let (mut t2, dev2, mailbox2) = restore(&f, &back).unwrap();
+        mailbox2.deliver(&mut *dev2.lock().unwrap());
+        assert_eq!(t2.save(), saved);
+        assert_eq!(r(&mut t2, 0x070), ACTIVE);
+        let d = dev2.lock().unwrap();
+        assert_eq!(d.activated.as_ref().unwrap().0[0].next_avail(), 5);
+    }
+
+    #[test]
+    fn corrupted_states_are_refused_naming_the_field() {
+        let mut f = setup();
+        init(&mut f.t, FEATURES);
+        f.deliver();
+        let good = f.t.save();
+        let cases: [Corruption; 9] = [
+            (|s| s.device_type = 19, "device_type"),
+            (|s| s.device_features = 1, "device_features"),
+            (
+                |s| s.status = status::DRIVER_OK | status::DRIVER | status::ACKNOWLEDGE,
+                "status",
+            ),
+            (|s| s.status |= status::DEVICE_NEEDS_RESET, "status"),
+            (|s| s.driver_features |= 1 << 3, "driver_features"),
+            (|s| s.queues.clear(), "queues"),
+            (|s| s.queues[0].size = 3, "queues[0].size"),
+            (|s| s.queues[0].used_ring = 0xfff8, "queues[0].used_ring"),
+            (|s| s.queues[0].desc_table = 0x1001, "queues[0].desc_table"),
+        ];
+        for (corrupt, field) in cases {
+            let mut s = good.clone();
+            corrupt(&mut s);
+            match restore(&f, &s) {
+                Err(e) => assert_eq!(e.field, field, "{e}"),
+                Ok(_) => panic!("{field}: accepted"),
+            }
+        }
     }
 }

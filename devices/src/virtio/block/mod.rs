@@ -1,9 +1,20 @@
 //! virtio-blk (virtio 1.2, section 5.2) over a [`BlockBackend`].
 //!
 //! One request queue. The device offers FLUSH, SEG_MAX, SIZE_MAX, BLK_SIZE, DISCARD,
-//! WRITE_ZEROES, RO (for read-only disks), INDIRECT_DESC and EVENT_IDX. Requests are parsed
-//! defensively ([`request`]): a malformed descriptor chain gets VIRTIO_BLK_S_IOERR (or nothing
-//! when even its status byte is unusable) and the device keeps serving the queue.
+//! WRITE_ZEROES, RO (for read-only disks), INDIRECT_DESC and EVENT_IDX. The queue is served by
+//! [`VirtQueue`] within the limits the config space advertises: a chain of more than
+//! [`SEG_MAX`] data descriptors (plus header and status) or a descriptor longer than
+//! [`SIZE_MAX`], like any descriptor outside guest memory or a broken ring, is a broken queue:
+//! the device sets DEVICE_NEEDS_RESET and serves nothing until the driver resets it. Those
+//! checks run on the whole chain before the request touches the disk. Requests within the
+//! limits are parsed defensively ([`request`]): a malformed one gets VIRTIO_BLK_S_IOERR (or
+//! nothing when even its status byte is unusable) and the device keeps serving the queue.
+//!
+//! Data moves between the disk and guest memory with positional I/O directly on guest memory
+//! (no bounce buffer): at most [`SEG_MAX`] x [`SIZE_MAX`] per request, none of it allocated.
+//!
+//! Choice where the spec is silent: the limits are enforced whether or not the driver
+//! acknowledged SIZE_MAX and SEG_MAX (the device cannot serve more either way).
 
 mod backend;
 pub mod request;
@@ -15,12 +26,15 @@ pub use backend::{BlockBackend, ChainBackend};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use snapshot::{check, Persist, StateError};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::queue::{ChainLimits, Handled, VirtQueue};
 use super::{
-    ActivateError, GuestMemory, Interrupt, VirtioDevice, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, GuestMemory, Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -67,8 +81,22 @@ pub struct Block {
 struct Active {
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
-    queue: Queue,
+    queue: VirtQueue,
     broken: bool,
+}
+
+/// What the queue accepts: header + [`SEG_MAX`] data descriptors + status, none longer than
+/// [`SIZE_MAX`].
+const LIMITS: ChainLimits = ChainLimits {
+    max_descriptors: SEG_MAX as usize + 2,
+    max_len: SIZE_MAX,
+};
+
+/// An id as text.
+fn id_text(id: &[u8]) -> String {
+    String::from_utf8_lossy(id)
+        .trim_end_matches('\0')
+        .to_string()
 }
 
 /// Builds the config space (struct virtio_blk_config).
@@ -122,7 +150,9 @@ impl Block {
         self.queue_evt.try_clone()
     }
 
-    /// Serves every available request, then interrupts the driver if it wants to be told.
+    /// Serves up to a queue's worth of available requests, then interrupts the driver if it
+    /// wants to be told; with more left, signals itself to come back after other events. A
+    /// broken queue stops the device until reset (DEVICE_NEEDS_RESET).
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
@@ -130,53 +160,41 @@ impl Block {
         if active.broken {
             return;
         }
-        let ctx = request::Context {
+        let mut ctx = request::Context {
             backend: self.backend.as_mut(),
             read_only: self.read_only,
             id: &self.id,
         };
-        let mut ctx = ctx;
-        let mut used_any = false;
-        let mut first_pass = true;
-        loop {
-            if let Err(e) = active.queue.disable_notification(&active.mem) {
-                log::warn!("virtio-blk: queue unusable: {e}");
+        let mem = &active.mem;
+        let result = active
+            .queue
+            .serve(mem, &active.interrupt, usize::from(QUEUE_SIZE), |chain| {
+                Handled::Used(request::handle(mem, chain.descs, &mut ctx))
+            });
+        match result {
+            Ok(served) if served.more => {
+                let _ = self.queue_evt.write(1);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!(
+                    "virtio-blk {}: queue broken, device needs reset: {e}",
+                    id_text(&self.id)
+                );
                 active.broken = true;
-                return;
-            }
-            let mut popped = false;
-            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-                popped = true;
-                let head = chain.head_index();
-                let len = request::handle(&active.mem, chain, &mut ctx);
-                if let Err(e) = active.queue.add_used(&active.mem, head, len) {
-                    log::warn!("virtio-blk: cannot return descriptor {head}: {e}");
-                    active.broken = true;
-                    return;
-                }
-                used_any = true;
-            }
-            match active.queue.enable_notification(&active.mem) {
-                // The last check saw requests pending, yet this pass popped none: the available
-                // ring is unusable (its index is more than a queue size ahead, or its entries are
-                // outside guest memory). Stop rather than spin.
-                Ok(true) if !popped && !first_pass => {
-                    log::warn!("virtio-blk: queue unusable: available ring cannot be read");
-                    active.broken = true;
-                    return;
-                }
-                Ok(true) => first_pass = false, // more arrived while notifications were off
-                Ok(false) => break,
-                Err(e) => {
-                    log::warn!("virtio-blk: queue unusable: {e}");
-                    active.broken = true;
-                    return;
-                }
+                active.interrupt.set_needs_reset();
             }
         }
-        if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.trigger(INT_VRING);
-        }
+    }
+
+    /// The id GET_ID returns, as text.
+    fn name(&self) -> String {
+        id_text(&self.id)
+    }
+
+    /// Whether the device stopped serving a queue the guest broke.
+    pub fn is_broken(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| a.broken)
     }
 }
 
@@ -193,12 +211,9 @@ impl VirtioDevice for Block {
         &[QUEUE_SIZE]
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // Nothing in the block config space is writable without CONFIG_WCE.
+    fn config_space(&self) -> Vec<u8> {
+        // Nothing in it is writable without CONFIG_WCE, and the capacity is fixed.
+        self.config.to_vec()
     }
 
     fn activate(
@@ -216,16 +231,23 @@ impl VirtioDevice for Block {
         self.active = Some(Active {
             mem,
             interrupt,
-            queue,
+            queue: VirtQueue::new(queue, LIMITS),
             broken: false,
         });
-        // Requests may have been queued before DRIVER_OK.
-        self.process_queue();
+        // Requests may have been queued before DRIVER_OK: the event loop serves them.
+        let _ = self.queue_evt.write(1);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .iter()
+            .map(|a| a.queue.queue().state())
+            .collect()
     }
 }
 
@@ -241,5 +263,59 @@ impl MutEventSubscriber for Block {
         if let Err(e) = ops.add(Events::new(&self.queue_evt, EventSet::IN)) {
             log::error!("virtio-blk: cannot watch the queue: {e}");
         }
+    }
+}
+
+/// A block device's saved state: what identifies the disk it served, checked against the
+/// backend on restore. Its queue is the transport's ([`super::mmio::MmioState`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BlockState {
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Read-only.
+    pub read_only: bool,
+    /// What GET_ID returns.
+    pub id: String,
+    /// The features offered.
+    pub features: u64,
+}
+
+/// What a block device is restored on.
+pub struct BlockResources {
+    /// The disk.
+    pub backend: Box<dyn BlockBackend>,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type Resources = BlockResources;
+    type Error = StateError;
+
+    fn save(&self) -> BlockState {
+        BlockState {
+            capacity: self.backend.capacity(),
+            read_only: self.read_only,
+            id: self.name(),
+            features: self.features,
+        }
+    }
+
+    fn restore(r: BlockResources, state: &BlockState) -> Result<Self, StateError> {
+        check(state.id.len() <= request::ID_LEN, "id", || {
+            format!("{} bytes, more than {}", state.id.len(), request::ID_LEN)
+        })?;
+        let capacity = r.backend.capacity();
+        check(state.capacity == capacity, "capacity", || {
+            format!("{} bytes but the disk has {capacity}", state.capacity)
+        })?;
+        let block = Block::new(r.backend, state.read_only, &state.id)
+            .map_err(|e| StateError::new("queue_evt", e.to_string()))?;
+        check(state.features == block.features, "features", || {
+            format!(
+                "{:#x} but the device offers {:#x}",
+                state.features, block.features
+            )
+        })?;
+        Ok(block)
     }
 }

@@ -58,13 +58,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use snapshot::{check, Persist, StateError};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::queue::{ChainLimits, Handled, QueueError, VirtQueue};
 use super::{
-    ActivateError, GuestMemory, Interrupt, VirtioDevice, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, GuestMemory, Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use conn::{Connection, State};
@@ -109,9 +112,19 @@ struct PendingClient {
 struct Active {
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
+    queues: Vec<VirtQueue>,
     broken: bool,
 }
+
+/// What the queues accept: no chain longer than a queue (the spec's limit for a direct chain,
+/// applied to indirect tables too); the device advertises no buffer size limit.
+const LIMITS: ChainLimits = ChainLimits {
+    max_descriptors: QUEUE_SIZE as usize,
+    max_len: u32::MAX,
+};
+
+/// Chains served per queue per wakeup; with more left the loop comes back after other events.
+const BUDGET: usize = QUEUE_SIZE as usize;
 
 /// A virtio-vsock device with the Unix-socket backend.
 pub struct Vsock {
@@ -132,6 +145,8 @@ pub struct Vsock {
     /// Closed sockets still registered with the event loop.
     dead: Vec<UnixStream>,
     next_local_port: u32,
+    /// Restored from a snapshot: tell the guest its connections are gone once it is active.
+    transport_reset_due: bool,
 }
 
 /// What the loop watches on a host socket.
@@ -198,6 +213,7 @@ impl Vsock {
             rst_queue: VecDeque::new(),
             dead: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            transport_reset_due: false,
         })
     }
 
@@ -232,36 +248,44 @@ impl Vsock {
     /// cannot survive. Returns whether the event reached the guest (false when the device is
     /// not active or the driver gave no event buffer).
     pub fn send_transport_reset(&mut self) -> bool {
-        let delivered = self.active.as_mut().is_some_and(|a| {
-            if a.broken {
-                return false;
+        let mut delivered = false;
+        if let Some(mut a) = self.active.take().filter(|a| !a.broken) {
+            if let Some(q) = a.queues.get_mut(EVENT_QUEUE) {
+                let result = q.serve(&a.mem, &a.interrupt, 1, |chain| {
+                    let written = match chain.chain.writer(&a.mem) {
+                        Ok(mut w) if w.available_bytes() >= 4 => w
+                            .write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                            .map(|()| 4)
+                            .unwrap_or(0),
+                        _ => 0,
+                    };
+                    delivered = written == 4;
+                    Handled::Used(written)
+                });
+                if let Err(e) = result {
+                    self.break_queue(&mut a, EVENT_QUEUE, &e);
+                }
             }
-            let Some(q) = a.queues.get_mut(EVENT_QUEUE) else {
-                return false;
-            };
-            let Some(chain) = q.pop_descriptor_chain(&a.mem) else {
+            if !delivered {
                 log::warn!("virtio-vsock: no event buffer for TRANSPORT_RESET");
-                return false;
-            };
-            let head = chain.head_index();
-            let written = match chain.writer(&a.mem) {
-                Ok(mut w) if w.available_bytes() >= 4 => w
-                    .write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
-                    .map(|()| 4)
-                    .unwrap_or(0),
-                _ => 0,
-            };
-            if q.add_used(&a.mem, head, written).is_err() {
-                a.broken = true;
-                return false;
             }
-            if q.needs_notification(&a.mem).unwrap_or(true) {
-                a.interrupt.trigger(INT_VRING);
-            }
-            written == 4
-        });
+            self.active = Some(a);
+        }
         self.drop_all();
         delivered
+    }
+
+    /// The guest broke queue `index`: stop serving and ask for a reset (virtio 1.2, 2.1.2).
+    fn break_queue(&mut self, a: &mut Active, index: usize, e: &QueueError) {
+        log::warn!("virtio-vsock: queue {index} broken, device needs reset: {e}");
+        a.broken = true;
+        a.interrupt.set_needs_reset();
+        self.drop_all();
+    }
+
+    /// Whether the device stopped serving queues the guest broke.
+    pub fn is_broken(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| a.broken)
     }
 
     /// Closes every connection and pending client without telling the guest.
@@ -485,12 +509,9 @@ impl VirtioDevice for Vsock {
         &[QUEUE_SIZE; 3]
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // guest_cid is read-only.
+    fn config_space(&self) -> Vec<u8> {
+        // guest_cid, read-only.
+        self.cid.to_le_bytes().to_vec()
     }
 
     fn activate(
@@ -510,9 +531,16 @@ impl VirtioDevice for Vsock {
         self.active = Some(Active {
             mem,
             interrupt,
-            queues,
+            queues: queues
+                .into_iter()
+                .map(|q| VirtQueue::new(q, LIMITS))
+                .collect(),
             broken: false,
         });
+        if std::mem::take(&mut self.transport_reset_due) {
+            // Restored: the guest's connections did not survive (virtio 1.2, 5.10.6.7).
+            self.send_transport_reset();
+        }
         // Packets may have been queued before DRIVER_OK: let the loop look.
         let _ = self.queue_evts[TX_QUEUE].write(1);
         Ok(())
@@ -521,6 +549,13 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.drop_all();
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.queue().state()))
+            .collect()
     }
 }
 
@@ -567,5 +602,51 @@ impl MutEventSubscriber for Vsock {
                 log::error!("virtio-vsock: cannot watch fd {fd}: {e}");
             }
         }
+    }
+}
+
+/// A vsock device's saved state. Host connections cannot survive a restore: the restored device
+/// has none, and the caller sends the guest a transport reset once it runs
+/// ([`Vsock::send_transport_reset`]). Its queues are the transport's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VsockState {
+    /// The guest's CID.
+    pub cid: u64,
+    /// The next local port for host-initiated connections.
+    pub next_local_port: u32,
+}
+
+/// What a vsock device is restored on.
+pub struct VsockResources {
+    /// The Unix socket host clients connect to.
+    pub uds_path: PathBuf,
+}
+
+impl Persist for Vsock {
+    type State = VsockState;
+    type Resources = VsockResources;
+    type Error = StateError;
+
+    fn save(&self) -> VsockState {
+        VsockState {
+            cid: self.cid,
+            next_local_port: self.next_local_port,
+        }
+    }
+
+    fn restore(r: VsockResources, state: &VsockState) -> Result<Self, StateError> {
+        check((3..u64::from(u32::MAX)).contains(&state.cid), "cid", || {
+            format!("{} is reserved or out of range", state.cid)
+        })?;
+        check(
+            state.next_local_port >= FIRST_LOCAL_PORT,
+            "next_local_port",
+            || format!("{} is below {FIRST_LOCAL_PORT}", state.next_local_port),
+        )?;
+        let mut v = Vsock::new(state.cid, r.uds_path)
+            .map_err(|e| StateError::new("uds_path", e.to_string()))?;
+        v.next_local_port = state.next_local_port;
+        v.transport_reset_due = true;
+        Ok(v)
     }
 }

@@ -1,23 +1,81 @@
 //! The rx queue: RSTs and the connections' packets for the guest, one packet per connection
 //! per pass so that connections share the guest's buffers.
 
+use std::collections::VecDeque;
 use std::io::Write;
 
-use virtio_queue::QueueT;
-
 use super::packet::{Header, HDR_LEN, TYPE_STREAM};
-use super::{Key, Vsock, CONN_BUF_SIZE, HOST_CID, MAX_PKT_LEN, RX_QUEUE};
-use crate::virtio::INT_VRING;
+use super::{Key, Vsock, BUDGET, CONN_BUF_SIZE, HOST_CID, MAX_PKT_LEN, RX_QUEUE};
+use crate::virtio::queue::{Chain, Handled, Served};
+
+/// What goes next into an rx buffer: a queued RST (`None`) or a packet of a connection.
+type Work = Option<Key>;
 
 impl Vsock {
-    /// Fills the guest's rx buffers with queued RSTs and the connections' packets.
+    /// Fills up to a queue's worth of the guest's rx buffers with queued RSTs and the
+    /// connections' packets; with more left, wakes the loop to come back.
     pub(super) fn process_rx(&mut self) {
-        if self.active.as_ref().is_none_or(|a| a.broken) {
+        let Some(mut a) = self.active.take() else {
             return;
+        };
+        let mut pass = VecDeque::new();
+        let result = match a.queues.get_mut(RX_QUEUE) {
+            Some(q) if !a.broken => q.serve(&a.mem, &a.interrupt, BUDGET, |chain| {
+                self.fill_rx_buffer(chain, &mut pass)
+            }),
+            _ => Ok(Served::default()),
+        };
+        match result {
+            Ok(served) if served.more => {
+                let _ = self.kick.write(1);
+            }
+            Ok(_) => {}
+            Err(e) => self.break_queue(&mut a, RX_QUEUE, &e),
         }
-        let mut used_any = false;
-        'passes: loop {
-            // One packet per connection per pass, so that connections share the buffers.
+        self.active = Some(a);
+    }
+
+    /// Writes the next packet into the rx buffer `chain`, or leaves it for later when there is
+    /// nothing to send.
+    fn fill_rx_buffer(&mut self, chain: Chain<'_>, pass: &mut VecDeque<Work>) -> Handled {
+        let mem = chain.chain.memory();
+        let mut writer = match chain.chain.clone().writer(mem) {
+            Ok(w) if w.available_bytes() >= HDR_LEN => w,
+            _ => {
+                // Unusable buffer: give it back empty; the packet waits for the next one.
+                log::debug!("virtio-vsock: rx buffer too small or not writable");
+                return Handled::Used(0);
+            }
+        };
+        let room = (writer.available_bytes() - HDR_LEN).min(MAX_PKT_LEN as usize);
+        let Some((item, hdr, data)) = self.next_rx_packet(room, pass) else {
+            return Handled::Later;
+        };
+        let ok = writer.write_all(&hdr.to_bytes()).is_ok() && writer.write_all(&data).is_ok();
+        if !ok {
+            log::debug!("virtio-vsock: rx buffer not writable");
+            if let Some(key) = item {
+                self.kill(key, true);
+            }
+            return Handled::Used(0);
+        }
+        Handled::Used((HDR_LEN + data.len()) as u32)
+    }
+
+    /// The next packet for the guest, at most `room` bytes of payload: round-robin over the
+    /// queued RSTs and the connections with something to send, one per pass.
+    fn next_rx_packet(
+        &mut self,
+        room: usize,
+        pass: &mut VecDeque<Work>,
+    ) -> Option<(Work, Header, Vec<u8>)> {
+        for _ in 0..2 {
+            while let Some(item) = pass.pop_front() {
+                if let Some(packet) = self.packet_of(item, room) {
+                    return Some((item, packet.0, packet.1));
+                }
+            }
+            // A new pass: read what the host sockets have, then one packet per connection.
             let mut failed = Vec::new();
             for (&key, c) in self.conns.iter_mut() {
                 if c.fill_from_host().is_err() {
@@ -27,134 +85,43 @@ impl Vsock {
             for key in failed {
                 self.kill(key, true);
             }
-            let mut work: Vec<Option<Key>> = Vec::new();
             if !self.rst_queue.is_empty() {
-                work.push(None);
+                pass.push_back(None);
             }
-            work.extend(
+            pass.extend(
                 self.conns
                     .iter()
                     .filter(|(_, c)| c.has_rx_work())
                     .map(|(&k, _)| Some(k)),
             );
-            if work.is_empty() {
-                break;
-            }
-            let mut sent = false;
-            for item in work {
-                match self.send_one(item) {
-                    Sent::Yes => sent = true,
-                    Sent::Nothing => {}
-                    Sent::NoBuffer => break 'passes,
-                    Sent::Broken => return,
-                }
-                used_any |= sent;
-            }
-            used_any |= sent;
-            if !sent {
-                break;
+            if pass.is_empty() {
+                return None;
             }
         }
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let Some(q) = a.queues.get_mut(RX_QUEUE) else {
-            return;
-        };
-        if used_any && q.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.trigger(INT_VRING);
-        }
+        None
     }
 
-    /// Sends one packet from the RST queue (`None`) or from connection `key`.
-    fn send_one(&mut self, item: Option<Key>) -> Sent {
+    /// One packet of `item`, if it has one.
+    fn packet_of(&mut self, item: Work, room: usize) -> Option<(Header, Vec<u8>)> {
+        let Some(key) = item else {
+            return self.rst_queue.pop_front().map(|h| (h, Vec::new()));
+        };
         let cid = self.cid;
-        let Self {
-            active,
-            conns,
-            rst_queue,
-            ..
-        } = self;
-        let Some(a) = active.as_mut() else {
-            return Sent::Broken;
+        let c = self.conns.get_mut(&key)?;
+        let p = c.take_packet(room)?;
+        c.credit_sent();
+        let h = Header {
+            src_cid: HOST_CID,
+            dst_cid: cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len: p.data.len() as u32,
+            kind: TYPE_STREAM,
+            op: p.op,
+            flags: p.flags,
+            buf_alloc: CONN_BUF_SIZE,
+            fwd_cnt: c.fwd_cnt(),
         };
-        let Some(q) = a.queues.get_mut(RX_QUEUE) else {
-            return Sent::Broken;
-        };
-        let mem = &a.mem;
-        let chain = loop {
-            match q.pop_descriptor_chain(mem) {
-                Some(chain) => break chain,
-                None => match q.enable_notification(mem) {
-                    Ok(true) => continue,
-                    Ok(false) => return Sent::NoBuffer,
-                    Err(_) => {
-                        a.broken = true;
-                        return Sent::Broken;
-                    }
-                },
-            }
-        };
-        let head = chain.head_index();
-        let mut writer = match chain.writer(mem) {
-            Ok(w) if w.available_bytes() >= HDR_LEN => w,
-            _ => {
-                // Unusable buffer: give it back empty; the packet waits for the next one.
-                log::debug!("virtio-vsock: rx buffer too small or invalid");
-                if q.add_used(mem, head, 0).is_err() {
-                    a.broken = true;
-                    return Sent::Broken;
-                }
-                return Sent::Yes;
-            }
-        };
-        let room = (writer.available_bytes() - HDR_LEN).min(MAX_PKT_LEN as usize);
-        let packet = match item {
-            None => rst_queue.pop_front().map(|h| (h, Vec::new())),
-            Some(key) => conns.get_mut(&key).and_then(|c| {
-                let p = c.take_packet(room)?;
-                c.credit_sent();
-                let h = Header {
-                    src_cid: HOST_CID,
-                    dst_cid: cid,
-                    src_port: key.0,
-                    dst_port: key.1,
-                    len: p.data.len() as u32,
-                    kind: TYPE_STREAM,
-                    op: p.op,
-                    flags: p.flags,
-                    buf_alloc: CONN_BUF_SIZE,
-                    fwd_cnt: c.fwd_cnt(),
-                };
-                Some((h, p.data))
-            }),
-        };
-        let Some((hdr, data)) = packet else {
-            // Nothing to send after all: un-pop the buffer.
-            drop(writer);
-            q.set_next_avail(q.next_avail().wrapping_sub(1));
-            return Sent::Nothing;
-        };
-        let ok = writer.write_all(&hdr.to_bytes()).is_ok() && writer.write_all(&data).is_ok();
-        let written = if ok { (HDR_LEN + data.len()) as u32 } else { 0 };
-        if q.add_used(mem, head, written).is_err() {
-            a.broken = true;
-            return Sent::Broken;
-        }
-        if !ok {
-            log::debug!("virtio-vsock: rx buffer not writable");
-            if let Some(key) = item {
-                self.kill(key, true);
-            }
-        }
-        Sent::Yes
+        Some((h, p.data))
     }
-}
-
-/// What [`Vsock::send_one`] did.
-enum Sent {
-    Yes,
-    Nothing,
-    NoBuffer,
-    Broken,
 }

@@ -272,7 +272,13 @@ impl Harness {
             .activate(mem.clone(), interrupt, vec![rxq, txq, evq], 0)
             .unwrap();
         let dev = Arc::new(Mutex::new(vsock));
-        let el = EventLoop::start("vsock-test", dev.clone()).unwrap();
+        let el = EventLoop::start(
+            "vsock-test",
+            dev.clone(),
+            crate::virtio::Mailbox::new().unwrap(),
+            Arc::new(|f| panic!("{f}")),
+        )
+        .unwrap();
         Harness {
             dir,
             path,

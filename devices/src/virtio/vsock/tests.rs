@@ -27,9 +27,7 @@ fn harness_with(timeout: Duration) -> Harness {
 fn config_space_holds_the_guest_cid() {
     let dir = tempfile::tempdir().unwrap();
     let v = Vsock::new(42, dir.path().join("s")).unwrap();
-    let mut cfg = [0u8; 8];
-    v.read_config(0, &mut cfg);
-    assert_eq!(u64::from_le_bytes(cfg), 42);
+    assert_eq!(v.config_space(), 42u64.to_le_bytes());
     assert_eq!(v.device_type(), 19);
     assert_eq!(v.queue_max_sizes().len(), 3);
     assert!(Vsock::new(2, dir.path().join("t")).is_err());

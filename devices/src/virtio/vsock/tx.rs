@@ -3,69 +3,56 @@
 use std::io::Read;
 use std::os::fd::AsRawFd;
 
-use event_manager::{EventOps, Events};
-use virtio_queue::QueueT;
-
 use super::conn::{self, Connection, State};
 use super::packet::{self, op, Header, HDR_LEN, TYPE_STREAM};
-use super::{socket_events, uds, Key, Vsock, HOST_CID, MAX_CONNECTIONS, MAX_PKT_LEN, TX_QUEUE};
-use crate::virtio::{GuestMemory, INT_VRING};
+use super::{
+    socket_events, uds, Key, Vsock, BUDGET, HOST_CID, MAX_CONNECTIONS, MAX_PKT_LEN, TX_QUEUE,
+};
+use crate::virtio::queue::{Handled, Served};
+use crate::virtio::GuestMemory;
+use event_manager::{EventOps, Events};
 
 impl Vsock {
-    /// Serves every packet the guest put on the tx queue.
+    /// Serves up to a queue's worth of packets the guest put on the tx queue; with more left,
+    /// signals the queue to come back after other events.
     pub(super) fn process_tx(&mut self, ops: &mut EventOps) {
-        let mut used_any = false;
-        loop {
-            let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
-                return;
-            };
-            let Some(q) = a.queues.get_mut(TX_QUEUE) else {
-                return;
-            };
-            if q.disable_notification(&a.mem).is_err() {
-                a.broken = true;
-                return;
+        // The queues leave `self` while the handler acts on the connections.
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        let result = match a.queues.get_mut(TX_QUEUE) {
+            Some(q) if !a.broken => q.serve(&a.mem, &a.interrupt, BUDGET, |chain| {
+                let packet = read_tx_packet(&a.mem, chain.chain);
+                self.on_tx_packet(packet, ops);
+                Handled::Used(0)
+            }),
+            _ => Ok(Served::default()),
+        };
+        match result {
+            Ok(served) if served.more => {
+                let _ = self.queue_evts[TX_QUEUE].write(1);
             }
-            let Some(chain) = q.pop_descriptor_chain(&a.mem) else {
-                match q.enable_notification(&a.mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(_) => {
-                        a.broken = true;
-                        return;
-                    }
-                }
-            };
-            let head = chain.head_index();
-            let packet = read_tx_packet(&a.mem, chain);
-            if q.add_used(&a.mem, head, 0).is_err() {
-                a.broken = true;
-                return;
-            }
-            used_any = true;
-            match packet {
-                Ok((h, data)) => self.handle_tx(h, &data, ops),
-                Err(Malformed::NoHeader) => {
-                    log::debug!("virtio-vsock: tx packet without a header dropped");
-                }
-                Err(Malformed::BadLen(h)) => {
-                    log::debug!("virtio-vsock: tx packet with bad length {} dropped", h.len);
-                    if h.src_cid == self.cid && h.dst_cid == HOST_CID && h.op != op::RST {
-                        let key = (h.dst_port, h.src_port);
-                        if self.conns.contains_key(&key) {
-                            self.kill(key, true);
-                        } else {
-                            self.queue_rst(key);
-                        }
-                    }
-                }
-            }
+            Ok(_) => {}
+            Err(e) => self.break_queue(&mut a, TX_QUEUE, &e),
         }
-        if used_any {
-            if let Some(a) = self.active.as_mut() {
-                if let Some(q) = a.queues.get_mut(TX_QUEUE) {
-                    if q.needs_notification(&a.mem).unwrap_or(true) {
-                        a.interrupt.trigger(INT_VRING);
+        self.active = Some(a);
+    }
+
+    /// Acts on what one tx chain held.
+    fn on_tx_packet(&mut self, packet: Result<(Header, Vec<u8>), Malformed>, ops: &mut EventOps) {
+        match packet {
+            Ok((h, data)) => self.handle_tx(h, &data, ops),
+            Err(Malformed::NoHeader) => {
+                log::debug!("virtio-vsock: tx packet without a header dropped");
+            }
+            Err(Malformed::BadLen(h)) => {
+                log::debug!("virtio-vsock: tx packet with bad length {} dropped", h.len);
+                if h.src_cid == self.cid && h.dst_cid == HOST_CID && h.op != op::RST {
+                    let key = (h.dst_port, h.src_port);
+                    if self.conns.contains_key(&key) {
+                        self.kill(key, true);
+                    } else {
+                        self.queue_rst(key);
                     }
                 }
             }
