@@ -809,10 +809,7 @@ mod tests {
     type Restored = (MmioTransport, Arc<Mutex<Dummy>>, Arc<Mailbox>);
     type Corruption = (fn(&mut MmioState), &'static str);
 
-    fn restore(
-        f: &Fixture,
-        state: &MmioState,
-    ) -> Result<Restored, StateError> {
+    fn restore(f: &Fixture, state: &MmioState) -> Result<Restored, StateError> {
         let dev = Arc::new(Mutex::new(Dummy::default()));
         let (r, mailbox, _) = resources(dev.clone(), &f.mem);
         MmioTransport::restore(r, state).map(|t| (t, dev, mailbox))

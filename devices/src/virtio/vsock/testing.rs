@@ -153,6 +153,12 @@ impl Ring {
         mem.write_slice(&raw, at).unwrap();
     }
 
+    /// Publishes `idx` as the avail index without offering anything (a broken driver).
+    pub fn publish_avail_idx(&self, mem: &GuestMemory, idx: u16) {
+        mem.write_obj(idx.to_le(), GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
     /// Makes the chain at `head` available to the device (without notifying it).
     pub fn offer(&mut self, mem: &GuestMemory, head: u16) {
         let slot = u64::from(self.avail_idx % self.size);
@@ -226,7 +232,8 @@ pub struct Harness {
     irq: EventFd,
     tx_free: VecDeque<u16>,
     // Last, so the loop stops before the rest goes away.
-    _el: EventLoop,
+    /// The device thread.
+    pub el: EventLoop,
 }
 
 /// A header from the guest: `op` from `guest_port` to host port `host_port`, advertising a
@@ -292,7 +299,7 @@ impl Harness {
             cfg,
             irq,
             tx_free: (0..cfg.tx_slots).collect(),
-            _el: el,
+            el,
         }
     }
 
