@@ -27,6 +27,8 @@ const FILL_SEED: u64 = 7;
 struct Guest {
     vm: Vm,
     uds: PathBuf,
+    /// The API socket, for the VMs the `hostile` tests watch (the VMM then outlives its guest).
+    api: Option<PathBuf>,
     disks: [PathBuf; 2],
     /// What each disk must hold: the host's model of the guest's `blk write`s.
     model: [Vec<u8>; 2],
@@ -35,6 +37,11 @@ struct Guest {
 
 /// Boots the test guest with two zeroed 4 MiB raw disks and vsock (CID 3).
 fn boot() -> Guest {
+    boot_with(false)
+}
+
+/// [`boot`], with an API socket when `api`.
+fn boot_with(api: bool) -> Guest {
     let dir = tempfile::tempdir().unwrap();
     let disks = [dir.path().join("d0.raw"), dir.path().join("d1.raw")];
     for d in &disks {
@@ -46,7 +53,8 @@ fn boot() -> Guest {
         .map(|d| format!("path={}", d.display()))
         .collect();
     let vsock = format!("cid=3,socket={}", uds.display());
-    let mut vm = Vm::start(&[
+    let api_path = dir.path().join("api.sock");
+    let mut args = vec![
         "--memory",
         "64M",
         "--disk",
@@ -55,11 +63,17 @@ fn boot() -> Guest {
         &disk_args[1],
         "--vsock",
         &vsock,
-    ]);
+    ];
+    if api {
+        args.extend(["--api-socket", api_path.to_str().unwrap()]);
+    }
+    let mut vm = Vm::start(&args);
+    let api = api.then_some(api_path);
     vm.wait_ready();
     Guest {
         vm,
         uds,
+        api,
         disks,
         model: [vec![0u8; DISK_BYTES], vec![0u8; DISK_BYTES]],
         _dir: dir,
@@ -134,12 +148,32 @@ impl Guest {
     /// and the disk files must hold exactly what the guest wrote.
     fn poweroff(mut self) {
         self.vm.send("poweroff\n");
-        let status = self.vm.wait_exit(EXIT_GUARD);
-        assert!(
-            status.success(),
-            "strata exited with {status} after poweroff; stderr:\n{}",
-            tail(&self.vm.stderr())
-        );
+        if self.api.is_some() {
+            // With an API socket the VMM outlives its guest: the VM must be off, by poweroff.
+            let deadline = std::time::Instant::now() + EXIT_GUARD;
+            loop {
+                let reply = self.get_vm();
+                if reply.contains("\"off\"") {
+                    assert!(
+                        reply.contains("\"poweroff\""),
+                        "not a clean poweroff: {reply}"
+                    );
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the VM is not off {EXIT_GUARD:?} after poweroff: {reply}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        } else {
+            let status = self.vm.wait_exit(EXIT_GUARD);
+            assert!(
+                status.success(),
+                "strata exited with {status} after poweroff; stderr:\n{}",
+                tail(&self.vm.stderr())
+            );
+        }
         for (path, model) in self.disks.iter().zip(&self.model) {
             let data = std::fs::read(path).unwrap();
             let differs = data
@@ -152,6 +186,71 @@ impl Guest {
                 path.display()
             );
         }
+    }
+}
+
+/// Hang guard for an API answer (the VMM answers at once; this only keeps a hung VMM from
+/// hanging the test).
+const API_GUARD: Duration = Duration::from_secs(10);
+/// How long the VMM's CPU time is watched while the guest idles.
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
+/// RSS growth allowed across an attack: a device must not allocate for a request it refuses.
+const RSS_SLACK_KIB: u64 = 8 * 1024;
+
+impl Guest {
+    /// `GET /v1/vm` over the API socket: the whole HTTP reply.
+    fn get_vm(&self) -> String {
+        use std::io::{Read, Write};
+        let api = self.api.as_ref().expect("booted with an API socket");
+        let mut s = std::os::unix::net::UnixStream::connect(api).unwrap();
+        s.set_read_timeout(Some(API_GUARD)).unwrap();
+        s.write_all(b"GET /v1/vm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)
+            .unwrap_or_else(|e| panic!("the API did not answer: {e}"));
+        assert!(reply.starts_with("HTTP/1.1 200"), "API: {reply}");
+        reply
+    }
+
+    /// The API answers, and says the VM runs.
+    fn assert_api_answers(&self) {
+        let reply = self.get_vm();
+        assert!(reply.contains("\"running\""), "API: {reply}");
+    }
+
+    /// The VMM's user + system CPU time in clock ticks (/proc/PID/stat fields 14 and 15).
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.vm.pid())).unwrap();
+        // The command name may hold spaces: fields count from after its closing parenthesis.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// Asserts that the VMM uses (almost) no CPU while the guest idles at its prompt: a device
+    /// thread spinning on a broken queue would use a whole core.
+    fn assert_idle(&self) {
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let before = self.cpu_ticks();
+        std::thread::sleep(IDLE_WINDOW);
+        let used = self.cpu_ticks() - before;
+        let window = IDLE_WINDOW.as_secs() * hz;
+        assert!(
+            used * 5 < window,
+            "the VMM used {used} of {window} clock ticks while the guest idled"
+        );
+    }
+
+    /// The VMM's resident set in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.vm.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
     }
 }
 
@@ -245,10 +344,11 @@ fn vsock_reset_drops_connections_and_the_agent_listens_again() {
 /// console, disk 1 and the agent keep working, `blk 0 reset` brings disk 0 back with its data,
 /// guest memory the requests pointed at is unchanged, and strata exits cleanly.
 fn hostile_blk(attack: &str) {
-    let mut g = boot();
+    let mut g = boot_with(true);
     g.write_and_check(0, 0, 16, 1);
     g.write_and_check(1, 0, 16, 2);
     g.vm.command(&format!("fill {FILL_MIB} {FILL_SEED}")).ok();
+    let rss_before = g.rss_kib();
 
     g.vm.command(&format!("hostile blk 0 {attack}")).ok();
 
@@ -261,9 +361,18 @@ fn hostile_blk(attack: &str) {
     assert_eq!(g.vm.line("echo still here"), "still here");
     g.write_and_check(1, 16, 16, 3);
     g.ping();
-    // The device may or may not have set DEVICE_NEEDS_RESET; its status reads either way.
+    // The device set DEVICE_NEEDS_RESET (virtio 1.2, 2.1.2) and stopped.
     let status = g.vm.line("blk 0 status");
     assert_status_line(&status);
+    assert!(status.ends_with(" needs-reset"), "blk 0 status: {status}");
+    // The VMM answers, spins on nothing, and allocated nothing for the refused request.
+    g.assert_api_answers();
+    g.assert_idle();
+    let rss_after = g.rss_kib();
+    assert!(
+        rss_after < rss_before + RSS_SLACK_KIB,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
 
     g.vm.command("blk 0 reset").ok();
     g.assert_healthy(0);
@@ -295,12 +404,14 @@ fn hostile_blk_descriptors_past_ram_leave_the_vmm_and_the_other_disk_working() {
 
 #[test]
 fn hostile_vsock_avail_idx_leaves_the_vmm_working_and_vsock_reset_recovers() {
-    let mut g = boot();
+    let mut g = boot_with(true);
     g.ping();
     g.vm.command("hostile vsock avail-idx").ok();
     assert_eq!(g.vm.command("vsock").status, err("driver needs reset"));
     // Everything else goes on.
     assert_eq!(g.vm.line("echo still here"), "still here");
+    g.assert_api_answers();
+    g.assert_idle();
     g.write_and_check(0, 0, 16, 1);
     g.write_and_check(1, 0, 16, 2);
     // The guest resets the device and the host reaches the agent again.
@@ -312,13 +423,17 @@ fn hostile_vsock_avail_idx_leaves_the_vmm_working_and_vsock_reset_recovers() {
 
 #[test]
 fn hostile_mmio_leaves_the_vmm_working_and_resets_bring_every_device_back() {
-    let mut g = boot();
+    let mut g = boot_with(true);
     g.write_and_check(0, 0, 16, 1);
     g.write_and_check(1, 0, 16, 2);
     g.vm.command(&format!("fill {FILL_MIB} {FILL_SEED}")).ok();
     for seed in 1..=6u64 {
         g.vm.command(&format!("hostile mmio {seed}")).ok();
         assert_eq!(g.vm.line("echo still here"), "still here");
+        g.assert_api_answers();
+        if seed == 1 {
+            g.assert_idle();
+        }
         // Every driver gave its device up; the registers still read.
         for disk in 0..2 {
             assert_eq!(
