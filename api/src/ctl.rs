@@ -372,6 +372,10 @@ fn format_vm(info: &VmInfo) -> String {
             or_dash(info.current_checkpoint.as_deref()),
         ),
         ("last exit".to_owned(), or_dash(info.last_exit.as_deref())),
+        (
+            "console dropped".to_owned(),
+            format!("{} bytes", info.console.dropped_bytes),
+        ),
     ]);
     rows.iter()
         .map(|(k, v)| format!("{:<20}{v}", format!("{k}:")))
@@ -382,7 +386,7 @@ fn format_vm(info: &VmInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{DiskInfo, VmConfigInfo, VmState};
+    use crate::types::{ConsoleInfo, DiskInfo, VmConfigInfo, VmState};
     use clap::Parser;
 
     #[derive(Debug, Parser)]
@@ -496,10 +500,12 @@ mod tests {
             checkpoint_config: CheckpointConfig::default(),
             current_checkpoint: None,
             last_exit: None,
+            console: ConsoleInfo { dropped_bytes: 7 },
         };
         let text = format_vm(&info);
         assert!(text.starts_with("state:              paused\n"));
         assert!(text.contains("disk 0:             /d.img (ro)"));
         assert!(text.contains("checkpoint type:    production"));
+        assert!(text.ends_with("console dropped:    7 bytes"));
     }
 }

@@ -42,6 +42,18 @@ pub struct VmInfo {
     pub current_checkpoint: Option<String>,
     /// Why the guest last stopped running (`poweroff`, `reset`, `stop`, an error), if it did.
     pub last_exit: Option<String>,
+    /// The serial console's output.
+    #[serde(default)]
+    pub console: ConsoleInfo,
+}
+
+/// The serial console of `VmInfo`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleInfo {
+    /// Bytes of guest console output that never reached the console since the VMM started:
+    /// dropped because its reader did not keep up (guest output never waits for it), or
+    /// because writing failed.
+    pub dropped_bytes: u64,
 }
 
 /// The VM's configuration as the API shows it.

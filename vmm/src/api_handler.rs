@@ -13,7 +13,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::types::{AgentStatus, DiskInfo, ExecResponse, GuestInfo, VmConfigInfo, VmInfo, VsockInfo};
+use api::types::{
+    AgentStatus, ConsoleInfo, DiskInfo, ExecResponse, GuestInfo, VmConfigInfo, VmInfo, VsockInfo,
+};
 use api::{ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, LifecycleAction};
 
 use crate::agent::{AgentClient, AgentError};
@@ -69,6 +71,9 @@ pub fn vm_info(machine: &Machine) -> VmInfo {
         checkpoint_config: machine.checkpoint_config.clone(),
         current_checkpoint: None,
         last_exit: machine.last_exit.clone(),
+        console: ConsoleInfo {
+            dropped_bytes: machine.platform().console().dropped_bytes(),
+        },
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use devices::bus::{Bus, BusError, SharedDevice};
 use devices::legacy::{
@@ -24,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{acpi, boot_params, cpuid, layout, msr, regs};
 use crate::config::VmConfig;
+use crate::console::ConsoleOutput;
 use crate::device_manager::{self, VirtioDevices};
 use crate::loader;
 use crate::memory::{self, GuestMemory};
@@ -125,17 +127,24 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// When Strata exits, how long writing out the buffered console output may go on without the
+/// reader taking any of it ...
+const CONSOLE_FLUSH_STALL: Duration = Duration::from_secs(1);
+/// ... and how long it may take at most.
+const CONSOLE_FLUSH_LIMIT: Duration = Duration::from_secs(10);
+
 /// What outlives a guest reboot.
 pub struct Platform {
     kvm: Kvm,
     supported_cpuid: CpuId,
     serial: Arc<Mutex<Serial>>,
     serial_irq: EventFd,
+    console: ConsoleOutput,
 }
 
 impl Platform {
     /// Opens KVM, checks its capabilities and creates the console UART writing to `console`.
-    pub fn new(console: Box<dyn std::io::Write + Send>) -> Result<Self, VmError> {
+    pub fn new(console: ConsoleOutput) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         for (cap, name) in [
             (Cap::Irqchip, "IRQCHIP"),
@@ -156,16 +165,23 @@ impl Platform {
             what: "creating the serial interrupt eventfd",
             source,
         })?;
-        let serial = Serial::new(&serial_irq, console).map_err(|source| VmError::Io {
-            what: "creating the serial port",
-            source,
-        })?;
+        let serial =
+            Serial::new(&serial_irq, Box::new(console.clone())).map_err(|source| VmError::Io {
+                what: "creating the serial port",
+                source,
+            })?;
         Ok(Self {
             kvm,
             supported_cpuid,
             serial: Arc::new(Mutex::new(serial)),
             serial_irq,
+            console,
         })
+    }
+
+    /// Where the guest's console output goes (and how much of it was dropped).
+    pub fn console(&self) -> &ConsoleOutput {
+        &self.console
     }
 
     /// The console UART, for the input thread.
@@ -178,6 +194,21 @@ impl Platform {
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = serial.reset() {
             log::warn!("serial reset: {e}");
+        }
+    }
+}
+
+impl Drop for Platform {
+    /// Strata is exiting: writes out the buffered console output, waiting only while the
+    /// reader takes it.
+    fn drop(&mut self) {
+        if !self.console.drain(CONSOLE_FLUSH_STALL, CONSOLE_FLUSH_LIMIT) {
+            log::warn!("console output left unwritten: its reader stopped taking it");
+        }
+        self.console.close();
+        let dropped = self.console.dropped_bytes();
+        if dropped > 0 {
+            log::warn!("{dropped} bytes of console output never reached the console");
         }
     }
 }

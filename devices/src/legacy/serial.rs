@@ -43,7 +43,9 @@ pub struct Serial {
 }
 
 impl Serial {
-    /// A UART that interrupts through `irq` and writes what the guest sends to `out`.
+    /// A UART that interrupts through `irq` and writes what the guest sends to `out`, one
+    /// byte per call on the vCPU thread: `out` must not block (the VMM gives it a buffer that
+    /// a thread of its own writes out, and drops what a stalled reader cannot take).
     pub fn new(irq: &EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
         let space = Arc::new(EventFd::new(0)?);
         let irq = irq.try_clone()?;
