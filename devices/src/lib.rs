@@ -5,7 +5,9 @@
 //! - [`legacy`]: the 8250 serial port (COM1), the i8042 controller (only its CPU-reset line),
 //!   the ACPI power-management registers of a hardware-reduced platform (sleep control/status and
 //!   the reset register) and the pvpanic port;
-//! - later, the virtio-mmio transport and the virtio-blk and virtio-vsock devices.
+//! - [`virtio`]: the virtio-mmio transport, the virtio-blk and virtio-vsock devices, the queue
+//!   service they share and their pausable event loop threads (its module docs give the
+//!   threading and ownership model).
 //!
 //! Devices never touch `/dev/kvm`: they raise interrupts through an [`vmm_sys_util::eventfd::EventFd`]
 //! that the VMM registers as a KVM irqfd, and they report guest power requests through a

@@ -423,3 +423,22 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
         shutdowns.settle(machine);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_device_thread_stops_the_vm_with_its_reason() {
+        let event = VmEvent::DeviceFailed(devices::virtio::DeviceFailure {
+            device: "virtio-blk0".into(),
+            reason: "it panicked: boom".into(),
+        });
+        assert_eq!(
+            classify(&event),
+            Some(GuestOutcome::Failed(
+                "device virtio-blk0 stopped: it panicked: boom".into()
+            ))
+        );
+    }
+}
