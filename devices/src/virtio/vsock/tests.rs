@@ -453,7 +453,7 @@ fn a_tx_avail_index_far_ahead_sets_needs_reset_and_spins_nothing() {
 }
 
 #[test]
-fn vsock_state_round_trips_and_a_restored_device_sends_a_transport_reset() {
+fn vsock_state_round_trips_and_corrupted_states_are_refused() {
     use crate::virtio::vsock::{VsockResources, VsockState};
     use snapshot::Persist;
     let dir = tempfile::tempdir().unwrap();
@@ -485,4 +485,32 @@ fn vsock_state_round_trips_and_a_restored_device_sends_a_transport_reset() {
     };
     bad(|s| s.cid = 2, "cid");
     bad(|s| s.next_local_port = 5, "next_local_port");
+}
+
+#[test]
+fn a_restored_device_tells_the_guest_its_connections_are_gone_once_active() {
+    use super::testing::{Ring, VIRTQ_DESC_F_WRITE};
+    use crate::virtio::{GuestMemory, Interrupt};
+    use snapshot::Persist;
+    let dir = tempfile::tempdir().unwrap();
+    let saved = Vsock::new(7, dir.path().join("a")).unwrap().save();
+    let mut v = Vsock::restore(
+        VsockResources {
+            uds_path: dir.path().join("a"),
+        },
+        &saved,
+    )
+    .unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+    let (_rx, rxq) = Ring::new(0, 16);
+    let (_tx, txq) = Ring::new(0x4000, 16);
+    let (mut ev, evq) = Ring::new(0x8000, 16);
+    ev.set_desc(&mem, 0, 0x10_0000, 8, VIRTQ_DESC_F_WRITE, 0);
+    ev.offer(&mem, 0);
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    v.activate(mem.clone(), Interrupt::new(irq), vec![rxq, txq, evq], 0)
+        .unwrap();
+    assert_eq!(ev.poll_used(&mem), Some((0, 4)));
+    let id: u32 = mem.read_obj(GuestAddress(0x10_0000)).unwrap();
+    assert_eq!(id, EVENT_TRANSPORT_RESET);
 }
