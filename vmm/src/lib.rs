@@ -27,3 +27,4 @@ pub mod memory;
 pub mod runner;
 pub mod vcpu;
 pub mod vm;
+pub mod vstate;

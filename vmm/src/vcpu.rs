@@ -1,7 +1,12 @@
 //! vCPU threads.
 //!
-//! Each vCPU runs on its own thread as a small state machine — `Running`, `Paused`, `Exited` —
-//! driven by [`VcpuCommand`]s on a channel. To get a vCPU's attention while it is inside
+//! Each vCPU runs on its own thread as a small state machine — `Running`, `Paused`, `Stopped`
+//! (it reported a stop), `Exited` — driven by [`VcpuRequest`]s on a channel. Every request gets
+//! exactly one [`VcpuReply`] on the vCPU's reply channel, tagged with the request's sequence
+//! number so that a late reply to a request whose wait timed out is never taken for the answer
+//! to a later one. [`ask_all`] asks every vCPU at once (all are kicked before any reply is
+//! awaited) and collects the replies against one deadline. KVM vCPU ioctls (saving and
+//! restoring state included) run on the vCPU's own thread, as the KVM API asks. To get a vCPU's attention while it is inside
 //! `KVM_RUN`, the VMM sends the thread a real-time signal whose handler sets `immediate_exit`
 //! in that vCPU's `kvm_run`: the ioctl returns `EINTR` at once, or, if the signal landed just
 //! before the thread entered the guest, does not enter it at all (KVM API, "immediate_exit").
@@ -13,9 +18,11 @@
 //! plain function that tests can call.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
 use kvm_bindings::{
@@ -23,6 +30,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::vstate::vcpu::{StateCaps, VcpuState};
 
 /// Why a vCPU stopped running the guest on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,24 +58,61 @@ pub struct VcpuReport {
 /// Where vCPU threads report their stops.
 pub type ReportSink = std::sync::Arc<dyn Fn(VcpuReport) + Send + Sync>;
 
-/// What the VMM can ask of a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VcpuCommand {
-    /// Stop running the guest until `Resume`.
+/// What the VMM can ask of a vCPU thread. Every request gets exactly one [`VcpuReply`].
+#[derive(Debug)]
+pub enum VcpuRequest {
+    /// Stop running the guest until `Resume`; answered once the vCPU is out of the guest with
+    /// its state committed.
     Pause,
     /// Run the guest again.
     Resume,
-    /// End the thread.
+    /// Save the vCPU's KVM state (only while paused).
+    SaveState,
+    /// Put this state onto the vCPU (only while paused, before it first runs).
+    RestoreState(Box<VcpuState>),
+    /// End the thread (answered just before it ends).
     Exit,
 }
 
-/// A vCPU thread's acknowledgement of a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VcpuAck {
+impl VcpuRequest {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::SaveState => "save state",
+            Self::RestoreState(_) => "restore state",
+            Self::Exit => "exit",
+        }
+    }
+}
+
+/// A vCPU thread's answer to a [`VcpuRequest`].
+#[derive(Debug)]
+pub enum VcpuReply {
     /// The vCPU is paused, its state committed.
     Paused,
     /// The vCPU runs again.
     Resumed,
+    /// The saved state.
+    State(Box<VcpuState>),
+    /// The state was restored.
+    Restored,
+    /// The thread is ending.
+    Exiting,
+    /// The request could not be carried out; the vCPU is in the state it was in before.
+    Failed(String),
+}
+
+/// A request with the number that pairs it with its reply.
+struct Envelope {
+    seq: u64,
+    request: VcpuRequest,
+}
+
+/// A reply to request `seq`.
+struct Answer {
+    seq: u64,
+    reply: VcpuReply,
 }
 
 /// What to do after an exit.
@@ -148,11 +194,30 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), kick_handler)
 }
 
+/// How a vCPU thread starts.
+pub struct VcpuSetup {
+    /// Its index (and APIC id).
+    pub index: u8,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// The port bus.
+    pub pio: Bus,
+    /// The MMIO bus.
+    pub mmio: Bus,
+    /// Where it reports stops.
+    pub reports: ReportSink,
+    /// What this KVM can save and restore.
+    pub caps: Arc<StateCaps>,
+    /// Start paused (a restore puts state on it first) instead of running the guest.
+    pub start_paused: bool,
+}
+
 /// The VMM's handle on a vCPU thread.
 pub struct VcpuHandle {
     index: u8,
-    commands: Sender<VcpuCommand>,
-    acks: Receiver<VcpuAck>,
+    requests: Sender<Envelope>,
+    replies: Receiver<Answer>,
+    next_seq: AtomicU64,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -168,66 +233,133 @@ pub enum VcpuError {
     /// The thread did not answer in time.
     #[error("vCPU {0} did not answer within {1:?}")]
     Timeout(u8, Duration),
+    /// The thread answered that it could not do what was asked.
+    #[error("vCPU {index} could not {request}: {reason}")]
+    Refused {
+        /// Which vCPU.
+        index: u8,
+        /// What was asked.
+        request: &'static str,
+        /// Why not.
+        reason: String,
+    },
+    /// The thread answered something else than the request calls for (a bug).
+    #[error("vCPU {index} answered {reply} to {request}")]
+    Unexpected {
+        /// Which vCPU.
+        index: u8,
+        /// What was asked.
+        request: &'static str,
+        /// The reply.
+        reply: String,
+    },
 }
 
-/// How long a vCPU may take to acknowledge a command.
-const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+impl VcpuError {
+    /// The vCPU the error is about.
+    pub fn index(&self) -> u8 {
+        match self {
+            Self::Spawn(i, _) | Self::Gone(i) | Self::Timeout(i, _) => *i,
+            Self::Refused { index, .. } | Self::Unexpected { index, .. } => *index,
+        }
+    }
+}
+
+/// How long a vCPU may take to answer a request. A vCPU out of the guest answers in
+/// microseconds, one in the guest as soon as the kick lands; this only catches a thread that
+/// is stuck (in a device, in the kernel) so that the VMM can report it instead of hanging.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A ticket for a reply: which vCPU, which request.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    seq: u64,
+    request: &'static str,
+}
 
 impl VcpuHandle {
-    /// Starts vCPU `index` on its own thread; reports go to `reports`.
-    pub fn spawn(
-        index: u8,
-        fd: VcpuFd,
-        pio: Bus,
-        mmio: Bus,
-        reports: ReportSink,
-    ) -> Result<Self, VcpuError> {
-        let (commands, command_rx) = mpsc::channel();
-        let (ack_tx, acks) = mpsc::channel();
+    /// Starts a vCPU thread; stops are reported to `setup.reports`.
+    pub fn spawn(setup: VcpuSetup) -> Result<Self, VcpuError> {
+        let index = setup.index;
+        let (requests, request_rx) = mpsc::channel();
+        let (reply_tx, replies) = mpsc::channel();
         let vcpu = Vcpu {
             index,
-            fd,
-            pio,
-            mmio,
-            commands: command_rx,
-            acks: ack_tx,
-            reports,
+            fd: setup.fd,
+            pio: setup.pio,
+            mmio: setup.mmio,
+            caps: setup.caps,
+            requests: request_rx,
+            replies: reply_tx,
+            reports: setup.reports,
+        };
+        let start = if setup.start_paused {
+            State::Paused
+        } else {
+            State::Running
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu.run())
+            .spawn(move || vcpu.run(start))
             .map_err(|e| VcpuError::Spawn(index, e))?;
         Ok(Self {
             index,
-            commands,
-            acks,
+            requests,
+            replies,
+            next_seq: AtomicU64::new(0),
             thread: Some(thread),
         })
     }
 
-    /// Sends a command and kicks the thread out of the guest.
-    pub fn send(&self, command: VcpuCommand) -> Result<(), VcpuError> {
-        self.commands
-            .send(command)
+    /// This vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sends a request and kicks the thread out of the guest; the reply comes through
+    /// [`Self::reply`] with the returned ticket.
+    pub fn ask(&self, request: VcpuRequest) -> Result<Pending, VcpuError> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let name = request.name();
+        self.requests
+            .send(Envelope { seq, request })
             .map_err(|_| VcpuError::Gone(self.index))?;
         if let Some(t) = &self.thread {
             // The thread may already have exited; then there is nothing to kick.
             let _ = t.kill(kick_signal());
         }
-        Ok(())
+        Ok(Pending { seq, request: name })
     }
 
-    /// Waits for the acknowledgement of a command.
-    pub fn wait_ack(&self) -> Result<VcpuAck, VcpuError> {
-        self.acks.recv_timeout(ACK_TIMEOUT).map_err(|e| match e {
-            RecvTimeoutError::Timeout => VcpuError::Timeout(self.index, ACK_TIMEOUT),
-            RecvTimeoutError::Disconnected => VcpuError::Gone(self.index),
-        })
+    /// Waits until `deadline` for the reply to `pending`; replies to earlier requests (ones
+    /// whose wait timed out) are dropped. A `Failed` reply becomes [`VcpuError::Refused`].
+    pub fn reply(&self, pending: Pending, deadline: Instant) -> Result<VcpuReply, VcpuError> {
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(wait) {
+                Ok(Answer { seq, .. }) if seq < pending.seq => continue,
+                Ok(Answer {
+                    reply: VcpuReply::Failed(reason),
+                    ..
+                }) => {
+                    return Err(VcpuError::Refused {
+                        index: self.index,
+                        request: pending.request,
+                        reason,
+                    })
+                }
+                Ok(Answer { reply, .. }) => return Ok(reply),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::Timeout(self.index, REPLY_DEADLINE))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.index)),
+            }
+        }
     }
 
     /// Ends the thread and waits for it.
     pub fn exit(mut self) {
-        let _ = self.send(VcpuCommand::Exit);
+        let _ = self.ask(VcpuRequest::Exit);
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 log::error!("vCPU {} thread panicked", self.index);
@@ -236,9 +368,46 @@ impl VcpuHandle {
     }
 }
 
+/// Sends each vCPU the request `make` builds for it — all of them first, kicking each — then
+/// collects every reply (each within [`REPLY_DEADLINE`] of the sending). The results are in
+/// vCPU order.
+pub fn ask_all(
+    vcpus: &[VcpuHandle],
+    mut make: impl FnMut(usize) -> VcpuRequest,
+) -> Vec<Result<VcpuReply, VcpuError>> {
+    let sent: Vec<_> = vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v.ask(make(i)))
+        .collect();
+    let deadline = Instant::now() + REPLY_DEADLINE;
+    vcpus
+        .iter()
+        .zip(sent)
+        .map(|(v, sent)| sent.and_then(|p| v.reply(p, deadline)))
+        .collect()
+}
+
+/// Checks that a reply is the one `want` picks out; anything else is [`VcpuError::Unexpected`].
+pub fn expect_reply<T>(
+    index: u8,
+    request: &'static str,
+    reply: Result<VcpuReply, VcpuError>,
+    want: impl FnOnce(VcpuReply) -> Result<T, VcpuReply>,
+) -> Result<T, VcpuError> {
+    want(reply?).map_err(|other| VcpuError::Unexpected {
+        index,
+        request,
+        reply: format!("{other:?}"),
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     Running,
     Paused,
+    /// The vCPU reported a stop and never enters the guest again.
+    Stopped,
     Exited,
 }
 
@@ -247,46 +416,79 @@ struct Vcpu {
     fd: VcpuFd,
     pio: Bus,
     mmio: Bus,
-    commands: Receiver<VcpuCommand>,
-    acks: Sender<VcpuAck>,
+    caps: Arc<StateCaps>,
+    requests: Receiver<Envelope>,
+    replies: Sender<Answer>,
     reports: ReportSink,
 }
 
 impl Vcpu {
-    fn run(mut self) {
+    fn run(mut self, start: State) {
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
-        let mut state = State::Running;
+        let mut state = start;
         loop {
             state = match state {
                 State::Running => self.running(),
-                State::Paused => self.paused(),
+                State::Paused | State::Stopped => self.parked(state),
                 State::Exited => break,
             };
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 
-    /// Applies a command; `None` means keep running.
-    fn command(&mut self, command: VcpuCommand) -> Option<State> {
-        match command {
-            VcpuCommand::Pause => {
+    fn answer(&self, seq: u64, reply: VcpuReply) {
+        // The VMM may have stopped waiting (it dropped the handle); nothing to do then.
+        let _ = self.replies.send(Answer { seq, reply });
+    }
+
+    /// Carries out a request in `state`; returns the state to go on in.
+    fn handle(&mut self, state: State, Envelope { seq, request }: Envelope) -> State {
+        let (next, reply) = match (request, state) {
+            (VcpuRequest::Exit, _) => (State::Exited, VcpuReply::Exiting),
+            (VcpuRequest::Pause, State::Running) => {
                 self.complete_pending_io();
-                let _ = self.acks.send(VcpuAck::Paused);
-                Some(State::Paused)
+                // Tell the guest's kvmclock it was stopped on purpose, so that it does not
+                // report soft lockups (KVM API, KVM_KVMCLOCK_CTRL). Fails harmlessly when the
+                // guest does not use kvmclock.
+                let _ = self.fd.kvmclock_ctrl();
+                (State::Paused, VcpuReply::Paused)
             }
-            VcpuCommand::Resume => {
-                let _ = self.acks.send(VcpuAck::Resumed);
-                None
-            }
-            VcpuCommand::Exit => Some(State::Exited),
-        }
+            (VcpuRequest::Pause, s) => (s, VcpuReply::Paused),
+            (VcpuRequest::Resume, State::Stopped) => (State::Stopped, VcpuReply::Resumed),
+            (VcpuRequest::Resume, _) => (State::Running, VcpuReply::Resumed),
+            (VcpuRequest::SaveState, State::Running) => (
+                State::Running,
+                VcpuReply::Failed("it is running; pause it first".into()),
+            ),
+            (VcpuRequest::SaveState, s) => (
+                s,
+                match crate::vstate::vcpu::save(&self.fd, &self.caps) {
+                    Ok(st) => VcpuReply::State(Box::new(st)),
+                    Err(e) => VcpuReply::Failed(error_chain(&e)),
+                },
+            ),
+            (VcpuRequest::RestoreState(_), State::Running) => (
+                State::Running,
+                VcpuReply::Failed("it is running; pause it first".into()),
+            ),
+            (VcpuRequest::RestoreState(st), s) => (
+                s,
+                match crate::vstate::vcpu::restore(&self.fd, &st, &self.caps) {
+                    Ok(()) => VcpuReply::Restored,
+                    Err(e) => VcpuReply::Failed(error_chain(&e)),
+                },
+            ),
+        };
+        self.answer(seq, reply);
+        next
     }
 
     fn running(&mut self) -> State {
         loop {
-            match self.commands.try_recv() {
-                Ok(c) => {
-                    if let Some(next) = self.command(c) {
+            match self.requests.try_recv() {
+                Ok(envelope) => {
+                    let next = self.handle(State::Running, envelope);
+                    if next != State::Running {
                         return next;
                     }
                 }
@@ -307,7 +509,7 @@ impl Vcpu {
                     index: self.index,
                     stop,
                 });
-                return self.stopped();
+                return State::Stopped;
             }
         }
     }
@@ -335,33 +537,18 @@ impl Vcpu {
         }
     }
 
-    /// After reporting a stop: wait for the VMM's decision, never entering the guest again.
-    fn stopped(&mut self) -> State {
+    /// Paused, or stopped after reporting a stop (then it never enters the guest again): waits
+    /// for requests, answering each.
+    fn parked(&mut self, mut state: State) -> State {
         loop {
-            match self.commands.recv() {
-                Ok(VcpuCommand::Exit) | Err(_) => return State::Exited,
-                Ok(VcpuCommand::Pause) => {
-                    let _ = self.acks.send(VcpuAck::Paused);
-                }
-                Ok(VcpuCommand::Resume) => {
-                    let _ = self.acks.send(VcpuAck::Resumed);
-                }
+            let Ok(envelope) = self.requests.recv() else {
+                return State::Exited;
+            };
+            let next = self.handle(state, envelope);
+            if next == State::Running || next == State::Exited {
+                return next;
             }
-        }
-    }
-
-    fn paused(&mut self) -> State {
-        loop {
-            match self.commands.recv() {
-                Ok(VcpuCommand::Resume) => {
-                    let _ = self.acks.send(VcpuAck::Resumed);
-                    return State::Running;
-                }
-                Ok(VcpuCommand::Pause) => {
-                    let _ = self.acks.send(VcpuAck::Paused);
-                }
-                Ok(VcpuCommand::Exit) | Err(_) => return State::Exited,
-            }
+            state = next;
         }
     }
 
@@ -378,6 +565,18 @@ impl Vcpu {
         }
         self.fd.set_kvm_immediate_exit(0);
     }
+}
+
+/// An error and its sources, for a reply.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,7 +29,13 @@ use crate::console::ConsoleOutput;
 use crate::device_manager::{self, VirtioDevices};
 use crate::loader;
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::{ReportSink, VcpuHandle, VcpuReport};
+use crate::vcpu::{
+    ask_all, expect_reply, ReportSink, VcpuHandle, VcpuReply, VcpuReport, VcpuRequest, VcpuSetup,
+};
+use crate::vstate::vcpu::{StateCaps, VcpuStateError};
+
+mod state;
+pub use state::{RestoreError, SaveError, VmSnapshotState};
 
 /// Something the VMM's control loop must act on.
 #[derive(Debug)]
@@ -112,6 +118,9 @@ pub enum VmError {
     /// vCPU threads.
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
+    /// Probing what vCPU state this KVM saves and restores.
+    #[error("cannot probe which vCPU state KVM saves and restores")]
+    StateCaps(#[from] VcpuStateError),
     /// Host resources (eventfds).
     #[error("{what} failed")]
     Io {
@@ -196,6 +205,11 @@ impl Platform {
             log::warn!("serial reset: {e}");
         }
     }
+
+    /// What this KVM can save and restore of a vCPU (probed on first use).
+    pub fn state_caps(&self) -> Result<Arc<StateCaps>, VmError> {
+        Ok(StateCaps::get(&self.kvm, &self.supported_cpuid)?)
+    }
 }
 
 impl Drop for Platform {
@@ -218,8 +232,8 @@ pub struct Vm {
     // Field order is drop order: vCPU threads end before the VM fd and memory go away.
     vcpus: Vec<VcpuHandle>,
     virtio: VirtioDevices,
-    _fd: VmFd,
-    _memory: GuestMemory,
+    fd: VmFd,
+    memory: GuestMemory,
 }
 
 fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
@@ -277,6 +291,155 @@ fn legacy_bus(platform: &Platform, events: &Sender<VmEvent>) -> Result<Bus, VmEr
     Ok(pio)
 }
 
+/// Step 1 of building a VM: a KVM VM on `memory` with the in-kernel irqchip and PIT2.
+fn create_vm(
+    platform: &Platform,
+    config: &VmConfig,
+    memory: &GuestMemory,
+) -> Result<VmFd, VmError> {
+    let max = platform.kvm.get_max_vcpus();
+    if usize::from(config.vcpus) > max {
+        return Err(VmError::TooManyVcpus {
+            max,
+            wanted: config.vcpus,
+        });
+    }
+    let fd = platform.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    register_memory(&fd, memory)?;
+    fd.set_tss_address(layout::KVM_TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    fd.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    fd.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    fd.register_irqfd(&platform.serial_irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    Ok(fd)
+}
+
+/// Step 2: the virtio devices of `config`, their threads started; a device thread that dies
+/// sends [`VmEvent::DeviceFailed`].
+fn attach_devices(
+    fd: &VmFd,
+    memory: &GuestMemory,
+    config: &VmConfig,
+    events: &Sender<VmEvent>,
+) -> Result<VirtioDevices, VmError> {
+    let failures = Mutex::new(events.clone());
+    let on_failure: devices::virtio::FailureSink = Arc::new(move |f| {
+        let _ = failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(VmEvent::DeviceFailed(f));
+    });
+    Ok(device_manager::create(
+        fd,
+        memory,
+        &config.disks,
+        config.vsock.as_ref(),
+        on_failure,
+    )?)
+}
+
+/// Step 3 (cold boot only): kernel, initrd, command line, ACPI tables and zero page into
+/// `memory`; returns the kernel's entry point.
+fn load_boot_image(
+    config: &VmConfig,
+    memory: &GuestMemory,
+    virtio: &VirtioDevices,
+) -> Result<vm_memory::GuestAddress, VmError> {
+    let kernel = loader::load_kernel(memory, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            // A bzImage says how high its initrd may go; 2 GiB - 1 is the boot protocol's
+            // default for kernels that do not.
+            let max = kernel
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max))
+                .filter(|&m| m != 0)
+                .unwrap_or(0x7fff_ffff);
+            let low_ram = config.memory.min(layout::MMIO_HOLE_START);
+            let r = loader::load_initrd(memory, path, low_ram, kernel.end, max)?;
+            Some((r.addr, r.size))
+        }
+        None => None,
+    };
+    let mut cmdline = config.cmdline.clone();
+    for entry in &virtio.cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(entry);
+    }
+    let cmdline_size = loader::load_cmdline(memory, &cmdline)?;
+    let rsdp = acpi::write_tables(
+        memory,
+        &acpi::AcpiConfig {
+            vcpus: config.vcpus,
+            devices: &virtio.acpi,
+        },
+    )?;
+    let params = boot_params::build(
+        &boot_params::BootInfo {
+            mem_size: config.memory,
+            cmdline_size,
+            rsdp,
+            initrd,
+        },
+        kernel.setup_header,
+    )?;
+    boot_params::write(memory, &params)?;
+    Ok(kernel.entry)
+}
+
+/// Step 4: the KVM vCPUs (not yet configured).
+fn create_vcpus(fd: &VmFd, config: &VmConfig) -> Result<Vec<VcpuFd>, VmError> {
+    (0..config.vcpus)
+        .map(|index| {
+            fd.create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))
+        })
+        .collect()
+}
+
+/// Step 5 (cold boot only): CPUID, boot MSRs, LAPIC, and the boot vCPU's entry registers.
+fn configure_boot_vcpus(
+    platform: &Platform,
+    config: &VmConfig,
+    fds: &[VcpuFd],
+    memory: &GuestMemory,
+    entry: vm_memory::GuestAddress,
+) -> Result<(), VmError> {
+    let Some(first) = fds.first() else {
+        return Ok(());
+    };
+    let tsc_khz = first.get_tsc_khz().ok().filter(|&k| k > 0);
+    let boot_msrs = msr::accepted_boot_msrs(&platform.kvm, first)?;
+    let topology = cpuid::Topology {
+        vcpus: config.vcpus,
+    };
+    for (index, vcpu) in fds.iter().enumerate() {
+        let id = index as u8;
+        let cpuid = cpuid::for_vcpu(&platform.supported_cpuid, id, topology, tsc_khz);
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        msr::set(vcpu, &boot_msrs)?;
+        regs::setup_lapic(vcpu)?;
+        if index == 0 {
+            regs::setup_boot_vcpu(vcpu, memory, entry)?;
+        }
+    }
+    Ok(())
+}
+
+/// The pieces of a VM before its vCPU threads run.
+struct Parts {
+    fd: VmFd,
+    memory: GuestMemory,
+    virtio: VirtioDevices,
+    vcpus: Vec<VcpuFd>,
+}
+
 impl Vm {
     /// Builds the VM described by `config` and starts its vCPUs; events go to `events`.
     pub fn boot(
@@ -284,108 +447,33 @@ impl Vm {
         config: &VmConfig,
         events: &Sender<VmEvent>,
     ) -> Result<Self, VmError> {
-        let max = platform.kvm.get_max_vcpus();
-        if usize::from(config.vcpus) > max {
-            return Err(VmError::TooManyVcpus {
-                max,
-                wanted: config.vcpus,
-            });
-        }
-        let fd = platform.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let caps = platform.state_caps()?;
         let memory = memory::create(config.memory)?;
-        register_memory(&fd, &memory)?;
-        fd.set_tss_address(layout::KVM_TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        fd.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let kernel = loader::load_kernel(&memory, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => {
-                // A bzImage says how high its initrd may go; 2 GiB - 1 is the boot protocol's
-                // default for kernels that do not.
-                let max = kernel
-                    .setup_header
-                    .map(|h| u64::from(h.initrd_addr_max))
-                    .filter(|&m| m != 0)
-                    .unwrap_or(0x7fff_ffff);
-                let low_ram = config.memory.min(layout::MMIO_HOLE_START);
-                let r = loader::load_initrd(&memory, path, low_ram, kernel.end, max)?;
-                Some((r.addr, r.size))
-            }
-            None => None,
+        let fd = create_vm(platform, config, &memory)?;
+        let virtio = attach_devices(&fd, &memory, config, events)?;
+        let entry = load_boot_image(config, &memory, &virtio)?;
+        let vcpus = create_vcpus(&fd, config)?;
+        configure_boot_vcpus(platform, config, &vcpus, &memory, entry)?;
+        let parts = Parts {
+            fd,
+            memory,
+            virtio,
+            vcpus,
         };
-        let failures = Mutex::new(events.clone());
-        let on_failure: devices::virtio::FailureSink = Arc::new(move |f| {
-            let _ = failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(VmEvent::DeviceFailed(f));
-        });
-        let virtio = device_manager::create(
-            &fd,
-            &memory,
-            &config.disks,
-            config.vsock.as_ref(),
-            on_failure,
-        )?;
-        let mut cmdline = config.cmdline.clone();
-        for entry in &virtio.cmdline {
-            cmdline.push(' ');
-            cmdline.push_str(entry);
-        }
-        let cmdline_size = loader::load_cmdline(&memory, &cmdline)?;
-        let rsdp = acpi::write_tables(
-            &memory,
-            &acpi::AcpiConfig {
-                vcpus: config.vcpus,
-                devices: &virtio.acpi,
-            },
-        )?;
-        let params = boot_params::build(
-            &boot_params::BootInfo {
-                mem_size: config.memory,
-                cmdline_size,
-                rsdp,
-                initrd,
-            },
-            kernel.setup_header,
-        )?;
-        boot_params::write(&memory, &params)?;
+        Self::spawn(platform, parts, caps, events, false)
+    }
 
+    /// Step 6: a vCPU thread for each vCPU, running the guest or (`paused`) waiting for a
+    /// restore and a resume.
+    fn spawn(
+        platform: &Platform,
+        parts: Parts,
+        caps: Arc<StateCaps>,
+        events: &Sender<VmEvent>,
+        paused: bool,
+    ) -> Result<Self, VmError> {
         let pio = legacy_bus(platform, events)?;
-        let mmio = virtio.mmio.clone();
-        fd.register_irqfd(&platform.serial_irq, COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-
-        let mut fds = Vec::with_capacity(config.vcpus.into());
-        for index in 0..config.vcpus {
-            fds.push(
-                fd.create_vcpu(u64::from(index))
-                    .map_err(kvm_err("KVM_CREATE_VCPU"))?,
-            );
-        }
-        let tsc_khz = fds[0].get_tsc_khz().ok().filter(|&k| k > 0);
-        let boot_msrs = msr::accepted_boot_msrs(&platform.kvm, &fds[0])?;
-        let topology = cpuid::Topology {
-            vcpus: config.vcpus,
-        };
-        for (index, vcpu) in fds.iter().enumerate() {
-            let id = index as u8;
-            let cpuid = cpuid::for_vcpu(&platform.supported_cpuid, id, topology, tsc_khz);
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            msr::set(vcpu, &boot_msrs)?;
-            regs::setup_lapic(vcpu)?;
-            if index == 0 {
-                regs::setup_boot_vcpu(vcpu, &memory, kernel.entry)?;
-            }
-        }
-
+        let mmio = parts.virtio.mmio.clone();
         let tx = Mutex::new(events.clone());
         let reports: ReportSink = Arc::new(move |r| {
             let _ = tx
@@ -393,67 +481,107 @@ impl Vm {
                 .unwrap_or_else(|p| p.into_inner())
                 .send(VmEvent::Vcpu(r));
         });
-        let mut vcpus = Vec::with_capacity(fds.len());
-        for (index, vcpu) in fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(
-                index as u8,
-                vcpu,
-                pio.clone(),
-                mmio.clone(),
-                reports.clone(),
-            )?);
+        let mut vm = Self {
+            vcpus: Vec::with_capacity(parts.vcpus.len()),
+            virtio: parts.virtio,
+            fd: parts.fd,
+            memory: parts.memory,
+        };
+        for (index, fd) in parts.vcpus.into_iter().enumerate() {
+            let handle = VcpuHandle::spawn(VcpuSetup {
+                index: index as u8,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                reports: reports.clone(),
+                caps: caps.clone(),
+                start_paused: paused,
+            });
+            match handle {
+                Ok(h) => vm.vcpus.push(h),
+                Err(e) => {
+                    vm.shutdown();
+                    return Err(e.into());
+                }
+            }
         }
-        Ok(Self {
-            vcpus,
-            virtio,
-            _fd: fd,
-            _memory: memory,
-        })
+        Ok(vm)
     }
 
-    /// Stops every vCPU (all are kicked first, then each is awaited) and returns once all of
-    /// them are out of the guest with their state committed; then parks every device thread
-    /// (no device touches guest memory until resumed). If the devices cannot be paused, the
-    /// vCPUs run again.
+    /// Stops every vCPU — all are asked at once, then every reply is awaited — and returns
+    /// once all are out of the guest with their state committed; then parks every device
+    /// thread (no device touches guest memory until resumed).
+    ///
+    /// A pause that cannot complete (a vCPU does not answer within
+    /// [`crate::vcpu::REPLY_DEADLINE`], or its thread is gone, or a device thread is dead)
+    /// resumes everything that did pause and says which vCPU or device failed and why: the VM
+    /// is never left half paused.
     pub fn pause(&self) -> Result<(), PauseError> {
-        self.broadcast(
-            crate::vcpu::VcpuCommand::Pause,
-            crate::vcpu::VcpuAck::Paused,
-        )?;
+        let replies = ask_all(&self.vcpus, |_| VcpuRequest::Pause);
+        let mut failure = None;
+        for (v, reply) in self.vcpus.iter().zip(replies) {
+            let r = expect_reply(v.index(), "pause", reply, |r| match r {
+                VcpuReply::Paused => Ok(()),
+                other => Err(other),
+            });
+            if let (Err(e), None) = (r, &failure) {
+                failure = Some(e);
+            }
+        }
+        if let Some(e) = failure {
+            // Every vCPU is asked, the one that failed too: one that answers late then runs
+            // on instead of staying parked.
+            self.resume_vcpus_after_failure();
+            return Err(PauseError::Vcpu(e));
+        }
         if let Err(e) = self.virtio.pause() {
-            let _ = self.broadcast(
-                crate::vcpu::VcpuCommand::Resume,
-                crate::vcpu::VcpuAck::Resumed,
-            );
+            self.resume_vcpus_after_failure();
             return Err(e.into());
         }
         Ok(())
     }
 
-    /// Lets the device threads, then every vCPU, run again.
-    pub fn resume(&self) -> Result<(), PauseError> {
-        self.virtio.resume()?;
-        self.broadcast(
-            crate::vcpu::VcpuCommand::Resume,
-            crate::vcpu::VcpuAck::Resumed,
-        )?;
-        Ok(())
+    fn resume_vcpus_after_failure(&self) {
+        for (v, reply) in self
+            .vcpus
+            .iter()
+            .zip(ask_all(&self.vcpus, |_| VcpuRequest::Resume))
+        {
+            if let Err(e) = reply {
+                log::warn!("undoing a pause: vCPU {}: {e}", v.index());
+            }
+        }
     }
 
-    fn broadcast(
-        &self,
-        command: crate::vcpu::VcpuCommand,
-        want: crate::vcpu::VcpuAck,
-    ) -> Result<(), crate::vcpu::VcpuError> {
-        for v in &self.vcpus {
-            v.send(command)?;
+    /// Lets the device threads, then every vCPU, run again. If a vCPU cannot be resumed, the
+    /// VM is paused again (devices too) and the error says which vCPU and why.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        self.virtio.resume()?;
+        let replies = ask_all(&self.vcpus, |_| VcpuRequest::Resume);
+        let mut failure = None;
+        for (v, reply) in self.vcpus.iter().zip(replies) {
+            let r = expect_reply(v.index(), "resume", reply, |r| match r {
+                VcpuReply::Resumed => Ok(()),
+                other => Err(other),
+            });
+            if let (Err(e), None) = (r, &failure) {
+                failure = Some(e);
+            }
         }
-        for v in &self.vcpus {
-            loop {
-                if v.wait_ack()? == want {
-                    break;
+        if let Some(e) = failure {
+            for (v, reply) in self
+                .vcpus
+                .iter()
+                .zip(ask_all(&self.vcpus, |_| VcpuRequest::Pause))
+            {
+                if let Err(e) = reply {
+                    log::warn!("undoing a resume: vCPU {}: {e}", v.index());
                 }
             }
+            if let Err(e) = self.virtio.pause() {
+                log::warn!("undoing a resume: {e}");
+            }
+            return Err(PauseError::Vcpu(e));
         }
         Ok(())
     }
@@ -461,7 +589,7 @@ impl Vm {
     /// Stops every vCPU thread and releases the VM.
     pub fn shutdown(mut self) {
         for v in &self.vcpus {
-            let _ = v.send(crate::vcpu::VcpuCommand::Exit);
+            let _ = v.ask(VcpuRequest::Exit);
         }
         for v in self.vcpus.drain(..) {
             v.exit();

@@ -12,7 +12,7 @@ mod power;
 mod serial;
 
 pub use power::{AcpiPm, PvPanic, ResetControl, I8042};
-pub use serial::{irq_eventfd, Serial, SerialInput};
+pub use serial::{irq_eventfd, Serial, SerialInput, SerialRegisters, SerialResources};
 
 /// COM1's base port.
 pub const COM1_PORT: u16 = 0x3f8;

@@ -152,6 +152,114 @@ pub fn irq_eventfd() -> io::Result<EventFd> {
     EventFd::new(EFD_NONBLOCK)
 }
 
+/// The UART's saved state: vm-superio's `SerialState` (registers and unread input) as serde
+/// data. Output is not state: it went to the console when the guest wrote it.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SerialRegisters {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Input the guest has not read yet (at most the 64-byte FIFO).
+    pub in_buffer: Vec<u8>,
+}
+
+/// What a UART is restored on.
+pub enum SerialResources {
+    /// A new UART interrupting through `irq` and writing guest output to `out`.
+    New {
+        /// The interrupt eventfd (registered as an irqfd).
+        irq: EventFd,
+        /// Where guest output goes.
+        out: Box<dyn Write + Send>,
+    },
+    /// The restored UART takes this one's place: its interrupt line, its output and the
+    /// input feeders ([`SerialInput`]) waiting on it carry over.
+    Replace(Serial),
+}
+
+/// The size of the 16550A receive FIFO.
+const FIFO_SIZE: usize = 64;
+
+impl snapshot::Persist for Serial {
+    type State = SerialRegisters;
+    type Resources = SerialResources;
+    type Error = snapshot::StateError;
+
+    fn save(&self) -> SerialRegisters {
+        let s = self.uart.state();
+        SerialRegisters {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(r: SerialResources, state: &SerialRegisters) -> Result<Self, snapshot::StateError> {
+        snapshot::check(state.in_buffer.len() <= FIFO_SIZE, "in_buffer", || {
+            format!(
+                "{} bytes, more than the {FIFO_SIZE}-byte FIFO",
+                state.in_buffer.len()
+            )
+        })?;
+        let io_err = |e: io::Error| snapshot::StateError::new("irq", e.to_string());
+        let (irq, space, out) = match r {
+            SerialResources::New { irq, out } => {
+                (irq, Arc::new(EventFd::new(0).map_err(io_err)?), out)
+            }
+            SerialResources::Replace(old) => {
+                let Serial { uart, irq, space } = old;
+                (irq, space, uart.into_writer())
+            }
+        };
+        let saved = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Uart::from_state(
+            &saved,
+            IrqTrigger(irq.try_clone().map_err(io_err)?),
+            SpaceEvents(space.clone()),
+            out,
+        )
+        .map_err(|e| snapshot::StateError::new("in_buffer", format!("{e:?}")))?;
+        // Wake a feeder waiting on the old FIFO: the restored one may have room.
+        if let Err(e) = space.write(1) {
+            log::warn!("serial: cannot signal free input space: {e}");
+        }
+        Ok(Self { uart, irq, space })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +338,72 @@ mod tests {
 
         assert_eq!(ier, [0]);
         assert_eq!(*out.0.lock().unwrap(), b"x");
+    }
+}
+
+#[cfg(test)]
+mod persist_tests {
+    use super::*;
+    use snapshot::Persist;
+
+    #[test]
+    fn registers_and_unread_input_round_trip_through_json() {
+        let irq = irq_eventfd().unwrap();
+        let mut serial = Serial::new(&irq, Box::new(io::sink())).unwrap();
+        serial.write(1, &[1]); // IER: receive-data interrupt
+        serial.write(7, &[0x5a]); // scratch
+        assert_eq!(serial.enqueue(b"abc"), 3);
+        let saved = serial.save();
+
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SerialRegisters = serde_json::from_str(&json).unwrap();
+        let mut restored = Serial::restore(
+            SerialResources::New {
+                irq: irq_eventfd().unwrap(),
+                out: Box::new(io::sink()),
+            },
+            &back,
+        )
+        .unwrap();
+        let mut byte = [0u8];
+        restored.read(0, &mut byte);
+
+        assert_eq!(back, saved);
+        assert_eq!(byte, [b'a']);
+        assert_eq!(restored.save().in_buffer, b"bc");
+    }
+
+    #[test]
+    fn replacing_keeps_the_output_and_an_overfull_fifo_is_refused() {
+        let irq = irq_eventfd().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let serial = Serial::new(&irq, Box::new(Shared(out.clone()))).unwrap();
+        let mut state = serial.save();
+
+        let mut restored = Serial::restore(SerialResources::Replace(serial), &state).unwrap();
+        restored.write(0, b"z");
+        state.in_buffer = vec![0; 65];
+        let err = Serial::restore(
+            SerialResources::New {
+                irq: irq_eventfd().unwrap(),
+                out: Box::new(io::sink()),
+            },
+            &state,
+        )
+        .err()
+        .unwrap();
+
+        assert_eq!(*out.lock().unwrap(), b"z");
+        assert_eq!(err.field, "in_buffer");
     }
 }

@@ -1,0 +1,239 @@
+//! Saving a paused VM's state ([`Vm::save_state`]) and building a fresh KVM VM from it
+//! ([`Vm::restore_from`]).
+//!
+//! Save, with the VM paused (vCPUs and devices): every vCPU saves its own state on its own
+//! thread, all asked at once ([`crate::vcpu::ask_all`]); then the VM's irqchip, PIT2 and
+//! clock; then the serial port. Restore reuses the steps of [`Vm::boot`] but the loading:
+//! a new KVM VM on the given guest memory with irqchip and PIT2, devices, vCPUs; then the VM
+//! state, then every vCPU's state on its own (paused) thread, then the serial port. The
+//! restored VM is paused: [`Vm::resume`] starts it.
+//!
+//! The state is checked in full before anything is built: a version this Strata knows, as
+//! many vCPUs as the configuration has, every vCPU and VM field (see [`crate::vstate`]).
+//!
+//! Not yet saved: virtio devices (the transport, block and vsock implement
+//! [`snapshot::Persist`], but the device manager does not yet hand out its transports), so a
+//! VM with disks or vsock refuses to save rather than lose their state; and the i8042 and
+//! reset control, which hold no state a guest relies on after it wrote them (the reset
+//! control's last value only).
+
+use std::sync::mpsc::Sender;
+
+use devices::legacy::{Serial, SerialRegisters, SerialResources};
+use serde::{Deserialize, Serialize};
+use snapshot::{check, Persist, StateError};
+
+use super::{attach_devices, create_vcpus, create_vm, Parts, Platform, Vm, VmError, VmEvent};
+use crate::config::VmConfig;
+use crate::memory::GuestMemory;
+use crate::vcpu::{ask_all, expect_reply, VcpuError, VcpuReply, VcpuRequest};
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::{VmState, VmStateError};
+
+/// The version of [`VmSnapshotState`]; bumped on any change to it (no translation between
+/// versions, the rule Firecracker settled on).
+pub const STATE_VERSION: u32 = 1;
+
+/// Everything of a paused VM but its memory and disks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VmSnapshotState {
+    /// [`STATE_VERSION`].
+    pub version: u32,
+    /// Every vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Irqchip, PIT2, clock.
+    pub vm: VmState,
+    /// COM1.
+    pub serial: SerialRegisters,
+}
+
+/// Why a VM's state could not be saved. The VM is as it was (paused).
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// A vCPU could not save its state (it is running, gone, or KVM refused).
+    #[error("cannot save the state of vCPU {}", .0.index())]
+    Vcpu(#[source] VcpuError),
+    /// The VM's irqchip, PIT or clock.
+    #[error("cannot save the VM's irqchip, PIT or clock")]
+    Vm(#[source] VmStateError),
+    /// The VM has devices whose state is not saved yet.
+    #[error("cannot save a VM with {0}: virtio device state is not saved yet")]
+    Unsupported(&'static str),
+}
+
+/// Why a VM could not be restored. Nothing is left running; the memory is released.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The saved state is wrong (the error names the field).
+    #[error(transparent)]
+    Invalid(#[from] StateError),
+    /// The configuration does not fit the state.
+    #[error("the configuration does not fit the saved state: {0}")]
+    Config(String),
+    /// Building the KVM VM.
+    #[error("cannot build the VM to restore into")]
+    Build(#[source] VmError),
+    /// KVM refused the VM state.
+    #[error("cannot restore the VM's irqchip, PIT or clock")]
+    Vm(#[source] VmStateError),
+    /// A vCPU refused its state.
+    #[error("cannot restore the state of vCPU {}", .0.index())]
+    Vcpu(#[source] VcpuError),
+}
+
+impl VmSnapshotState {
+    /// Checks the state against `config` and this KVM before anything is built.
+    pub fn check(
+        &self,
+        config: &VmConfig,
+        caps: &crate::vstate::vcpu::StateCaps,
+    ) -> Result<(), StateError> {
+        check(self.version == STATE_VERSION, "version", || {
+            format!(
+                "{} is not a version this Strata knows ({STATE_VERSION})",
+                self.version
+            )
+        })?;
+        check(
+            self.vcpus.len() == usize::from(config.vcpus),
+            "vcpus",
+            || format!("{} vCPUs but the VM has {}", self.vcpus.len(), config.vcpus),
+        )?;
+        for (i, v) in self.vcpus.iter().enumerate() {
+            v.check(caps).map_err(|e| e.within(format!("vcpus[{i}]")))?;
+        }
+        self.vm.check().map_err(|e| e.within("vm"))?;
+        check(
+            self.serial.in_buffer.len() <= 64,
+            "serial.in_buffer",
+            || format!("{} bytes, more than the FIFO", self.serial.in_buffer.len()),
+        )
+    }
+}
+
+impl Vm {
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Saves vCPU, VM and serial state. The VM must be paused ([`Vm::pause`]): a running vCPU
+    /// refuses.
+    pub fn save_state(&self, platform: &Platform) -> Result<VmSnapshotState, SaveError> {
+        if !self.virtio.acpi.is_empty() {
+            return Err(SaveError::Unsupported("disks or vsock"));
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (v, reply) in self
+            .vcpus
+            .iter()
+            .zip(ask_all(&self.vcpus, |_| VcpuRequest::SaveState))
+        {
+            let state = expect_reply(v.index(), "save state", reply, |r| match r {
+                VcpuReply::State(s) => Ok(*s),
+                other => Err(other),
+            })
+            .map_err(SaveError::Vcpu)?;
+            vcpus.push(state);
+        }
+        let vm = VmState::save(&self.fd).map_err(SaveError::Vm)?;
+        let serial = platform
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
+        Ok(VmSnapshotState {
+            version: STATE_VERSION,
+            vcpus,
+            vm,
+            serial,
+        })
+    }
+
+    /// Ends the vCPU and device threads and releases the KVM VM, keeping guest memory (for a
+    /// restore into a fresh VM).
+    pub fn shutdown_keep_memory(self) -> GuestMemory {
+        let Vm {
+            vcpus,
+            mut virtio,
+            fd,
+            memory,
+        } = self;
+        for v in &vcpus {
+            let _ = v.ask(VcpuRequest::Exit);
+        }
+        for v in vcpus {
+            v.exit();
+        }
+        virtio.stop();
+        drop(virtio);
+        drop(fd);
+        memory
+    }
+
+    /// Builds a fresh KVM VM for `config` on `memory` (the guest memory the state was saved
+    /// with) and puts `state` onto it. The VM comes back paused; [`Vm::resume`] runs it.
+    pub fn restore_from(
+        platform: &Platform,
+        config: &VmConfig,
+        memory: GuestMemory,
+        state: &VmSnapshotState,
+        events: &Sender<VmEvent>,
+    ) -> Result<Self, RestoreError> {
+        let caps = platform.state_caps().map_err(RestoreError::Build)?;
+        state.check(config, &caps)?;
+        if !config.disks.is_empty() || config.vsock.is_some() {
+            return Err(RestoreError::Config(
+                "virtio device state is not restored yet: no disks or vsock".into(),
+            ));
+        }
+        let fd = create_vm(platform, config, &memory).map_err(RestoreError::Build)?;
+        let virtio = attach_devices(&fd, &memory, config, events).map_err(RestoreError::Build)?;
+        let vcpus = create_vcpus(&fd, config).map_err(RestoreError::Build)?;
+        // Before the vCPUs: their LAPICs are set against the restored irqchip.
+        state.vm.restore(&fd).map_err(RestoreError::Vm)?;
+        let parts = Parts {
+            fd,
+            memory,
+            virtio,
+            vcpus,
+        };
+        let vm = Self::spawn(platform, parts, caps, events, true).map_err(RestoreError::Build)?;
+        let replies = ask_all(&vm.vcpus, |i| {
+            VcpuRequest::RestoreState(Box::new(state.vcpus[i].clone()))
+        });
+        let mut failure = None;
+        for (v, reply) in vm.vcpus.iter().zip(replies) {
+            let r = expect_reply(v.index(), "restore state", reply, |r| match r {
+                VcpuReply::Restored => Ok(()),
+                other => Err(other),
+            });
+            if let (Err(e), None) = (r, &failure) {
+                failure = Some(e);
+            }
+        }
+        if let Some(e) = failure {
+            vm.shutdown();
+            return Err(RestoreError::Vcpu(e));
+        }
+        restore_serial(platform, &state.serial)?;
+        Ok(vm)
+    }
+}
+
+/// Puts the saved registers into the platform's UART in place: its output, interrupt line
+/// and input feeders carry over.
+fn restore_serial(platform: &Platform, saved: &SerialRegisters) -> Result<(), RestoreError> {
+    let mut guard = platform.serial.lock().unwrap_or_else(|e| e.into_inner());
+    let placeholder =
+        Serial::new(&platform.serial_irq, Box::new(std::io::sink())).map_err(|source| {
+            RestoreError::Build(VmError::Io {
+                what: "creating a serial port",
+                source,
+            })
+        })?;
+    let old = std::mem::replace(&mut *guard, placeholder);
+    *guard = Serial::restore(SerialResources::Replace(old), saved)
+        .map_err(|e| RestoreError::Invalid(e.within("serial")))?;
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! One vCPU's KVM state: [`VcpuState`], [`save`] and [`restore`], and [`StateCaps`], what this
+//! KVM can save and restore (probed once per process).
+//!
+//! The ioctl order follows Firecracker's `arch/x86_64/vcpu.rs`, whose comments give the
+//! reasons: on save, MP state first (`KVM_GET_MP_STATE` runs `kvm_apic_accept_events`, which
+//! may change vCPU and LAPIC state) and vCPU events last; on restore, CPUID first (other set
+//! ioctls depend on it), regs before events (`KVM_SET_REGS` clears pending exceptions that
+//! `KVM_SET_VCPU_EVENTS` restores), sregs before the LAPIC (sregs carry the APIC base), the
+//! LAPIC before the MSRs (the TSC deadline MSR only takes with the LAPIC configured), events
+//! last. Both run on the vCPU's own thread while it is out of the guest.
+
+use std::sync::{Arc, OnceLock};
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
+    KVM_MAX_CPUID_ENTRIES, KVM_MAX_XCRS,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use serde::{Deserialize, Serialize};
+use snapshot::{check, StateError};
+
+use super::{from_bytes, to_bytes};
+
+/// Errors saving, restoring or probing vCPU state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    /// A KVM ioctl failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM read or wrote fewer MSRs than asked.
+    #[error("{what}: KVM handled {done} of {wanted} MSRs (stopped at {stopped:#x})")]
+    Msrs {
+        /// Which ioctl.
+        what: &'static str,
+        /// How many it handled.
+        done: usize,
+        /// How many were asked.
+        wanted: usize,
+        /// The first MSR it did not handle.
+        stopped: u32,
+    },
+    /// The saved state is not one this KVM can take.
+    #[error(transparent)]
+    Invalid(#[from] StateError),
+    /// A KVM list could not be built (more entries than KVM allows).
+    #[error("building the {0} list for KVM failed")]
+    List(&'static str),
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
+    move |source| VcpuStateError::Kvm { what, source }
+}
+
+/// One MSR.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsrValue {
+    /// Its index.
+    pub index: u32,
+    /// Its value.
+    pub data: u64,
+}
+
+/// One CPUID entry (`kvm_cpuid_entry2` without padding).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuidEntry {
+    /// Leaf.
+    pub function: u32,
+    /// Sub-leaf.
+    pub index: u32,
+    /// `KVM_CPUID_FLAG_*`.
+    pub flags: u32,
+    /// EAX.
+    pub eax: u32,
+    /// EBX.
+    pub ebx: u32,
+    /// ECX.
+    pub ecx: u32,
+    /// EDX.
+    pub edx: u32,
+}
+
+/// A vCPU's saved state. KVM structures are their raw bytes (see [`crate::vstate`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VcpuState {
+    /// The CPUID the vCPU was given.
+    pub cpuid: Vec<CpuidEntry>,
+    /// The MSRs this KVM reads and writes back ([`StateCaps::msrs`]).
+    pub msrs: Vec<MsrValue>,
+    /// `kvm_regs`.
+    pub regs: Vec<u8>,
+    /// `kvm_sregs`.
+    pub sregs: Vec<u8>,
+    /// `kvm_fpu` (legacy FPU/SSE state; XSAVE below supersedes it where KVM has XSAVE).
+    pub fpu: Vec<u8>,
+    /// The XSAVE region (`kvm_xsave`, plus `KVM_GET_XSAVE2`'s extension where KVM reports one),
+    /// as 32-bit words.
+    pub xsave: Vec<u32>,
+    /// `kvm_xcrs`.
+    pub xcrs: Vec<u8>,
+    /// `kvm_lapic_state`.
+    pub lapic: Vec<u8>,
+    /// `kvm_debugregs`.
+    pub debug_regs: Vec<u8>,
+    /// `kvm_vcpu_events`.
+    pub vcpu_events: Vec<u8>,
+    /// `KVM_MP_STATE_*`.
+    pub mp_state: u32,
+    /// The TSC frequency in kHz, where KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// What this KVM can save and restore of a vCPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateCaps {
+    /// The MSRs of `KVM_GET_MSR_INDEX_LIST` that read and write back on a scratch vCPU.
+    pub msrs: Vec<u32>,
+    /// The size of the XSAVE region in bytes (4096, or `KVM_CAP_XSAVE2`'s larger size).
+    pub xsave_size: usize,
+    /// The MSRs that are listed but refused (for the docs and the log).
+    pub refused_msrs: Vec<u32>,
+}
+
+/// The size of `kvm_xsave`, the XSAVE region without `KVM_GET_XSAVE2`'s extension.
+const XSAVE_LEGACY_SIZE: usize = std::mem::size_of::<kvm_xsave>();
+/// The last MP state an x86 vCPU can be in (`KVM_MP_STATE_SIPI_RECEIVED`).
+const MP_STATE_MAX_X86: u32 = kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED;
+
+static CAPS: OnceLock<Arc<StateCaps>> = OnceLock::new();
+
+impl StateCaps {
+    /// This KVM's capabilities, probed on first use (every `Platform` of the process opens
+    /// the same `/dev/kvm`, so once per process is once per platform).
+    pub fn get(kvm: &Kvm, cpuid: &CpuId) -> Result<Arc<StateCaps>, VcpuStateError> {
+        if let Some(caps) = CAPS.get() {
+            return Ok(caps.clone());
+        }
+        let caps = Arc::new(Self::probe(kvm, cpuid)?);
+        Ok(CAPS.get_or_init(|| caps).clone())
+    }
+
+    /// Probes a scratch VM: reads each listed MSR alone and writes the value back; keeps the
+    /// ones KVM takes both ways (on PVM 0x10a, IA32_ARCH_CAPABILITIES, reads but is refused).
+    pub fn probe(kvm: &Kvm, cpuid: &CpuId) -> Result<StateCaps, VcpuStateError> {
+        let listed = kvm
+            .get_msr_index_list()
+            .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM (probe)"))?;
+        vm.create_irq_chip()
+            .map_err(ioctl("KVM_CREATE_IRQCHIP (probe)"))?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(ioctl("KVM_CREATE_VCPU (probe)"))?;
+        vcpu.set_cpuid2(cpuid)
+            .map_err(ioctl("KVM_SET_CPUID2 (probe)"))?;
+        let (mut msrs, mut refused_msrs) = (Vec::new(), Vec::new());
+        for &index in listed.as_slice() {
+            let entry = kvm_msr_entry {
+                index,
+                ..Default::default()
+            };
+            let Ok(mut one) = Msrs::from_entries(&[entry]) else {
+                continue;
+            };
+            let read = vcpu.get_msrs(&mut one).ok() == Some(1);
+            let written = read && vcpu.set_msrs(&one).ok() == Some(1);
+            if written {
+                msrs.push(index);
+            } else {
+                log::debug!("MSR {index:#x} does not read and write back; not saved");
+                refused_msrs.push(index);
+            }
+        }
+        let xsave2 = kvm.check_extension_int(Cap::Xsave2);
+        let xsave_size = usize::try_from(xsave2)
+            .ok()
+            .filter(|&s| s > XSAVE_LEGACY_SIZE)
+            .unwrap_or(XSAVE_LEGACY_SIZE);
+        Ok(StateCaps {
+            msrs,
+            xsave_size,
+            refused_msrs,
+        })
+    }
+}
+
+/// Reads the XSAVE region: `KVM_GET_XSAVE2` when KVM's region is larger than `kvm_xsave`.
+fn get_xsave(fd: &VcpuFd, size: usize) -> Result<Vec<u32>, VcpuStateError> {
+    if size <= XSAVE_LEGACY_SIZE {
+        let xsave = fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
+        return Ok(xsave.region.to_vec());
+    }
+    let extra = (size - XSAVE_LEGACY_SIZE).div_ceil(4);
+    let mut xsave = Xsave::new(extra).map_err(|_| VcpuStateError::List("XSAVE"))?;
+    // SAFETY: `xsave` has room for `size` bytes, the region size KVM reported through
+    // KVM_CAP_XSAVE2, so KVM writes inside it.
+    unsafe { fd.get_xsave2(&mut xsave) }.map_err(ioctl("KVM_GET_XSAVE2"))?;
+    let fam = xsave.as_fam_struct_ref();
+    let mut words = fam.xsave.region.to_vec();
+    words.extend_from_slice(xsave.as_slice());
+    Ok(words)
+}
+
+/// Writes the XSAVE region saved by [`get_xsave`] (its size already checked).
+fn set_xsave(fd: &VcpuFd, words: &[u32]) -> Result<(), VcpuStateError> {
+    let legacy = XSAVE_LEGACY_SIZE / 4;
+    let (head, extra) = words.split_at(legacy.min(words.len()));
+    let mut base = kvm_xsave::default();
+    base.region.copy_from_slice(head);
+    if extra.is_empty() {
+        // SAFETY: `base` is a whole `kvm_xsave`; KVM reads only that much.
+        return unsafe { fd.set_xsave(&base) }.map_err(ioctl("KVM_SET_XSAVE"));
+    }
+    let mut xsave = Xsave::new(extra.len()).map_err(|_| VcpuStateError::List("XSAVE"))?;
+    xsave.as_mut_slice().copy_from_slice(extra);
+    // SAFETY: the FAM header is written in place; `len` stays what `Xsave::new` set.
+    unsafe { xsave.as_mut_fam_struct().xsave = base };
+    // SAFETY: `xsave` holds the region size this KVM reported (checked by `VcpuState::check`),
+    // so KVM reads inside it.
+    unsafe { fd.set_xsave2(&xsave) }.map_err(ioctl("KVM_SET_XSAVE2"))
+}
+
+/// Saves the state of a vCPU that is out of the guest. Runs on the vCPU's thread.
+pub fn save(fd: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, VcpuStateError> {
+    let mp_state = fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
+    let regs = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+    let fpu = fd.get_fpu().map_err(ioctl("KVM_GET_FPU"))?;
+    let xsave = get_xsave(fd, caps.xsave_size)?;
+    let xcrs = fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
+    let debug_regs = fd.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?;
+    let lapic = fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    let tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("KVM_GET_CPUID2"))?;
+    let entries: Vec<kvm_msr_entry> = caps
+        .msrs
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::List("MSR"))?;
+    let read = fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+    if read != entries.len() {
+        return Err(VcpuStateError::Msrs {
+            what: "KVM_GET_MSRS",
+            done: read,
+            wanted: entries.len(),
+            stopped: entries.get(read).map_or(0, |e| e.index),
+        });
+    }
+    let vcpu_events = fd.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
+    Ok(VcpuState {
+        cpuid: cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect(),
+        msrs: msrs
+            .as_slice()
+            .iter()
+            .map(|m| MsrValue {
+                index: m.index,
+                data: m.data,
+            })
+            .collect(),
+        regs: to_bytes(&regs),
+        sregs: to_bytes(&sregs),
+        fpu: to_bytes(&fpu),
+        xsave,
+        xcrs: to_bytes(&xcrs),
+        lapic: to_bytes(&lapic),
+        debug_regs: to_bytes(&debug_regs),
+        vcpu_events: to_bytes(&vcpu_events),
+        mp_state: mp_state.mp_state,
+        tsc_khz,
+    })
+}
+
+/// A [`VcpuState`] checked and decoded, ready for the ioctls.
+struct Decoded {
+    cpuid: CpuId,
+    msrs: Msrs,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    xcrs: kvm_xcrs,
+    lapic: kvm_lapic_state,
+    debug_regs: kvm_debugregs,
+    vcpu_events: kvm_vcpu_events,
+}
+
+impl VcpuState {
+    /// Checks every field this KVM cannot check for itself against `caps`.
+    pub fn check(&self, caps: &StateCaps) -> Result<(), StateError> {
+        self.decode(caps).map(|_| ())
+    }
+
+    fn decode(&self, caps: &StateCaps) -> Result<Decoded, StateError> {
+        check(
+            !self.cpuid.is_empty() && self.cpuid.len() <= KVM_MAX_CPUID_ENTRIES,
+            "cpuid",
+            || {
+                format!(
+                    "{} entries, expected 1 to {KVM_MAX_CPUID_ENTRIES}",
+                    self.cpuid.len()
+                )
+            },
+        )?;
+        let entries: Vec<kvm_cpuid_entry2> = self
+            .cpuid
+            .iter()
+            .map(|e| kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|_| StateError::new("cpuid", "too many entries for KVM"))?;
+
+        check(self.msrs.len() <= caps.msrs.len(), "msrs", || {
+            format!(
+                "{} MSRs, but this KVM saves and restores {}",
+                self.msrs.len(),
+                caps.msrs.len()
+            )
+        })?;
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in self.msrs.iter().enumerate() {
+            check(
+                caps.msrs.contains(&m.index),
+                &format!("msrs[{i}].index"),
+                || format!("{:#x} is not an MSR this KVM restores", m.index),
+            )?;
+            check(seen.insert(m.index), &format!("msrs[{i}].index"), || {
+                format!("{:#x} appears twice", m.index)
+            })?;
+        }
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|m| kvm_msr_entry {
+                index: m.index,
+                data: m.data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|_| StateError::new("msrs", "too many entries for KVM"))?;
+
+        let xsave_words = caps.xsave_size.div_ceil(4);
+        check(self.xsave.len() == xsave_words, "xsave", || {
+            format!(
+                "{} bytes, but this KVM's XSAVE region is {} bytes",
+                self.xsave.len() * 4,
+                caps.xsave_size
+            )
+        })?;
+        let xcrs: kvm_xcrs = from_bytes("xcrs", &self.xcrs)?;
+        check(
+            xcrs.nr_xcrs as usize <= KVM_MAX_XCRS as usize,
+            "xcrs",
+            || format!("{} XCRs, at most {KVM_MAX_XCRS}", xcrs.nr_xcrs),
+        )?;
+        check(self.mp_state <= MP_STATE_MAX_X86, "mp_state", || {
+            format!("{} is not an x86 MP state", self.mp_state)
+        })?;
+        check(self.tsc_khz != Some(0), "tsc_khz", || "0 kHz".into())?;
+        Ok(Decoded {
+            cpuid,
+            msrs,
+            regs: from_bytes("regs", &self.regs)?,
+            sregs: from_bytes("sregs", &self.sregs)?,
+            fpu: from_bytes("fpu", &self.fpu)?,
+            xcrs,
+            lapic: from_bytes("lapic", &self.lapic)?,
+            debug_regs: from_bytes("debug_regs", &self.debug_regs)?,
+            vcpu_events: from_bytes("vcpu_events", &self.vcpu_events)?,
+        })
+    }
+}
+
+/// Puts `state` onto a fresh vCPU that has not run yet. Runs on the vCPU's thread. The state
+/// is checked first; nothing is written if a field is bad.
+pub fn restore(fd: &VcpuFd, state: &VcpuState, caps: &StateCaps) -> Result<(), VcpuStateError> {
+    let d = state.decode(caps)?;
+    if let (Some(saved), Ok(here)) = (state.tsc_khz, fd.get_tsc_khz()) {
+        if saved != here {
+            // Without KVM_CAP_TSC_CONTROL the frequency cannot be set; the guest's clock
+            // calibration is off by the ratio.
+            log::warn!("the state was saved with a {saved} kHz TSC, this host's is {here} kHz");
+        }
+    }
+    fd.set_cpuid2(&d.cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+    fd.set_mp_state(kvm_mp_state {
+        mp_state: state.mp_state,
+    })
+    .map_err(ioctl("KVM_SET_MP_STATE"))?;
+    fd.set_regs(&d.regs).map_err(ioctl("KVM_SET_REGS"))?;
+    fd.set_sregs(&d.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    fd.set_fpu(&d.fpu).map_err(ioctl("KVM_SET_FPU"))?;
+    set_xsave(fd, &state.xsave)?;
+    fd.set_xcrs(&d.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&d.debug_regs)
+        .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&d.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+    let wanted = state.msrs.len();
+    let set = fd.set_msrs(&d.msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+    if set != wanted {
+        return Err(VcpuStateError::Msrs {
+            what: "KVM_SET_MSRS",
+            done: set,
+            wanted,
+            stopped: state.msrs.get(set).map_or(0, |m| m.index),
+        });
+    }
+    fd.set_vcpu_events(&d.vcpu_events)
+        .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
