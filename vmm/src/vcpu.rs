@@ -645,4 +645,73 @@ mod tests {
             ExitAction::Stop(VcpuStop::Failed(_))
         ));
     }
+
+    /// Two vCPU threads on a fresh VM, started paused (they never run guest code).
+    fn paused_vcpus(vm: &kvm_ioctls::VmFd, n: u8) -> Vec<VcpuHandle> {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        let caps = StateCaps::get(&kvm, &cpuid).unwrap();
+        (0..n)
+            .map(|index| {
+                let fd = vm.create_vcpu(u64::from(index)).unwrap();
+                fd.set_cpuid2(&cpuid).unwrap();
+                VcpuHandle::spawn(VcpuSetup {
+                    index,
+                    fd,
+                    pio: Bus::new(),
+                    mmio: Bus::new(),
+                    reports: Arc::new(|_| {}),
+                    caps: caps.clone(),
+                    start_paused: true,
+                })
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_vcpu_answers_and_a_gone_one_is_named() {
+        install_kick_handler().unwrap();
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mut vcpus = paused_vcpus(&vm, 2);
+        let gone = vcpus.pop().unwrap();
+        let ticket = gone.ask(VcpuRequest::Exit).unwrap();
+        let exiting = gone.reply(ticket, Instant::now() + REPLY_DEADLINE);
+        vcpus.push(gone);
+
+        let paused = ask_all(&vcpus, |_| VcpuRequest::Pause);
+        let saved = ask_all(&vcpus[..1], |_| VcpuRequest::SaveState);
+
+        assert!(matches!(exiting, Ok(VcpuReply::Exiting)));
+        assert!(matches!(paused[0], Ok(VcpuReply::Paused)));
+        assert!(matches!(paused[1], Err(VcpuError::Gone(1))));
+        assert!(matches!(saved[0], Ok(VcpuReply::State(_))));
+        for v in vcpus {
+            v.exit();
+        }
+    }
+
+    #[test]
+    fn a_late_reply_is_not_taken_for_the_next_one() {
+        install_kick_handler().unwrap();
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vcpus = paused_vcpus(&vm, 1);
+        let v = &vcpus[0];
+        // Asked, but never waited for (as after a timeout).
+        let _stale = v.ask(VcpuRequest::SaveState).unwrap();
+
+        let ticket = v.ask(VcpuRequest::Pause).unwrap();
+        let reply = v.reply(ticket, Instant::now() + REPLY_DEADLINE);
+
+        assert!(matches!(reply, Ok(VcpuReply::Paused)), "{reply:?}");
+        for v in vcpus {
+            v.exit();
+        }
+    }
 }

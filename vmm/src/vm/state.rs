@@ -237,3 +237,82 @@ fn restore_serial(platform: &Platform, saved: &SerialRegisters) -> Result<(), Re
         .map_err(|e| RestoreError::Invalid(e.within("serial")))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::vcpu::StateCaps;
+    use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+    use kvm_ioctls::Kvm;
+
+    /// A whole saved state of a fresh 1-vCPU VM, saved on the test thread.
+    fn saved() -> (VmSnapshotState, std::sync::Arc<StateCaps>) {
+        let kvm = Kvm::new().expect("these tests need /dev/kvm");
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let caps = StateCaps::get(&kvm, &cpuid).unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        vm.create_pit2(Default::default()).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.set_cpuid2(&cpuid).unwrap();
+        let state = VmSnapshotState {
+            version: STATE_VERSION,
+            vcpus: vec![crate::vstate::vcpu::save(&vcpu, &caps).unwrap()],
+            vm: VmState::save(&vm).unwrap(),
+            serial: SerialRegisters {
+                baud_divisor_low: 12,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+                in_buffer: vec![],
+            },
+        };
+        (state, caps)
+    }
+
+    fn config(vcpus: u8) -> VmConfig {
+        VmConfig {
+            kernel: crate::config::Kernel::TestGuest,
+            initrd: None,
+            cmdline: String::new(),
+            vcpus,
+            memory: 16 << 20,
+            reboot: false,
+            console: crate::config::ConsoleConfig::None,
+            disks: vec![],
+            vsock: None,
+            api_socket: None,
+            checkpoint: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_whole_state_checks_and_bad_fields_are_named() {
+        let (good, caps) = saved();
+        let cases: Vec<(&str, u8, Box<dyn Fn(&mut VmSnapshotState)>)> = vec![
+            ("version", 1, Box::new(|s| s.version = 99)),
+            ("vcpus", 2, Box::new(|_| {})),
+            ("vcpus[0].lapic", 1, Box::new(|s| s.vcpus[0].lapic.clear())),
+            ("vm.pit2", 1, Box::new(|s| s.vm.pit2.clear())),
+            (
+                "serial.in_buffer",
+                1,
+                Box::new(|s| s.serial.in_buffer = vec![0; 65]),
+            ),
+        ];
+
+        let ok = good.check(&config(1), &caps);
+        for (field, vcpus, corrupt) in cases {
+            let mut bad = good.clone();
+            corrupt(&mut bad);
+            let err = bad.check(&config(vcpus), &caps).expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+        }
+        assert_eq!(ok, Ok(()));
+    }
+}

@@ -441,3 +441,124 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState, caps: &StateCaps) -> Result<(), V
         .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_ioctls::VmFd;
+
+    /// A fresh VM with an irqchip and one vCPU given KVM's supported CPUID.
+    fn fresh(kvm: &Kvm) -> (VmFd, VcpuFd) {
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        vcpu.set_cpuid2(&cpuid).unwrap();
+        (vm, vcpu)
+    }
+
+    fn setup() -> (Kvm, Arc<StateCaps>) {
+        let kvm = Kvm::new().expect("these tests need /dev/kvm");
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let caps = StateCaps::get(&kvm, &cpuid).unwrap();
+        (kvm, caps)
+    }
+
+    /// MSRs whose value moves with host time (the TSC).
+    const TIME_MSRS: [u32; 1] = [0x10];
+
+    fn without_time(mut s: VcpuState) -> VcpuState {
+        s.msrs.retain(|m| !TIME_MSRS.contains(&m.index));
+        s
+    }
+
+    fn saved_with_some_state(kvm: &Kvm, caps: &StateCaps) -> VcpuState {
+        let (_vm, vcpu) = fresh(kvm);
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rax = 0x1234_5678;
+        regs.rip = 0x10_0000;
+        regs.rsp = 0x8000;
+        vcpu.set_regs(&regs).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cr0 |= 1; // protected mode
+        sregs.cs.selector = 0x10;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut dr = vcpu.get_debug_regs().unwrap();
+        dr.db[0] = 0xdead_0000;
+        vcpu.set_debug_regs(&dr).unwrap();
+        let lstar = kvm_msr_entry {
+            index: 0xc000_0082,
+            data: 0xffff_ffff_8100_0000,
+            ..Default::default()
+        };
+        vcpu.set_msrs(&Msrs::from_entries(&[lstar]).unwrap())
+            .unwrap();
+        save(&vcpu, caps).unwrap()
+    }
+
+    #[test]
+    fn probe_keeps_msrs_that_read_and_write_back() {
+        let (_, caps) = setup();
+
+        assert!(caps.msrs.contains(&0xc000_0082), "LSTAR is saved");
+        assert!(caps.xsave_size >= XSAVE_LEGACY_SIZE);
+        for refused in &caps.refused_msrs {
+            assert!(!caps.msrs.contains(refused));
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_json_onto_a_fresh_vcpu() {
+        let (kvm, caps) = setup();
+        let saved = saved_with_some_state(&kvm, &caps);
+
+        let json = serde_json::to_string(&saved).unwrap();
+        let parsed: VcpuState = serde_json::from_str(&json).unwrap();
+        let (_vm, fresh_vcpu) = fresh(&kvm);
+        restore(&fresh_vcpu, &parsed, &caps).unwrap();
+        let again = save(&fresh_vcpu, &caps).unwrap();
+
+        assert_eq!(parsed, saved);
+        assert_eq!(without_time(again), without_time(saved.clone()));
+        let regs: kvm_regs = from_bytes("regs", &saved.regs).unwrap();
+        assert_eq!((regs.rax, regs.rip), (0x1234_5678, 0x10_0000));
+        let lstar = saved.msrs.iter().find(|m| m.index == 0xc000_0082).unwrap();
+        assert_eq!(lstar.data, 0xffff_ffff_8100_0000);
+    }
+
+    #[test]
+    fn corrupted_states_are_refused_naming_the_field() {
+        let (kvm, caps) = setup();
+        let good = saved_with_some_state(&kvm, &caps);
+        let cases: Vec<(&str, Box<dyn Fn(&mut VcpuState)>)> = vec![
+            ("cpuid", Box::new(|s| s.cpuid.clear())),
+            ("msrs[0].index", Box::new(|s| s.msrs[0].index = 0xdead)),
+            (
+                "msrs[1].index",
+                Box::new(|s| s.msrs[1].index = s.msrs[0].index),
+            ),
+            ("msrs", Box::new(|s| s.msrs.extend(s.msrs.clone()))),
+            ("regs", Box::new(|s| s.regs.pop().map(drop).unwrap_or(()))),
+            ("sregs", Box::new(|s| s.sregs.push(0))),
+            ("fpu", Box::new(|s| s.fpu.clear())),
+            ("xsave", Box::new(|s| s.xsave.truncate(10))),
+            ("xcrs", Box::new(|s| s.xcrs[0] = 0xff)),
+            ("lapic", Box::new(|s| s.lapic.truncate(1000))),
+            ("debug_regs", Box::new(|s| s.debug_regs.push(1))),
+            ("vcpu_events", Box::new(|s| s.vcpu_events.clear())),
+            ("mp_state", Box::new(|s| s.mp_state = 9)),
+            ("tsc_khz", Box::new(|s| s.tsc_khz = Some(0))),
+        ];
+
+        for (field, corrupt) in cases {
+            let mut bad = good.clone();
+            corrupt(&mut bad);
+            let err = bad.check(&caps).expect_err(field);
+            let (_vm, vcpu) = fresh(&kvm);
+            let refused = restore(&vcpu, &bad, &caps).expect_err(field);
+
+            assert_eq!(err.field, field, "{err}");
+            assert!(matches!(refused, VcpuStateError::Invalid(ref e) if e.field == field));
+        }
+    }
+}
