@@ -241,6 +241,9 @@ fn restore_serial(platform: &Platform, saved: &SerialRegisters) -> Result<(), Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change that breaks a saved state.
+    type Corrupt<T> = Box<dyn Fn(&mut T)>;
     use crate::vstate::vcpu::StateCaps;
     use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
     use kvm_ioctls::Kvm;
@@ -294,7 +297,7 @@ mod tests {
     #[test]
     fn a_whole_state_checks_and_bad_fields_are_named() {
         let (good, caps) = saved();
-        let cases: Vec<(&str, u8, Box<dyn Fn(&mut VmSnapshotState)>)> = vec![
+        let cases: Vec<(&str, u8, Corrupt<VmSnapshotState>)> = vec![
             ("version", 1, Box::new(|s| s.version = 99)),
             ("vcpus", 2, Box::new(|_| {})),
             ("vcpus[0].lapic", 1, Box::new(|s| s.vcpus[0].lapic.clear())),

@@ -445,6 +445,9 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState, caps: &StateCaps) -> Result<(), V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change that breaks a saved state.
+    type Corrupt<T> = Box<dyn Fn(&mut T)>;
     use kvm_ioctls::VmFd;
 
     /// A fresh VM with an irqchip and one vCPU given KVM's supported CPUID.
@@ -530,7 +533,7 @@ mod tests {
     fn corrupted_states_are_refused_naming_the_field() {
         let (kvm, caps) = setup();
         let good = saved_with_some_state(&kvm, &caps);
-        let cases: Vec<(&str, Box<dyn Fn(&mut VcpuState)>)> = vec![
+        let cases: Vec<(&str, Corrupt<VcpuState>)> = vec![
             ("cpuid", Box::new(|s| s.cpuid.clear())),
             ("msrs[0].index", Box::new(|s| s.msrs[0].index = 0xdead)),
             (

@@ -132,6 +132,9 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change that breaks a saved state.
+    type Corrupt<T> = Box<dyn Fn(&mut T)>;
     use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
     use kvm_ioctls::Kvm;
 
@@ -202,7 +205,7 @@ mod tests {
     fn corrupted_states_are_refused_naming_the_field() {
         let kvm = Kvm::new().expect("these tests need /dev/kvm");
         let good = saved_with_some_state(&kvm);
-        let cases: Vec<(&str, Box<dyn Fn(&mut VmState)>)> = vec![
+        let cases: Vec<(&str, Corrupt<VmState>)> = vec![
             ("pic_master", Box::new(|s| s.pic_master[0] = 1)),
             ("pic_slave", Box::new(|s| s.pic_slave.truncate(8))),
             ("ioapic", Box::new(|s| s.ioapic[0] = 0)),
