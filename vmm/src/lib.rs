@@ -7,8 +7,12 @@
 //!   zero page and the ACPI tables;
 //! - [`linux_kit`]: `--guest linux`, the Linux guest kit;
 //! - [`loader`]: ELF vmlinux and bzImage loading;
-//! - [`vcpu`]: the vCPU threads and their state machine;
-//! - [`vm`]: building a VM from a config; [`runner`]: running it through reboots to its end;
+//! - [`vcpu`]: the vCPU threads, their state machine and the request/reply protocol;
+//! - [`vstate`]: vCPU and VM state as plain data (save, check, restore); what this project's
+//!   KVM does with each state ioctl is in `vmm/STATE.md` (probed 2026-11-30);
+//! - [`vm`]: building a VM from a config, in steps a restore reuses
+//!   ([`vm::Vm::save_state`], [`vm::Vm::restore_from`]); [`runner`]: running it through
+//!   reboots to its end;
 //! - [`device_manager`]: virtio-mmio device placement and wiring;
 //! - [`api_handler`]: answering API calls in the control loop;
 //! - [`console`]: the host side of the serial console;

@@ -4,6 +4,13 @@
 //! supports, and the serial console (so a reboot keeps the user's terminal). [`Vm::boot`]
 //! builds everything else afresh — VM fd, RAM, irqchip and PIT, kernel, ACPI, devices and vCPU
 //! threads — which is how a reboot "restarts the guest from its kernel".
+//!
+//! Building is a series of steps: create the KVM VM on the memory with irqchip and PIT2
+//! (`create_vm`), attach the devices (`attach_devices`), load the boot image (kernel, initrd,
+//! command line, ACPI, zero page: `load_boot_image`), create the vCPUs (`create_vcpus`),
+//! configure them for a cold boot (`configure_boot_vcpus`), spawn their threads
+//! (`Vm::spawn`). A restore ([`Vm::restore_from`], in `vm/state.rs`) runs the same steps but
+//! the loading and the boot configuration, on the memory the state was saved with.
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};

@@ -409,9 +409,11 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState, caps: &StateCaps) -> Result<(), V
     let d = state.decode(caps)?;
     if let (Some(saved), Ok(here)) = (state.tsc_khz, fd.get_tsc_khz()) {
         if saved != here {
-            // Without KVM_CAP_TSC_CONTROL the frequency cannot be set; the guest's clock
-            // calibration is off by the ratio.
-            log::warn!("the state was saved with a {saved} kHz TSC, this host's is {here} kHz");
+            // KVM_SET_TSC_KHZ takes on PVM although KVM_CAP_TSC_CONTROL is absent (vmm/STATE.md);
+            // where it does not, the guest's clock calibration is off by the ratio.
+            if let Err(e) = fd.set_tsc_khz(saved) {
+                log::warn!("the state has a {saved} kHz TSC, this host's is {here} kHz: {e}");
+            }
         }
     }
     fd.set_cpuid2(&d.cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
