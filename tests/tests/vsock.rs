@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_tests::{vsock_connect, Vm};
 use vmm::agent::AgentClient;
@@ -68,7 +68,15 @@ fn agent_answers_ping_info_exec_and_survives_malformed_requests() {
 
 /// `log verify` record count.
 fn records(vm: &mut Vm) -> u64 {
-    vm.line("log verify 0").parse().unwrap()
+    let reply = vm.command("log verify 0");
+    match (&reply.status, reply.lines.as_slice()) {
+        (Ok(()), [n]) => n.parse().unwrap(),
+        _ => panic!(
+            "log verify 0: {reply:?}\nconsole:\n{}\nstrata stderr:\n{}",
+            vm.transcript.join("\n"),
+            vm.stderr()
+        ),
+    }
 }
 
 #[test]
@@ -87,20 +95,76 @@ fn freeze_stops_the_log_workload_until_thaw_and_the_lease_thaws_by_itself() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(records(&mut g.vm), at_freeze, "the log grew while frozen");
     a.thaw().unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    let after_thaw = records(&mut g.vm);
-    assert!(after_thaw > at_freeze, "the log did not resume after thaw");
+    wait_for_growth(&mut g.vm, at_freeze, Duration::ZERO, "after thaw");
 
-    // A freeze the host never thaws ends by itself after its lease.
-    a.freeze(1).unwrap();
-    let leased = records(&mut g.vm);
-    std::thread::sleep(Duration::from_millis(2500));
-    assert!(
-        records(&mut g.vm) > leased,
-        "the lease did not thaw the guest"
-    );
+    // A freeze the host never thaws ends by itself after its lease, and until then it really
+    // holds the workload.
+    leased_freeze_holds_then_thaws_by_itself(&mut g.vm, &mut a);
     g.vm.command("log stop").ok();
     assert!(records(&mut g.vm) > 0);
+}
+
+/// Freezes with a lease and never thaws: first proves the `log` workload stopped (the record
+/// count on disk does not move while the lease surely runs), then that it resumes by itself.
+///
+/// No speed is asserted. The guest sets its deadline after the host sent `freeze`, so every
+/// count read back before `sent + lease / 2` on the host's clock (half, in case the guest's
+/// clock runs fast) was taken while frozen and must equal the count at the freeze. If this
+/// machine is too slow to read the count at least twice with a pause in between inside that
+/// window, the attempt proves nothing: the host thaws and tries again with a longer lease.
+fn leased_freeze_holds_then_thaws_by_itself(vm: &mut Vm, a: &mut AgentClient) {
+    const PAUSE: Duration = Duration::from_millis(300);
+    for lease_s in [6u64, 24, 96] {
+        let sent = Instant::now();
+        let frozen = a.freeze(lease_s).unwrap();
+        assert_eq!(frozen, vec!["log".to_string()], "the log was not running");
+        let surely_frozen_until = sent + Duration::from_secs(lease_s) / 2;
+        let at_freeze = records(vm);
+        let mut samples = 0;
+        loop {
+            std::thread::sleep(PAUSE);
+            let n = records(vm);
+            if Instant::now() >= surely_frozen_until {
+                break;
+            }
+            assert_eq!(
+                n, at_freeze,
+                "the log grew from {at_freeze} to {n} records while frozen ({lease_s} s lease)"
+            );
+            samples += 1;
+        }
+        if samples < 2 {
+            eprintln!("the {lease_s} s lease ran out before the freeze was seen twice: longer");
+            a.thaw().unwrap();
+            continue;
+        }
+        // Now the lease ends by itself: the log grows again without a thaw from the host.
+        let lease = Duration::from_secs(lease_s);
+        wait_for_growth(
+            vm,
+            at_freeze,
+            lease,
+            &format!("by itself ({lease_s} s lease)"),
+        );
+        return;
+    }
+    panic!("no lease was long enough to see the freeze hold on this machine");
+}
+
+/// Waits until the log holds more than `before` records (hang guard: `extra` + 3 minutes).
+fn wait_for_growth(vm: &mut Vm, before: u64, extra: Duration, when: &str) {
+    let guard = Instant::now() + extra + Duration::from_secs(180);
+    loop {
+        let n = records(vm);
+        if n > before {
+            return;
+        }
+        assert!(
+            Instant::now() < guard,
+            "the log did not resume {when}: still {n} records"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
