@@ -1,14 +1,24 @@
 //! Linux end to end, on the Linux test kernel of the guest kit (`resources/linux-kit/build.sh
 //! test`): Linux's own virtio-mmio, virtio-blk and virtio-vsock drivers against Strata's
-//! devices, and the real guest agent with a real `FIFREEZE`.
+//! devices, and the real guest agent with a real `FIFREEZE`. Strata boots the kit itself, as a
+//! user does, with `strata run --guest linux`.
 //!
-//! A Linux boot takes ~35 s on a PVM host, so the whole story runs in one test and two boots:
-//! boot with 2 vCPUs, an ext4 disk and vsock; count the CPUs; check ACPI and signals; mount the
-//! disk and write a file; ping the agent and run a command through it; freeze (a guest write
-//! blocks) and thaw (it completes); reboot and find the files again; `poweroff -f` ends Strata
-//! with status 0.
+//! A Linux boot takes ~35 s on a PVM host, so the tests boot three times in all:
+//! - `linux_test_kernel_end_to_end` (`--guest linux --linux-kernel test`): boot with 2 vCPUs,
+//!   an ext4 disk and vsock; the kit strata booted is the cached one (not rebuilt) with its
+//!   kernel and command line; count the CPUs; check ACPI and signals; mount the disk and write
+//!   a file; ping the agent and run a command through it; freeze (a guest write blocks) and
+//!   thaw (it completes); reboot and find the files again; `poweroff -f` ends Strata with
+//!   status 0.
+//! - `guest_linux_auto_boots_this_hosts_kit_from_the_cache` (`--guest linux` with
+//!   `--linux-kernel auto` and `--no-reboot`): auto picks the kit for this host (the test kernel
+//!   on PVM), again from the cache, and a guest reboot ends Strata with status 0.
 //!
-//! When the kit cannot be built (no network for apt, no compiler, ...) the test fails, it does
+//! The kit cache is proven hit by timing-free evidence: the kit folder and its files keep their
+//! inodes and modification times across strata's use of it, and the kit script, which logs
+//! `linux-kit: ...` to strata's stderr whenever it builds or installs anything, logs nothing.
+//!
+//! When the kit cannot be built (no network for apt, no compiler, ...) the tests fail, they do
 //! not skip.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,26 +30,35 @@ use std::time::{Duration, Instant};
 
 use strata_tests::{vsock_connect, Vm};
 
+/// One Linux VM at a time: each is CPU-bound on PVM, and two at once on 2 cores take more
+/// than twice as long each, which only stretches every boot towards its hang guard.
+static ONE_LINUX_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds [`ONE_LINUX_VM`] for the rest of a test (a failed test does not block the others).
+fn one_linux_vm() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LINUX_VM.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Boot to `strata-linux-ready`: ~25 s here, allow for a loaded CI machine.
 const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// One shell command on the console.
 const SHELL_TIMEOUT: Duration = Duration::from_secs(60);
 const AGENT_PORT: u32 = 52;
 
-/// Builds or finds the test-kernel kit; fails the test when it cannot.
-fn kit() -> PathBuf {
+/// Builds or finds the kit of `mode` (`test` or `stock`); fails the test when it cannot.
+fn kit(mode: &str) -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux-kit/build.sh");
     let started = Instant::now();
     let out = Command::new("bash")
         .arg(script)
-        .arg("test")
+        .arg(mode)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
         .expect("run the kit script");
     assert!(
         out.status.success(),
-        "the Linux kit script failed ({}): the Linux tests need the test kernel",
+        "the Linux kit script failed ({}): the Linux tests need the {mode} kit",
         out.status
     );
     let dir = String::from_utf8(out.stdout).unwrap();
@@ -49,6 +68,72 @@ fn kit() -> PathBuf {
     }
     eprintln!("linux kit: {} ({:?})", dir.display(), started.elapsed());
     dir
+}
+
+/// The identity of a built kit: inode and modification time of its folder and of each file
+/// the script writes. Rebuilding it (the script builds into a temporary folder and renames it)
+/// changes every one of them.
+#[derive(Debug, PartialEq, Eq)]
+struct KitStamp(Vec<(String, u64, i64, i64)>);
+
+impl KitStamp {
+    fn of(kit: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        KitStamp(
+            [".", ".complete", "vmlinux", "initramfs.cpio", "cmdline.txt"]
+                .iter()
+                .map(|f| {
+                    let m = std::fs::metadata(kit.join(f))
+                        .unwrap_or_else(|e| panic!("{}/{f}: {e}", kit.display()));
+                    (f.to_string(), m.ino(), m.mtime(), m.mtime_nsec())
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Checks that the running guest is the kit's: its kernel (the `Linux version` banner built
+/// into the kit's vmlinux, with its build time) and the kit's command line (strata appends its
+/// `virtio_mmio.device=` entries).
+fn assert_runs_the_kit(sh: &mut Shell, kit: &Path) {
+    let version = sh.ok("cat /proc/version");
+    assert_eq!(version.len(), 1, "{version:?}");
+    let vmlinux = std::fs::read(kit.join("vmlinux")).unwrap();
+    let banners: Vec<String> = vmlinux
+        .windows(14)
+        .enumerate()
+        .filter(|(_, w)| w == b"Linux version ")
+        .map(|(i, _)| {
+            let rest = &vmlinux[i..];
+            let end = rest.iter().position(|&b| b == 0 || b == b'\n').unwrap();
+            String::from_utf8_lossy(&rest[..end]).trim_end().to_string()
+        })
+        .collect();
+    assert!(
+        banners.iter().any(|b| b == version[0].trim_end()),
+        "the guest runs {:?}, not the kit's kernel {}: {banners:?}",
+        version[0],
+        kit.display()
+    );
+    let want = std::fs::read_to_string(kit.join("cmdline.txt")).unwrap();
+    let cmdline = sh.ok("cat /proc/cmdline").join(" ");
+    assert!(
+        cmdline.starts_with(want.trim()),
+        "/proc/cmdline {cmdline:?} is not the kit's {want:?}"
+    );
+}
+
+/// Fails if the kit script built or installed anything during this strata run (it logs
+/// `linux-kit: ...` to strata's stderr only then).
+fn assert_kit_script_was_quiet(stderr: &str) {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("linux-kit:"))
+        .collect();
+    assert!(
+        lines.is_empty(),
+        "strata's use of the kit was not a cache hit: {lines:?}"
+    );
 }
 
 /// A 64 MiB raw disk with an empty ext4 file system, made on the host.
@@ -242,21 +327,20 @@ impl Agent {
 
 #[test]
 fn linux_test_kernel_end_to_end() {
-    let kit = kit();
-    let cmdline = std::fs::read_to_string(kit.join("cmdline.txt")).unwrap();
-    let cmdline = cmdline.trim();
+    let _one = one_linux_vm();
+    // First use: builds the kit, or finds it. strata's own use below must hit the cache.
+    let kit = kit("test");
+    let stamp = KitStamp::of(&kit);
     let tmp = tempfile::tempdir().unwrap();
     let disk = ext4_disk(tmp.path());
     let uds = tmp.path().join("vsock.sock");
 
     let started = Instant::now();
     let mut sh = Shell::start(&[
-        "--kernel",
-        kit.join("vmlinux").to_str().unwrap(),
-        "--initrd",
-        kit.join("initramfs.cpio").to_str().unwrap(),
-        "--cmdline",
-        cmdline,
+        "--guest",
+        "linux",
+        "--linux-kernel",
+        "test",
         "--vcpus",
         "2",
         "--memory",
@@ -268,6 +352,8 @@ fn linux_test_kernel_end_to_end() {
     ]);
     let boot = sh.wait_ready(started);
     eprintln!("linux: strata-linux-ready {boot:?} after start");
+    assert_eq!(KitStamp::of(&kit), stamp, "strata's use rebuilt the kit");
+    assert_runs_the_kit(&mut sh, &kit);
 
     // Both vCPUs, from the MADT.
     let cpus = sh.ok("grep -c ^processor /proc/cpuinfo");
@@ -360,4 +446,56 @@ fn linux_test_kernel_end_to_end() {
         "strata exited with {status}; {}",
         sh.console()
     );
+    assert_kit_script_was_quiet(&sh.vm.stderr());
+}
+
+#[test]
+fn guest_linux_auto_boots_this_hosts_kit_from_the_cache() {
+    let _one = one_linux_vm();
+    // auto: the test kernel on a PVM host (this project's machines), the stock one elsewhere.
+    let mode = if vmm::linux_kit::is_pvm() {
+        "test"
+    } else {
+        "stock"
+    };
+    let kit = kit(mode);
+    let stamp = KitStamp::of(&kit);
+
+    let started = Instant::now();
+    let mut sh = Shell::start(&[
+        "--guest",
+        "linux",
+        "--linux-kernel",
+        "auto",
+        "--no-reboot",
+        "--memory",
+        "256M",
+    ]);
+    let boot = sh.wait_ready(started);
+    eprintln!("linux ({mode} kit through auto): strata-linux-ready {boot:?} after start");
+    assert_eq!(KitStamp::of(&kit), stamp, "strata's use rebuilt the kit");
+    assert_runs_the_kit(&mut sh, &kit);
+
+    // With --no-reboot a guest reboot (Linux resets through the FADT's reset register) ends
+    // strata with status 0 instead of booting again.
+    sh.send("reboot -f\n");
+    let status = sh.wait_exit(Duration::from_secs(120));
+    assert!(
+        status.success(),
+        "strata exited with {status}; {}",
+        sh.console()
+    );
+    let boots = sh
+        .vm
+        .transcript
+        .iter()
+        .filter(|l| l.trim_end() == "strata-linux-ready")
+        .count();
+    assert_eq!(
+        boots,
+        1,
+        "the guest booted again despite --no-reboot; {}",
+        sh.console()
+    );
+    assert_kit_script_was_quiet(&sh.vm.stderr());
 }
