@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::linux_kit::LinuxKernel;
 
 use crate::config::{
-    parse_memory, ConfigError, ConsoleConfig, Kernel, VmConfig, DEFAULT_CMDLINE, MAX_VCPUS,
+    parse_memory, ConfigError, ConsoleConfig, Kernel, VmConfig, DEFAULT_CMDLINE,
+    DEFAULT_MEMORY_MIB, MAX_VCPUS,
 };
 
 /// Strata: a KVM hypervisor with checkpoints.
@@ -20,9 +21,10 @@ pub struct Cli {
 }
 
 /// What `strata run` boots when no --kernel is given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum GuestKind {
     /// The freestanding test guest built into strata.
+    #[default]
     Test,
     /// The Linux guest kit.
     Linux,
@@ -54,7 +56,11 @@ pub enum Command {
 }
 
 /// `strata run` flags.
-#[derive(Debug, Args)]
+///
+/// Flags whose default is written in their help have type `Option` here, so that a value from
+/// `--config FILE` can tell apart from one given on the command line (which wins); the defaults
+/// are applied in [`RunArgs::to_config`] and [`RunArgs::resolve`].
+#[derive(Debug, Clone, Default, Args)]
 pub struct RunArgs {
     /// Kernel to boot: an x86_64 ELF vmlinux or a bzImage [default: the embedded test guest]
     #[arg(long, value_name = "PATH")]
@@ -69,35 +75,30 @@ pub struct RunArgs {
     pub cmdline: Option<String>,
 
     /// Which guest to boot without --kernel: the embedded test guest, or the Linux guest kit
-    /// (built on first use by resources/linux-kit/build.sh and cached)
-    #[arg(long, value_name = "GUEST", default_value = "test")]
-    pub guest: GuestKind,
+    /// (built on first use by resources/linux-kit/build.sh and cached) [default: test]
+    #[arg(long, value_name = "GUEST")]
+    pub guest: Option<GuestKind>,
 
     /// With --guest linux: which kernel (auto = the test kernel on PVM hosts, Debian's stock
-    /// cloud kernel elsewhere)
-    #[arg(long, value_name = "KERNEL", default_value = "auto")]
-    pub linux_kernel: LinuxKernel,
+    /// cloud kernel elsewhere) [default: auto]
+    #[arg(long, value_name = "KERNEL")]
+    pub linux_kernel: Option<LinuxKernel>,
 
-    /// Number of vCPUs (1 to 32)
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 1,
-        allow_negative_numbers = true
-    )]
-    pub vcpus: u64,
+    /// Number of vCPUs (1 to 32) [default: 1]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub vcpus: Option<u64>,
 
-    /// Guest RAM: MiB, or a size with a unit such as 512M or 1G
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    pub memory: String,
+    /// Guest RAM: MiB, or a size with a unit such as 512M or 1G [default: 512M]
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
 
     /// Exit (status 0) when the guest resets instead of rebooting it
     #[arg(long)]
     pub no_reboot: bool,
 
-    /// Where the serial console goes: stdio, file=PATH (output only) or none
-    #[arg(long, value_name = "WHERE", default_value = "stdio")]
-    pub console: String,
+    /// Where the serial console goes: stdio, file=PATH (output only) or none [default: stdio]
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<String>,
 
     /// A virtio-blk disk: path=FILE[,readonly=on]; FILE is a raw image or the top layer of a
     /// Strata chain. Repeat for more disks; the guest sees them in this order
@@ -115,27 +116,79 @@ pub struct RunArgs {
     pub api_socket: Option<PathBuf>,
 
     /// Checkpoint type: disabled, standard, production (falls back to standard when the guest
-    /// agent cannot quiesce) or production-only
-    #[arg(long, value_name = "TYPE", default_value = "production")]
-    pub checkpoint_type: api::types::CheckpointType,
+    /// agent cannot quiesce) or production-only [default: production]
+    #[arg(long, value_name = "TYPE")]
+    pub checkpoint_type: Option<api::types::CheckpointType>,
 
     /// Where this VM's checkpoints are stored
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Read the VM's settings from a JSON file: an object whose keys are the long flags of
+    /// `strata run` without their dashes, with the same values ("vcpus": 2, "memory": "1G",
+    /// "disk": ["path=a.raw"], "no-reboot": true, ...). A flag given on the command line wins
+    /// over the file (--disk replaces the file's whole list); relative paths are relative to
+    /// the current directory, as on the command line
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The JSON of `--config FILE`: the flags of `strata run`, spelled without their dashes.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ConfigFile {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    guest: Option<String>,
+    linux_kernel: Option<String>,
+    vcpus: Option<u64>,
+    memory: Option<MemoryValue>,
+    no_reboot: Option<bool>,
+    console: Option<String>,
+    disk: Option<Vec<String>>,
+    vsock: Option<String>,
+    api_socket: Option<PathBuf>,
+    checkpoint_type: Option<String>,
+    state_dir: Option<PathBuf>,
+}
+
+/// `"memory"`: a number of MiB or a size with a unit, as for --memory.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum MemoryValue {
+    Mib(u64),
+    Text(String),
+}
+
+/// Parses `value` (from the key `key` of a config file) as one of a flag's choices.
+fn choice<T: clap::ValueEnum>(key: &str, value: &str) -> Result<T, String> {
+    T::from_str(value, false).map_err(|_| {
+        let choices: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value())
+            .map(|v| v.get_name().to_string())
+            .collect();
+        format!(
+            "\"{key}\": invalid value '{value}' (possible values: {})",
+            choices.join(", ")
+        )
+    })
 }
 
 impl RunArgs {
-    /// The VM configuration these flags describe.
-    /// The VM configuration these flags describe, building the Linux kit if it is asked for.
+    /// The VM configuration these flags describe, reading `--config FILE` and building the
+    /// Linux kit if they ask for it.
     pub fn resolve(&self) -> Result<VmConfig, RunArgsError> {
-        let mut config = self.to_config()?;
-        if self.kernel.is_none() && self.guest == GuestKind::Linux {
-            let kit = crate::linux_kit::prepare(self.linux_kernel)?;
+        let args = self.with_config_file()?;
+        let mut config = args.to_config()?;
+        if args.kernel.is_none() && args.guest.unwrap_or_default() == GuestKind::Linux {
+            let kit = crate::linux_kit::prepare(args.linux_kernel.unwrap_or(LinuxKernel::Auto))?;
             config.kernel = Kernel::File(kit.kernel);
             if config.initrd.is_none() {
                 config.initrd = kit.initrd;
             }
-            if self.cmdline.is_none() {
+            if args.cmdline.is_none() {
                 if let Some(c) = kit.cmdline {
                     config.cmdline = c;
                 }
@@ -144,12 +197,68 @@ impl RunArgs {
         Ok(config)
     }
 
-    /// The VM configuration these flags describe, without building anything.
+    /// These flags with the settings of `--config FILE` filled in where the command line gives
+    /// none (without `--config`, the flags as they are).
+    pub fn with_config_file(&self) -> Result<RunArgs, RunArgsError> {
+        let Some(path) = &self.config else {
+            return Ok(self.clone());
+        };
+        let bad = |why: String| RunArgsError::ConfigFile {
+            path: path.clone(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let file: ConfigFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut args = self.clone();
+        args.config = None;
+        args.kernel = args.kernel.or(file.kernel);
+        args.initrd = args.initrd.or(file.initrd);
+        args.cmdline = args.cmdline.or(file.cmdline);
+        if args.guest.is_none() {
+            args.guest = file
+                .guest
+                .map(|g| choice("guest", &g))
+                .transpose()
+                .map_err(bad)?;
+        }
+        if args.linux_kernel.is_none() {
+            args.linux_kernel = file
+                .linux_kernel
+                .map(|k| choice("linux-kernel", &k))
+                .transpose()
+                .map_err(bad)?;
+        }
+        args.vcpus = args.vcpus.or(file.vcpus);
+        args.memory = args.memory.or(file.memory.map(|m| match m {
+            MemoryValue::Mib(n) => n.to_string(),
+            MemoryValue::Text(t) => t,
+        }));
+        args.no_reboot = args.no_reboot || file.no_reboot.unwrap_or(false);
+        args.console = args.console.or(file.console);
+        if args.disks.is_empty() {
+            args.disks = file.disk.unwrap_or_default();
+        }
+        args.vsock = args.vsock.or(file.vsock);
+        args.api_socket = args.api_socket.or(file.api_socket);
+        if args.checkpoint_type.is_none() {
+            args.checkpoint_type = file
+                .checkpoint_type
+                .map(|t| choice("checkpoint-type", &t))
+                .transpose()
+                .map_err(bad)?;
+        }
+        args.state_dir = args.state_dir.or(file.state_dir);
+        Ok(args)
+    }
+
+    /// The VM configuration these flags describe, without building anything and without
+    /// reading `--config` (see [`RunArgs::with_config_file`]).
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
-        let vcpus = u8::try_from(self.vcpus)
+        let requested_vcpus = self.vcpus.unwrap_or(1);
+        let vcpus = u8::try_from(requested_vcpus)
             .ok()
             .filter(|v| (1..=MAX_VCPUS).contains(v))
-            .ok_or(ConfigError::VcpusOutOfRange(self.vcpus))?;
+            .ok_or(ConfigError::VcpusOutOfRange(requested_vcpus))?;
         Ok(VmConfig {
             kernel: self.kernel.clone().map_or(Kernel::TestGuest, Kernel::File),
             initrd: self.initrd.clone(),
@@ -158,9 +267,16 @@ impl RunArgs {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             vcpus,
-            memory: parse_memory(&self.memory)?,
+            memory: match &self.memory {
+                Some(m) => parse_memory(m)?,
+                None => DEFAULT_MEMORY_MIB << 20,
+            },
             reboot: !self.no_reboot,
-            console: self.console.parse::<ConsoleConfig>()?,
+            console: self
+                .console
+                .as_deref()
+                .unwrap_or("stdio")
+                .parse::<ConsoleConfig>()?,
             disks: self
                 .disks
                 .iter()
@@ -169,7 +285,7 @@ impl RunArgs {
             vsock: self.vsock.as_deref().map(str::parse).transpose()?,
             api_socket: self.api_socket.clone(),
             checkpoint: api::types::CheckpointConfig {
-                kind: self.checkpoint_type,
+                kind: self.checkpoint_type.unwrap_or_default(),
                 location: self
                     .state_dir
                     .as_ref()
@@ -188,6 +304,14 @@ pub enum RunArgsError {
     /// The Linux kit could not be prepared.
     #[error(transparent)]
     Kit(#[from] crate::linux_kit::KitError),
+    /// The `--config` file cannot be read or is not a valid settings object.
+    #[error("invalid --config file {path}: {why}")]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 #[cfg(test)]
@@ -252,5 +376,94 @@ mod tests {
     #[test]
     fn unknown_flag_is_a_parse_error() {
         assert!(parse(&["run", "--bogus"]).is_err());
+    }
+
+    /// `strata run ARGS --config FILE` where FILE holds `json`.
+    fn with_file(json: &str, args: &[&str]) -> Result<RunArgs, RunArgsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vm.json");
+        std::fs::write(&file, json).unwrap();
+        let mut full = vec!["run", "--config", file.to_str().unwrap()];
+        full.extend_from_slice(args);
+        run_args(&full).with_config_file()
+    }
+
+    #[test]
+    fn config_file_sets_every_flag() {
+        let args = with_file(
+            r#"{"kernel": "/k", "initrd": "/i", "cmdline": "a=b", "guest": "linux",
+                "linux-kernel": "test", "vcpus": 3, "memory": 96, "no-reboot": true,
+                "console": "none", "disk": ["path=/d0", "path=/d1,readonly=on"],
+                "vsock": "cid=3,socket=/v", "api-socket": "/api",
+                "checkpoint-type": "production-only", "state-dir": "/state"}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(args.guest, Some(GuestKind::Linux));
+        assert_eq!(args.linux_kernel, Some(LinuxKernel::Test));
+        assert_eq!(args.config, None);
+        let c = args.to_config().unwrap();
+        assert_eq!(c.kernel, Kernel::File("/k".into()));
+        assert_eq!(c.initrd, Some("/i".into()));
+        assert_eq!(
+            (c.cmdline.as_str(), c.vcpus, c.memory),
+            ("a=b", 3, 96 << 20)
+        );
+        assert!(!c.reboot);
+        assert_eq!(c.console, ConsoleConfig::None);
+        assert_eq!(c.disks.len(), 2);
+        assert!(c.disks[1].read_only);
+        assert_eq!(c.vsock.unwrap().cid, 3);
+        assert_eq!(c.api_socket, Some("/api".into()));
+        assert_eq!(
+            c.checkpoint.kind,
+            api::types::CheckpointType::ProductionOnly
+        );
+        assert_eq!(c.checkpoint.location.as_deref(), Some("/state"));
+    }
+
+    #[test]
+    fn command_line_flags_win_over_the_config_file() {
+        let args = with_file(
+            r#"{"vcpus": 3, "memory": "1G", "disk": ["path=/a", "path=/b"], "cmdline": "x"}"#,
+            &["--vcpus", "2", "--disk", "path=/c"],
+        )
+        .unwrap();
+        let c = args.to_config().unwrap();
+        assert_eq!((c.vcpus, c.memory, c.cmdline.as_str()), (2, 1 << 30, "x"));
+        assert_eq!(c.disks.len(), 1);
+        assert_eq!(c.disks[0].path, std::path::PathBuf::from("/c"));
+    }
+
+    #[test]
+    fn empty_config_file_gives_the_defaults() {
+        let c = with_file("{}", &[]).unwrap().to_config().unwrap();
+        assert_eq!(c.kernel, Kernel::TestGuest);
+        assert_eq!((c.vcpus, c.memory, c.reboot), (1, 512 << 20, true));
+        assert_eq!(c.console, ConsoleConfig::Stdio);
+        assert_eq!(c.checkpoint.kind, api::types::CheckpointType::Production);
+    }
+
+    #[test]
+    fn bad_config_files_are_errors_naming_the_file_and_the_problem() {
+        for (json, needle) in [
+            (r#"{"vcpu": 2}"#, "unknown field `vcpu`"),
+            (r#"{"guest": "windows"}"#, "possible values: test, linux"),
+            (
+                r#"{"checkpoint-type": "often"}"#,
+                "\"checkpoint-type\": invalid value 'often'",
+            ),
+            (r#"{"vcpus": "two"}"#, "invalid type"),
+            ("not json", "expected"),
+        ] {
+            let err = with_file(json, &[]).unwrap_err().to_string();
+            assert!(err.contains("vm.json"), "{json}: {err}");
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+        let err = run_args(&["run", "--config", "/nonexistent/vm.json"])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/vm.json"), "{err}");
     }
 }
