@@ -352,7 +352,15 @@ fn every_flag_in_run_help_is_accepted_with_a_valid_value() {
 
 #[test]
 fn bad_values_are_refused_with_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_json = dir.path().join("bad.json");
+    std::fs::write(&bad_json, "{ not json").unwrap();
+    let bad_json = bad_json.to_str().unwrap();
+    let missing = dir.path().join("missing.json");
+    let missing = missing.to_str().unwrap();
     for (args, needle) in [
+        (&["--config", bad_json][..], bad_json),
+        (&["--config", missing][..], missing),
         (&["--guest", "windows"][..], "windows"),
         (&["--linux-kernel", "newest"][..], "newest"),
         (&["--checkpoint-type", "often"][..], "often"),

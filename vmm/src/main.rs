@@ -47,7 +47,10 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             let config = match args.resolve() {
                 Ok(c) => c,
-                Err(e @ vmm::cli::RunArgsError::Config(_)) => {
+                Err(
+                    e @ (vmm::cli::RunArgsError::Config(_)
+                    | vmm::cli::RunArgsError::ConfigFile { .. }),
+                ) => {
                     report(&e);
                     return ExitCode::from(2);
                 }
