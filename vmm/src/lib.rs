@@ -13,7 +13,8 @@
 //! - [`vm`]: building a VM from a config, in steps a restore reuses
 //!   ([`vm::Vm::save_state`], [`vm::Vm::restore_from`]); [`runner`]: running it through
 //!   reboots to its end;
-//! - [`device_manager`]: virtio-mmio device placement and wiring;
+//! - [`device_manager`]: virtio-mmio device placement and wiring, and saving and restoring the
+//!   virtio devices;
 //! - [`api_handler`]: answering API calls in the control loop;
 //! - [`console`]: the host side of the serial console;
 //! - [`cli`]: the command line.

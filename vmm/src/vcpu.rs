@@ -275,6 +275,7 @@ pub const REPLY_DEADLINE: Duration = Duration::from_secs(20);
 pub struct Pending {
     seq: u64,
     request: &'static str,
+    asked: Instant,
 }
 
 impl VcpuHandle {
@@ -328,7 +329,11 @@ impl VcpuHandle {
             // The thread may already have exited; then there is nothing to kick.
             let _ = t.kill(kick_signal());
         }
-        Ok(Pending { seq, request: name })
+        Ok(Pending {
+            seq,
+            request: name,
+            asked: Instant::now(),
+        })
     }
 
     /// Waits until `deadline` for the reply to `pending`; replies to earlier requests (ones
@@ -350,7 +355,8 @@ impl VcpuHandle {
                 }
                 Ok(Answer { reply, .. }) => return Ok(reply),
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(VcpuError::Timeout(self.index, REPLY_DEADLINE))
+                    let waited = deadline.saturating_duration_since(pending.asked);
+                    return Err(VcpuError::Timeout(self.index, waited));
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.index)),
             }
@@ -373,19 +379,68 @@ impl VcpuHandle {
 /// vCPU order.
 pub fn ask_all(
     vcpus: &[VcpuHandle],
+    make: impl FnMut(usize) -> VcpuRequest,
+) -> Vec<Result<VcpuReply, VcpuError>> {
+    ask_all_within(vcpus, make, REPLY_DEADLINE)
+}
+
+/// [`ask_all`] with replies awaited for `within` instead of [`REPLY_DEADLINE`].
+pub fn ask_all_within(
+    vcpus: &[VcpuHandle],
     mut make: impl FnMut(usize) -> VcpuRequest,
+    within: Duration,
 ) -> Vec<Result<VcpuReply, VcpuError>> {
     let sent: Vec<_> = vcpus
         .iter()
         .enumerate()
         .map(|(i, v)| v.ask(make(i)))
         .collect();
-    let deadline = Instant::now() + REPLY_DEADLINE;
+    let deadline = Instant::now() + within;
     vcpus
         .iter()
         .zip(sent)
         .map(|(v, sent)| sent.and_then(|p| v.reply(p, deadline)))
         .collect()
+}
+
+/// Pauses every vCPU — all are asked at once, then every reply is awaited for `within` — and
+/// returns once all are out of the guest with their state committed.
+///
+/// A pause that cannot complete (a vCPU does not answer in time, for instance because its
+/// thread is stuck in a device access; its thread is gone; it refuses) asks every vCPU to run
+/// again — the one that failed too, so that one that answers late runs on instead of staying
+/// parked — and returns the first failure, naming the vCPU and why: the vCPUs are never left
+/// half paused.
+pub fn pause_all(vcpus: &[VcpuHandle], within: Duration) -> Result<(), VcpuError> {
+    let replies = ask_all_within(vcpus, |_| VcpuRequest::Pause, within);
+    let mut failure = None;
+    for (v, reply) in vcpus.iter().zip(replies) {
+        let r = expect_reply(v.index(), "pause", reply, |r| match r {
+            VcpuReply::Paused => Ok(()),
+            other => Err(other),
+        });
+        if let (Err(e), None) = (r, &failure) {
+            failure = Some(e);
+        }
+    }
+    match failure {
+        None => Ok(()),
+        Some(e) => {
+            resume_all_after_failure(vcpus, within, "undoing a pause");
+            Err(e)
+        }
+    }
+}
+
+/// Asks every vCPU to run again after a failed pause (or before pausing devices failed);
+/// what goes wrong is logged, prefixed with `context`.
+pub fn resume_all_after_failure(vcpus: &[VcpuHandle], within: Duration, context: &str) {
+    let replies = ask_all_within(vcpus, |_| VcpuRequest::Resume, within);
+    for (v, reply) in vcpus.iter().zip(replies) {
+        if let Err(e) = reply {
+            log::warn!("{context}: vCPU {}: {e}", v.index());
+        }
+    }
 }
 
 /// Checks that a reply is the one `want` picks out; anything else is [`VcpuError::Unexpected`].
@@ -584,6 +639,7 @@ mod tests {
     use super::*;
     use devices::bus::BusDevice;
     use std::sync::{Arc, Mutex};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     struct Port(u8);
     impl BusDevice for Port {
@@ -693,6 +749,110 @@ mod tests {
         for v in vcpus {
             v.exit();
         }
+    }
+
+    /// A port whose first read blocks until the test releases it (a vCPU stuck in a device
+    /// access); it tells the test when a vCPU is inside.
+    struct StuckPort {
+        entered: mpsc::Sender<()>,
+        release: mpsc::Receiver<()>,
+    }
+    impl BusDevice for StuckPort {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            let _ = self.entered.send(());
+            // Returns at once once the test dropped its sender.
+            let _ = self.release.recv();
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, _: &[u8]) {}
+    }
+
+    #[test]
+    fn a_pause_a_vcpu_never_answers_resumes_the_others_and_names_it() {
+        install_kick_handler().unwrap();
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        let caps = StateCaps::get(&kvm, &cpuid).unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let memory = crate::memory::create(16 << 20).unwrap();
+        let host = memory.get_host_address(GuestAddress(0)).unwrap();
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: 16 << 20,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: `memory` is one 16 MiB mapping that outlives the VM (it is declared before
+        // the vCPUs, which are joined before the end of the test).
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+        // vCPU 0 at 1 MiB: `in al, 0x80` (stuck in the port), then `hlt` forever.
+        let entry = GuestAddress(0x10_0000);
+        memory
+            .write_slice(&[0xe4, 0x80, 0xf4, 0xeb, 0xfd], entry)
+            .unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let mut pio = Bus::new();
+        let port = StuckPort {
+            entered: entered_tx,
+            release: release_rx,
+        };
+        pio.insert(Arc::new(Mutex::new(port)), 0x80, 1).unwrap();
+        // vCPU 1 is an AP that waits for a SIPI in KVM_RUN: it answers as soon as kicked.
+        let vcpus: Vec<VcpuHandle> = (0..2u8)
+            .map(|index| {
+                let fd = vm.create_vcpu(u64::from(index)).unwrap();
+                fd.set_cpuid2(&cpuid).unwrap();
+                if index == 0 {
+                    crate::arch::regs::setup_boot_vcpu(&fd, &memory, entry).unwrap();
+                }
+                VcpuHandle::spawn(VcpuSetup {
+                    index,
+                    fd,
+                    pio: pio.clone(),
+                    mmio: Bus::new(),
+                    reports: Arc::new(|r| panic!("vCPU stopped: {r:?}")),
+                    caps: caps.clone(),
+                    start_paused: false,
+                })
+                .unwrap()
+            })
+            .collect();
+        // Hang guard only.
+        entered
+            .recv_timeout(Duration::from_secs(120))
+            .expect("vCPU 0 never reached the port");
+        let is_running = |v: &VcpuHandle| {
+            let ticket = v.ask(VcpuRequest::SaveState).unwrap();
+            matches!(
+                v.reply(ticket, Instant::now() + REPLY_DEADLINE),
+                Err(VcpuError::Refused { .. })
+            )
+        };
+
+        let failed = pause_all(&vcpus, Duration::from_secs(2));
+        let others_run = is_running(&vcpus[1]);
+        drop(release);
+        // The stuck vCPU takes the late pause and the resume in order: it runs on too.
+        let stuck_runs_on = is_running(&vcpus[0]);
+        let paused = pause_all(&vcpus, REPLY_DEADLINE);
+        let saved = ask_all(&vcpus, |_| VcpuRequest::SaveState);
+        for v in vcpus {
+            v.exit();
+        }
+
+        match failed {
+            Err(VcpuError::Timeout(0, waited)) => assert!(waited >= Duration::from_secs(2)),
+            other => panic!("the pause did not name vCPU 0: {other:?}"),
+        }
+        assert!(others_run, "vCPU 1 was left paused");
+        assert!(stuck_runs_on, "vCPU 0 was left paused");
+        paused.unwrap();
+        assert!(saved.iter().all(|r| matches!(r, Ok(VcpuReply::State(_)))));
     }
 
     #[test]

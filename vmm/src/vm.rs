@@ -10,7 +10,9 @@
 //! command line, ACPI, zero page: `load_boot_image`), create the vCPUs (`create_vcpus`),
 //! configure them for a cold boot (`configure_boot_vcpus`), spawn their threads
 //! (`Vm::spawn`). A restore ([`Vm::restore_from`], in `vm/state.rs`) runs the same steps but
-//! the loading and the boot configuration, on the memory the state was saved with.
+//! the loading and the boot configuration, on the memory the state was saved with, and
+//! rebuilds the devices from their saved state (`device_manager::restore`) instead of
+//! attaching new ones.
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -37,7 +39,8 @@ use crate::device_manager::{self, VirtioDevices};
 use crate::loader;
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{
-    ask_all, expect_reply, ReportSink, VcpuHandle, VcpuReply, VcpuReport, VcpuRequest, VcpuSetup,
+    ask_all, expect_reply, pause_all, resume_all_after_failure, ReportSink, VcpuHandle, VcpuReply,
+    VcpuReport, VcpuRequest, VcpuSetup, REPLY_DEADLINE,
 };
 use crate::vstate::vcpu::{StateCaps, VcpuStateError};
 
@@ -239,6 +242,7 @@ pub struct Vm {
     // Field order is drop order: vCPU threads end before the VM fd and memory go away.
     vcpus: Vec<VcpuHandle>,
     virtio: VirtioDevices,
+    legacy: Legacy,
     fd: VmFd,
     memory: GuestMemory,
 }
@@ -263,8 +267,17 @@ fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The legacy devices whose state a VM saves besides the serial port (which the [`Platform`]
+/// owns).
+struct Legacy {
+    i8042: Arc<Mutex<legacy::I8042>>,
+    reset_control: Arc<Mutex<ResetControl>>,
+    /// Where they report guest requests (for restoring them).
+    sink: GuestEventSink,
+}
+
 /// Puts the legacy devices on a new port bus.
-fn legacy_bus(platform: &Platform, events: &Sender<VmEvent>) -> Result<Bus, VmError> {
+fn legacy_bus(platform: &Platform, events: &Sender<VmEvent>) -> Result<(Bus, Legacy), VmError> {
     let tx = Mutex::new(events.clone());
     let sink: GuestEventSink = Arc::new(move |e| {
         let _ = tx
@@ -272,30 +285,27 @@ fn legacy_bus(platform: &Platform, events: &Sender<VmEvent>) -> Result<Bus, VmEr
             .unwrap_or_else(|p| p.into_inner())
             .send(VmEvent::Guest(e));
     });
+    let legacy = Legacy {
+        i8042: Arc::new(Mutex::new(legacy::I8042::new(sink.clone()))),
+        reset_control: Arc::new(Mutex::new(ResetControl::new(sink.clone()))),
+        sink: sink.clone(),
+    };
     let mut pio = Bus::new();
     let serial: SharedDevice = platform.serial.clone();
     pio.insert(serial, COM1_PORT.into(), 8)?;
-    pio.insert(
-        Arc::new(Mutex::new(legacy::I8042::new(sink.clone()))),
-        I8042_PORT.into(),
-        5,
-    )?;
+    pio.insert(legacy.i8042.clone(), I8042_PORT.into(), 5)?;
     pio.insert(
         Arc::new(Mutex::new(AcpiPm::new(sink.clone()))),
         ACPI_SLEEP_CONTROL_PORT.into(),
         2,
     )?;
-    pio.insert(
-        Arc::new(Mutex::new(ResetControl::new(sink.clone()))),
-        RESET_CONTROL_PORT.into(),
-        1,
-    )?;
+    pio.insert(legacy.reset_control.clone(), RESET_CONTROL_PORT.into(), 1)?;
     pio.insert(
         Arc::new(Mutex::new(PvPanic::new(sink))),
         PVPANIC_PORT.into(),
         1,
     )?;
-    Ok(pio)
+    Ok((pio, legacy))
 }
 
 /// Step 1 of building a VM: a KVM VM on `memory` with the in-kernel irqchip and PIT2.
@@ -335,20 +345,24 @@ fn attach_devices(
     config: &VmConfig,
     events: &Sender<VmEvent>,
 ) -> Result<VirtioDevices, VmError> {
-    let failures = Mutex::new(events.clone());
-    let on_failure: devices::virtio::FailureSink = Arc::new(move |f| {
-        let _ = failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(VmEvent::DeviceFailed(f));
-    });
     Ok(device_manager::create(
         fd,
         memory,
         &config.disks,
         config.vsock.as_ref(),
-        on_failure,
+        failure_sink(events),
     )?)
+}
+
+/// Where device threads report their death: [`VmEvent::DeviceFailed`] on `events`.
+fn failure_sink(events: &Sender<VmEvent>) -> devices::virtio::FailureSink {
+    let failures = Mutex::new(events.clone());
+    Arc::new(move |f| {
+        let _ = failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(VmEvent::DeviceFailed(f));
+    })
 }
 
 /// Step 3 (cold boot only): kernel, initrd, command line, ACPI tables and zero page into
@@ -479,7 +493,7 @@ impl Vm {
         events: &Sender<VmEvent>,
         paused: bool,
     ) -> Result<Self, VmError> {
-        let pio = legacy_bus(platform, events)?;
+        let (pio, legacy) = legacy_bus(platform, events)?;
         let mmio = parts.virtio.mmio.clone();
         let tx = Mutex::new(events.clone());
         let reports: ReportSink = Arc::new(move |r| {
@@ -491,6 +505,7 @@ impl Vm {
         let mut vm = Self {
             vcpus: Vec::with_capacity(parts.vcpus.len()),
             virtio: parts.virtio,
+            legacy,
             fd: parts.fd,
             memory: parts.memory,
         };
@@ -524,40 +539,12 @@ impl Vm {
     /// resumes everything that did pause and says which vCPU or device failed and why: the VM
     /// is never left half paused.
     pub fn pause(&self) -> Result<(), PauseError> {
-        let replies = ask_all(&self.vcpus, |_| VcpuRequest::Pause);
-        let mut failure = None;
-        for (v, reply) in self.vcpus.iter().zip(replies) {
-            let r = expect_reply(v.index(), "pause", reply, |r| match r {
-                VcpuReply::Paused => Ok(()),
-                other => Err(other),
-            });
-            if let (Err(e), None) = (r, &failure) {
-                failure = Some(e);
-            }
-        }
-        if let Some(e) = failure {
-            // Every vCPU is asked, the one that failed too: one that answers late then runs
-            // on instead of staying parked.
-            self.resume_vcpus_after_failure();
-            return Err(PauseError::Vcpu(e));
-        }
+        pause_all(&self.vcpus, REPLY_DEADLINE)?;
         if let Err(e) = self.virtio.pause() {
-            self.resume_vcpus_after_failure();
+            resume_all_after_failure(&self.vcpus, REPLY_DEADLINE, "undoing a pause");
             return Err(e.into());
         }
         Ok(())
-    }
-
-    fn resume_vcpus_after_failure(&self) {
-        for (v, reply) in self
-            .vcpus
-            .iter()
-            .zip(ask_all(&self.vcpus, |_| VcpuRequest::Resume))
-        {
-            if let Err(e) = reply {
-                log::warn!("undoing a pause: vCPU {}: {e}", v.index());
-            }
-        }
     }
 
     /// Lets the device threads, then every vCPU, run again. If a vCPU cannot be resumed, the

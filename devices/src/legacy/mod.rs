@@ -11,7 +11,7 @@
 mod power;
 mod serial;
 
-pub use power::{AcpiPm, PvPanic, ResetControl, I8042};
+pub use power::{AcpiPm, I8042State, PvPanic, ResetControl, ResetControlState, I8042};
 pub use serial::{irq_eventfd, Serial, SerialInput, SerialRegisters, SerialResources};
 
 /// COM1's base port.

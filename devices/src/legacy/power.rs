@@ -1,5 +1,13 @@
 //! Devices through which the guest powers off, resets or reports a panic.
+//!
+//! Of these only the reset control holds state a guest can read back (the last value written,
+//! reset bit aside); it and the i8042 implement [`Persist`]. The i8042 has no state beyond its
+//! reset line (vm-superio's `I8042Device` keeps nothing else), so its saved state is empty; it
+//! is saved anyway so that a later i8042 with state fits the format. The ACPI sleep registers and
+//! the pvpanic port hold nothing.
 
+use serde::{Deserialize, Serialize};
+use snapshot::{check, Persist, StateError};
 use vm_superio::{I8042Device, Trigger};
 
 use super::SLEEP_TYPE_S5;
@@ -67,11 +75,45 @@ impl BusDevice for ResetControl {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
-        self.value = value & 0x0e;
+        self.value = value & RESET_CONTROL_BITS;
         // Bit 2 (RST_CPU) starts the reset; bit 1 picks hard or soft, which we treat alike.
         if value & 0x04 != 0 {
             (self.events)(GuestEvent::Reset);
         }
+    }
+}
+
+/// The bits of the reset control register that read back (SYS_RST, RST_CPU, FULL_RST).
+const RESET_CONTROL_BITS: u8 = 0x0e;
+
+/// The reset control register's saved state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ResetControlState {
+    /// The value reads return.
+    pub value: u8,
+}
+
+impl Persist for ResetControl {
+    type State = ResetControlState;
+    /// Where the restored register reports resets.
+    type Resources = GuestEventSink;
+    type Error = StateError;
+
+    fn save(&self) -> ResetControlState {
+        ResetControlState { value: self.value }
+    }
+
+    fn restore(events: GuestEventSink, state: &ResetControlState) -> Result<Self, StateError> {
+        check(state.value & !RESET_CONTROL_BITS == 0, "value", || {
+            format!(
+                "{:#04x} has bits the register never holds (only {RESET_CONTROL_BITS:#04x})",
+                state.value
+            )
+        })?;
+        Ok(Self {
+            events,
+            value: state.value,
+        })
     }
 }
 
@@ -125,6 +167,26 @@ impl I8042 {
     /// An i8042 that reports resets to `events`.
     pub fn new(events: GuestEventSink) -> Self {
         Self(I8042Device::new(ResetLine(events)))
+    }
+}
+
+/// The i8042's saved state: nothing (see the module docs).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    /// Where the restored controller reports resets.
+    type Resources = GuestEventSink;
+    type Error = StateError;
+
+    fn save(&self) -> I8042State {
+        I8042State {}
+    }
+
+    fn restore(events: GuestEventSink, _state: &I8042State) -> Result<Self, StateError> {
+        Ok(Self::new(events))
     }
 }
 
@@ -194,6 +256,44 @@ mod tests {
         assert!(seen.lock().unwrap().is_empty());
 
         kbd.write(4, &[0xfe]);
+        assert_eq!(*seen.lock().unwrap(), vec![GuestEvent::Reset]);
+    }
+
+    #[test]
+    fn reset_control_state_round_trips_and_bad_values_are_refused() {
+        let (sink, seen) = recorder();
+        let mut rc = ResetControl::new(sink.clone());
+        rc.write(0, &[0x0a]);
+        let saved = rc.save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: ResetControlState = serde_json::from_str(&json).unwrap();
+
+        let mut restored = ResetControl::restore(sink.clone(), &back).unwrap();
+        let mut v = [0u8; 1];
+        restored.read(0, &mut v);
+        let bad = ResetControl::restore(sink.clone(), &ResetControlState { value: 0x11 });
+        restored.write(0, &[super::super::RESET_CONTROL_VALUE]);
+
+        assert_eq!(back, ResetControlState { value: 0x0a });
+        assert_eq!(v, [0x0a]);
+        assert_eq!(restored.save(), ResetControlState { value: 0x06 });
+        assert_eq!(bad.err().map(|e| e.field), Some("value".to_string()));
+        // The restored register reports through the new sink.
+        assert_eq!(*seen.lock().unwrap(), vec![GuestEvent::Reset]);
+    }
+
+    #[test]
+    fn i8042_state_round_trips_and_the_restored_one_resets() {
+        let (sink, seen) = recorder();
+        let kbd = I8042::new(sink.clone());
+        let json = serde_json::to_string(&kbd.save()).unwrap();
+        let back: I8042State = serde_json::from_str(&json).unwrap();
+        let mut restored = I8042::restore(sink, &back).unwrap();
+        restored.write(4, &[0xfe]);
+
+        assert_eq!(json, "{}");
+        assert_eq!(restored.save(), back);
+        assert!(serde_json::from_str::<I8042State>("{\"x\":1}").is_err());
         assert_eq!(*seen.lock().unwrap(), vec![GuestEvent::Reset]);
     }
 

@@ -1,38 +1,51 @@
 //! Saving a paused VM's state ([`Vm::save_state`]) and building a fresh KVM VM from it
 //! ([`Vm::restore_from`]).
 //!
-//! Save, with the VM paused (vCPUs and devices): every vCPU saves its own state on its own
-//! thread, all asked at once ([`crate::vcpu::ask_all`]); then the VM's irqchip, PIT2 and
-//! clock; then the serial port. Restore reuses the steps of [`Vm::boot`] but the loading:
-//! a new KVM VM on the given guest memory with irqchip and PIT2, devices, vCPUs; then the VM
-//! state, then every vCPU's state on its own (paused) thread, then the serial port. The
-//! restored VM is paused: [`Vm::resume`] starts it.
+//! Save, with the VM paused (vCPUs, then device threads: [`Vm::pause`]): every vCPU saves its
+//! own state on its own thread, all asked at once ([`crate::vcpu::ask_all`]); then the VM's
+//! irqchip, PIT2 and clock; the serial port, the i8042 and the reset control; and every virtio
+//! transport with its device, disks in `--disk` order then vsock
+//! ([`crate::device_manager::VirtioDevices::save`]; a device thread that is not paused is named
+//! and nothing is saved).
+//!
+//! Restore reuses the steps of [`Vm::boot`] but the loading: a new KVM VM on the given guest
+//! memory with irqchip and PIT2; the virtio devices rebuilt from their states and fresh
+//! resources (the disk chains re-opened from the configuration, new eventfds registered on the
+//! new VM fd, the vsock listener bound again, new event loops, all parked); the vCPUs; then the
+//! VM state, every vCPU's state on its own (paused) thread, the serial port and the other legacy
+//! devices; last, the restored transports' activations are carried out
+//! ([`crate::device_manager::VirtioDevices::finish_restore`]), so that what a device does on
+//! activation — the restored vsock device puts TRANSPORT_RESET on its event queue, since host
+//! connections do not survive — reaches a guest whose irqchip and LAPICs are already restored.
+//! The restored VM is paused, devices included: [`Vm::resume`] starts it.
 //!
 //! The state is checked in full before anything is built: a version this Strata knows, as
-//! many vCPUs as the configuration has, every vCPU and VM field (see [`crate::vstate`]).
-//!
-//! Not yet saved: virtio devices (the transport, block and vsock implement
-//! [`snapshot::Persist`], but the device manager does not yet hand out its transports), so a
-//! VM with disks or vsock refuses to save rather than lose their state; and the i8042 and
-//! reset control, which hold no state a guest relies on after it wrote them (the reset
-//! control's last value only).
+//! many vCPUs as the configuration has, every vCPU and VM field (see [`crate::vstate`]), as
+//! many virtio devices as the configuration has, of the same kinds, in the same order
+//! ([`crate::device_manager::check_states`]). What needs guest memory (ring addresses) is
+//! checked as each transport is restored. A bad field is named (`devices[1].transport.queues[0]
+//! .size`).
 
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
-use devices::legacy::{Serial, SerialRegisters, SerialResources};
+use devices::legacy::{
+    I8042State, ResetControl, ResetControlState, Serial, SerialRegisters, SerialResources, I8042,
+};
 use serde::{Deserialize, Serialize};
 use snapshot::{check, Persist, StateError};
 
-use super::{attach_devices, create_vcpus, create_vm, Parts, Platform, Vm, VmError, VmEvent};
+use super::{create_vcpus, create_vm, failure_sink, Parts, Platform, Vm, VmError, VmEvent};
 use crate::config::VmConfig;
+use crate::device_manager::{self, DeviceError, NotPaused, VirtioDeviceState};
 use crate::memory::GuestMemory;
 use crate::vcpu::{ask_all, expect_reply, VcpuError, VcpuReply, VcpuRequest};
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::{VmState, VmStateError};
 
 /// The version of [`VmSnapshotState`]; bumped on any change to it (no translation between
-/// versions, the rule Firecracker settled on).
-pub const STATE_VERSION: u32 = 1;
+/// versions, the rule Firecracker settled on). 2: virtio devices, i8042 and reset control.
+pub const STATE_VERSION: u32 = 2;
 
 /// Everything of a paused VM but its memory and disks.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -45,6 +58,12 @@ pub struct VmSnapshotState {
     pub vm: VmState,
     /// COM1.
     pub serial: SerialRegisters,
+    /// The i8042 (holds nothing yet).
+    pub i8042: I8042State,
+    /// The reset control register.
+    pub reset_control: ResetControlState,
+    /// Every virtio transport and its device: disks in `--disk` order, then vsock.
+    pub devices: Vec<VirtioDeviceState>,
 }
 
 /// Why a VM's state could not be saved. The VM is as it was (paused).
@@ -56,20 +75,18 @@ pub enum SaveError {
     /// The VM's irqchip, PIT or clock.
     #[error("cannot save the VM's irqchip, PIT or clock")]
     Vm(#[source] VmStateError),
-    /// The VM has devices whose state is not saved yet.
-    #[error("cannot save a VM with {0}: virtio device state is not saved yet")]
-    Unsupported(&'static str),
+    /// A device thread is running (the VM was not paused).
+    #[error("cannot save the virtio devices")]
+    Device(#[from] NotPaused),
 }
 
 /// Why a VM could not be restored. Nothing is left running; the memory is released.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    /// The saved state is wrong (the error names the field).
+    /// The saved state is wrong, or does not fit the configuration (the error names the
+    /// field: `devices[1]` when the configuration has another device there).
     #[error(transparent)]
     Invalid(#[from] StateError),
-    /// The configuration does not fit the state.
-    #[error("the configuration does not fit the saved state: {0}")]
-    Config(String),
     /// Building the KVM VM.
     #[error("cannot build the VM to restore into")]
     Build(#[source] VmError),
@@ -107,7 +124,11 @@ impl VmSnapshotState {
             self.serial.in_buffer.len() <= 64,
             "serial.in_buffer",
             || format!("{} bytes, more than the FIFO", self.serial.in_buffer.len()),
-        )
+        )?;
+        // The same checks the restore makes, on a register that reports nowhere.
+        ResetControl::restore(Arc::new(|_| {}), &self.reset_control)
+            .map_err(|e| e.within("reset_control"))?;
+        device_manager::check_states(&self.devices, &config.disks, config.vsock.as_ref())
     }
 }
 
@@ -117,12 +138,12 @@ impl Vm {
         &self.memory
     }
 
-    /// Saves vCPU, VM and serial state. The VM must be paused ([`Vm::pause`]): a running vCPU
-    /// refuses.
+    /// Saves the state of every vCPU, the VM (irqchip, PIT2, clock), the legacy devices and
+    /// every virtio transport and device. The VM must be paused ([`Vm::pause`]): a running
+    /// device thread is named, a running vCPU refuses.
     pub fn save_state(&self, platform: &Platform) -> Result<VmSnapshotState, SaveError> {
-        if !self.virtio.acpi.is_empty() {
-            return Err(SaveError::Unsupported("disks or vsock"));
-        }
+        // Checked first: a running device thread means the VM is not (fully) paused.
+        let devices = self.virtio.save()?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (v, reply) in self
             .vcpus
@@ -142,11 +163,26 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .save();
+        let i8042 = self
+            .legacy
+            .i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
+        let reset_control = self
+            .legacy
+            .reset_control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
         Ok(VmSnapshotState {
             version: STATE_VERSION,
             vcpus,
             vm,
             serial,
+            i8042,
+            reset_control,
+            devices,
         })
     }
 
@@ -156,6 +192,7 @@ impl Vm {
         let Vm {
             vcpus,
             mut virtio,
+            legacy,
             fd,
             memory,
         } = self;
@@ -167,6 +204,7 @@ impl Vm {
         }
         virtio.stop();
         drop(virtio);
+        drop(legacy);
         drop(fd);
         memory
     }
@@ -182,13 +220,19 @@ impl Vm {
     ) -> Result<Self, RestoreError> {
         let caps = platform.state_caps().map_err(RestoreError::Build)?;
         state.check(config, &caps)?;
-        if !config.disks.is_empty() || config.vsock.is_some() {
-            return Err(RestoreError::Config(
-                "virtio device state is not restored yet: no disks or vsock".into(),
-            ));
-        }
         let fd = create_vm(platform, config, &memory).map_err(RestoreError::Build)?;
-        let virtio = attach_devices(&fd, &memory, config, events).map_err(RestoreError::Build)?;
+        let virtio = device_manager::restore(
+            &fd,
+            &memory,
+            &config.disks,
+            config.vsock.as_ref(),
+            &state.devices,
+            failure_sink(events),
+        )
+        .map_err(|e| match e {
+            DeviceError::State(e) => RestoreError::Invalid(e),
+            e => RestoreError::Build(VmError::Devices(e)),
+        })?;
         let vcpus = create_vcpus(&fd, config).map_err(RestoreError::Build)?;
         // Before the vCPUs: their LAPICs are set against the restored irqchip.
         state.vm.restore(&fd).map_err(RestoreError::Vm)?;
@@ -216,8 +260,31 @@ impl Vm {
             vm.shutdown();
             return Err(RestoreError::Vcpu(e));
         }
-        restore_serial(platform, &state.serial)?;
+        let legacy =
+            restore_serial(platform, &state.serial).and_then(|()| vm.restore_legacy(state));
+        if let Err(e) = legacy {
+            vm.shutdown();
+            return Err(e);
+        }
+        // Last: activations of the restored devices reach a fully restored irqchip and vCPUs.
+        vm.virtio.finish_restore();
         Ok(vm)
+    }
+
+    /// Puts the saved i8042 and reset control in place of the fresh ones on the port bus.
+    fn restore_legacy(&self, state: &VmSnapshotState) -> Result<(), RestoreError> {
+        let sink = self.legacy.sink.clone();
+        let i8042 = I8042::restore(sink.clone(), &state.i8042)
+            .map_err(|e| RestoreError::Invalid(e.within("i8042")))?;
+        let reset_control = ResetControl::restore(sink, &state.reset_control)
+            .map_err(|e| RestoreError::Invalid(e.within("reset_control")))?;
+        *self.legacy.i8042.lock().unwrap_or_else(|e| e.into_inner()) = i8042;
+        *self
+            .legacy
+            .reset_control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = reset_control;
+        Ok(())
     }
 }
 
@@ -274,6 +341,9 @@ mod tests {
                 scratch: 0,
                 in_buffer: vec![],
             },
+            i8042: I8042State::default(),
+            reset_control: ResetControlState::default(),
+            devices: vec![],
         };
         (state, caps)
     }
@@ -306,6 +376,11 @@ mod tests {
                 "serial.in_buffer",
                 1,
                 Box::new(|s| s.serial.in_buffer = vec![0; 65]),
+            ),
+            (
+                "reset_control.value",
+                1,
+                Box::new(|s| s.reset_control.value = 0x80),
             ),
         ];
 
