@@ -182,8 +182,8 @@ impl Agent {
         let start = Instant::now();
         while UnixStream::connect(&agent.socket).is_err() {
             assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the agent did not listen"
+                start.elapsed() < Duration::from_secs(60),
+                "hang guard: the agent did not listen within 60 s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -210,8 +210,8 @@ impl Agent {
         let start = Instant::now();
         while self.child.try_wait().unwrap().is_none() {
             assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the agent ignored SIGTERM"
+                start.elapsed() < Duration::from_secs(60),
+                "hang guard: the agent ignored SIGTERM for 60 s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
