@@ -14,6 +14,14 @@
 //! A loop that ends other than by being dropped (event-manager fails, or the device panics)
 //! calls its [`FailureSink`] with the reason, and [`EventLoop::pause`] then fails instead of
 //! waiting for a thread that is gone.
+//!
+//! The mailbox knows whether its thread is serving ([`Mailbox::set_serving`]): false while the
+//! loop is parked or after it ended, so that a vCPU resetting the device does not wait for a
+//! thread that cannot answer (a device is paused after the vCPUs, but a pause that is undone
+//! or a resume that fails can leave a device parked while vCPUs run). The reset then completes
+//! asynchronously once the loop is resumed (see [`crate::virtio`]). Pausing never waits for a
+//! vCPU: the controller delivers the mailbox, so a reset a vCPU waits for is done before the
+//! thread parks.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -97,6 +105,8 @@ impl<D: VirtioDevice> Controller<D> {
         }
         *state = State::Paused;
         self.gate.changed.notify_all();
+        // A vCPU resetting the device meanwhile does not wait for a parked thread.
+        self.mailbox.set_serving(false);
         while *state == State::Paused {
             state = self
                 .gate
@@ -104,6 +114,7 @@ impl<D: VirtioDevice> Controller<D> {
                 .wait(state)
                 .unwrap_or_else(|e| e.into_inner());
         }
+        self.mailbox.set_serving(true);
     }
 }
 
@@ -168,7 +179,7 @@ impl EventLoop {
             stop: stop.try_clone()?,
             pause: pause.try_clone()?,
             gate: gate.clone(),
-            mailbox,
+            mailbox: mailbox.clone(),
             device: device.clone(),
         };
         let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
@@ -176,7 +187,9 @@ impl EventLoop {
         manager.add_subscriber(device);
         manager.add_subscriber(Arc::new(Mutex::new(controller)));
         let thread_gate = gate.clone();
+        let thread_mailbox = mailbox.clone();
         let thread_name = name.to_string();
+        mailbox.set_serving(true);
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
@@ -194,6 +207,7 @@ impl EventLoop {
                     Ok(Err(why)) => Some(why),
                     Err(p) => Some(format!("it panicked: {}", panic_text(p.as_ref()))),
                 };
+                thread_mailbox.set_serving(false);
                 let stopping = std::mem::replace(&mut *gate.lock(), State::Dead) == State::Stopping;
                 gate.changed.notify_all();
                 if let Some(reason) = reason.filter(|_| !stopping) {
@@ -203,7 +217,8 @@ impl EventLoop {
                         reason,
                     });
                 }
-            })?;
+            })
+            .inspect_err(|_| mailbox.set_serving(false))?;
         Ok(Self {
             name: name.to_string(),
             stop,

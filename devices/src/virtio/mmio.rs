@@ -3,10 +3,37 @@
 //! The transport owns feature negotiation, the device status, and each queue's configuration
 //! until DRIVER_OK; then it moves the queues to the device thread (see the threading model in
 //! [`crate::virtio`]) and keeps none. Guest accesses arrive on vCPU threads through the MMIO bus;
-//! everything here is cheap and never waits for the device: register reads come from the
-//! transport's own state (the device's identity, features, queue maxima and config space are
-//! copied when the transport is created), DRIVER_OK and reset are posted to the device thread's
-//! [`Mailbox`], and a reset completes (Status reads 0) once the device thread has done it.
+//! register reads come from the transport's own state (the device's identity, features, queue
+//! maxima and config space are copied when the transport is created) and never wait for the
+//! device; DRIVER_OK and reset are posted to the device thread's [`Mailbox`].
+//!
+//! # Reset
+//!
+//! Linux's virtio-mmio driver does not wait after writing 0 to Status (`vm_reset` is one
+//! `writel`): it reads Status and writes ACKNOWLEDGE, DRIVER, the features, FEATURES_OK, the
+//! queue registers and DRIVER_OK straight away. So a reset is synchronous with the write, as in
+//! QEMU, whenever the device lets it be:
+//! - a device that was never activated since the last reset (no queues handed over) is reset
+//!   in the transport at once;
+//! - otherwise the transport's own state (features, selectors, queue configuration, status) is
+//!   reset at once, a reset is posted to the device thread, and the vCPU waits at most
+//!   [`RESET_TIMEOUT`] for the device thread to say it stopped using the rings. The device
+//!   checks for a posted reset between two descriptor chains, so this wait is at most the one
+//!   request in hand. Acknowledged (the normal case): Status reads 0 at once and the driver's
+//!   next writes are taken normally.
+//! - A device stuck longer in its backend (a request blocked in I/O) is not waited for any
+//!   longer: the reset stays pending, logged once. Until the device thread has done it, Status
+//!   reads the bits the driver wrote since the reset plus DEVICE_NEEDS_RESET, so never 0: a
+//!   driver that waits for 0 as the spec asks (virtio 1.2, 4.2.3.1) waits, and Linux's, which
+//!   reads and re-writes Status without waiting, still re-initialises correctly: its writes
+//!   go to the transport's own state as usual (only the transport owns them), QueueReady reads
+//!   0, and DRIVER_OK's activation is queued in the mailbox behind the reset, so the device
+//!   starts on the new rings only after it let go of the old ones. A request that completes
+//!   after the reset was posted is not returned on the rings the driver gave up. Further resets
+//!   while one is pending do not wait again (the device cannot finish them first). No vCPU is
+//!   ever held longer than [`RESET_TIMEOUT`] by one reset.
+//! - A device thread that does not serve its mailbox (paused, or gone) is not waited for at
+//!   all: the reset is pending until the thread runs again.
 //!
 //! A write to QueueNotify normally never reaches this code: the VMM registers each queue's
 //! eventfd as a KVM ioeventfd on [`NOTIFY_OFFSET`], so KVM signals the device's event loop
@@ -14,10 +41,12 @@
 //!
 //! [`MmioTransport`] implements [`Persist`]: the state is the registers, the interrupt status
 //! and every queue (from the device while it is active; the caller pauses the device thread
-//! first). Restore checks it against the device and, for an active device, hands the queues to
-//! the device thread as an activation.
+//! first, and a paused device thread has done every reset posted to it). Restore checks it
+//! against the device and, for an active device, hands the queues to the device thread as an
+//! activation.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use snapshot::{check, Persist, StateError};
@@ -26,8 +55,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{restore_queue, SavedQueue};
 use super::{
-    status, Activation, GuestMemory, Interrupt, Mailbox, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    status, Activation, GuestMemory, Interrupt, Mailbox, VirtioDevice, INT_CONFIG,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::bus::BusDevice;
 
@@ -45,6 +74,18 @@ pub const NOTIFY_OFFSET: u64 = 0x050;
 const CONFIG_OFFSET: u64 = 0x100;
 /// Status bits only the device sets.
 const DEVICE_ONLY: u32 = status::DEVICE_NEEDS_RESET;
+/// How long a vCPU that resets an active device waits for the device thread to stop using the
+/// rings before the reset goes on asynchronously.
+///
+/// The wait is at most the one request the device has in hand: a 4 KiB-1 MiB read or write, a
+/// discard, a vsock packet take microseconds to a few milliseconds; a flush (fsync) on a busy
+/// host, a copy-on-write into a differencing layer, or the largest request (SEG_MAX x SIZE_MAX =
+/// 128 MiB at ~1 GB/s) take up to some 100 ms. 250 ms covers those with room, so an ordinary
+/// reset is synchronous, and a vCPU stall of 250 ms at worst, once per stuck device, is far
+/// below anything a guest notices as a hang (Linux's soft-lockup watchdog: 20 s, RCU stalls:
+/// 21 s) while a real hang of the backend (a dead NFS server, a stuck disk) does not freeze
+/// the vCPU with it.
+pub const RESET_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// What a transport is built on besides its state.
 pub struct MmioResources {
@@ -80,12 +121,17 @@ pub struct MmioTransport {
     driver_features: u64,
     driver_features_sel: u32,
     queue_sel: u32,
+    /// The driver's status bits since the last reset.
     status: u32,
     /// The device thread owns the queues (an activation was posted since the last reset).
     active: bool,
-    /// The reset generation posted to the device thread and not yet done, if any.
+    /// The transport refused the driver's DRIVER_OK (a queue it cannot hand over): Status
+    /// shows DEVICE_NEEDS_RESET until the driver resets.
+    refused: bool,
+    /// The generation of the last reset posted to the device thread while it has not done it.
     resetting: Option<u64>,
-    reset_generation: u64,
+    /// How long a reset waits for the device thread ([`RESET_TIMEOUT`]).
+    reset_timeout: Duration,
 }
 
 fn fresh_queues(max_sizes: &[u16]) -> Vec<Queue> {
@@ -126,9 +172,23 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
             active: false,
+            refused: false,
             resetting: None,
-            reset_generation: 0,
+            reset_timeout: RESET_TIMEOUT,
         }
+    }
+
+    /// Changes how long a reset waits for the device thread (tests; [`RESET_TIMEOUT`] by
+    /// default).
+    pub fn set_reset_timeout(&mut self, timeout: Duration) {
+        self.reset_timeout = timeout;
+    }
+
+    /// Whether a reset was posted that the device thread has not done yet (Status reads
+    /// DEVICE_NEEDS_RESET meanwhile).
+    pub fn reset_pending(&mut self) -> bool {
+        self.poll_reset();
+        self.resetting.is_some()
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -140,26 +200,32 @@ impl MmioTransport {
         self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0
     }
 
-    /// The Status register: the driver's bits plus DEVICE_NEEDS_RESET when the device set it.
+    /// The Status register: the driver's bits plus DEVICE_NEEDS_RESET when the device set it,
+    /// the transport refused DRIVER_OK, or a reset is still pending.
     fn status_register(&mut self) -> u32 {
         self.poll_reset();
-        if self.interrupt.needs_reset() {
+        if self.refused || self.resetting.is_some() || self.interrupt.needs_reset() {
             self.status | status::DEVICE_NEEDS_RESET
         } else {
             self.status
         }
     }
 
-    /// Finishes a pending reset once the device thread has done it.
+    /// Notes that the device thread has done the pending reset, if it has.
     fn poll_reset(&mut self) {
         if let Some(generation) = self.resetting {
-            if self.mailbox.reset_done() >= generation {
-                self.finish_reset();
+            if self.interrupt.resets_done() >= generation {
+                self.resetting = None;
+                log::info!(
+                    "virtio-mmio: device type {} finished its reset",
+                    self.device_type
+                );
             }
         }
     }
 
-    fn finish_reset(&mut self) {
+    /// The transport's own state as after a reset.
+    fn reset_registers(&mut self) {
         self.queues = fresh_queues(&self.max_sizes);
         self.handed_ready.clear();
         self.driver_features = 0;
@@ -168,28 +234,58 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.status = 0;
         self.active = false;
-        self.resetting = None;
-        self.interrupt.clear();
+        self.refused = false;
     }
 
+    /// The driver wrote 0 to Status (see the module docs).
     fn reset(&mut self) {
-        if !self.active {
-            self.finish_reset();
+        self.poll_reset();
+        // The device thread is still busy with an earlier reset: it cannot finish this one
+        // sooner, so the vCPU does not wait again.
+        let busy = self.resetting.is_some();
+        let handed_over = self.active;
+        self.reset_registers();
+        let generation = if handed_over {
+            let generation = self.interrupt.post_reset();
+            self.mailbox.reset(generation, self.interrupt.clone());
+            self.resetting = Some(generation);
+            generation
+        } else if busy {
+            return;
+        } else {
+            // Nothing was handed over: the device thread has nothing to stop.
+            self.interrupt.clear();
+            return;
+        };
+        if busy {
             return;
         }
-        // The device thread may be using the rings: Status reads the old value until it stops.
-        self.reset_generation += 1;
-        self.resetting = Some(self.reset_generation);
-        self.mailbox.reset(self.reset_generation);
-        self.poll_reset();
+        if self
+            .mailbox
+            .wait_reset(&self.interrupt, generation, self.reset_timeout)
+        {
+            self.resetting = None;
+        } else {
+            log::warn!(
+                "virtio-mmio: device type {} was not reset within {:?} (its thread is busy \
+                 in the backend, paused or gone); the reset completes when the thread gets to \
+                 it, Status reads DEVICE_NEEDS_RESET until then",
+                self.device_type,
+                self.reset_timeout
+            );
+        }
+    }
+
+    /// DRIVER_OK cannot be honoured: DEVICE_NEEDS_RESET with a configuration interrupt.
+    fn refuse(&mut self) {
+        if !self.refused {
+            self.refused = true;
+            self.interrupt.trigger(INT_CONFIG);
+        }
     }
 
     fn set_status(&mut self, value: u32) {
         self.poll_reset();
-        if self.resetting.is_some() {
-            log::debug!("virtio-mmio: status {value:#x} written while a reset is pending");
-            return;
-        }
         if value == 0 {
             self.reset();
             return;
@@ -217,7 +313,7 @@ impl MmioTransport {
                 accepted &= !status::DRIVER_OK;
             } else if let Err(e) = self.activate() {
                 log::warn!("virtio-mmio: activation failed: {e}");
-                self.interrupt.set_needs_reset();
+                self.refuse();
             }
         }
         self.status = accepted;
@@ -239,6 +335,7 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Moves `queues` to the device thread; behind a pending reset in the mailbox, if any.
     fn hand_over(&mut self, queues: Vec<Queue>) {
         self.handed_ready = queues.iter().map(|q| q.ready()).collect();
         self.active = true;
@@ -392,31 +489,46 @@ impl Persist for MmioTransport {
     type Error = StateError;
 
     fn save(&self) -> MmioState {
-        let mut active = self.active && self.resetting.is_none();
+        let fresh = || -> Vec<SavedQueue> {
+            fresh_queues(&self.max_sizes)
+                .iter()
+                .map(|q| SavedQueue::from(q.state()))
+                .collect()
+        };
+        // A paused device thread has done every reset posted before the pause.
+        let settled = self
+            .resetting
+            .is_none_or(|generation| self.interrupt.resets_done() >= generation);
+        if !settled {
+            log::warn!(
+                "virtio-mmio: device type {} saved with its reset not done (its thread is not \
+                 paused); saved as needing a reset",
+                self.device_type
+            );
+        }
+        let mut needs_reset = self.refused || self.interrupt.needs_reset() || !settled;
+        let mut active = self.active && settled;
         let queues: Vec<SavedQueue> = if active {
             let live = self
                 .device
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .queue_states();
-            if live.is_empty() {
+            if live.len() == self.max_sizes.len() {
+                live.into_iter().map(SavedQueue::from).collect()
+            } else {
                 // The device refused the activation (and asked for a reset).
                 active = false;
+                needs_reset = true;
+                fresh()
             }
-            live.into_iter().map(SavedQueue::from).collect()
-        } else {
+        } else if self.queues.len() == self.max_sizes.len() {
             self.queues
                 .iter()
                 .map(|q| SavedQueue::from(q.state()))
                 .collect()
-        };
-        let queues = if queues.is_empty() {
-            fresh_queues(&self.max_sizes)
-                .iter()
-                .map(|q| SavedQueue::from(q.state()))
-                .collect()
         } else {
-            queues
+            fresh()
         };
         MmioState {
             device_type: self.device_type,
@@ -425,14 +537,9 @@ impl Persist for MmioTransport {
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
-            // A pending reset is saved as done: the restored device starts reset.
-            status: if self.resetting.is_some() {
-                0
-            } else {
-                self.status
-            },
+            status: self.status,
             interrupt_status: self.interrupt.status(),
-            needs_reset: self.interrupt.needs_reset() && self.resetting.is_none(),
+            needs_reset,
             active,
             queues,
         }
@@ -517,11 +624,17 @@ impl Persist for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::ActivateError;
+    use crate::virtio::{ActivateError, EventLoop};
+    use event_manager::{EventOps, Events, MutEventSubscriber};
     use std::sync::mpsc;
     use std::time::Duration;
     use virtio_queue::QueueState;
     use vm_memory::GuestAddress;
+
+    impl MutEventSubscriber for Dummy {
+        fn process(&mut self, _: Events, _: &mut EventOps) {}
+        fn init(&mut self, _: &mut EventOps) {}
+    }
 
     #[derive(Default)]
     struct Dummy {
@@ -705,27 +818,176 @@ mod tests {
     }
 
     #[test]
-    fn reset_completes_when_the_device_thread_has_done_it() {
+    fn without_a_serving_device_thread_a_reset_is_pending_and_reinit_queues_behind_it() {
+        // No device thread serves the mailbox (as while it is paused): the vCPU does not wait.
         let mut f = setup();
         init(&mut f.t, FEATURES);
         f.deliver();
         w(&mut f.t, 0x070, 0);
         assert_eq!(
             r(&mut f.t, 0x070),
-            ACTIVE,
-            "still in use by the device thread"
+            status::DEVICE_NEEDS_RESET,
+            "non-zero until the device thread has done it"
         );
-        // Re-initialising before the reset is done is ignored.
-        w(&mut f.t, 0x070, status::ACKNOWLEDGE);
-        assert_eq!(r(&mut f.t, 0x070), ACTIVE);
+        assert_eq!(r(&mut f.t, 0x044), 0, "QueueReady");
+        assert_eq!(f.dev.lock().unwrap().resets, 0);
+        // Linux re-initialises at once: taken, DRIVER_OK queued behind the reset.
+        assert_eq!(
+            init(&mut f.t, FEATURES),
+            ACTIVE | status::DEVICE_NEEDS_RESET
+        );
         f.deliver();
+        let d = f.dev.lock().unwrap();
+        assert_eq!(d.resets, 1);
+        assert!(
+            d.activated.is_some(),
+            "activated after the reset, not before"
+        );
+        drop(d);
+        assert_eq!(r(&mut f.t, 0x070), ACTIVE);
+    }
+
+    #[test]
+    fn resets_while_one_is_pending_supersede_what_is_queued() {
+        let mut f = setup();
+        init(&mut f.t, FEATURES);
+        f.deliver();
+        // A guest that resets and re-initialises over and over while the device is stuck.
+        for _ in 0..1000 {
+            w(&mut f.t, 0x070, 0);
+            init(&mut f.t, FEATURES);
+            assert!(f.mailbox.lock().commands.len() <= 2, "the mailbox grows");
+        }
+        w(&mut f.t, 0x070, 0);
+        assert_eq!(f.mailbox.lock().commands.len(), 1);
+        f.deliver();
+        let d = f.dev.lock().unwrap();
+        assert_eq!(d.resets, 1, "one reset did for all");
+        assert!(
+            d.activated.is_none(),
+            "no activation survived the last reset"
+        );
+        drop(d);
         assert_eq!(r(&mut f.t, 0x070), 0);
-        assert_eq!(f.dev.lock().unwrap().resets, 1);
-        assert!(f.dev.lock().unwrap().activated.is_none());
-        // And the device comes back.
         assert_eq!(init(&mut f.t, FEATURES), ACTIVE);
         f.deliver();
         assert!(f.dev.lock().unwrap().activated.is_some());
+    }
+
+    /// Starts the device's event loop thread.
+    fn serve(f: &Fixture) -> EventLoop {
+        EventLoop::start(
+            "mmio-test",
+            f.dev.clone(),
+            f.mailbox.clone(),
+            Arc::new(|e| panic!("{e}")),
+        )
+        .unwrap()
+    }
+
+    /// Polls `done` with a generous hang guard.
+    fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + HANG_GUARD;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}: never");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    const HANG_GUARD: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_reset_reads_0_at_once_when_the_device_thread_answers_and_reinit_activates() {
+        let mut f = setup();
+        let el = serve(&f);
+        // The bound only as a hang guard: an idle device thread answers at once.
+        f.t.set_reset_timeout(HANG_GUARD);
+        assert_eq!(init(&mut f.t, FEATURES), ACTIVE);
+        eventually("activation", || f.dev.lock().unwrap().activated.is_some());
+        w(&mut f.t, 0x070, 0);
+        assert_eq!(r(&mut f.t, 0x070), 0);
+        {
+            let d = f.dev.lock().unwrap();
+            assert_eq!(d.resets, 1, "the device was reset before Status read 0");
+            assert!(d.activated.is_none());
+        }
+        assert_eq!(r(&mut f.t, 0x060), 0, "InterruptStatus cleared");
+        assert_eq!(init(&mut f.t, FEATURES), ACTIVE, "re-initialised at once");
+        eventually("re-activation", || {
+            f.dev.lock().unwrap().activated.is_some()
+        });
+        drop(el);
+    }
+
+    #[test]
+    fn a_paused_device_thread_is_not_waited_for_and_finishes_the_reset_when_resumed() {
+        let mut f = setup();
+        let el = serve(&f);
+        init(&mut f.t, FEATURES);
+        eventually("activation", || f.dev.lock().unwrap().activated.is_some());
+        el.pause().unwrap();
+        // A bound far beyond the hang guard: returning at all means it did not wait for it.
+        f.t.set_reset_timeout(Duration::from_secs(3600));
+        let Fixture { mut t, dev, .. } = f;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            w(&mut t, 0x070, 0);
+            let s = r(&mut t, 0x070);
+            tx.send((t, s)).unwrap();
+        });
+        let (mut t, s) = rx
+            .recv_timeout(HANG_GUARD)
+            .expect("the reset waited for a paused device thread");
+        assert_eq!(s, status::DEVICE_NEEDS_RESET);
+        assert_eq!(
+            dev.lock().unwrap().resets,
+            0,
+            "a paused device does nothing"
+        );
+        el.resume().unwrap();
+        eventually("the reset done after resume", || r(&mut t, 0x070) == 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        drop(el);
+    }
+
+    #[test]
+    fn pausing_a_device_thread_that_a_vcpu_waits_on_completes_the_reset() {
+        // The vCPU waits for the reset while the VMM pauses the device thread: the thread does
+        // the reset before it parks, so neither waits for the other.
+        let mut f = setup();
+        let el = serve(&f);
+        init(&mut f.t, FEATURES);
+        eventually("activation", || f.dev.lock().unwrap().activated.is_some());
+        f.t.set_reset_timeout(Duration::from_secs(3600));
+        let Fixture {
+            mut t,
+            dev,
+            interrupt,
+            ..
+        } = f;
+        // Hold the device (as a long request would) so that the reset and the pause meet.
+        let held = dev.lock().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            w(&mut t, 0x070, 0);
+            let s = r(&mut t, 0x070);
+            tx.send((t, s)).unwrap();
+        });
+        eventually("the reset posted", || interrupt.reset_pending());
+        let el = Arc::new(el);
+        let pauser = {
+            let el = el.clone();
+            std::thread::spawn(move || el.pause())
+        };
+        // Let the pause request arrive too (not needed for the outcome).
+        std::thread::sleep(Duration::from_millis(20));
+        drop(held);
+        let (_t, s) = rx.recv_timeout(HANG_GUARD).expect("the reset never ended");
+        pauser.join().unwrap().unwrap();
+        assert!(el.is_paused());
+        assert_eq!(s, 0, "done before the thread parked");
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        el.resume().unwrap();
     }
 
     #[test]

@@ -18,9 +18,9 @@
 //!   read is answered from state the transport owns: its own registers, the device's identity
 //!   and features and its config space, all copied once when the transport is created (no
 //!   device config space of ours changes at run time), and the [`Interrupt`]'s atomics. A vCPU
-//!   never takes the device's mutex and never waits for the device thread: a queue
-//!   notification is an eventfd the VMM registers as a KVM ioeventfd (or that the transport
-//!   signals); DRIVER_OK and reset are posted to the device thread through its [`Mailbox`].
+//!   never takes the device's mutex: a queue notification is an eventfd the VMM registers as a
+//!   KVM ioeventfd (or that the transport signals); DRIVER_OK and reset are posted to the
+//!   device thread through its [`Mailbox`]. The one wait is a reset's, bounded (below).
 //! - **Queue ownership.** Until DRIVER_OK the transport owns each queue's *configuration*
 //!   (size, ring addresses, ready). At DRIVER_OK it validates them and *moves* the queues into
 //!   an [`Activation`] posted to the device thread; from then on the device thread alone owns
@@ -29,10 +29,32 @@
 //!   the spec's reset requires. A save (the VM is paused) asks the device for its live queues
 //!   ([`VirtioDevice::queue_states`]); a restore posts them to the device thread as an
 //!   activation.
-//! - **Reset is asynchronous**, as virtio 1.2 (4.2.2.1, 2.4) allows: a write of 0 to Status
-//!   posts a reset; Status keeps reading its old value until the device thread has stopped
-//!   using the rings, then reads 0. The vCPU never waits; a driver waits for the 0 (Linux's
-//!   and the test guest's do). Writes other than 0 to Status are ignored meanwhile.
+//! - **Reset is synchronous with the Status write whenever the device lets it be**, because
+//!   Linux's virtio-mmio driver does not wait for Status to read 0 after writing it (it reads
+//!   Status and re-initialises at once; QEMU resets synchronously too). A device that was never
+//!   activated since its last reset is reset in the transport at once. Otherwise the transport
+//!   resets its own state, posts the reset to the device thread and the vCPU waits, at most
+//!   [`mmio::RESET_TIMEOUT`] (250 ms), on the mailbox's condition variable for the device
+//!   thread to have reset the device. The device thread looks for a posted reset between
+//!   descriptor chains ([`Interrupt::reset_pending`], checked by [`queue::VirtQueue::serve`]),
+//!   not only between wakeups, so the wait is at most the one request in hand; that request,
+//!   once done, is not put on the used ring (the driver gave it up), and nothing reaches the
+//!   rings after the reset. Then Status reads 0 at once.
+//! - **A device stuck longer** (a request blocked in its backend), **paused or gone** is not
+//!   waited for (longer): the reset stays pending and the vCPU goes on; a warning is logged
+//!   once. Until the device thread has done it, Status reads the driver's new bits plus
+//!   DEVICE_NEEDS_RESET (never 0, so a driver that follows the spec and waits for 0 waits),
+//!   and the driver's writes are applied to the transport's own state as usual (features and
+//!   queue configuration belong to the transport anyway): Linux's immediate re-initialisation
+//!   goes through, and its DRIVER_OK activation is queued in the mailbox behind the reset, so
+//!   the device starts on the new rings only after it let go of the old ones. A reset
+//!   supersedes whatever is still queued in the mailbox (it stays bounded, however often a
+//!   guest resets a stuck device), and resets while one is pending do not wait again.
+//! - **Pause and reset.** The VMM pauses vCPUs before devices, so a paused device is not
+//!   normally reset; when it is (a pause being undone, a failed resume), the mailbox knows its
+//!   thread is parked and the vCPU does not wait: the reset completes when the thread resumes.
+//!   A device thread asked to pause while a vCPU waits on its reset delivers the mailbox
+//!   before it parks, so the reset completes and neither waits for the other.
 //! - **The device thread** ([`EventLoop`]) runs the device's event subscriber: queue
 //!   eventfds, the mailbox, and whatever else the device watches (vsock: its host sockets). All
 //!   guest memory and ring accesses of a device happen there. It can be **paused**
@@ -58,7 +80,8 @@ pub use event_loop::{DeviceFailure, EventLoop, FailureSink, LoopError};
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -95,11 +118,18 @@ pub const INT_VRING: u32 = 1;
 /// Interrupt status bit: the configuration space changed.
 pub const INT_CONFIG: u32 = 2;
 
-/// A device's interrupt line: the MMIO InterruptStatus register plus the irqfd behind it, and the
-/// DEVICE_NEEDS_RESET bit the device thread sets for the transport's Status register.
+/// A device's line to its transport: the MMIO InterruptStatus register plus the irqfd behind
+/// it, the DEVICE_NEEDS_RESET bit the device thread sets for the transport's Status register,
+/// and the reset handshake (which reset the transport posted last, which one the device thread
+/// has done), which a device serving its queues checks between two descriptor chains
+/// ([`Interrupt::reset_pending`]).
 pub struct Interrupt {
     status: AtomicU32,
     needs_reset: AtomicBool,
+    /// Generation of the last reset the transport posted to the device thread.
+    resets_posted: AtomicU64,
+    /// Generation of the last reset the device thread has done.
+    resets_done: AtomicU64,
     irq: EventFd,
 }
 
@@ -109,6 +139,8 @@ impl Interrupt {
         Arc::new(Self {
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            resets_posted: AtomicU64::new(0),
+            resets_done: AtomicU64::new(0),
             irq,
         })
     }
@@ -132,6 +164,32 @@ impl Interrupt {
     /// Whether the device asked to be reset.
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Whether the driver reset the device and the device thread has not done that reset yet.
+    /// A device serving its queues stops between two descriptor chains when this is true and
+    /// puts nothing more on its rings ([`queue::VirtQueue::serve`] does both), so that the
+    /// reset, which its event loop carries out next, waits for at most the request in hand.
+    pub fn reset_pending(&self) -> bool {
+        self.resets_done.load(Ordering::SeqCst) < self.resets_posted.load(Ordering::SeqCst)
+    }
+
+    /// The transport posts a reset: returns its generation.
+    pub(crate) fn post_reset(&self) -> u64 {
+        self.resets_posted.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The generation of the last reset the device thread has done.
+    pub(crate) fn resets_done(&self) -> u64 {
+        self.resets_done.load(Ordering::SeqCst)
+    }
+
+    /// On the device thread, once the device stopped using its queues: reset `generation` is
+    /// done. InterruptStatus and DEVICE_NEEDS_RESET are cleared here, after anything the
+    /// device set before it stopped.
+    fn complete_reset(&self, generation: u64) {
+        self.clear();
+        self.resets_done.fetch_max(generation, Ordering::SeqCst);
     }
 
     /// InterruptStatus.
@@ -177,36 +235,51 @@ pub struct Activation {
 /// A request from the transport to the device thread.
 enum Command {
     Activate(Activation),
-    Reset(u64),
+    Reset {
+        generation: u64,
+        interrupt: Arc<Interrupt>,
+    },
 }
 
-/// How the transport (on a vCPU thread) hands work to the device thread without waiting for it:
-/// a short queue of commands behind a mutex that is only ever held to push or take, and an
-/// eventfd that wakes the device's [`EventLoop`]. The transport never has more than a reset and
-/// an activation outstanding (it refuses to re-initialise a device whose reset is pending), so
-/// the queue is bounded.
+/// What the transport and the device thread share in a [`Mailbox`].
+struct Inbox {
+    commands: VecDeque<Command>,
+    /// A device thread is running and not paused: it will take the commands soon.
+    serving: bool,
+}
+
+/// How the transport (on a vCPU thread) hands work to the device thread: a short queue of
+/// commands behind a mutex that is only ever held to push, take or check, an eventfd that
+/// wakes the device's [`EventLoop`], and a condition variable on which a vCPU waits, with a
+/// bound, for a reset to be done.
+///
+/// The queue is bounded: a reset supersedes everything still queued (a queued activation would
+/// only be undone by it), so it holds at most a reset and the activation that followed it,
+/// however often a guest resets a device whose thread is stuck.
 pub struct Mailbox {
-    commands: Mutex<VecDeque<Command>>,
+    inbox: Mutex<Inbox>,
+    changed: Condvar,
     evt: EventFd,
-    /// The last reset generation the device thread finished.
-    reset_done: AtomicU64,
 }
 
 impl Mailbox {
-    /// An empty mailbox.
+    /// An empty mailbox, not yet served by a device thread.
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            commands: Mutex::new(VecDeque::new()),
+            inbox: Mutex::new(Inbox {
+                commands: VecDeque::new(),
+                serving: false,
+            }),
+            changed: Condvar::new(),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            reset_done: AtomicU64::new(0),
         }))
     }
 
-    fn post(&self, c: Command) {
-        self.commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(c);
+    fn lock(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
         if let Err(e) = self.evt.write(1) {
             log::warn!("virtio: cannot wake the device thread: {e}");
         }
@@ -214,18 +287,62 @@ impl Mailbox {
 
     /// Asks the device thread to start serving.
     pub(crate) fn activate(&self, a: Activation) {
-        self.post(Command::Activate(a));
+        self.lock().commands.push_back(Command::Activate(a));
+        self.wake();
     }
 
-    /// Asks the device thread to reset; [`Mailbox::reset_done`] reaches `generation` when it
-    /// has.
-    pub(crate) fn reset(&self, generation: u64) {
-        self.post(Command::Reset(generation));
+    /// Asks the device thread to do reset `generation` (from [`Interrupt::post_reset`]);
+    /// whatever is still queued is superseded by it.
+    pub(crate) fn reset(&self, generation: u64, interrupt: Arc<Interrupt>) {
+        {
+            let mut inbox = self.lock();
+            inbox.commands.clear();
+            inbox.commands.push_back(Command::Reset {
+                generation,
+                interrupt,
+            });
+        }
+        self.wake();
     }
 
-    /// The last reset generation the device thread finished.
-    pub(crate) fn reset_done(&self) -> u64 {
-        self.reset_done.load(Ordering::SeqCst)
+    /// On a vCPU thread: waits at most `bound` for the device thread to have done reset
+    /// `generation` of `interrupt`. Returns at once, false, when no device thread serves the
+    /// mailbox (none started, paused, or gone): it could not do the reset before the bound.
+    pub(crate) fn wait_reset(
+        &self,
+        interrupt: &Interrupt,
+        generation: u64,
+        bound: Duration,
+    ) -> bool {
+        let deadline = Instant::now().checked_add(bound);
+        let mut inbox = self.lock();
+        loop {
+            if interrupt.resets_done() >= generation {
+                return true;
+            }
+            if !inbox.serving {
+                return false;
+            }
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => bound,
+            };
+            if left.is_zero() {
+                return false;
+            }
+            inbox = self
+                .changed
+                .wait_timeout(inbox, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The device thread starts serving the mailbox (`true`), or parks or ends (`false`);
+    /// a vCPU waiting for a reset stops waiting when it cannot be served.
+    pub(crate) fn set_serving(&self, serving: bool) {
+        self.lock().serving = serving;
+        self.changed.notify_all();
     }
 
     /// The eventfd the device thread watches.
@@ -237,16 +354,18 @@ impl Mailbox {
     pub fn deliver(&self, device: &mut dyn VirtioDevice) {
         let _ = self.evt.read();
         loop {
-            let next = self
-                .commands
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front();
+            let next = self.lock().commands.pop_front();
             match next {
                 None => return,
-                Some(Command::Reset(generation)) => {
+                Some(Command::Reset {
+                    generation,
+                    interrupt,
+                }) => {
                     device.reset();
-                    self.reset_done.store(generation, Ordering::SeqCst);
+                    interrupt.complete_reset(generation);
+                    // Under the lock: a vCPU that checked the generation is waiting by now.
+                    let _inbox = self.lock();
+                    self.changed.notify_all();
                 }
                 Some(Command::Activate(a)) => {
                     let interrupt = a.interrupt.clone();
@@ -296,7 +415,10 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
         features: u64,
     ) -> Result<(), ActivateError>;
-    /// The driver reset the device: stop using the queues and guest memory.
+    /// The driver reset the device: stop using the queues and guest memory. Runs on the device
+    /// thread between two of its events; a device that serves its queues through
+    /// [`queue::VirtQueue::serve`] has already stopped between two chains once the reset was
+    /// posted ([`Interrupt::reset_pending`]).
     fn reset(&mut self);
     /// The live queues' state (empty when not active), for a snapshot.
     fn queue_states(&self) -> Vec<virtio_queue::QueueState>;

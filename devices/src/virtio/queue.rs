@@ -12,7 +12,10 @@
 //! [`VirtQueue::serve`] is the service loop: it pops at most `budget` chains, hands each, fully
 //! walked and checked, to the device's handler, returns the used element, and raises the
 //! used-buffer interrupt when the driver wants one. It never loops on a ring that does not
-//! move.
+//! move. Between two chains it checks whether the driver reset the device
+//! ([`Interrupt::reset_pending`]): then it stops, and the chain in hand, if any, is not
+//! returned (the driver gave it up), so that a reset waits for at most one request and nothing
+//! reaches the rings once the driver asked for it.
 
 use std::sync::atomic::Ordering;
 
@@ -232,7 +235,8 @@ impl VirtQueue {
 
     /// Serves at most `budget` chains with `handle`, then raises `interrupt` if the driver
     /// wants to hear of the used buffers. Notifications are left enabled unless the budget ran
-    /// out (`more`; the caller comes back).
+    /// out (`more`; the caller comes back). Stops early, touching the rings no more, once a
+    /// reset is pending; a chain whose handler ran when the reset came is not returned.
     pub fn serve<F>(
         &mut self,
         mem: &GuestMemory,
@@ -244,8 +248,12 @@ impl VirtQueue {
         F: FnMut(Chain<'_>) -> Handled,
     {
         let mut served = Served::default();
-        let result = self.serve_inner(mem, budget, &mut served, &mut handle);
+        if interrupt.reset_pending() {
+            return Ok(served);
+        }
+        let result = self.serve_inner(mem, interrupt, budget, &mut served, &mut handle);
         if served.used > 0
+            && !interrupt.reset_pending()
             && self
                 .queue
                 .needs_notification(mem)
@@ -259,6 +267,7 @@ impl VirtQueue {
     fn serve_inner<F>(
         &mut self,
         mem: &GuestMemory,
+        interrupt: &Interrupt,
         budget: usize,
         served: &mut Served,
         handle: &mut F,
@@ -274,6 +283,10 @@ impl VirtQueue {
         for _ in 0..budget.saturating_mul(2).max(2) {
             if served.used >= budget {
                 served.more = true;
+                return Ok(());
+            }
+            if interrupt.reset_pending() {
+                // The driver reset the device: its event loop does the reset next.
                 return Ok(());
             }
             let Some(chain) = self.pop(mem)? else {
@@ -297,6 +310,11 @@ impl VirtQueue {
                 descs: &self.descs,
                 chain,
             });
+            if interrupt.reset_pending() {
+                // The driver gave this chain up when it reset the device: nothing more goes on
+                // the rings it is reclaiming.
+                return Ok(());
+            }
             match handled {
                 Handled::Used(len) => {
                     self.queue
@@ -558,6 +576,45 @@ mod tests {
         assert_eq!(s.used, 0);
         assert_eq!(q.queue().next_avail(), 0);
         assert_eq!(serve(&mut q, &mem, &irq).unwrap().used, 1);
+    }
+
+    #[test]
+    fn a_pending_reset_stops_the_service_between_chains_and_the_chain_in_hand_is_not_returned() {
+        let (mem, mut q, avail, irq) = setup();
+        for i in 0..3u16 {
+            desc(&mem, i, 0x8000, 16, 0, 0);
+            offer(&mem, avail, i, i);
+        }
+        // The driver resets the device while the device handles the second chain.
+        let mut handled = 0;
+        let s = q
+            .serve(&mem, &irq, 16, |_| {
+                handled += 1;
+                if handled == 2 {
+                    irq.post_reset();
+                }
+                Handled::Used(0)
+            })
+            .unwrap();
+        assert_eq!(handled, 2, "no chain after the reset was posted");
+        assert_eq!(s.used, 1);
+        assert_eq!(
+            q.queue().next_used(),
+            1,
+            "the chain in hand was not returned"
+        );
+        let used_idx: u16 = mem
+            .read_obj(GuestAddress(q.queue().used_ring() + 2))
+            .unwrap();
+        assert_eq!(used_idx, 1);
+        assert_eq!(
+            irq.status() & INT_VRING,
+            0,
+            "no interrupt once the reset is posted"
+        );
+        // Nothing more while it is pending.
+        let s = q.serve(&mem, &irq, 16, |_| panic!("served")).unwrap();
+        assert_eq!(s, Served::default());
     }
 
     #[test]

@@ -196,6 +196,11 @@ impl Block {
     pub fn is_broken(&self) -> bool {
         self.active.as_ref().is_some_and(|a| a.broken)
     }
+
+    /// Whether the device holds queues (activated and not reset since).
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
 }
 
 impl VirtioDevice for Block {

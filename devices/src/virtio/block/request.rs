@@ -8,7 +8,7 @@
 //! memory accesses that fail are I/O errors of that request, never of the device.
 //!
 //! Reads and writes go straight between the disk and guest memory: each data descriptor is
-//! turned into byte slices over the guest's pages ([`guest_bytes`]) for the backend's
+//! turned into byte slices over the guest's pages (`guest_bytes`) for the backend's
 //! positional I/O. No bounce buffer, no allocation per request.
 
 use virtio_queue::desc::split::Descriptor;

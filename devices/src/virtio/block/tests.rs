@@ -163,6 +163,8 @@ struct Harness {
     _dir: tempfile::TempDir,
     path: PathBuf,
     block: Block,
+    /// The features the device offers (for a driver through the transport).
+    block_features: u64,
     interrupt: Arc<Interrupt>,
     read_only: bool,
     /// SEG_MAX as the device's config space advertises it.
@@ -201,6 +203,7 @@ impl Harness {
             mem,
             _dir: dir,
             path,
+            block_features: block.features(),
             block,
             interrupt,
             read_only,
@@ -1150,19 +1153,32 @@ fn mmio_resources(
 }
 
 fn transported(h: &mut Harness) -> Transported {
-    use crate::bus::BusDevice;
-    use crate::virtio::status::*;
     // The harness activated the device directly; take it back, idle.
     let mut block = std::mem::replace(&mut h.block, Harness::spare_block());
     block.reset();
     let queue_evt = block.queue_event().unwrap();
-    let features = block.features() | (1 << crate::virtio::VIRTIO_F_VERSION_1);
     let dev = Arc::new(std::sync::Mutex::new(block));
     let (r, mailbox) = mmio_resources(h, dev.clone(), &queue_evt);
     let mut t = crate::virtio::mmio::MmioTransport::new(r);
+    driver_init(&mut t, h);
+    Transported {
+        t,
+        dev,
+        mailbox,
+        queue_evt,
+    }
+}
+
+/// The driver's whole initialisation through the registers, as Linux does it right after
+/// writing 0 to Status (no wait): ACKNOWLEDGE, DRIVER, the device's features, FEATURES_OK, the
+/// queue on the harness's rings, DRIVER_OK. Returns Status as read after DRIVER_OK.
+fn driver_init(t: &mut crate::virtio::mmio::MmioTransport, h: &Harness) -> u32 {
+    use crate::bus::BusDevice;
+    use crate::virtio::status::*;
     let mut w = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
     w(0x070, ACKNOWLEDGE);
     w(0x070, ACKNOWLEDGE | DRIVER);
+    let features = h.block_features | (1 << crate::virtio::VIRTIO_F_VERSION_1);
     w(0x024, 0);
     w(0x020, features as u32);
     w(0x024, 1);
@@ -1176,12 +1192,21 @@ fn transported(h: &mut Harness) -> Transported {
     }
     w(0x044, 1);
     w(0x070, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-    Transported {
-        t,
-        dev,
-        mailbox,
-        queue_evt,
-    }
+    reg(t, 0x070)
+}
+
+/// Reads a transport register.
+fn reg(t: &mut crate::virtio::mmio::MmioTransport, off: u64) -> u32 {
+    use crate::bus::BusDevice;
+    let mut d = [0u8; 4];
+    t.read(off, &mut d);
+    u32::from_le_bytes(d)
+}
+
+/// Writes a transport register.
+fn set_reg(t: &mut crate::virtio::mmio::MmioTransport, off: u64, v: u32) {
+    use crate::bus::BusDevice;
+    t.write(off, &v.to_le_bytes());
 }
 
 /// Polls `done` with a generous hang guard.
@@ -1307,4 +1332,320 @@ fn state_round_trips_and_the_restored_device_serves_on_from_the_same_used_index(
         let e = Block::restore(open(), &s).err().unwrap();
         assert_eq!(e.field, field, "{e}");
     }
+}
+
+// Reset through the transport with the device thread running (virtio 1.2, 4.2.3.1; see
+// `mmio`'s module docs): Linux's virtio-mmio driver writes 0 to Status and goes straight on
+// with its initialisation, without waiting for Status to read 0.
+
+/// Where a driver lays out its rings after a reset: away from the first ones (at 0), from the
+/// requests' buffers and from the indirect tables.
+const RINGS2: u64 = 0x70_0000;
+
+impl Harness {
+    /// Lays out fresh, zeroed rings at `base` for the driver (not the device: the transport
+    /// hands them over).
+    fn rings_at(&mut self, base: u64) {
+        let qs = u64::from(QUEUE_SIZE);
+        self.desc_table = base;
+        self.avail = base + 16 * qs;
+        self.used = (self.avail + 6 + 2 * qs + 3) & !3;
+        let end = self.used + 6 + 8 * qs;
+        self.mem
+            .write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
+            .unwrap();
+        (self.next_desc, self.avail_idx, self.used_seen) = (0, 0, 0);
+    }
+
+    /// The used index the device wrote on the current rings.
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+
+    /// A one-sector read of sector 0 into [`DATA`], its status at [`STATUS`].
+    fn push_sector_read(&mut self) -> u16 {
+        self.header(VIRTIO_BLK_T_IN, 0);
+        self.mem.write_obj(UNWRITTEN, GuestAddress(STATUS)).unwrap();
+        self.push(&req(&sectors(1, true)))
+    }
+}
+
+/// A disk in memory whose every I/O call reports itself on `entered` and then blocks until the
+/// test sends on (or drops) the other end of `release`: a backend stuck in I/O on demand.
+struct Gated {
+    data: Vec<u8>,
+    entered: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gated {
+    fn gate(&self, offset: u64, len: usize) -> std::ops::Range<usize> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.entered.send(());
+        let _ = self.release.recv();
+        let start = offset as usize;
+        start..start + len
+    }
+}
+
+impl super::BlockBackend for Gated {
+    fn capacity(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let range = self.gate(offset, buf.len());
+        buf.copy_from_slice(&self.data[range]);
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let range = self.gate(offset, buf.len());
+        self.data[range].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.gate(0, 0);
+        Ok(())
+    }
+    fn discard(&mut self, _: u64, _: u64) -> std::io::Result<()> {
+        self.gate(0, 0);
+        Ok(())
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        let range = self.gate(offset, len as usize);
+        self.data[range].fill(0);
+        Ok(())
+    }
+}
+
+/// The test's side of a [`Gated`] disk.
+struct Gate {
+    entered: mpsc::Receiver<()>,
+    release: Option<mpsc::Sender<()>>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    /// Waits (hang guard) until the device is inside a backend call.
+    fn wait_entered(&self) {
+        self.entered
+            .recv_timeout(HANG_GUARD)
+            .expect("the device never called its backend");
+    }
+
+    /// Lets one blocked call go on.
+    fn release_one(&self) {
+        self.release.as_ref().unwrap().send(()).unwrap();
+    }
+
+    /// Lets every call through from now on.
+    fn open(&mut self) {
+        self.release = None;
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A harness whose device is on a [`Gated`] disk, behind a transport the driver set up, served
+/// by its own event loop thread.
+fn gated() -> (Harness, Transported, crate::virtio::EventLoop, Gate) {
+    let mut h = Harness::new(false);
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = Gated {
+        data: disk_pattern(),
+        entered: entered_tx,
+        release: release_rx,
+        calls: calls.clone(),
+    };
+    h.block = Block::new(Box::new(backend), false, "blk-gated").unwrap();
+    let tr = transported(&mut h);
+    let el = crate::virtio::EventLoop::start(
+        "blk-gated",
+        tr.dev.clone(),
+        tr.mailbox.clone(),
+        Arc::new(|f| panic!("{f}")),
+    )
+    .unwrap();
+    let gate = Gate {
+        entered,
+        release: Some(release),
+        calls,
+    };
+    (h, tr, el, gate)
+}
+
+const ACTIVE: u32 = crate::virtio::status::ACKNOWLEDGE
+    | crate::virtio::status::DRIVER
+    | crate::virtio::status::FEATURES_OK
+    | crate::virtio::status::DRIVER_OK;
+
+#[test]
+fn a_reset_with_the_device_thread_running_reads_0_at_once_and_an_immediate_reinit_serves() {
+    let mut h = Harness::new(false);
+    let mut tr = transported(&mut h);
+    let el = crate::virtio::EventLoop::start(
+        "blk-reset-test",
+        tr.dev.clone(),
+        tr.mailbox.clone(),
+        Arc::new(|f| panic!("{f}")),
+    )
+    .unwrap();
+    let t = &mut tr.t;
+    assert_eq!(reg(t, 0x070), ACTIVE);
+    let head = h.push_good();
+    set_reg(t, crate::virtio::mmio::NOTIFY_OFFSET, 0);
+    eventually("the first request", || {
+        h.byte(GOOD_STATUS) == VIRTIO_BLK_S_OK
+    });
+    assert_eq!(h.take_used(), [(u32::from(head), 1)]);
+
+    // The bound only as a hang guard: the device thread is idle and answers at once.
+    t.set_reset_timeout(HANG_GUARD);
+    set_reg(t, 0x070, 0);
+    assert_eq!(reg(t, 0x070), 0, "Status right after the reset");
+    assert_eq!(reg(t, 0x044), 0, "QueueReady right after the reset");
+    assert!(!tr.dev.lock().unwrap().is_active(), "the device let go");
+
+    // Linux's probe, straight away, on new rings.
+    h.rings_at(RINGS2);
+    assert_eq!(driver_init(t, &h), ACTIVE);
+    let head = h.push_good_read();
+    set_reg(t, crate::virtio::mmio::NOTIFY_OFFSET, 0);
+    eventually("a request after the re-initialisation", || {
+        h.byte(GOOD_STATUS) == VIRTIO_BLK_S_OK
+    });
+    assert_eq!(h.take_used(), [(u32::from(head), GOOD_LEN + 1)]);
+    assert!(h.good_buffer() == good_data());
+    drop(el);
+}
+
+#[test]
+fn a_reset_while_the_device_is_stuck_in_its_backend_returns_and_completes_once_it_is_done() {
+    let (mut h, tr, el, mut gate) = gated();
+    let old_used = h.used;
+    // A write the backend holds.
+    h.push_good();
+    let _ = tr.queue_evt.write(1);
+    gate.wait_entered();
+
+    // The vCPU resets the device (with the real bound) while the backend is stuck.
+    let (tx, rx) = mpsc::channel();
+    let mut t = tr.t;
+    std::thread::spawn(move || {
+        set_reg(&mut t, 0x070, 0);
+        let status = reg(&mut t, 0x070);
+        let ready = reg(&mut t, 0x044);
+        tx.send((t, status, ready)).unwrap();
+    });
+    let (mut t, status, ready) = rx
+        .recv_timeout(HANG_GUARD)
+        .expect("the reset waited for the stuck backend");
+    assert_eq!(gate.calls(), 1, "the backend was never released");
+    assert_ne!(status, 0, "Status reads non-zero until the device is done");
+    assert_eq!(status, crate::virtio::status::DEVICE_NEEDS_RESET);
+    assert_eq!(
+        ready, 0,
+        "QueueReady reads 0: a driver may set the queue up again"
+    );
+    assert!(t.reset_pending());
+
+    // Linux re-initialises without waiting: its writes are taken, DRIVER_OK too.
+    h.rings_at(RINGS2);
+    assert_eq!(
+        driver_init(&mut t, &h),
+        ACTIVE | crate::virtio::status::DEVICE_NEEDS_RESET,
+        "features, queue and DRIVER_OK taken while the reset is pending"
+    );
+
+    // The backend finishes: the device completes the reset, then the activation behind it.
+    gate.open();
+    eventually("the device finishing its reset", || !t.reset_pending());
+    assert_eq!(reg(&mut t, 0x070), ACTIVE);
+    let old_used_idx: u16 = h.mem.read_obj(GuestAddress(old_used + 2)).unwrap();
+    assert_eq!(
+        old_used_idx, 0,
+        "the request given up was returned on the old rings"
+    );
+
+    // The device serves the new rings.
+    let head = h.push_good_read();
+    set_reg(&mut t, crate::virtio::mmio::NOTIFY_OFFSET, 0);
+    eventually("a request on the new rings", || {
+        h.byte(GOOD_STATUS) == VIRTIO_BLK_S_OK
+    });
+    assert_eq!(h.take_used(), [(u32::from(head), GOOD_LEN + 1)]);
+    assert!(
+        h.good_buffer() == good_data(),
+        "the stuck write reached the disk"
+    );
+    assert!(!h.interrupt.needs_reset());
+    drop(el);
+}
+
+#[test]
+fn no_used_ring_write_lands_after_the_reset_was_acknowledged() {
+    let (mut h, mut tr, el, mut gate) = gated();
+    let old_used = h.used;
+    // Two requests: the device takes the first and blocks in the backend; the second waits.
+    h.push_good();
+    h.push_sector_read();
+    let _ = tr.queue_evt.write(1);
+    gate.wait_entered();
+
+    // The vCPU resets and waits (the bound is only a hang guard here) ...
+    tr.t.set_reset_timeout(HANG_GUARD);
+    let (tx, rx) = mpsc::channel();
+    let mut t = tr.t;
+    std::thread::spawn(move || {
+        set_reg(&mut t, 0x070, 0);
+        let status = reg(&mut t, 0x070);
+        tx.send((t, status)).unwrap();
+    });
+    // ... and once the reset is posted, the request in hand completes.
+    eventually("the reset posted", || h.interrupt.reset_pending());
+    gate.release_one();
+    let (mut t, status) = rx.recv_timeout(HANG_GUARD).expect("the reset never ended");
+    assert_eq!(status, 0, "acknowledged after the request in hand");
+    assert_eq!(gate.calls(), 1, "the second request was not started");
+
+    // From here on nothing may change on the old rings, nor in the second request's buffers,
+    // whatever the device thread does: notify the old queue, let the backend run freely, and
+    // serve a request on new rings (the device thread is past the notification then).
+    let ring_len = 6 + 8 * usize::from(QUEUE_SIZE);
+    let mut before = vec![0u8; ring_len];
+    h.mem
+        .read_slice(&mut before, GuestAddress(old_used))
+        .unwrap();
+    assert_eq!(
+        u16::from_le_bytes([before[2], before[3]]),
+        0,
+        "the request given up was returned"
+    );
+    gate.open();
+    let _ = tr.queue_evt.write(1);
+    h.rings_at(RINGS2);
+    assert_eq!(driver_init(&mut t, &h), ACTIVE);
+    let head = h.push_good_read();
+    set_reg(&mut t, crate::virtio::mmio::NOTIFY_OFFSET, 0);
+    eventually("a request on the new rings", || {
+        h.byte(GOOD_STATUS) == VIRTIO_BLK_S_OK
+    });
+    assert_eq!(h.take_used(), [(u32::from(head), GOOD_LEN + 1)]);
+    assert_eq!(h.used_idx(), 1);
+    let mut after = vec![0u8; ring_len];
+    h.mem
+        .read_slice(&mut after, GuestAddress(old_used))
+        .unwrap();
+    assert!(before == after, "the old used ring changed after the reset");
+    assert_eq!(h.byte(STATUS), UNWRITTEN, "the second request was served");
+    assert_eq!(
+        gate.calls(),
+        2,
+        "only the request in hand and the new one ran"
+    );
+    drop(el);
 }
