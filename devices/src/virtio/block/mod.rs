@@ -235,9 +235,10 @@ impl VirtioDevice for Block {
             .ok_or(ActivateError::BadQueue(0))?;
         self.active = Some(Active {
             mem,
+            // A device restored in DEVICE_NEEDS_RESET stays stopped until the driver resets it.
+            broken: interrupt.needs_reset(),
             interrupt,
             queue: VirtQueue::new(queue, LIMITS),
-            broken: false,
         });
         // Requests may have been queued before DRIVER_OK: the event loop serves them.
         let _ = self.queue_evt.write(1);

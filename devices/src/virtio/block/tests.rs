@@ -1266,6 +1266,53 @@ fn a_paused_device_touches_nothing_until_resumed() {
 }
 
 #[test]
+fn a_device_saved_in_needs_reset_is_restored_stopped_until_the_driver_resets_it() {
+    use super::BlockState;
+    use crate::virtio::mmio::{MmioState, MmioTransport};
+    use snapshot::Persist;
+    let mut h = Harness::new(false);
+    let tr = transported(&mut h);
+    tr.mailbox.deliver(&mut *tr.dev.lock().unwrap());
+    let mut mmio: MmioState = tr.t.save();
+    let blk: BlockState = tr.dev.lock().unwrap().save();
+    drop(tr);
+    mmio.needs_reset = true;
+
+    let chain = disk::Chain::open(
+        &h.path,
+        disk::OpenOptions {
+            read_only: false,
+            format: Some(disk::Format::Raw),
+        },
+    )
+    .unwrap();
+    let resources = super::BlockResources {
+        backend: Box::new(ChainBackend::new(chain)),
+    };
+    let block = Block::restore(resources, &blk).unwrap();
+    let queue_evt = block.queue_event().unwrap();
+    let dev = Arc::new(std::sync::Mutex::new(block));
+    let (r, mailbox) = mmio_resources(&h, dev.clone(), &queue_evt);
+    let mut t = MmioTransport::restore(r, &mmio).unwrap();
+    mailbox.deliver(&mut *dev.lock().unwrap());
+
+    // The guest sees NEEDS_RESET, and a request is not served.
+    let mut status = [0u8; 4];
+    crate::bus::BusDevice::read(&mut t, 0x070, &mut status);
+    assert_ne!(
+        u32::from_le_bytes(status) & crate::virtio::status::DEVICE_NEEDS_RESET,
+        0
+    );
+    h.push_good();
+    dev.lock().unwrap().process_queue();
+    assert!(
+        h.take_used().is_empty(),
+        "a device restored in NEEDS_RESET served a request"
+    );
+    assert!(dev.lock().unwrap().is_broken());
+}
+
+#[test]
 fn state_round_trips_and_the_restored_device_serves_on_from_the_same_used_index() {
     use super::{BlockResources, BlockState};
     use crate::virtio::mmio::{MmioState, MmioTransport};

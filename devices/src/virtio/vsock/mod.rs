@@ -530,12 +530,13 @@ impl VirtioDevice for Vsock {
         self.drop_all();
         self.active = Some(Active {
             mem,
+            // A device restored in DEVICE_NEEDS_RESET stays stopped until the driver resets it.
+            broken: interrupt.needs_reset(),
             interrupt,
             queues: queues
                 .into_iter()
                 .map(|q| VirtQueue::new(q, LIMITS))
                 .collect(),
-            broken: false,
         });
         if std::mem::take(&mut self.transport_reset_due) {
             // Restored: the guest's connections did not survive (virtio 1.2, 5.10.6.7).
