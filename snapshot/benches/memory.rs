@@ -1,0 +1,2 @@
+//! Memory-file write benchmark (filled in below).
+fn main() {}
