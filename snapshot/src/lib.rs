@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod fsutil;
+pub mod manifest;
 pub mod memory;
 pub mod persist;
 pub mod state;
