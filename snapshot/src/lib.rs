@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod memory;
 pub mod persist;
 pub mod state;
+pub mod store;
 
 pub use error::{Error, Result};
 pub use persist::{check, Persist, StateError};
