@@ -146,7 +146,9 @@ fn ext4_disk(dir: &Path) -> PathBuf {
         .args(["-q", "-F", "-L", "stratadata"])
         .arg(&path)
         .status()
-        .expect("run mkfs.ext4 (e2fsprogs)");
+        .expect(
+            "cannot run mkfs.ext4: install Debian's e2fsprogs, and as root keep /usr/sbin on PATH",
+        );
     assert!(status.success(), "mkfs.ext4 failed");
     path
 }
