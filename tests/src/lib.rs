@@ -91,6 +91,28 @@ pub fn require_kvm() {
     );
 }
 
+/// How long an API call may take before a test calls it hung (a hang guard, not a speed limit).
+pub const API_HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// A client of the API socket `sock`, once the VMM answers on it (within [`API_HANG_GUARD`]);
+/// its calls fail after [`API_HANG_GUARD`] instead of hanging the test.
+pub fn api_client(sock: &std::path::Path) -> api::Client {
+    let deadline = Instant::now() + API_HANG_GUARD;
+    loop {
+        if let Ok(c) = api::Client::new(sock) {
+            if c.vm().is_ok() {
+                return c.with_timeout(API_HANG_GUARD);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API socket {} never answered",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Whether a benchmark runs in full. `cargo bench` passes `--bench` to a bench binary; `cargo
 /// test` runs the benches too (they are test targets) without it, and they then run once at a
 /// small scale, so the test suite compiles and exercises them and they cannot rot.

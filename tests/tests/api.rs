@@ -16,25 +16,12 @@ use std::time::{Duration, Instant};
 use api::types::{VmInfo, VmState};
 use api::{Client, LifecycleAction};
 use serde_json::{json, Value};
-use strata_tests::{strata_bin, Vm, BOOT_TIMEOUT};
+use strata_tests::{api_client, strata_bin, Vm, BOOT_TIMEOUT};
 
 /// How long an API call or a `strata ctl` run may take before the test calls it hung.
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
 const CHECKPOINT_TYPES: [&str; 4] = ["disabled", "standard", "production", "production-only"];
-
-fn client(sock: &Path) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(c) = Client::new(sock) {
-            if c.vm().is_ok() {
-                return c.with_timeout(HANG_GUARD);
-            }
-        }
-        assert!(Instant::now() < deadline, "the API socket never answered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A test guest booted with an API socket, ready on its console.
 struct Guest {
@@ -72,7 +59,7 @@ fn boot_at(p: Paths, agent: bool, extra: &[&str]) -> Guest {
     args.extend_from_slice(extra);
     let mut vm = Vm::start(&args);
     vm.wait_ready();
-    let c = client(&p.sock);
+    let c = api_client(&p.sock);
     Guest {
         vm,
         sock: p.sock,
@@ -728,7 +715,7 @@ fn schemathesis_against_the_live_vmm() {
         .arg(format!("--vsock=cid=3,socket={}", vsock.display()))
         .spawn()
         .unwrap();
-    client(&sock);
+    api_client(&sock);
 
     let output = strata_tests::schemathesis::run(&sock, 25, dir.path());
 

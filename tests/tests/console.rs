@@ -8,14 +8,13 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use api::types::{VmInfo, VmState};
 use api::{Client, LifecycleAction};
-use strata_tests::{require_kvm, strata_bin, Vm, BOOT_TIMEOUT};
+use strata_tests::{api_client, require_kvm, strata_bin, Vm, BOOT_TIMEOUT};
 
 /// How long one API call, or the VMM's exit, may take before the test calls it a hang.
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -119,19 +118,6 @@ impl Drop for StalledConsole {
     }
 }
 
-fn client(sock: &Path) -> Client {
-    let deadline = Instant::now() + HANG_GUARD;
-    loop {
-        if let Ok(c) = Client::new(sock) {
-            if c.vm().is_ok() {
-                return c.with_timeout(HANG_GUARD);
-            }
-        }
-        assert!(Instant::now() < deadline, "the API socket never answered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Polls `GET /v1/vm` until `pred` holds; returns that answer.
 fn wait_vm(c: &Client, guard: Duration, what: &str, pred: impl Fn(&VmInfo) -> bool) -> VmInfo {
     let deadline = Instant::now() + guard;
@@ -160,7 +146,7 @@ fn api_answers_and_output_is_dropped_while_the_console_reader_is_stalled() {
         "--api-socket",
         sock.to_str().unwrap(),
     ]);
-    let c = client(&sock);
+    let c = api_client(&sock);
     assert_eq!(c.vm().unwrap().console.dropped_bytes, 0);
 
     // 4 MiB of output into a pipe nobody reads: the guest keeps printing, the VMM drops.
