@@ -5,8 +5,7 @@
 //! cover the HTTP layer with a handler that has no rules.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,34 +103,17 @@ impl Resp {
     }
 }
 
+/// The API crate's raw HTTP client, which sends exactly the bytes a test wants.
+#[path = "../../api/tests/common/http.rs"]
+mod raw_http;
+
 /// Sends one request with exactly `body` and returns the status and the JSON answer.
 fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Resp {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(HANG_GUARD)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if let Some(b) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
+    let r = raw_http::http(sock, method, path, body.map(str::as_bytes));
+    Resp {
+        status: r.status,
+        body: r.json(),
     }
-    req.push_str("\r\n");
-    req.push_str(body.unwrap_or_default());
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    if let Err(e) = s.read_to_string(&mut out) {
-        assert!(
-            !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
-            "{method} {path}: the VMM did not answer within {HANG_GUARD:?}: hung"
-        );
-        panic!("{method} {path}: {e}");
-    }
-    let (head, body) = out
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head in {out:?}"));
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
-    Resp { status, body }
 }
 
 /// What a lifecycle call may change, and must not when refused.
