@@ -1,17 +1,23 @@
 //! An open chain: the device-facing read/write/zero/discard/flush path.
 //!
-//! The chain keeps one flattened map with an entry per virtual cluster saying which layer
-//! holds it and where, so a lookup costs the same at any depth. Writes go to the top layer:
-//! in place where the top already holds the cluster, otherwise into a newly allocated cluster
-//! filled by copy-on-write from whatever the chain read there before. New table entries are
-//! written to the file only by [`Chain::flush`], after the data is durable.
+//! Nothing here grows with the virtual size or the depth: each layer keeps its header and its
+//! sparse L1 table; L2 tables are read on demand into one bounded cache shared by the chain;
+//! and a second bounded cache maps a virtual cluster to where each of its 16 sub-clusters
+//! comes from (which layer, which host cluster), filled on first use, so a read of a cached
+//! cluster costs the same at any depth. Writes go to the top layer: in place where the top
+//! holds the sub-cluster, otherwise into the top's host cluster for that virtual cluster
+//! (allocated on first write), copying from below only the partial sub-clusters at the edges
+//! of the write. New entries reach the file only in [`Chain::flush`], after the data is durable.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{DiskError, Result};
-use crate::format::{self, Entry, Header, ParentRef};
-use crate::layer::{self, decode_trusted, read_full, Format, Layer};
+use crate::format::{self, Entry, Header, ParentRef, SUBCLUSTERS};
+use crate::layer::{self, read_full, sub_bits, Format, Layer};
 use crate::merge::MergeJob;
 use crate::sys;
 
@@ -27,15 +33,36 @@ pub struct OpenOptions {
     pub format: Option<Format>,
 }
 
-/// Where a virtual cluster's data comes from, packed in a `u64`: layer index in bits 63..48,
-/// kind in bits 47..46, host cluster in bits 45..0.
+/// Bounds of a chain's metadata caches (see [`Chain::set_cache_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// Bytes of clean L2 tables kept (one table is one cluster); also the amount of changed
+    /// tables after which a write flushes by itself. At least one table is kept.
+    pub l2_bytes: usize,
+    /// Virtual clusters whose resolved sources are kept (about 150 bytes each).
+    pub resolved_clusters: usize,
+}
+
+impl Default for CacheLimits {
+    /// 4 MiB of L2 tables (16 GiB of disk at 64 KiB clusters) and 16384 resolved clusters
+    /// (1 GiB of disk, about 2.5 MiB).
+    fn default() -> Self {
+        CacheLimits {
+            l2_bytes: 4 << 20,
+            resolved_clusters: 16384,
+        }
+    }
+}
+
+/// Where a sub-cluster's data comes from, packed in a `u64`: layer index in bits 63..48, kind
+/// in bits 47..46, host cluster in bits 45..0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// No layer holds it and there is no raw base under it: zeroes.
     None,
     /// Layer `0` marks it zero.
     Zero(usize),
-    /// Layer `0` holds it at host cluster `1`.
+    /// Layer `0` holds it in host cluster `1` (at the sub-cluster's offset in that cluster).
     Data(usize, u64),
     /// The raw base (layer `0`) holds it at the same offset.
     Raw(usize),
@@ -65,11 +92,141 @@ fn unpack(v: u64) -> Source {
     }
 }
 
+/// A bounded map that approximates LRU with two generations: lookups promote into the young
+/// one; when the young one is full it becomes the old one and the old one is dropped. At most
+/// `cap` entries (at least 2), O(1) per operation.
+#[derive(Debug)]
+pub(crate) struct TwoGen<K, V> {
+    young: HashMap<K, V>,
+    old: HashMap<K, V>,
+    half: usize,
+}
+
+impl<K: Hash + Eq + Copy, V> TwoGen<K, V> {
+    fn new(cap: usize) -> Self {
+        TwoGen {
+            young: HashMap::new(),
+            old: HashMap::new(),
+            half: (cap / 2).max(1),
+        }
+    }
+
+    fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        if !self.young.contains_key(k) {
+            let v = self.old.remove(k)?;
+            self.insert(*k, v);
+        }
+        self.young.get_mut(k)
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        if self.young.len() >= self.half && !self.young.contains_key(&k) {
+            self.old = std::mem::take(&mut self.young);
+            self.old.remove(&k);
+        }
+        self.young.insert(k, v);
+    }
+
+    fn remove(&mut self, k: &K) -> Option<V> {
+        self.young.remove(k).or_else(|| self.old.remove(k))
+    }
+
+    fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+}
+
+/// The chain's two metadata caches.
+#[derive(Debug)]
+pub(crate) struct Caches {
+    /// Clean L2 tables by (layer index, L1 index).
+    l2: TwoGen<(usize, u64), Vec<Entry>>,
+    /// Resolved sources of the 16 sub-clusters of a virtual cluster.
+    resolved: TwoGen<u64, [u64; SUBCLUSTERS as usize]>,
+}
+
+impl Caches {
+    fn new(limits: CacheLimits, cluster_size: u64) -> Caches {
+        Caches {
+            l2: TwoGen::new((limits.l2_bytes / cluster_size as usize).max(2)),
+            resolved: TwoGen::new(limits.resolved_clusters.max(2)),
+        }
+    }
+}
+
+/// The entry layer `li` has for virtual cluster `c` (changed tables first, then the cache,
+/// then the file).
+pub(crate) fn layer_entry(
+    layers: &[Layer],
+    caches: &mut Caches,
+    li: usize,
+    c: u64,
+) -> Result<Entry> {
+    let Some(l) = layers.get(li) else {
+        return Ok(Entry::EMPTY);
+    };
+    let Some(h) = &l.header else {
+        return Ok(Entry::EMPTY);
+    };
+    if let Some(e) = l.dirty_entry(c) {
+        return Ok(e);
+    }
+    let per = h.l2_entries();
+    let l1i = c / per;
+    let Some(&host) = l.l1.get(&l1i) else {
+        return Ok(Entry::EMPTY);
+    };
+    let i = (c % per) as usize;
+    if let Some(t) = caches.l2.get_mut(&(li, l1i)) {
+        return Ok(t.get(i).copied().unwrap_or(Entry::EMPTY));
+    }
+    let t = l.load_l2(l1i, host)?;
+    let e = t.get(i).copied().unwrap_or(Entry::EMPTY);
+    caches.l2.insert((li, l1i), t);
+    Ok(e)
+}
+
+/// Where each sub-cluster of virtual cluster `c` comes from: from the cache, else by walking
+/// the layers from the top down until every sub-cluster is found.
+fn resolve(layers: &[Layer], caches: &mut Caches, c: u64) -> Result<[u64; 16]> {
+    if let Some(r) = caches.resolved.get_mut(&c) {
+        return Ok(*r);
+    }
+    let mut out = [0u64; 16];
+    let mut left: u16 = 0xffff;
+    for li in (0..layers.len()).rev() {
+        if layers[li].header.is_none() {
+            for s in sub_bits(left) {
+                out[s as usize] = pack(Source::Raw(li));
+            }
+            break;
+        }
+        let e = layer_entry(layers, caches, li, c)?;
+        for s in sub_bits(left & e.alloc) {
+            out[s as usize] = pack(Source::Data(li, e.host));
+        }
+        for s in sub_bits(left & e.zero) {
+            out[s as usize] = pack(Source::Zero(li));
+        }
+        left &= !(e.alloc | e.zero);
+        if left == 0 {
+            break;
+        }
+    }
+    caches.resolved.insert(c, out);
+    Ok(out)
+}
+
+fn lock(m: &Mutex<Caches>) -> MutexGuard<'_, Caches> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// An open chain of layers (index 0 is the bottom, the last is the top).
 #[derive(Debug)]
 pub struct Chain {
     pub(crate) layers: Vec<Layer>,
-    map: Vec<u64>,
+    caches: Mutex<Caches>,
+    limits: CacheLimits,
     cluster_bits: u32,
     virtual_size: u64,
     read_only: bool,
@@ -78,9 +235,16 @@ pub struct Chain {
     pub(crate) merge: Option<MergeJob>,
 }
 
+/// A contiguous piece of a read: zeroes, or bytes of one file.
+enum Piece {
+    Zero,
+    File(usize, u64),
+}
+
 impl Chain {
     /// Opens the chain whose top is `path` (a raw file or a layer). Writable opens lock the top
-    /// exclusively and every backing file shared; read-only opens lock all shared.
+    /// exclusively and every backing file shared; read-only opens lock all shared. Reads each
+    /// layer's header and L1 table, nothing else.
     pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Chain> {
         let path = path.as_ref();
         let mut layers = vec![Layer::open(path, !opts.read_only, opts.format)?];
@@ -117,59 +281,57 @@ impl Chain {
             layers.push(parent);
         }
         layers.reverse();
-        Self::from_layers(layers, opts.read_only)
+        Ok(Self::from_layers(
+            layers,
+            opts.read_only,
+            CacheLimits::default(),
+        ))
     }
 
-    fn from_layers(mut layers: Vec<Layer>, read_only: bool) -> Result<Chain> {
+    fn from_layers(layers: Vec<Layer>, read_only: bool, limits: CacheLimits) -> Chain {
         let top = layers.len() - 1;
         let virtual_size = layers[top].virtual_size().next_multiple_of(512);
         let cluster_bits = layers
             .iter()
             .find_map(|l| l.header.as_ref().map(|h| h.cluster_bits))
             .unwrap_or(format::DEFAULT_CLUSTER_BITS);
-        let cs = 1u64 << cluster_bits;
-        let n = virtual_size.div_ceil(cs) as usize;
-        let mut map = vec![0u64; n];
-        for (li, l) in layers.iter_mut().enumerate() {
-            if l.header.is_none() {
-                // A raw base (or a raw top, alone): every cluster reads through to it.
-                map.iter_mut().for_each(|m| *m = pack(Source::Raw(li)));
-                continue;
-            }
-            let raw = match &l.alloc {
-                Some(a) => a.raw.clone(),
-                None => l.load_entries()?,
-            };
-            for (i, &v) in raw.iter().enumerate().take(n) {
-                match decode_trusted(i as u64, v) {
-                    Entry::Unallocated => {}
-                    Entry::Zero => map[i] = pack(Source::Zero(li)),
-                    Entry::Data(h) => map[i] = pack(Source::Data(li, h)),
-                }
-            }
-            if li == top && !read_only && l.alloc.is_none() {
-                l.make_alloc(raw)?;
-            }
-        }
-        Ok(Chain {
+        Chain {
             layers,
-            map,
+            caches: Mutex::new(Caches::new(limits, 1 << cluster_bits)),
+            limits,
             cluster_bits,
             virtual_size,
             read_only,
             top_id_renewed: false,
             merge: None,
-        })
+        }
     }
 
-    /// Rebuilds the map from the layers' tables (after a merge changed the layer list).
+    /// Sets the bounds of the metadata caches (dropping what they hold).
+    pub fn set_cache_limits(&mut self, limits: CacheLimits) {
+        self.limits = limits;
+        *self.caches.get_mut().unwrap_or_else(PoisonError::into_inner) =
+            Caches::new(limits, self.cluster_size());
+    }
+
+    /// Entries held by the caches now: (L2 tables, resolved clusters, changed tables pinned).
+    pub fn cache_usage(&self) -> (usize, usize, usize) {
+        let c = lock(&self.caches);
+        let dirty = self.layers.iter().map(Layer::dirty_tables).sum();
+        (c.l2.len(), c.resolved.len(), dirty)
+    }
+
+    /// Bytes this chain wrote to layer `i`'s file (data and metadata) since it was opened.
+    pub fn bytes_written(&self, i: usize) -> u64 {
+        self.layers.get(i).map_or(0, |l| l.bytes_written)
+    }
+
+    /// Drops everything cached (after a merge changed the layer list).
     pub(crate) fn rebuild(&mut self) -> Result<()> {
-        let layers = std::mem::take(&mut self.layers);
-        let merge = self.merge.take();
-        let renewed = self.top_id_renewed;
-        *self = Self::from_layers(layers, self.read_only)?;
-        self.merge = merge;
-        self.top_id_renewed = renewed;
+        let top = self.layers.len() - 1;
+        self.virtual_size = self.layers[top].virtual_size().next_multiple_of(512);
+        *self.caches.get_mut().unwrap_or_else(PoisonError::into_inner) =
+            Caches::new(self.limits, self.cluster_size());
         Ok(())
     }
 
@@ -181,6 +343,11 @@ impl Chain {
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Sub-cluster size in bytes (the copy-on-write unit: 1/16 of a cluster).
+    pub fn subcluster_size(&self) -> u64 {
+        self.cluster_size() / SUBCLUSTERS
     }
 
     /// Number of files in the chain.
@@ -214,17 +381,75 @@ impl Chain {
         self.read_only
     }
 
-    /// Where virtual cluster `c` comes from.
-    pub fn source(&self, c: u64) -> Source {
-        self.map
-            .get(c as usize)
-            .map_or(Source::None, |&v| unpack(v))
+    /// Where each of the 16 sub-clusters of virtual cluster `c` comes from.
+    pub fn sources(&self, c: u64) -> Result<[Source; 16]> {
+        let mut caches = lock(&self.caches);
+        let r = resolve(&self.layers, &mut caches, c)?;
+        Ok(r.map(unpack))
     }
 
-    pub(crate) fn set_source(&mut self, c: u64, s: Source) {
-        if let Some(m) = self.map.get_mut(c as usize) {
-            *m = pack(s);
+    /// The entry layer `li` has for virtual cluster `c`.
+    pub(crate) fn entry_of(&self, li: usize, c: u64) -> Result<Entry> {
+        let mut caches = lock(&self.caches);
+        layer_entry(&self.layers, &mut caches, li, c)
+    }
+
+    /// Forgets the resolved sources of cluster `c` (its entries changed in some layer).
+    pub(crate) fn forget(&mut self, c: u64) {
+        self.caches
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .resolved
+            .remove(&c);
+    }
+
+    /// Pins the table of layer `li` holding cluster `c` for change (creating it if needed).
+    pub(crate) fn pin(&mut self, li: usize, c: u64) -> Result<()> {
+        let caches = self.caches.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let l = &mut self.layers[li];
+        let Some(h) = &l.header else {
+            return Ok(());
+        };
+        let l1i = c / h.l2_entries();
+        if l.alloc.as_ref().is_some_and(|a| a.dirty.contains_key(&l1i)) {
+            return Ok(());
         }
+        let clean = match l.l1.get(&l1i) {
+            None => None,
+            Some(&host) => Some(match caches.l2.remove(&(li, l1i)) {
+                Some(t) => t,
+                None => l.load_l2(l1i, host)?,
+            }),
+        };
+        l.pin_table(l1i, clean)
+    }
+
+    /// Sets layer `li`'s entry for `c` (pinning its table) and updates the resolved sources of
+    /// the sub-clusters in `changed` if `c` is cached.
+    pub(crate) fn put_entry(&mut self, li: usize, c: u64, e: Entry, changed: u16) -> Result<()> {
+        self.pin(li, c)?;
+        self.layers[li].set_entry(c, e);
+        let top = self.layers.len() - 1;
+        let caches = self.caches.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if li != top {
+            caches.resolved.remove(&c);
+        } else if let Some(r) = caches.resolved.get_mut(&c) {
+            for s in sub_bits(changed) {
+                let bit = 1u16 << s;
+                r[s as usize] = pack(if e.alloc & bit != 0 {
+                    Source::Data(li, e.host)
+                } else if e.zero & bit != 0 {
+                    Source::Zero(li)
+                } else if li == 0 {
+                    Source::None
+                } else {
+                    // Falls through: resolve again.
+                    caches.resolved.remove(&c);
+                    break;
+                });
+            }
+        }
+        Ok(())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -240,47 +465,68 @@ impl Chain {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        let cs = self.cluster_size();
+        let mut caches = lock(&self.caches);
+        let (cs, ss) = (self.cluster_size(), self.subcluster_size());
+        // The current run: what, where in buf, how long.
+        let mut run: Option<(Piece, usize, usize)> = None;
         let mut pos = 0usize;
         while pos < buf.len() {
             let off = offset + pos as u64;
             let c = off / cs;
-            let within = off % cs;
-            let src = self.source(c);
-            // Extend the run while the next clusters continue the same source contiguously.
-            let mut run = (cs - within).min((buf.len() - pos) as u64);
-            let mut next = c + 1;
-            while pos as u64 + run < buf.len() as u64
-                && contiguous(src, self.source(next), next - c)
-            {
-                run += cs.min(buf.len() as u64 - pos as u64 - run);
-                next += 1;
+            let srcs = resolve(&self.layers, &mut caches, c)?;
+            let mut w = off % cs;
+            let cend = cs.min(w + (buf.len() - pos) as u64);
+            while w < cend {
+                let s = w / ss;
+                let n = (((s + 1) * ss).min(cend) - w) as usize;
+                let piece = match unpack(srcs[s as usize]) {
+                    Source::None | Source::Zero(_) => Piece::Zero,
+                    Source::Data(li, h) => Piece::File(li, h * cs + w),
+                    Source::Raw(li) => Piece::File(li, c * cs + w),
+                };
+                let extends = match (&run, &piece) {
+                    (Some((Piece::Zero, _, _)), Piece::Zero) => true,
+                    (Some((Piece::File(a, fo, ), _, len)), Piece::File(b, o)) => {
+                        a == b && fo + *len as u64 == *o
+                    }
+                    _ => false,
+                };
+                if extends {
+                    if let Some(r) = &mut run {
+                        r.2 += n;
+                    }
+                } else {
+                    if let Some(r) = run.take() {
+                        self.read_piece(r, buf)?;
+                    }
+                    run = Some((piece, pos, n));
+                }
+                w += n as u64;
+                pos += n;
             }
-            let dst = &mut buf[pos..pos + run as usize];
-            self.read_source(src, c, within, dst)?;
-            pos += run as usize;
+        }
+        if let Some(r) = run {
+            self.read_piece(r, buf)?;
         }
         Ok(())
     }
 
-    /// Reads from one source starting inside cluster `c` at `within`.
-    fn read_source(&self, src: Source, c: u64, within: u64, dst: &mut [u8]) -> Result<()> {
-        let cs = self.cluster_size();
-        let (li, off) = match src {
-            Source::None | Source::Zero(_) => {
+    fn read_piece(&self, (piece, at, len): (Piece, usize, usize), buf: &mut [u8]) -> Result<()> {
+        let dst = &mut buf[at..at + len];
+        let (li, off) = match piece {
+            Piece::Zero => {
                 dst.fill(0);
                 return Ok(());
             }
-            Source::Data(li, h) => (li, h * cs + within),
-            Source::Raw(li) => (li, c * cs + within),
+            Piece::File(li, off) => (li, off),
         };
         let l = &self.layers[li];
         let n = read_full(&l.file, dst, off).map_err(DiskError::io(&l.path, "read"))?;
         if n < dst.len() {
-            if matches!(src, Source::Data(..)) {
+            if l.header.is_some() {
                 return Err(DiskError::Truncated {
                     path: l.path.clone(),
-                    what: format!("data of virtual cluster {c}"),
+                    what: format!("data at offset {off}"),
                     need: off + dst.len() as u64,
                     len: off + n as u64,
                 });
@@ -288,11 +534,6 @@ impl Chain {
             dst[n..].fill(0); // past the end of a raw base: zeroes
         }
         Ok(())
-    }
-
-    /// Reads virtual cluster `c` whole, as the chain sees it.
-    pub(crate) fn read_cluster(&self, c: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_source(self.source(c), c, 0, buf)
     }
 
     fn writable_top(&mut self) -> Result<usize> {
@@ -314,16 +555,21 @@ impl Chain {
         Ok(top)
     }
 
-    /// Writes `data` at `offset` into the top layer (copy-on-write of partial clusters).
+    /// Flushes by itself when the changed tables pinned in memory exceed the cache bound.
+    pub(crate) fn bound_dirty(&mut self) -> Result<()> {
+        let max = (self.limits.l2_bytes / self.cluster_size() as usize).max(1);
+        if self.layers.iter().map(Layer::dirty_tables).sum::<usize>() > max {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` into the top layer (copy-on-write of partial sub-clusters).
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         let top = self.writable_top()?;
         if self.layers[top].header.is_none() {
-            let l = &self.layers[top];
-            return l
-                .file
-                .write_all_at(data, offset)
-                .map_err(DiskError::io(&l.path, "write"));
+            return self.layers[top].write_data(data, offset);
         }
         let cs = self.cluster_size();
         let mut pos = 0usize;
@@ -332,85 +578,89 @@ impl Chain {
             let c = off / cs;
             let within = off % cs;
             let n = (cs - within).min((data.len() - pos) as u64) as usize;
-            if let Source::Data(li, h) = self.source(c) {
-                if li == top {
-                    // In place; extend over following in-place clusters that are contiguous.
-                    let mut len = n;
-                    let mut next = c + 1;
-                    while pos + len < data.len()
-                        && self.source(next) == Source::Data(top, h + (next - c))
-                    {
-                        len += (cs as usize).min(data.len() - pos - len);
-                        next += 1;
-                    }
-                    let l = &mut self.layers[top];
-                    l.file
-                        .write_all_at(&data[pos..pos + len], h * cs + within)
-                        .map_err(DiskError::io(&l.path, "write"))?;
-                    l.mark_data_dirty();
-                    self.note_source_write(c, next);
-                    pos += len;
-                    continue;
-                }
-            }
-            if within == 0 && n as u64 == cs {
-                // Whole clusters the top does not hold: allocate consecutive host clusters and
-                // write the run with one pwrite (nothing to copy from below).
+            let e = self.entry_of(top, c)?;
+            if within == 0 && n as u64 == cs && e.host == 0 {
+                // Whole clusters the top has no host cluster for: allocate consecutive host
+                // clusters and write the run with one pwrite (nothing to copy from below).
                 let mut k = 1u64;
                 while pos + ((k + 1) * cs) as usize <= data.len()
-                    && !matches!(self.source(c + k), Source::Data(li, _) if li == top)
+                    && self.entry_of(top, c + k)?.host == 0
                 {
                     k += 1;
                 }
-                let l = &mut self.layers[top];
-                let (h, got) = l.alloc_run(k)?;
+                let (h, got) = self.layers[top].alloc_run(k)?;
                 let len = (got * cs) as usize;
-                if let Err(e) = l.file.write_all_at(&data[pos..pos + len], h * cs) {
-                    l.unalloc(h, got);
-                    return Err(DiskError::io(&l.path, "write")(e));
+                if let Err(e) = self.layers[top].write_data(&data[pos..pos + len], h * cs) {
+                    self.layers[top].unalloc(h, got);
+                    return Err(e);
                 }
-                l.mark_data_dirty();
                 for i in 0..got {
-                    self.layers[top].set_entry(c + i, Entry::Data(h + i));
-                    self.set_source(c + i, Source::Data(top, h + i));
+                    let ne = Entry {
+                        host: h + i,
+                        alloc: 0xffff,
+                        zero: 0,
+                    };
+                    self.put_entry(top, c + i, ne, 0xffff)?;
                 }
                 self.note_source_write(c, c + got);
                 pos += len;
                 continue;
             }
-            self.cow_write(c, within as usize, &data[pos..pos + n])?;
+            self.write_in_cluster(top, c, e, within, &data[pos..pos + n])?;
+            self.note_source_write(c, c + 1);
             pos += n;
         }
-        Ok(())
+        self.bound_dirty()
     }
 
-    /// Allocates a top cluster for `c` and writes the chain's current content with `part`
-    /// laid over it at `within`.
-    fn cow_write(&mut self, c: u64, within: usize, part: &[u8]) -> Result<()> {
-        let cs = self.cluster_size() as usize;
-        let top = self.layers.len() - 1;
-        let mut buf = vec![0u8; cs];
-        self.read_cluster(c, &mut buf)?;
-        buf[within..within + part.len()].copy_from_slice(part);
-        let h = self.layers[top].alloc_cluster()?;
-        if let Err(e) = self.write_host(top, h, &buf) {
-            self.layers[top].unalloc(h, 1);
-            return Err(e);
+    /// Writes `part` at `within` of cluster `c` into layer `li` (whose entry is `e`): into its
+    /// host cluster (allocated if it has none), filling the partial sub-clusters at either end
+    /// that it does not hold with the chain's current content.
+    fn write_in_cluster(
+        &mut self,
+        li: usize,
+        c: u64,
+        mut e: Entry,
+        within: u64,
+        part: &[u8],
+    ) -> Result<()> {
+        let (cs, ss) = (self.cluster_size(), self.subcluster_size());
+        let new_host = e.host == 0;
+        if new_host {
+            e.host = self.layers[li].alloc_cluster()?;
         }
-        self.layers[top].set_entry(c, Entry::Data(h));
-        self.set_source(c, Source::Data(top, h));
-        self.note_source_write(c, c + 1);
-        Ok(())
-    }
-
-    pub(crate) fn write_host(&mut self, li: usize, h: u64, buf: &[u8]) -> Result<()> {
-        let cs = self.cluster_size();
-        let l = &mut self.layers[li];
-        l.file
-            .write_all_at(buf, h * cs)
-            .map_err(DiskError::io(&l.path, "write"))?;
-        l.mark_data_dirty();
-        Ok(())
+        let end = within + part.len() as u64;
+        let (s0, s1) = (within / ss, (end - 1) / ss);
+        let head = within % ss != 0 && e.alloc & (1 << s0) == 0;
+        let tail = end % ss != 0 && e.alloc & (1 << s1) == 0;
+        let res = if !head && !tail {
+            self.layers[li].write_data(part, e.host * cs + within)
+        } else {
+            let span_start = if head { s0 * ss } else { within };
+            let span_end = if tail { (s1 + 1) * ss } else { end };
+            let mut buf = vec![0u8; (span_end - span_start) as usize];
+            let base = c * cs;
+            if head {
+                self.read_at(base + s0 * ss, &mut buf[..ss as usize])?;
+            }
+            if tail && !(head && s0 == s1) {
+                let at = (s1 * ss - span_start) as usize;
+                self.read_at(base + s1 * ss, &mut buf[at..at + ss as usize])?;
+            }
+            let at = (within - span_start) as usize;
+            buf[at..at + part.len()].copy_from_slice(part);
+            self.layers[li].write_data(&buf, e.host * cs + span_start)
+        };
+        if let Err(err) = res {
+            if new_host {
+                self.layers[li].unalloc(e.host, 1);
+            }
+            return Err(err);
+        }
+        let mask: u16 = (((1u32 << (s1 + 1)) - 1) & !((1u32 << s0) - 1)) as u16;
+        e.alloc |= mask;
+        e.zero &= !mask;
+        self.put_entry(li, c, e, mask)
     }
 
     /// Tells a running merge that clusters `from..to` of the top changed.
@@ -426,8 +676,8 @@ impl Chain {
         self.zero_range(offset, len)
     }
 
-    /// Discards `offset..offset+len`: the range reads as zeroes afterwards and whole clusters
-    /// give their space back (after the next flush).
+    /// Discards `offset..offset+len`: the range reads as zeroes afterwards and whole
+    /// sub-clusters give their space back (after the next flush).
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.zero_range(offset, len)
     }
@@ -440,56 +690,64 @@ impl Chain {
             return sys::punch_hole(&l.file, offset, len)
                 .map_err(DiskError::io(&l.path, "punch hole"));
         }
-        let cs = self.cluster_size();
+        let (cs, ss) = (self.cluster_size(), self.subcluster_size());
         let end = offset + len;
         let mut off = offset;
         while off < end {
             let c = off / cs;
             let within = off % cs;
             let n = (cs - within).min(end - off);
-            if n == cs {
-                // A whole cluster: an explicit zero entry, or none in a base layer (where an
-                // unallocated cluster reads as zeroes anyway and the space is given back).
-                let e = if top == 0 {
-                    Entry::Unallocated
-                } else {
-                    Entry::Zero
-                };
-                self.layers[top].set_entry(c, e);
-                let s = if e == Entry::Zero {
-                    Source::Zero(top)
-                } else {
-                    Source::None
-                };
-                self.set_source(c, s);
-                self.note_source_write(c, c + 1);
+            // Whole sub-clusters become zero entries (unallocated in a base layer, where that
+            // reads as zeroes); partial ones at the edges are written with zeroes.
+            let stop = within + n;
+            let a = within.next_multiple_of(ss);
+            let b = stop / ss * ss;
+            if a >= b {
+                self.write_at(c * cs + within, &vec![0u8; n as usize])?;
             } else {
-                let zeros = vec![0u8; n as usize];
-                self.write_at(off, &zeros)?;
+                if a > within {
+                    self.write_at(c * cs + within, &vec![0u8; (a - within) as usize])?;
+                }
+                let mask: u16 = (((1u32 << (b / ss)) - 1) & !((1u32 << (a / ss)) - 1)) as u16;
+                let old = self.entry_of(top, c)?;
+                let mut e = old;
+                e.alloc &= !mask;
+                if top == 0 {
+                    e.zero &= !mask;
+                } else {
+                    e.zero |= mask;
+                }
+                if e.alloc == 0 {
+                    e.host = 0;
+                }
+                if e != old {
+                    self.put_entry(top, c, e, mask)?;
+                    self.note_source_write(c, c + 1);
+                }
+                if stop > b {
+                    self.write_at(c * cs + b, &vec![0u8; (stop - b) as usize])?;
+                }
             }
             off += n;
         }
-        Ok(())
+        self.bound_dirty()
     }
 
-    /// Makes every write completed so far durable (data first, then the table; fdatasync).
+    /// Makes every write completed so far durable (data first, then the tables; fdatasync).
     pub fn flush(&mut self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        for l in self.layers.iter_mut().filter(|l| l.writable) {
-            l.flush()?;
+        let caches = self.caches.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for (li, l) in self.layers.iter_mut().enumerate() {
+            if !l.writable {
+                continue;
+            }
+            for (l1i, t) in l.flush()? {
+                caches.l2.insert((li, l1i), t);
+            }
         }
         Ok(())
-    }
-
-    /// Entries of layer `i` (from memory for a writable layer, else from its file).
-    pub(crate) fn layer_entries(&self, i: usize) -> Result<Vec<u64>> {
-        let l = &self.layers[i];
-        match &l.alloc {
-            Some(a) => Ok(a.raw.clone()),
-            None => l.load_entries(),
-        }
     }
 }
 
@@ -502,16 +760,6 @@ impl Drop for Chain {
                 let _ = l.trim_tail();
             }
         }
-    }
-}
-
-fn contiguous(a: Source, b: Source, dist: u64) -> bool {
-    match (a, b) {
-        (Source::None, Source::None) => true,
-        (Source::Zero(_), Source::Zero(_)) => true,
-        (Source::Raw(x), Source::Raw(y)) => x == y,
-        (Source::Data(x, h1), Source::Data(y, h2)) => x == y && h2 == h1 + dist,
-        _ => false,
     }
 }
 

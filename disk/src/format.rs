@@ -1,4 +1,5 @@
-//! The on-disk layout of a Strata layer file: the header and the allocation-table entries.
+//! The on-disk layout of a Strata layer file: the header, the L1 table and the extended L2
+//! table entries.
 //!
 //! This module is pure: it turns bytes into checked values and back, and never touches a file,
 //! so it is what the fuzz target and the random-bytes property test drive. `FORMAT.md` beside
@@ -10,17 +11,15 @@ use thiserror::Error;
 /// The eight bytes every layer file starts with.
 pub const MAGIC: [u8; 8] = *b"STRATADK";
 /// The only format version this build reads and writes. Any change to the layout bumps it.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Size of the header record in bytes (one 512-byte sector, written in one `pwrite`).
 pub const HEADER_SIZE: usize = 512;
-/// Where the allocation table starts: the header sector is followed by padding to 4 KiB.
-pub const TABLE_OFFSET: u64 = 4096;
-/// Bytes per allocation-table entry.
-pub const ENTRY_SIZE: u64 = 8;
+/// Where the L1 table starts: the header sector is followed by padding to 4 KiB.
+pub const L1_OFFSET: u64 = 4096;
 /// Longest parent path that fits in the header.
 pub const MAX_PARENT_PATH: usize = 256;
-/// Smallest cluster: 4 KiB.
-pub const MIN_CLUSTER_BITS: u32 = 12;
+/// Smallest cluster: 8 KiB (16 sub-clusters of 512 bytes).
+pub const MIN_CLUSTER_BITS: u32 = 13;
 /// Largest cluster: 2 MiB.
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// Default cluster: 64 KiB.
@@ -46,7 +45,7 @@ pub enum FormatError {
     #[error("not a Strata layer (bad magic)")]
     BadMagic,
     /// A version this build does not read.
-    #[error("unsupported format version {0} (this build reads version {VERSION})")]
+    #[error("unsupported format version {0} (this build reads version {VERSION} only; version 1 layers are not read any more)")]
     BadVersion(u32),
     /// The header checksum does not match.
     #[error("header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
@@ -67,10 +66,18 @@ pub enum FormatError {
     /// The parent path is not UTF-8 or too long.
     #[error("invalid parent path in header")]
     BadParentPath,
-    /// A table entry fails its check bits or has an invalid kind.
-    #[error("allocation table entry {index} is corrupt ({raw:#018x})")]
+    /// An L2 entry fails its check bits or is inconsistent.
+    #[error("L2 table entry of virtual cluster {index} is corrupt ({raw:#034x})")]
     BadEntry {
         /// Virtual cluster index.
+        index: u64,
+        /// The raw entry.
+        raw: u128,
+    },
+    /// An L1 entry fails its check bits.
+    #[error("L1 table entry {index} is corrupt ({raw:#018x})")]
+    BadL1 {
+        /// L1 index.
         index: u64,
         /// The raw entry.
         raw: u64,
@@ -129,16 +136,20 @@ pub struct Header {
     pub data_id: [u8; 16],
     /// Incremented on every header rewrite.
     pub generation: u64,
+    /// Allocation mark: no table references a host cluster at or above it, and every cluster
+    /// from it to the end of the file is free (FORMAT.md, "Free space").
+    pub alloc_end: u64,
     /// The parent.
     pub parent: ParentRef,
 }
 
-/// Layout values derived from a cluster size and virtual size.
+/// Layout values derived from a cluster size and virtual size: (L1 entries, data offset).
 pub fn layout(cluster_bits: u32, virtual_size: u64) -> (u64, u64) {
     let cluster = 1u64 << cluster_bits;
-    let entries = virtual_size.div_ceil(cluster);
-    let table_end = TABLE_OFFSET + entries * ENTRY_SIZE;
-    (entries, table_end.div_ceil(cluster) * cluster)
+    let per_l2 = cluster / L2_ENTRY_SIZE;
+    let l1 = virtual_size.div_ceil(cluster).div_ceil(per_l2);
+    let l1_end = L1_OFFSET + l1 * L1_ENTRY_SIZE;
+    (l1, l1_end.div_ceil(cluster) * cluster)
 }
 
 impl Header {
@@ -153,6 +164,7 @@ impl Header {
             layer_id: random_id(),
             data_id: random_id(),
             generation: 1,
+            alloc_end: data_offset >> cluster_bits,
             parent,
         }
     }
@@ -162,14 +174,24 @@ impl Header {
         1 << self.cluster_bits
     }
 
-    /// Number of table entries (virtual clusters).
-    pub fn entries(&self) -> u64 {
+    /// Number of virtual clusters.
+    pub fn clusters(&self) -> u64 {
+        self.virtual_size.div_ceil(self.cluster_size())
+    }
+
+    /// Number of L1 entries.
+    pub fn l1_entries(&self) -> u64 {
         layout(self.cluster_bits, self.virtual_size).0
     }
 
-    /// Bytes of the table on disk (without padding).
-    pub fn table_bytes(&self) -> u64 {
-        self.entries() * ENTRY_SIZE
+    /// L2 entries per L2 table (one cluster).
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / L2_ENTRY_SIZE
+    }
+
+    /// Sub-cluster size in bytes.
+    pub fn subcluster_size(&self) -> u64 {
+        self.cluster_size() / SUBCLUSTERS
     }
 
     /// Encodes the header sector, checksum included.
@@ -181,8 +203,8 @@ impl Header {
         put32(&mut b, 16, self.flags);
         put32(&mut b, 20, self.cluster_bits);
         put64(&mut b, 24, self.virtual_size);
-        put64(&mut b, 32, TABLE_OFFSET);
-        put64(&mut b, 40, self.entries());
+        put64(&mut b, 32, L1_OFFSET);
+        put64(&mut b, 40, self.l1_entries());
         put64(&mut b, 48, self.data_offset);
         b[56..72].copy_from_slice(&self.layer_id);
         b[72..88].copy_from_slice(&self.data_id);
@@ -209,6 +231,7 @@ impl Header {
         put32(&mut b, 92, plen as u32);
         put64(&mut b, 136, self.generation);
         b[144..144 + plen].copy_from_slice(&path.as_bytes()[..plen]);
+        put64(&mut b, 400, self.alloc_end);
         let crc = CRC32C.checksum(&b[..508]);
         put32(&mut b, 508, crc);
         b
@@ -247,12 +270,19 @@ impl Header {
         if virtual_size == 0 || virtual_size % 512 != 0 || virtual_size > MAX_VIRTUAL_SIZE {
             return bad("virtual_size", virtual_size);
         }
-        if get64(b, 32) != TABLE_OFFSET {
-            return bad("table_offset", get64(b, 32));
+        if get64(b, 32) != L1_OFFSET {
+            return bad("l1_offset", get64(b, 32));
         }
         let (entries, data_offset) = layout(cluster_bits, virtual_size);
         if get64(b, 40) != entries {
-            return bad("table_entries", get64(b, 40));
+            return bad("l1_entries", get64(b, 40));
+        }
+        let alloc_end = get64(b, 400);
+        if alloc_end < data_offset >> cluster_bits || alloc_end > MAX_HOST_CLUSTER + 1 {
+            return bad("alloc_end", alloc_end);
+        }
+        if b[408..508].iter().any(|&x| x != 0) {
+            return bad("reserved", 0);
         }
         if get64(b, 48) != data_offset {
             return bad("data_offset", get64(b, 48));
@@ -302,74 +332,144 @@ impl Header {
             layer_id,
             data_id,
             generation: get64(b, 136),
+            alloc_end,
             parent,
         })
     }
 }
 
-/// One decoded allocation-table entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Entry {
-    /// Not in this layer: read through to the parent.
-    Unallocated,
-    /// Reads as zeroes; does not fall through.
-    Zero,
-    /// Data at host cluster number `n` (file offset `n * cluster_size`).
-    Data(u64),
-}
-
-const KIND_SHIFT: u32 = 62;
-const KIND_ZERO: u64 = 1;
-const KIND_DATA: u64 = 2;
+/// Sub-clusters per cluster: each L2 entry has a 16-bit allocation and a 16-bit zero bitmap.
+pub const SUBCLUSTERS: u64 = 16;
+/// Bytes per L1 entry.
+pub const L1_ENTRY_SIZE: u64 = 8;
+/// Bytes per (extended) L2 entry.
+pub const L2_ENTRY_SIZE: u64 = 16;
 /// Largest host cluster number an entry can hold (46 bits).
 pub const MAX_HOST_CLUSTER: u64 = (1 << 46) - 1;
 
-fn entry_check(index: u64, payload: u64) -> u16 {
-    let mut buf = [0u8; 16];
-    buf[..8].copy_from_slice(&index.to_le_bytes());
-    buf[8..].copy_from_slice(&payload.to_le_bytes());
-    CRC16.checksum(&buf)
+fn check16(index: u64, payload: &[u8]) -> u16 {
+    let mut d = CRC16.digest();
+    d.update(&index.to_le_bytes());
+    d.update(payload);
+    d.finalize()
+}
+
+/// One decoded L1 entry: the host cluster of an L2 table, or none.
+pub fn l1_encode(index: u64, host: u64) -> u64 {
+    if host == 0 {
+        return 0;
+    }
+    let low = host & MAX_HOST_CLUSTER;
+    low | (u64::from(check16(index, &low.to_le_bytes())) << 48)
+}
+
+/// Decodes L1 entry `index` (0 means no L2 table), checking its check bits.
+pub fn l1_decode(index: u64, raw: u64) -> Result<u64, FormatError> {
+    if raw == 0 {
+        return Ok(0);
+    }
+    let low = raw & ((1 << 48) - 1);
+    let bad = FormatError::BadL1 { index, raw };
+    if low > MAX_HOST_CLUSTER || low == 0 || check16(index, &low.to_le_bytes()) != (raw >> 48) as u16
+    {
+        return Err(bad);
+    }
+    Ok(low)
+}
+
+/// One decoded (extended) L2 entry: the state of one virtual cluster in one layer.
+///
+/// Sub-cluster `s` is data at `host * cluster_size + s * subcluster_size` when bit `s` of
+/// `alloc` is set, reads as zeroes when bit `s` of `zero` is set, and falls through to the
+/// parent when neither is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Entry {
+    /// Host cluster number holding the allocated sub-clusters (0 when `alloc` is 0).
+    pub host: u64,
+    /// Sub-clusters holding data.
+    pub alloc: u16,
+    /// Sub-clusters that read as zeroes.
+    pub zero: u16,
 }
 
 impl Entry {
-    /// Encodes the entry for virtual cluster `index`.
-    pub fn encode(self, index: u64) -> u64 {
-        let payload = match self {
-            Entry::Unallocated => return 0,
-            Entry::Zero => KIND_ZERO << KIND_SHIFT,
-            Entry::Data(n) => (KIND_DATA << KIND_SHIFT) | ((n & MAX_HOST_CLUSTER) << 16),
-        };
-        payload | u64::from(entry_check(index, payload))
+    /// The all-unallocated entry.
+    pub const EMPTY: Entry = Entry {
+        host: 0,
+        alloc: 0,
+        zero: 0,
+    };
+
+    /// Whether this layer says nothing about the cluster.
+    pub fn is_empty(&self) -> bool {
+        self.alloc == 0 && self.zero == 0
     }
 
-    /// Decodes the raw entry of virtual cluster `index`, checking its check bits.
-    pub fn decode(index: u64, raw: u64) -> Result<Entry, FormatError> {
-        if raw == 0 {
-            return Ok(Entry::Unallocated);
+    /// Encodes the entry of virtual cluster `index` as 16 bytes.
+    pub fn encode(self, index: u64) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        if self == Entry::EMPTY {
+            return b;
         }
-        let payload = raw & !0xffff;
-        let bad = FormatError::BadEntry { index, raw };
-        if entry_check(index, payload) != (raw & 0xffff) as u16 {
+        b[0..8].copy_from_slice(&(self.host & MAX_HOST_CLUSTER).to_le_bytes());
+        b[8..10].copy_from_slice(&self.alloc.to_le_bytes());
+        b[10..12].copy_from_slice(&self.zero.to_le_bytes());
+        let c = check16(index, &b[..14]);
+        b[14..16].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    /// Decodes the 16 bytes of virtual cluster `index`'s entry, checking its check bits and
+    /// its consistency (data needs a host cluster, no sub-cluster both data and zero).
+    pub fn decode(index: u64, b: &[u8; 16]) -> Result<Entry, FormatError> {
+        if b.iter().all(|&x| x == 0) {
+            return Ok(Entry::EMPTY);
+        }
+        let mut h = [0u8; 8];
+        h.copy_from_slice(&b[0..8]);
+        let host = u64::from_le_bytes(h);
+        let alloc = u16::from_le_bytes([b[8], b[9]]);
+        let zero = u16::from_le_bytes([b[10], b[11]]);
+        let stored = u16::from_le_bytes([b[14], b[15]]);
+        let bad = FormatError::BadEntry {
+            index,
+            raw: u128::from_le_bytes(*b),
+        };
+        if check16(index, &b[..14]) != stored
+            || host > MAX_HOST_CLUSTER
+            || b[12] != 0
+            || b[13] != 0
+            || alloc & zero != 0
+            || (alloc != 0) != (host != 0)
+        {
             return Err(bad);
         }
-        let host = (payload >> 16) & MAX_HOST_CLUSTER;
-        match payload >> KIND_SHIFT {
-            KIND_ZERO if host == 0 => Ok(Entry::Zero),
-            KIND_DATA => Ok(Entry::Data(host)),
-            _ => Err(bad),
-        }
+        Ok(Entry { host, alloc, zero })
     }
 }
 
-/// Decodes a whole table image (little-endian entries). Stops at the first corrupt entry.
-pub fn parse_table(bytes: &[u8]) -> Result<Vec<Entry>, FormatError> {
+/// Decodes an L1 table image (8-byte little-endian entries, entry `i` at byte `8 i`).
+pub fn parse_l1(bytes: &[u8]) -> Result<Vec<u64>, FormatError> {
     bytes
-        .chunks_exact(ENTRY_SIZE as usize)
+        .chunks_exact(L1_ENTRY_SIZE as usize)
         .enumerate()
         .map(|(i, c)| {
             let mut a = [0u8; 8];
             a.copy_from_slice(c);
-            Entry::decode(i as u64, u64::from_le_bytes(a))
+            l1_decode(i as u64, u64::from_le_bytes(a))
+        })
+        .collect()
+}
+
+/// Decodes an L2 table image whose first entry is virtual cluster `first_index`.
+pub fn parse_l2(first_index: u64, bytes: &[u8]) -> Result<Vec<Entry>, FormatError> {
+    bytes
+        .chunks_exact(L2_ENTRY_SIZE as usize)
+        .enumerate()
+        .map(|(i, c)| {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(c);
+            Entry::decode(first_index + i as u64, &a)
         })
         .collect()
 }
@@ -431,7 +531,7 @@ mod tests {
         let h = sample();
         assert_eq!(Header::parse(&h.encode()).unwrap(), h);
         let raw = Header::new(
-            12,
+            13,
             512,
             ParentRef::Raw {
                 path: "/abs/base.img".into(),
@@ -455,29 +555,36 @@ mod tests {
     #[test]
     fn wrong_version_is_named() {
         let mut b = sample().encode();
-        b[8] = 2;
-        assert_eq!(Header::parse(&b), Err(FormatError::BadVersion(2)));
+        b[8] = 1;
+        let e = Header::parse(&b).unwrap_err();
+        assert_eq!(e, FormatError::BadVersion(1));
+        assert!(e.to_string().contains("version 1"), "{e}");
     }
 
     #[test]
     fn entries_round_trip_and_reject_flips() {
-        for (i, e) in [
-            (0, Entry::Zero),
-            (5, Entry::Data(1234)),
-            (9, Entry::Unallocated),
-        ] {
+        let cases = [
+            (0, Entry { host: 0, alloc: 0, zero: 0xffff }),
+            (5, Entry { host: 1234, alloc: 0x00f1, zero: 0x0100 }),
+            (9, Entry::EMPTY),
+        ];
+        for (i, e) in cases {
             let raw = e.encode(i);
-            assert_eq!(Entry::decode(i, raw).unwrap(), e);
-            if raw != 0 {
-                for byte in 0..8 {
-                    let flipped = raw ^ (0xffu64 << (byte * 8));
-                    assert!(Entry::decode(i, flipped).is_err());
+            assert_eq!(Entry::decode(i, &raw).unwrap(), e);
+            if e != Entry::EMPTY {
+                for byte in 0..16 {
+                    let mut f = raw;
+                    f[byte] ^= 0xff;
+                    assert!(Entry::decode(i, &f).is_err(), "flip of byte {byte}");
                 }
-                assert!(
-                    Entry::decode(i + 1, raw).is_err(),
-                    "entry moved to another index"
-                );
+                assert!(Entry::decode(i + 1, &raw).is_err(), "entry moved to another index");
             }
+        }
+        let l1 = l1_encode(7, 99);
+        assert_eq!(l1_decode(7, l1), Ok(99));
+        assert!(l1_decode(8, l1).is_err());
+        for byte in 0..8 {
+            assert!(l1_decode(7, l1 ^ (0xffu64 << (byte * 8))).is_err());
         }
     }
 
@@ -491,7 +598,8 @@ mod tests {
         #[test]
         fn random_bytes_never_panic_the_parsers(bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
             let _ = Header::parse(&bytes);
-            let _ = parse_table(&bytes);
+            let _ = parse_l1(&bytes);
+            let _ = parse_l2(3, &bytes);
         }
 
         #[test]

@@ -1,18 +1,22 @@
-//! One file of a chain: a raw image or a Strata layer, opened and locked, with its header,
-//! its allocation table, and (when it is being written) the allocator and the pending table
-//! updates that [`Layer::flush`] makes durable in the order FORMAT.md prescribes.
+//! One file of a chain: a raw image or a Strata layer, opened and locked, with its header, its
+//! L1 table (sparse, in memory), and (when it is being written) the allocator and the L2 tables
+//! changed since the last flush, which [`Layer::flush`] makes durable in the order FORMAT.md
+//! prescribes. Clean L2 tables live in the chain's bounded cache, not here.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{DiskError, Result};
-use crate::format::{self, Entry, Header, ParentRef, ENTRY_SIZE, HEADER_SIZE, MAGIC, TABLE_OFFSET};
+use crate::format::{
+    self, l1_decode, l1_encode, Entry, Header, ParentRef, HEADER_SIZE, L1_ENTRY_SIZE, L1_OFFSET,
+    L2_ENTRY_SIZE, MAGIC,
+};
 use crate::sys;
 
-/// Size of one table page: the unit in which table updates are written.
+/// The unit in which changed parts of an existing L2 table are written.
 const TABLE_PAGE: u64 = 4096;
 
 /// What kind of file a layer is.
@@ -30,33 +34,39 @@ const PREALLOC_MIN: u64 = 64 << 20;
 /// Largest step (growth is otherwise 1/8 of the file, so large files grow in proportion).
 const PREALLOC_MAX: u64 = 1 << 30;
 
-/// Writable state of a Strata layer: its table image and its allocator.
+/// An L2 table changed since the last flush (pinned in memory until then).
+#[derive(Debug)]
+pub(crate) struct DirtyTable {
+    pub entries: Vec<Entry>,
+    /// Pages (of [`TABLE_PAGE`] bytes) holding changed entries.
+    pages: BTreeSet<u64>,
+    /// A table created since the last flush: written whole, then referenced from L1.
+    new: bool,
+}
+
+/// Writable state of a Strata layer: changed tables and the allocator.
 ///
-/// Host clusters `first..next` are referenced or in `free`; `next..end` is the unused tail of
-/// the file (space preallocated with `fallocate`, or leaked by a crash): free, handed out in
-/// order once `free` is empty. When the tail runs out, the file grows by a large preallocated
-/// step (FORMAT.md, "Preallocation").
+/// Host clusters `first..next` are referenced, in `free`, pending free, or lost holes left by
+/// earlier opens (FORMAT.md, "Free space"); `next..end` is the unused tail of the file: free,
+/// handed out in order once `free` is empty. When the tail runs out, the file grows by a large
+/// preallocated step.
 #[derive(Debug)]
 pub(crate) struct Alloc {
-    /// Encoded entries, including updates not yet written to the file.
-    pub raw: Vec<u64>,
-    /// Table pages holding updates not yet written.
-    dirty_pages: BTreeSet<u64>,
-    /// Host clusters below `next` that no entry (on disk or in memory) references.
+    /// L2 tables changed since the last flush, by L1 index.
+    pub dirty: BTreeMap<u64, DirtyTable>,
+    /// Host clusters that no entry (on disk or in memory) references, freed by this open.
     free: BTreeSet<u64>,
-    /// Host clusters unreferenced in memory but still referenced by the table on disk: free
-    /// after the next flush.
+    /// Host clusters unreferenced in memory but maybe still referenced on disk.
     pending_free: Vec<u64>,
-    /// First host cluster of the unused tail: no entry references it or anything after it.
-    next: u64,
-    /// First host cluster past the end of the file (or past the last one handed out, when
-    /// growing without preallocation).
+    /// Sub-clusters (virtual cluster, host cluster, sub-cluster) no longer referenced: punched
+    /// after the next flush unless referenced again by then.
+    pending_punch: Vec<(u64, u64, u64)>,
+    /// First host cluster of the unused tail.
+    pub next: u64,
+    /// First host cluster past the end of the file.
     end: u64,
     /// First host cluster of the data area.
     first: u64,
-    /// Clusters the table can reference at once (the data area's size when every entry holds
-    /// data): preallocation never grows the file past `first + entries`.
-    entries: u64,
     /// Whether growth preallocates (cleared when the file system refuses `fallocate`).
     prealloc: bool,
     /// Whether this open handed out or preallocated tail space (so closing trims what is left).
@@ -76,7 +86,11 @@ pub(crate) struct Layer {
     /// Size in bytes of a raw file (its virtual size is this rounded up to 512).
     pub raw_len: u64,
     pub writable: bool,
+    /// The L1 table's non-empty entries: L1 index → host cluster of the L2 table.
+    pub l1: BTreeMap<u64, u64>,
     pub alloc: Option<Alloc>,
+    /// Bytes this process wrote to the file (data, tables, header): for write amplification.
+    pub bytes_written: u64,
 }
 
 /// Reads the first bytes of a file and tells whether it starts with the Strata magic.
@@ -90,9 +104,15 @@ pub(crate) fn expect_strata(path: &Path, file: &File) -> bool {
     has_magic(file) || path.extension().is_some_and(|e| e == "strata")
 }
 
+fn bits(m: u16) -> impl Iterator<Item = u64> {
+    (0..16u64).filter(move |s| m & (1 << s) != 0)
+}
+
 impl Layer {
     /// Opens and locks a file (exclusive when writable, shared otherwise). `format` forces the
-    /// kind; `None` detects it (magic or a `.strata` name means Strata).
+    /// kind; `None` detects it (magic or a `.strata` name means Strata). Reads the header and
+    /// the L1 table only: the cost does not depend on the virtual size beyond 8 bytes per L1
+    /// entry read (one per 256 MiB with 64 KiB clusters), nor on the data held.
     pub fn open(path: &Path, writable: bool, format: Option<Format>) -> Result<Layer> {
         let file = OpenOptions::new()
             .read(true)
@@ -109,18 +129,21 @@ impl Layer {
             Some(f) => f == Format::Strata,
             None => expect_strata(path, &file),
         };
+        let mut layer = Layer {
+            path: path.to_path_buf(),
+            file,
+            header: None,
+            raw_len: len,
+            writable,
+            l1: BTreeMap::new(),
+            alloc: None,
+            bytes_written: 0,
+        };
         if !strata {
-            return Ok(Layer {
-                path: path.to_path_buf(),
-                file,
-                header: None,
-                raw_len: len,
-                writable,
-                alloc: None,
-            });
+            return Ok(layer);
         }
         let mut buf = vec![0u8; HEADER_SIZE];
-        let n = read_full(&file, &mut buf, 0).map_err(DiskError::io(path, "read header"))?;
+        let n = read_full(&layer.file, &mut buf, 0).map_err(DiskError::io(path, "read header"))?;
         let header = Header::parse(&buf[..n]).map_err(|source| DiskError::Format {
             path: path.to_path_buf(),
             source,
@@ -129,92 +152,136 @@ impl Layer {
         if len < need {
             return Err(DiskError::Truncated {
                 path: path.to_path_buf(),
-                what: "the allocation table".into(),
+                what: "the L1 table".into(),
                 need,
                 len,
             });
         }
-        Ok(Layer {
-            path: path.to_path_buf(),
-            file,
-            header: Some(header),
-            raw_len: len,
-            writable,
-            alloc: None,
-        })
-    }
-
-    /// The file's kind.
-    pub fn format(&self) -> Format {
-        if self.header.is_some() {
-            Format::Strata
-        } else {
-            Format::Raw
+        layer.l1 = layer.read_l1(&header, len)?;
+        layer.header = Some(header);
+        if writable {
+            layer.make_alloc()?;
         }
+        Ok(layer)
     }
 
-    /// Virtual size: the header's, or a raw file's length.
-    pub fn virtual_size(&self) -> u64 {
-        self.header
-            .as_ref()
-            .map_or(self.raw_len, |h| h.virtual_size)
-    }
-
-    /// Reads and validates this layer's table: every entry's check bits, host clusters inside
-    /// the data area and the file, no host cluster used twice. Raw files have no table.
-    pub fn load_entries(&self) -> Result<Vec<u64>> {
-        let Some(h) = &self.header else {
-            return Ok(Vec::new());
-        };
-        let mut bytes = vec![0u8; h.table_bytes() as usize];
-        let n = read_full(&self.file, &mut bytes, TABLE_OFFSET)
-            .map_err(DiskError::io(&self.path, "read allocation table"))?;
-        if n < bytes.len() {
-            return Err(DiskError::Truncated {
-                path: self.path.clone(),
-                what: "the allocation table".into(),
-                need: TABLE_OFFSET + bytes.len() as u64,
-                len: TABLE_OFFSET + n as u64,
-            });
-        }
-        let len = self.file_len()?;
+    /// Reads and validates the L1 table: check bits, tables inside the data area, below the
+    /// allocation mark and inside the file.
+    fn read_l1(&self, h: &Header, len: u64) -> Result<BTreeMap<u64, u64>> {
+        let n = h.l1_entries();
+        let mut bytes = vec![0u8; (n * L1_ENTRY_SIZE) as usize];
+        read_full(&self.file, &mut bytes, L1_OFFSET)
+            .map_err(DiskError::io(&self.path, "read L1 table"))?;
         let cs = h.cluster_size();
         let first = h.data_offset / cs;
-        let mut seen = HashSet::new();
-        let mut raw = Vec::with_capacity(h.entries() as usize);
-        for (i, c) in bytes.chunks_exact(ENTRY_SIZE as usize).enumerate() {
+        let mut l1 = BTreeMap::new();
+        for (i, c) in bytes.chunks_exact(8).enumerate() {
             let mut a = [0u8; 8];
             a.copy_from_slice(c);
             let v = u64::from_le_bytes(a);
-            let e = Entry::decode(i as u64, v).map_err(|source| DiskError::Format {
+            if v == 0 {
+                continue;
+            }
+            let host = l1_decode(i as u64, v).map_err(|source| DiskError::Format {
                 path: self.path.clone(),
                 source,
             })?;
-            if let Entry::Data(hc) = e {
-                if hc < first {
-                    return Err(DiskError::CorruptTable {
-                        path: self.path.clone(),
-                        reason: format!("entry {i} points into the metadata (cluster {hc})"),
-                    });
+            self.check_host(h, first, len, host, || format!("L2 table {i}"))?;
+            l1.insert(i as u64, host);
+        }
+        Ok(l1)
+    }
+
+    fn check_host(
+        &self,
+        h: &Header,
+        first: u64,
+        len: u64,
+        host: u64,
+        what: impl Fn() -> String,
+    ) -> Result<()> {
+        let cs = h.cluster_size();
+        if host < first || host >= h.alloc_end {
+            return Err(DiskError::CorruptTable {
+                path: self.path.clone(),
+                reason: format!(
+                    "{} is at host cluster {host}, outside the data area {first}..{}",
+                    what(),
+                    h.alloc_end
+                ),
+            });
+        }
+        if (host + 1) * cs > len {
+            return Err(DiskError::Truncated {
+                path: self.path.clone(),
+                what: format!("{} at host cluster {host}", what()),
+                need: (host + 1) * cs,
+                len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads and validates L2 table `l1i` (at host cluster `host`): every entry's check bits,
+    /// data clusters inside the data area, below the allocation mark and inside the file.
+    pub fn load_l2(&self, l1i: u64, host: u64) -> Result<Vec<Entry>> {
+        let Some(h) = &self.header else {
+            return Ok(Vec::new());
+        };
+        let cs = h.cluster_size();
+        let per = h.l2_entries();
+        let mut bytes = vec![0u8; cs as usize];
+        let n = read_full(&self.file, &mut bytes, host * cs)
+            .map_err(DiskError::io(&self.path, "read L2 table"))?;
+        if n < bytes.len() {
+            return Err(DiskError::Truncated {
+                path: self.path.clone(),
+                what: format!("L2 table {l1i}"),
+                need: (host + 1) * cs,
+                len: host * cs + n as u64,
+            });
+        }
+        let entries = format::parse_l2(l1i * per, &bytes).map_err(|source| DiskError::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        let len = self.file_len()?;
+        let first = h.data_offset / cs;
+        for (i, e) in entries.iter().enumerate() {
+            if e.alloc != 0 {
+                let c = l1i * per + i as u64;
+                self.check_host(h, first, len, e.host, || {
+                    format!("data of virtual cluster {c}")
+                })?;
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Calls `f(cluster, entry)` for every non-empty entry of this layer, in order: from the
+    /// changed tables in memory, else from the file (cost proportional to the tables held).
+    pub fn for_each_entry(&self, f: &mut dyn FnMut(u64, Entry) -> Result<()>) -> Result<()> {
+        let Some(h) = &self.header else {
+            return Ok(());
+        };
+        let per = h.l2_entries();
+        for (&l1i, &host) in &self.l1 {
+            let dirty = self.alloc.as_ref().and_then(|a| a.dirty.get(&l1i));
+            let loaded;
+            let t = match dirty {
+                Some(d) => &d.entries,
+                None => {
+                    loaded = self.load_l2(l1i, host)?;
+                    &loaded
                 }
-                if (hc + 1) * cs > len {
-                    return Err(DiskError::Truncated {
-                        path: self.path.clone(),
-                        what: format!("data cluster {hc} of virtual cluster {i}"),
-                        need: (hc + 1) * cs,
-                        len,
-                    });
-                }
-                if !seen.insert(hc) {
-                    return Err(DiskError::CorruptTable {
-                        path: self.path.clone(),
-                        reason: format!("host cluster {hc} is used twice (entry {i})"),
-                    });
+            };
+            for (i, e) in t.iter().enumerate() {
+                if !e.is_empty() {
+                    f(l1i * per + i as u64, *e)?;
                 }
             }
-            raw.push(v);
         }
-        Ok(raw)
+        Ok(())
     }
 
     /// Current file length.
@@ -235,33 +302,40 @@ impl Layer {
         Ok((md.mtime(), md.mtime_nsec() as u32))
     }
 
-    /// Prepares a writable Strata layer for allocation (given its validated entries).
-    pub fn make_alloc(&mut self, raw: Vec<u64>) -> Result<()> {
+    /// The file's kind.
+    pub fn format(&self) -> Format {
+        if self.header.is_some() {
+            Format::Strata
+        } else {
+            Format::Raw
+        }
+    }
+
+    /// Virtual size: the header's, or a raw file's length.
+    pub fn virtual_size(&self) -> u64 {
+        self.header
+            .as_ref()
+            .map_or(self.raw_len, |h| h.virtual_size)
+    }
+
+    /// Prepares a writable Strata layer for allocation: no scan, the allocation mark in the
+    /// header says where the free tail starts.
+    pub fn make_alloc(&mut self) -> Result<()> {
         let Some(h) = &self.header else {
             return Ok(());
         };
         let cs = h.cluster_size();
         let first = h.data_offset / cs;
-        let entries = h.entries();
-        let end = self.file_len()?.div_ceil(cs).max(first);
-        let mut used = HashSet::new();
-        for (i, &v) in raw.iter().enumerate() {
-            if let Entry::Data(hc) = decode_trusted(i as u64, v) {
-                used.insert(hc);
-            }
-        }
-        // Everything past the last referenced cluster is the unused tail.
-        let next = used.iter().max().map_or(first, |&m| m + 1).max(first);
-        let free = (first..next).filter(|c| !used.contains(c)).collect();
+        let next = h.alloc_end.max(first);
+        let end = self.file_len()?.div_ceil(cs).max(next);
         self.alloc = Some(Alloc {
-            raw,
-            dirty_pages: BTreeSet::new(),
-            free,
+            dirty: BTreeMap::new(),
+            free: BTreeSet::new(),
             pending_free: Vec::new(),
+            pending_punch: Vec::new(),
             next,
-            end: end.max(next),
+            end,
             first,
-            entries,
             prealloc: true,
             used_tail: false,
             data_dirty: false,
@@ -288,37 +362,82 @@ impl Layer {
         self.file = file;
         self.writable = need_write;
         if need_write && self.header.is_some() && self.alloc.is_none() {
-            let raw = self.load_entries()?;
-            self.make_alloc(raw)?;
+            self.make_alloc()?;
         }
         Ok(())
     }
 
-    /// The decoded entry of virtual cluster `index` from the writable table image.
-    pub fn entry(&self, index: u64) -> Entry {
-        match &self.alloc {
-            Some(a) => decode_trusted(index, a.raw.get(index as usize).copied().unwrap_or(0)),
-            None => Entry::Unallocated,
-        }
+    /// Number of L2 tables pinned in memory by changes not yet flushed.
+    pub fn dirty_tables(&self) -> usize {
+        self.alloc.as_ref().map_or(0, |a| a.dirty.len())
     }
 
-    /// Records a new entry (written to the file at the next flush). An old data cluster it
-    /// replaces becomes free after that flush.
-    pub fn set_entry(&mut self, index: u64, e: Entry) {
+    /// Whether L2 table `l1i` is held changed in memory.
+    pub fn dirty_entry(&self, c: u64) -> Option<Entry> {
+        let h = self.header.as_ref()?;
+        let per = h.l2_entries();
+        let t = self.alloc.as_ref()?.dirty.get(&(c / per))?;
+        t.entries.get((c % per) as usize).copied()
+    }
+
+    /// Pins L2 table `l1i` for change: `clean` is its current content (from the chain's cache
+    /// or the file), or `None` when the layer has no such table yet (a new one is allocated).
+    pub fn pin_table(&mut self, l1i: u64, clean: Option<Vec<Entry>>) -> Result<()> {
+        let per = self.header.as_ref().map_or(0, |h| h.l2_entries());
+        if self.alloc.as_ref().is_some_and(|a| a.dirty.contains_key(&l1i)) {
+            return Ok(());
+        }
+        let (entries, new) = match clean {
+            Some(t) => (t, false),
+            None => {
+                let host = self.alloc_cluster()?;
+                self.l1.insert(l1i, host);
+                (vec![Entry::EMPTY; per as usize], true)
+            }
+        };
+        let Some(a) = &mut self.alloc else {
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
+        };
+        a.dirty.insert(
+            l1i,
+            DirtyTable {
+                entries,
+                pages: BTreeSet::new(),
+                new,
+            },
+        );
+        Ok(())
+    }
+
+    /// Records a new entry for virtual cluster `c` (its table must be pinned); written to the
+    /// file at the next flush. A data cluster or sub-clusters it stops referencing become free
+    /// after that flush.
+    pub fn set_entry(&mut self, c: u64, e: Entry) {
+        let Some(h) = &self.header else { return };
+        let per = h.l2_entries();
         let Some(a) = &mut self.alloc else { return };
-        let Some(slot) = a.raw.get_mut(index as usize) else {
+        let Some(t) = a.dirty.get_mut(&(c / per)) else {
             return;
         };
-        if let Entry::Data(old) = decode_trusted(index, *slot) {
-            if e != Entry::Data(old) {
-                a.pending_free.push(old);
+        let i = (c % per) as usize;
+        let Some(slot) = t.entries.get_mut(i) else {
+            return;
+        };
+        let old = *slot;
+        if old.host != 0 && old.host != e.host {
+            a.pending_free.push(old.host);
+        } else if old.host != 0 {
+            for s in bits(old.alloc & !e.alloc) {
+                a.pending_punch.push((c, old.host, s));
             }
         }
-        *slot = e.encode(index);
-        a.dirty_pages.insert(index * ENTRY_SIZE / TABLE_PAGE);
+        *slot = e;
+        t.pages.insert(i as u64 * L2_ENTRY_SIZE / TABLE_PAGE);
     }
 
-    /// Picks a free host cluster (the lowest, or the next of the unused tail).
+    /// Picks a free host cluster (the lowest freed one, or the next of the unused tail).
     pub fn alloc_cluster(&mut self) -> Result<u64> {
         Ok(self.alloc_run(1)?.0)
     }
@@ -363,11 +482,16 @@ impl Layer {
     }
 
     /// Extends the unused tail (called when it is empty) by at least one cluster: by a
-    /// preallocated step of max(64 MiB, 1/8 of the file), at most 1 GiB, and not past the
-    /// size the table can reference; without preallocation (or when the file system refuses
-    /// it) by `want` clusters that the data writes then append.
+    /// preallocated step of max(64 MiB, 1/8 of the file), at most 1 GiB; without
+    /// preallocation (or when the file system refuses it) by `want` clusters that the data
+    /// writes then append.
     fn grow(&mut self, want: u64) -> Result<()> {
-        let cs = self.header.as_ref().map_or(1, |h| h.cluster_size());
+        let Some(h) = &self.header else {
+            return Ok(());
+        };
+        let cs = h.cluster_size();
+        // Data plus one table per L1 entry: never more is referenced at once.
+        let cap_clusters = h.clusters() + h.l1_entries();
         let Some(a) = &mut self.alloc else {
             return Ok(());
         };
@@ -378,7 +502,7 @@ impl Layer {
                 self.path.display()
             )));
         }
-        let cap = (a.first + a.entries).min(limit);
+        let cap = (a.first + cap_clusters).min(limit);
         if a.prealloc && a.end < cap {
             let step = (a.end * cs / 8).clamp(PREALLOC_MIN, PREALLOC_MAX) / cs;
             let target = (a.end + step.max(want)).min(cap);
@@ -389,8 +513,6 @@ impl Layer {
                     return Ok(());
                 }
                 Err(_) => {
-                    // No space for a whole step, or no fallocate here: grow as the writes
-                    // go. A failed fallocate may have grown the file part of the way.
                     a.prealloc = false;
                     let len = self
                         .file
@@ -409,13 +531,18 @@ impl Layer {
     }
 
     /// Gives the unused tail back to the file system by truncating the file after the last
-    /// cluster in use. Only after a successful flush (the table on disk then references no
-    /// cluster the one in memory does not), and only if this open preallocated or used the
-    /// tail (an untouched file is left alone).
+    /// cluster handed out. Only after a successful flush (the allocation mark on disk is then
+    /// `next`), and only if this open preallocated or used the tail.
     pub fn trim_tail(&mut self) -> Result<()> {
         let cs = self.header.as_ref().map_or(1, |h| h.cluster_size());
+        let mark = self.header.as_ref().map_or(0, |h| h.alloc_end);
         let next = match &self.alloc {
-            Some(a) if a.used_tail && a.dirty_pages.is_empty() && a.pending_free.is_empty() => {
+            Some(a)
+                if a.used_tail
+                    && a.dirty.is_empty()
+                    && a.pending_free.is_empty()
+                    && a.next == mark =>
+            {
                 a.next
             }
             _ => return Ok(()),
@@ -431,68 +558,149 @@ impl Layer {
         Ok(())
     }
 
-    /// Notes that data was written (so the next flush syncs it first).
-    pub fn mark_data_dirty(&mut self) {
+    /// Writes `buf` at `off` (counted in [`Layer::bytes_written`]).
+    pub fn pwrite(&mut self, buf: &[u8], off: u64, what: &'static str) -> Result<()> {
+        self.file
+            .write_all_at(buf, off)
+            .map_err(DiskError::io(&self.path, what))?;
+        self.bytes_written += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Writes data and notes it (so the next flush syncs it first).
+    pub fn write_data(&mut self, buf: &[u8], off: u64) -> Result<()> {
+        self.pwrite(buf, off, "write")?;
         if let Some(a) = &mut self.alloc {
             a.data_dirty = true;
         }
+        Ok(())
     }
 
-    /// Makes everything written so far durable: fdatasync the data, then write the changed
-    /// table pages, then fdatasync again (FORMAT.md, "Crash consistency").
-    pub fn flush(&mut self) -> Result<()> {
+    fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(DiskError::io(&self.path, "fdatasync"))
+    }
+
+    /// Makes everything written so far durable (FORMAT.md, "Crash consistency"):
+    /// 1. raise the allocation mark in the header if clusters were handed out, write new L2
+    ///    tables whole (nothing references them yet), fdatasync (data, tables, header);
+    /// 2. write the changed pages of existing L2 tables and the L1 entries of new ones,
+    ///    fdatasync;
+    /// 3. free what the tables stopped referencing.
+    ///
+    /// Returns the tables that were pinned, now clean, for the chain's cache.
+    pub fn flush(&mut self) -> Result<Vec<(u64, Vec<Entry>)>> {
         if !self.writable {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let Some(a) = &mut self.alloc else {
+        let Some(h) = self.header.clone() else {
             // A raw file: its data is its metadata.
-            return self
-                .file
-                .sync_data()
-                .map_err(DiskError::io(&self.path, "fdatasync"));
+            self.sync()?;
+            return Ok(Vec::new());
         };
-        if a.data_dirty || !a.dirty_pages.is_empty() {
-            self.file
-                .sync_data()
-                .map_err(DiskError::io(&self.path, "fdatasync"))?;
-        }
-        if !a.dirty_pages.is_empty() {
-            let per_page = (TABLE_PAGE / ENTRY_SIZE) as usize;
-            for &p in &a.dirty_pages {
-                let start = p as usize * per_page;
-                let end = (start + per_page).min(a.raw.len());
-                let mut bytes = Vec::with_capacity((end - start) * 8);
-                for v in &a.raw[start..end] {
-                    bytes.extend_from_slice(&v.to_le_bytes());
-                }
-                self.file
-                    .write_all_at(&bytes, TABLE_OFFSET + p * TABLE_PAGE)
-                    .map_err(DiskError::io(&self.path, "write allocation table"))?;
+        let Some(a) = self.alloc.take() else {
+            return Ok(Vec::new());
+        };
+        let res = self.flush_alloc(&h, a);
+        let (a, out) = match res {
+            Ok(x) => x,
+            Err((a, e)) => {
+                self.alloc = Some(a);
+                return Err(e);
             }
-            self.file
-                .sync_data()
-                .map_err(DiskError::io(&self.path, "fdatasync"))?;
-            a.dirty_pages.clear();
+        };
+        self.alloc = Some(a);
+        Ok(out)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn flush_alloc(
+        &mut self,
+        h: &Header,
+        mut a: Alloc,
+    ) -> std::result::Result<(Alloc, Vec<(u64, Vec<Entry>)>), (Alloc, DiskError)> {
+        let cs = h.cluster_size();
+        let mark_up = a.next > h.alloc_end;
+        if !a.data_dirty && a.dirty.is_empty() && !mark_up {
+            return Ok((a, Vec::new()));
         }
+        let per = h.l2_entries();
+        macro_rules! tri {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => return Err((a, e)),
+                }
+            };
+        }
+        // Step 1.
+        if mark_up {
+            let mut h2 = h.clone();
+            h2.alloc_end = a.next;
+            h2.generation = h2.generation.wrapping_add(1);
+            tri!(self.pwrite(&h2.encode(), 0, "write header"));
+            self.header = Some(h2);
+        }
+        let mut any_new = false;
+        for (&l1i, t) in &a.dirty {
+            if t.new {
+                let host = self.l1.get(&l1i).copied().unwrap_or(0);
+                let bytes = encode_table(l1i * per, &t.entries);
+                tri!(self.pwrite(&bytes, host * cs, "write L2 table"));
+                any_new = true;
+            }
+        }
+        tri!(self.sync());
+        // Step 2.
+        if !a.dirty.is_empty() {
+            let per_page = (TABLE_PAGE / L2_ENTRY_SIZE) as usize;
+            for (&l1i, t) in &a.dirty {
+                let host = self.l1.get(&l1i).copied().unwrap_or(0);
+                if t.new {
+                    let e = l1_encode(l1i, host).to_le_bytes();
+                    tri!(self.pwrite(&e, L1_OFFSET + l1i * L1_ENTRY_SIZE, "write L1 table"));
+                    continue;
+                }
+                for &p in &t.pages {
+                    let start = p as usize * per_page;
+                    let end = (start + per_page).min(t.entries.len());
+                    let bytes = encode_table(l1i * per + start as u64, &t.entries[start..end]);
+                    tri!(self.pwrite(&bytes, host * cs + p * TABLE_PAGE, "write L2 table"));
+                }
+            }
+            tri!(self.sync());
+        }
+        let _ = any_new;
         a.data_dirty = false;
-        // The table on disk no longer references these: reuse them, and give the space back.
-        let cs = self.header.as_ref().map_or(0, |h| h.cluster_size());
+        // Step 3: the tables on disk no longer reference these: reuse them, give space back.
         for c in a.pending_free.drain(..) {
             let _ = sys::punch_hole(&self.file, c * cs, cs);
             a.free.insert(c);
         }
-        Ok(())
+        let ss = h.subcluster_size();
+        for (c, host, s) in std::mem::take(&mut a.pending_punch) {
+            let now = a
+                .dirty
+                .get(&(c / per))
+                .and_then(|t| t.entries.get((c % per) as usize));
+            if now.is_some_and(|e| e.host == host && e.alloc & (1 << s) != 0) {
+                continue;
+            }
+            let _ = sys::punch_hole(&self.file, host * cs + s * ss, ss);
+        }
+        let out = std::mem::take(&mut a.dirty)
+            .into_iter()
+            .map(|(k, t)| (k, t.entries))
+            .collect();
+        Ok((a, out))
     }
 
     /// Rewrites the header (generation + 1) and syncs it.
     pub fn write_header(&mut self, mut h: Header) -> Result<()> {
         h.generation = h.generation.wrapping_add(1);
-        self.file
-            .write_all_at(&h.encode(), 0)
-            .map_err(DiskError::io(&self.path, "write header"))?;
-        self.file
-            .sync_data()
-            .map_err(DiskError::io(&self.path, "fdatasync"))?;
+        self.pwrite(&h.encode(), 0, "write header")?;
+        self.sync()?;
         self.header = Some(h);
         Ok(())
     }
@@ -515,9 +723,18 @@ impl Layer {
     }
 }
 
-/// Decodes an entry that was validated when loaded (or produced by this process).
-pub(crate) fn decode_trusted(index: u64, raw: u64) -> Entry {
-    Entry::decode(index, raw).unwrap_or(Entry::Unallocated)
+/// Encodes entries starting at virtual cluster `first`.
+fn encode_table(first: u64, entries: &[Entry]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(entries.len() * L2_ENTRY_SIZE as usize);
+    for (i, e) in entries.iter().enumerate() {
+        b.extend_from_slice(&e.encode(first + i as u64));
+    }
+    b
+}
+
+/// Iterates the set bits of a sub-cluster mask.
+pub(crate) fn sub_bits(m: u16) -> impl Iterator<Item = u64> {
+    bits(m)
 }
 
 /// Reads as much as the file has, up to `buf.len()`; returns the count.

@@ -8,13 +8,12 @@
 //! why every interruption leaves a chain that reads the same is in FORMAT.md, "Merge".
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::chain::{Chain, OpenOptions, Source};
+use crate::chain::{Chain, OpenOptions};
 use crate::error::{DiskError, Result};
-use crate::format::{self, Entry, ParentRef};
-use crate::layer::read_full;
+use crate::format::{self, ParentRef};
+use crate::layer::{read_full, sub_bits};
 use crate::sys;
 
 /// Which way a merge folds.
@@ -131,12 +130,12 @@ impl Chain {
         let work: BTreeSet<u64> = if self.layers[src].header.is_none() {
             (0..self.virtual_size().div_ceil(self.cluster_size())).collect()
         } else {
-            let raw = self.layer_entries(src)?;
-            raw.iter()
-                .enumerate()
-                .filter(|(_, &v)| v != 0)
-                .map(|(i, _)| i as u64)
-                .collect()
+            let mut w = BTreeSet::new();
+            self.layers[src].for_each_entry(&mut |c, _| {
+                w.insert(c);
+                Ok(())
+            })?;
+            w
         };
         let total = work.len() as u64;
         self.merge = Some(MergeJob {
@@ -173,6 +172,7 @@ impl Chain {
                 job.done += 1;
             }
         }
+        self.bound_dirty()?;
         let (done, total, empty) = match &self.merge {
             Some(j) => (j.done, j.total, j.work.is_empty()),
             None => (0, 0, true),
@@ -210,32 +210,12 @@ impl Chain {
         }
     }
 
-    /// Reads cluster `c` as layer `li` holds it (not through the chain).
-    fn read_layer_cluster(&self, li: usize, c: u64, buf: &mut [u8]) -> Result<Entry> {
+    /// Reads the whole host cluster `host` of layer `li` (or, for a raw layer, the bytes of
+    /// virtual cluster `c`, zeroes past its end).
+    fn read_host(&self, li: usize, c: u64, host: u64, buf: &mut [u8]) -> Result<()> {
         let cs = self.cluster_size();
         let l = &self.layers[li];
-        let (e, off) = if l.header.is_none() {
-            (Entry::Data(c), c * cs)
-        } else {
-            let raw = match &l.alloc {
-                Some(a) => a.raw.get(c as usize).copied().unwrap_or(0),
-                None => {
-                    let mut b = [0u8; 8];
-                    l.file
-                        .read_exact_at(&mut b, format::TABLE_OFFSET + c * format::ENTRY_SIZE)
-                        .map_err(DiskError::io(&l.path, "read allocation table"))?;
-                    u64::from_le_bytes(b)
-                }
-            };
-            let e = Entry::decode(c, raw).map_err(|source| DiskError::Format {
-                path: l.path.clone(),
-                source,
-            })?;
-            match e {
-                Entry::Data(h) => (e, h * cs),
-                _ => return Ok(e),
-            }
-        };
+        let off = if l.header.is_none() { c * cs } else { host * cs };
         let n = read_full(&l.file, buf, off).map_err(DiskError::io(&l.path, "read"))?;
         if n < buf.len() {
             if l.header.is_some() {
@@ -248,85 +228,133 @@ impl Chain {
             }
             buf[n..].fill(0);
         }
-        Ok(e)
+        Ok(())
     }
 
-    /// Into-parent: make `dst` hold what `src` holds at `c`.
-    fn fold_cluster(&mut self, src: usize, dst: usize, c: u64) -> Result<()> {
-        let cs = self.cluster_size();
-        let mut buf = vec![0u8; cs as usize];
-        let e = self.read_layer_cluster(src, c, &mut buf)?;
-        if self.layers[dst].header.is_none() {
-            // Raw parent: write in place, clipped to the file's length.
-            let l = &self.layers[dst];
-            let start = c * cs;
-            let end = (start + cs).min(l.raw_len);
-            if start >= end {
-                return Ok(());
+    /// Writes the sub-clusters in `mask` of `buf` (a whole cluster) into host cluster `host`
+    /// of layer `li`, one write per run of adjacent sub-clusters.
+    fn write_subs(&mut self, li: usize, host: u64, mask: u16, buf: &[u8]) -> Result<()> {
+        let (cs, ss) = (self.cluster_size(), self.subcluster_size());
+        let mut s = 0u64;
+        while s < 16 {
+            if mask & (1 << s) == 0 {
+                s += 1;
+                continue;
             }
-            let r = match e {
-                Entry::Data(_) => l.file.write_all_at(&buf[..(end - start) as usize], start),
-                Entry::Zero => sys::punch_hole(&l.file, start, end - start),
-                Entry::Unallocated => Ok(()),
-            };
-            return r.map_err(DiskError::io(&l.path, "write"));
-        }
-        let dst_base = dst == 0;
-        match e {
-            Entry::Unallocated => {}
-            Entry::Zero => {
-                let z = if dst_base {
-                    Entry::Unallocated
-                } else {
-                    Entry::Zero
-                };
-                self.layers[dst].set_entry(c, z);
+            let mut t = s;
+            while t + 1 < 16 && mask & (1 << (t + 1)) != 0 {
+                t += 1;
             }
-            Entry::Data(_) => {
-                let h = match self.layers[dst].entry(c) {
-                    Entry::Data(h) => h,
-                    _ => self.layers[dst].alloc_cluster()?,
-                };
-                self.write_host(dst, h, &buf)?;
-                self.layers[dst].set_entry(c, Entry::Data(h));
-            }
+            let (a, b) = ((s * ss) as usize, ((t + 1) * ss) as usize);
+            self.layers[li].write_data(&buf[a..b], host * cs + s * ss)?;
+            s = t + 1;
         }
         Ok(())
     }
 
-    /// Into-child: give `dst` what `src` holds at `c` unless `dst` holds `c` itself.
-    fn push_cluster(&mut self, src: usize, dst: usize, c: u64) -> Result<()> {
-        if self.layers[dst].entry(c) != Entry::Unallocated {
+    /// Into-parent: make `dst` hold what `src` holds at `c`, sub-cluster by sub-cluster.
+    fn fold_cluster(&mut self, src: usize, dst: usize, c: u64) -> Result<()> {
+        let (cs, ss) = (self.cluster_size(), self.subcluster_size());
+        let e = self.entry_of(src, c)?;
+        if e.is_empty() {
             return Ok(());
         }
-        let cs = self.cluster_size();
         let mut buf = vec![0u8; cs as usize];
-        let e = self.read_layer_cluster(src, c, &mut buf)?;
-        let src_is_base = src == 0;
-        let new = match e {
-            Entry::Unallocated => return Ok(()),
-            // With nothing under the source, unallocated already reads zero.
-            Entry::Zero if src_is_base => return Ok(()),
-            Entry::Data(_) if src_is_base && buf.iter().all(|&b| b == 0) => return Ok(()),
-            Entry::Zero => Entry::Zero,
-            Entry::Data(_) => {
-                let h = self.layers[dst].alloc_cluster()?;
-                self.write_host(dst, h, &buf)?;
-                Entry::Data(h)
-            }
-        };
-        self.layers[dst].set_entry(c, new);
-        let below = match self.source(c) {
-            Source::Zero(l) | Source::Data(l, _) | Source::Raw(l) => l <= src,
-            Source::None => true,
-        };
-        if below {
-            let s = match new {
-                Entry::Data(h) => Source::Data(dst, h),
-                _ => Source::Zero(dst),
-            };
-            self.set_source(c, s);
+        if e.alloc != 0 {
+            self.read_host(src, c, e.host, &mut buf)?;
         }
+        if self.layers[dst].header.is_none() {
+            // Raw parent: write in place, clipped to the file's length.
+            let l = &mut self.layers[dst];
+            let raw_len = l.raw_len;
+            for s in sub_bits(e.alloc | e.zero) {
+                let start = c * cs + s * ss;
+                let end = (start + ss).min(raw_len);
+                if start >= end {
+                    continue;
+                }
+                if e.alloc & (1 << s) != 0 {
+                    let a = (s * ss) as usize;
+                    l.write_data(&buf[a..a + (end - start) as usize], start)?;
+                } else {
+                    sys::punch_hole(&l.file, start, end - start)
+                        .map_err(DiskError::io(&l.path, "punch hole"))?;
+                }
+            }
+            self.forget(c);
+            return Ok(());
+        }
+        let d = self.entry_of(dst, c)?;
+        let mut nd = d;
+        if e.alloc != 0 {
+            if nd.host == 0 {
+                nd.host = self.layers[dst].alloc_cluster()?;
+            }
+            self.write_subs(dst, nd.host, e.alloc, &buf)?;
+            nd.alloc |= e.alloc;
+            nd.zero &= !e.alloc;
+        }
+        if e.zero != 0 {
+            nd.alloc &= !e.zero;
+            if dst == 0 {
+                nd.zero &= !e.zero;
+            } else {
+                nd.zero |= e.zero;
+            }
+            if nd.alloc == 0 {
+                nd.host = 0;
+            }
+        }
+        if nd != d {
+            self.put_entry(dst, c, nd, e.alloc | e.zero)?;
+        }
+        Ok(())
+    }
+
+    /// Into-child: give `dst` what `src` holds at `c` in the sub-clusters `dst` does not hold.
+    fn push_cluster(&mut self, src: usize, dst: usize, c: u64) -> Result<()> {
+        let ss = self.subcluster_size() as usize;
+        let d = self.entry_of(dst, c)?;
+        let want = !(d.alloc | d.zero);
+        if want == 0 {
+            return Ok(());
+        }
+        let src_is_base = src == 0;
+        let mut buf = vec![0u8; self.cluster_size() as usize];
+        let (mut data, zero) = if self.layers[src].header.is_none() {
+            self.read_host(src, c, 0, &mut buf)?;
+            (want, 0)
+        } else {
+            let e = self.entry_of(src, c)?;
+            if want & e.alloc != 0 {
+                self.read_host(src, c, e.host, &mut buf)?;
+            }
+            // With nothing under a base source, what it marks zero reads zero anyway.
+            let z = if src_is_base { 0 } else { want & e.zero };
+            (want & e.alloc, z)
+        };
+        if src_is_base {
+            for s in sub_bits(data) {
+                let a = s as usize * ss;
+                if buf[a..a + ss].iter().all(|&b| b == 0) {
+                    data &= !(1 << s);
+                }
+            }
+        }
+        if data == 0 && zero == 0 {
+            return Ok(());
+        }
+        let mut nd = d;
+        if data != 0 {
+            if nd.host == 0 {
+                nd.host = self.layers[dst].alloc_cluster()?;
+            }
+            self.write_subs(dst, nd.host, data, &buf)?;
+            nd.alloc |= data;
+        }
+        nd.zero |= zero;
+        self.put_entry(dst, c, nd, data | zero)?;
+        self.forget(c);
         Ok(())
     }
 
@@ -375,8 +403,7 @@ impl Chain {
             && self.layers[top].header.is_some()
             && self.layers[top].alloc.is_none()
         {
-            let raw = self.layers[top].load_entries()?;
-            self.layers[top].make_alloc(raw)?;
+            self.layers[top].make_alloc()?;
         }
         self.rebuild()
     }

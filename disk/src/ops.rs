@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::chain::{create_empty, tmp_path, Chain, CreateOptions, OpenOptions, Source};
 use crate::error::{error_chain, DiskError, Result};
-use crate::format::{self, Entry, ParentRef, ENTRY_SIZE, TABLE_OFFSET};
-use crate::layer::{self, decode_trusted, read_full, Format, Layer};
+use crate::format::{self, Entry, ParentRef, L1_ENTRY_SIZE, L1_OFFSET};
+use crate::layer::{self, read_full, sub_bits, Format, Layer};
 
 /// One file of a chain, as `info` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -26,10 +26,16 @@ pub struct LayerInfo {
     pub layer_id: Option<String>,
     /// Parent path as recorded.
     pub parent: Option<String>,
-    /// Clusters holding data in this layer.
+    /// Clusters holding data (in at least one sub-cluster) in this layer.
     pub data_clusters: u64,
-    /// Clusters marked zero in this layer.
+    /// Clusters with sub-clusters marked zero and none holding data in this layer.
     pub zero_clusters: u64,
+    /// Bytes of sub-clusters holding data in this layer.
+    pub data_bytes: u64,
+    /// Bytes of sub-clusters marked zero in this layer.
+    pub zero_bytes: u64,
+    /// L2 tables in this layer.
+    pub l2_tables: u64,
     /// A merge out of this layer was interrupted.
     pub folding: bool,
 }
@@ -41,6 +47,8 @@ pub struct ChainInfo {
     pub virtual_size: u64,
     /// Cluster size of the layers.
     pub cluster_size: u64,
+    /// Sub-cluster size (the copy-on-write unit).
+    pub subcluster_size: u64,
     /// Files, base first, top last.
     pub layers: Vec<LayerInfo>,
 }
@@ -63,14 +71,18 @@ impl Chain {
         let mut layers = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             let md = l.file.metadata().map_err(DiskError::io(&l.path, "stat"))?;
-            let (mut data, mut zero) = (0, 0);
-            for (c, &v) in self.layer_entries(i)?.iter().enumerate() {
-                match decode_trusted(c as u64, v) {
-                    Entry::Data(_) => data += 1,
-                    Entry::Zero => zero += 1,
-                    Entry::Unallocated => {}
+            let (mut data, mut zero, mut dbytes, mut zbytes) = (0, 0, 0, 0);
+            let ss = self.subcluster_size();
+            self.layers[i].for_each_entry(&mut |_, e| {
+                if e.alloc != 0 {
+                    data += 1;
+                } else if e.zero != 0 {
+                    zero += 1;
                 }
-            }
+                dbytes += u64::from(e.alloc.count_ones()) * ss;
+                zbytes += u64::from(e.zero.count_ones()) * ss;
+                Ok(())
+            })?;
             layers.push(LayerInfo {
                 path: l.path.clone(),
                 format: l.format(),
@@ -83,6 +95,9 @@ impl Chain {
                     .and_then(|h| h.parent.path().map(str::to_string)),
                 data_clusters: data,
                 zero_clusters: zero,
+                data_bytes: dbytes,
+                zero_bytes: zbytes,
+                l2_tables: l.l1.len() as u64,
                 folding: l
                     .header
                     .as_ref()
@@ -92,27 +107,41 @@ impl Chain {
         Ok(ChainInfo {
             virtual_size: self.virtual_size(),
             cluster_size: self.cluster_size(),
+            subcluster_size: self.subcluster_size(),
             layers,
         })
     }
 
-    /// Runs of clusters with the same source: which layer holds each part of the disk.
-    pub fn map(&self) -> Vec<MapRange> {
-        let cs = self.cluster_size();
-        let n = self.virtual_size().div_ceil(cs);
+    /// Runs with the same source: which layer holds each part of the disk, at sub-cluster
+    /// granularity. Costs one step per region (L1 entry) no layer has a table for, and one per
+    /// sub-cluster of the regions some layer has a table for.
+    pub fn map(&self) -> Result<Vec<MapRange>> {
+        let (cs, ss) = (self.cluster_size(), self.subcluster_size());
+        let size = self.virtual_size();
+        let per = self
+            .layers
+            .iter()
+            .find_map(|l| l.header.as_ref().map(|h| h.l2_entries()))
+            .unwrap_or(1 << 12);
+        let region = per * cs;
+        let mut held = std::collections::BTreeSet::new();
+        for l in &self.layers {
+            held.extend(l.l1.keys().copied());
+        }
+        // Below every table: the raw base if the bottom is raw, else nothing.
+        let floor = match self.layers.first() {
+            Some(l) if l.header.is_none() => (Some(0), MapKind::Data),
+            _ => (None, MapKind::Unallocated),
+        };
         let mut out: Vec<MapRange> = Vec::new();
-        for c in 0..n {
-            let (layer, kind) = match self.source(c) {
-                Source::None => (None, MapKind::Unallocated),
-                Source::Zero(l) => (Some(l), MapKind::Zero),
-                Source::Data(l, _) | Source::Raw(l) => (Some(l), MapKind::Data),
-            };
-            let len = cs.min(self.virtual_size() - c * cs);
+        let mut push = |offset: u64, length: u64, layer: Option<usize>, kind: MapKind| {
             match out.last_mut() {
-                Some(r) if r.layer == layer && r.kind == kind => r.length += len,
+                Some(r) if r.layer == layer && r.kind == kind && r.offset + r.length == offset => {
+                    r.length += length
+                }
                 _ => out.push(MapRange {
-                    offset: c * cs,
-                    length: len,
+                    offset,
+                    length,
                     layer,
                     file: layer
                         .and_then(|l| self.layer_path(l))
@@ -120,46 +149,78 @@ impl Chain {
                     kind,
                 }),
             }
+        };
+        let regions = size.div_ceil(region);
+        for r in 0..regions {
+            let start = r * region;
+            let end = (start + region).min(size);
+            if !held.contains(&r) {
+                push(start, end - start, floor.0, floor.1);
+                continue;
+            }
+            let mut c = start / cs;
+            while c * cs < end {
+                let srcs = self.sources(c)?;
+                for (s, src) in srcs.iter().enumerate() {
+                    let off = c * cs + s as u64 * ss;
+                    if off >= end {
+                        break;
+                    }
+                    let (layer, kind) = match *src {
+                        Source::None => (None, MapKind::Unallocated),
+                        Source::Zero(l) => (Some(l), MapKind::Zero),
+                        Source::Data(l, _) | Source::Raw(l) => (Some(l), MapKind::Data),
+                    };
+                    push(off, ss.min(end - off), layer, kind);
+                }
+                c += 1;
+            }
         }
-        out
+        Ok(out)
     }
 
-    /// The clusters that differ between layer `older` and layer `newer` of this chain (both
-    /// indices, `older < newer`): every cluster some layer above `older` up to `newer` holds.
+    /// The sub-clusters that differ between layer `older` and layer `newer` of this chain
+    /// (both indices, `older < newer`): every sub-cluster some layer above `older` up to
+    /// `newer` holds (data or zero), as coalesced byte ranges.
     pub fn changed_clusters(&self, older: usize, newer: usize) -> Result<ChangeMap> {
         if older >= newer || newer >= self.depth() {
             return Err(DiskError::Invalid(format!(
                 "changed clusters need an older layer below a newer one (got {older} and {newer})"
             )));
         }
-        let cs = self.cluster_size();
-        let n = self.virtual_size().div_ceil(cs) as usize;
-        let mut changed = vec![false; n];
-        for li in older + 1..=newer {
-            for (c, &v) in self.layer_entries(li)?.iter().enumerate().take(n) {
-                if v != 0 {
-                    changed[c] = true;
-                }
-            }
-            if self.layers[li].header.is_none() {
-                changed.iter_mut().for_each(|x| *x = true);
-            }
-        }
+        let ss = self.subcluster_size();
+        let size = self.virtual_size();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (c, &ch) in changed.iter().enumerate() {
-            if !ch {
-                continue;
+        if self.layers[older + 1..=newer]
+            .iter()
+            .any(|l| l.header.is_none())
+        {
+            ranges.push((0, size));
+        } else {
+            let mut subs: Vec<u64> = Vec::new();
+            for li in older + 1..=newer {
+                self.layers[li].for_each_entry(&mut |c, e| {
+                    subs.extend(sub_bits(e.alloc | e.zero).map(|s| c * 16 + s));
+                    Ok(())
+                })?;
             }
-            let off = c as u64 * cs;
-            let len = cs.min(self.virtual_size() - off);
-            match ranges.last_mut() {
-                Some((o, l)) if *o + *l == off => *l += len,
-                _ => ranges.push((off, len)),
+            subs.sort_unstable();
+            subs.dedup();
+            for sub in subs {
+                let off = sub * ss;
+                if off >= size {
+                    continue;
+                }
+                let len = ss.min(size - off);
+                match ranges.last_mut() {
+                    Some((o, l)) if *o + *l == off => *l += len,
+                    _ => ranges.push((off, len)),
+                }
             }
         }
         Ok(ChangeMap {
-            cluster_size: cs,
-            virtual_size: self.virtual_size(),
+            cluster_size: ss,
+            virtual_size: size,
             changed_bytes: ranges.iter().map(|r| r.1).sum(),
             ranges: ranges
                 .into_iter()
@@ -198,14 +259,14 @@ pub struct MapRange {
 
 /// Maps the chain whose top is `path`.
 pub fn map(path: &Path) -> Result<Vec<MapRange>> {
-    Ok(Chain::open(
+    Chain::open(
         path,
         OpenOptions {
             read_only: true,
             format: None,
         },
     )?
-    .map())
+    .map()
 }
 
 /// One changed range.
@@ -217,10 +278,10 @@ pub struct ChangedRange {
     pub length: u64,
 }
 
-/// The changed-cluster map between two layers.
+/// The changed-block map between two layers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChangeMap {
-    /// Granularity.
+    /// Granularity: the sub-cluster size.
     pub cluster_size: u64,
     /// Disk size.
     pub virtual_size: u64,
@@ -342,16 +403,9 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
 
 fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -> Result<()> {
     let cs = h.cluster_size();
+    let per = h.l2_entries();
     let first = h.data_offset / cs;
     let len = l.file_len()?;
-    let mut bytes = vec![0u8; h.table_bytes() as usize];
-    let n = read_full(&l.file, &mut bytes, TABLE_OFFSET).map_err(DiskError::io(&l.path, "read"))?;
-    if n < bytes.len() {
-        fc.errors.push(format!(
-            "{}: allocation table is truncated",
-            l.path.display()
-        ));
-    }
     let mut used = HashSet::new();
     let mut bad = 0u64;
     let mut note = |fc: &mut FileCheck, msg: String| {
@@ -360,29 +414,69 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
             fc.errors.push(format!("{}: {msg}", l.path.display()));
         }
     };
-    for (i, c) in bytes[..n - n % 8]
-        .chunks_exact(ENTRY_SIZE as usize)
-        .enumerate()
-    {
+    let place = |used: &mut HashSet<u64>, hc: u64, what: String| -> Option<String> {
+        if hc < first {
+            Some(format!("{what} points into the metadata (cluster {hc})"))
+        } else if hc >= h.alloc_end {
+            Some(format!(
+                "{what} is at host cluster {hc}, past the allocation mark {}",
+                h.alloc_end
+            ))
+        } else if (hc + 1) * cs > len {
+            Some(format!(
+                "{what}: host cluster {hc} is beyond the end of the file (truncated)"
+            ))
+        } else if !used.insert(hc) {
+            Some(format!("{what}: host cluster {hc} is used twice"))
+        } else {
+            None
+        }
+    };
+    let n1 = h.l1_entries();
+    let mut l1 = vec![0u8; (n1 * L1_ENTRY_SIZE) as usize];
+    let got = read_full(&l.file, &mut l1, L1_OFFSET).map_err(DiskError::io(&l.path, "read"))?;
+    if got < l1.len() {
+        note(fc, "L1 table is truncated".into());
+    }
+    let mut table = vec![0u8; cs as usize];
+    for i in 0..n1 {
+        let at = (i * L1_ENTRY_SIZE) as usize;
         let mut a = [0u8; 8];
-        a.copy_from_slice(c);
-        match Entry::decode(i as u64, u64::from_le_bytes(a)) {
-            Err(e) => note(fc, e.to_string()),
-            Ok(Entry::Data(hc)) => {
-                if hc < first {
-                    note(
-                        fc,
-                        format!("entry {i} points into the metadata (cluster {hc})"),
-                    );
-                } else if (hc + 1) * cs > len {
-                    note(fc, format!("entry {i}: data cluster {hc} is beyond the end of the file (truncated)"));
-                } else if !used.insert(hc) {
-                    note(fc, format!("entry {i}: host cluster {hc} is used twice"));
-                } else {
-                    fc.data_clusters += 1;
-                }
+        a.copy_from_slice(&l1[at..at + 8]);
+        let host = match format::l1_decode(i, u64::from_le_bytes(a)) {
+            Ok(0) => continue,
+            Ok(hc) => hc,
+            Err(e) => {
+                note(fc, e.to_string());
+                continue;
             }
-            Ok(_) => {}
+        };
+        if let Some(m) = place(&mut used, host, format!("L2 table {i}")) {
+            note(fc, m);
+            continue;
+        }
+        let n = read_full(&l.file, &mut table, host * cs).map_err(DiskError::io(&l.path, "read"))?;
+        if n < table.len() {
+            note(fc, format!("L2 table {i} is truncated"));
+            continue;
+        }
+        for (j, raw) in table.chunks_exact(16).enumerate() {
+            let c = i * per + j as u64;
+            let mut b = [0u8; 16];
+            b.copy_from_slice(raw);
+            match Entry::decode(c, &b) {
+                Err(e) => note(fc, e.to_string()),
+                Ok(e) if e.alloc != 0 => {
+                    if c >= h.clusters() {
+                        note(fc, format!("virtual cluster {c} is beyond the disk"));
+                    } else if let Some(m) = place(&mut used, e.host, format!("virtual cluster {c}")) {
+                        note(fc, m);
+                    } else {
+                        fc.data_clusters += 1;
+                    }
+                }
+                Ok(_) => {}
+            }
         }
     }
     if bad > 20 {
@@ -410,6 +504,16 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
             .set_len(last_used * cs)
             .map_err(DiskError::io(&l.path, "truncate"))?;
         l.file.sync_all().map_err(DiskError::io(&l.path, "fsync"))?;
+        if h.alloc_end != last_used {
+            // Nothing at or above last_used is referenced: lower the allocation mark.
+            let mut h2 = h.clone();
+            h2.alloc_end = last_used;
+            h2.generation = h2.generation.wrapping_add(1);
+            l.file
+                .write_all_at(&h2.encode(), 0)
+                .map_err(DiskError::io(&l.path, "write header"))?;
+            l.file.sync_all().map_err(DiskError::io(&l.path, "fsync"))?;
+        }
         fc.repaired_clusters = fc.leaked_clusters;
     }
     Ok(())
@@ -468,8 +572,7 @@ fn convert_into(
 ) -> Result<()> {
     let cs = chain.cluster_size();
     let size = chain.virtual_size();
-    let n = size.div_ceil(cs);
-    let mut buf = vec![0u8; cs as usize];
+    let mut buf = vec![0u8; 1 << 20];
     let mut sink: Box<Sink> = match fmt {
         ConvertFormat::Raw => {
             let f = std::fs::OpenOptions::new()
@@ -511,18 +614,27 @@ fn convert_into(
             })
         }
     };
-    for c in 0..n {
-        if matches!(chain.source(c), Source::Data(..) | Source::Raw(_)) {
-            let len = cs.min(size - c * cs) as usize;
-            chain.read_cluster(c, &mut buf[..len])?;
+    let ranges = chain.map()?;
+    let held: u64 = ranges
+        .iter()
+        .filter(|r| r.kind == MapKind::Data)
+        .map(|r| r.length)
+        .sum();
+    let mut done = 0u64;
+    for r in ranges.iter().filter(|r| r.kind == MapKind::Data) {
+        let mut off = r.offset;
+        while off < r.offset + r.length {
+            let len = (r.offset + r.length - off).min(buf.len() as u64) as usize;
+            chain.read_at(off, &mut buf[..len])?;
             if buf[..len].iter().any(|&b| b != 0) {
-                sink(c * cs, &buf[..len])?;
+                sink(off, &buf[..len])?;
             }
-        }
-        if c % 64 == 0 || c + 1 == n {
-            progress(c + 1, n);
+            off += len as u64;
+            done += len as u64;
+            progress(done, held);
         }
     }
+    progress(held, held);
     sink(0, &[])
 }
 
