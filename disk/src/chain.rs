@@ -536,6 +536,14 @@ impl Chain {
         Ok(())
     }
 
+    /// Reads like [`Chain::read_at`], with zeroes past the end of the disk (the last
+    /// sub-cluster may be partial).
+    fn read_clipped(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let n = (self.virtual_size.saturating_sub(offset) as usize).min(buf.len());
+        buf[n..].fill(0);
+        self.read_at(offset, &mut buf[..n])
+    }
+
     fn writable_top(&mut self) -> Result<usize> {
         if self.read_only {
             return Err(DiskError::ReadOnly {
@@ -641,11 +649,11 @@ impl Chain {
             let mut buf = vec![0u8; (span_end - span_start) as usize];
             let base = c * cs;
             if head {
-                self.read_at(base + s0 * ss, &mut buf[..ss as usize])?;
+                self.read_clipped(base + s0 * ss, &mut buf[..ss as usize])?;
             }
             if tail && !(head && s0 == s1) {
                 let at = (s1 * ss - span_start) as usize;
-                self.read_at(base + s1 * ss, &mut buf[at..at + ss as usize])?;
+                self.read_clipped(base + s1 * ss, &mut buf[at..at + ss as usize])?;
             }
             let at = (within - span_start) as usize;
             buf[at..at + part.len()].copy_from_slice(part);
@@ -939,7 +947,8 @@ mod tests {
         std::fs::copy(&p, &crashed).unwrap();
         drop(c);
         // Clean close: trimmed after the last cluster in use, nothing leaked.
-        assert_eq!(file_len(&p), data_offset + 17 * 65_536);
+        // 17 data clusters and one L2 table.
+        assert_eq!(file_len(&p), data_offset + 18 * 65_536);
         let r = crate::ops::check(&p, false).unwrap();
         assert!(r.is_clean());
         assert_eq!(r.files[0].leaked_clusters, 0);
@@ -960,7 +969,7 @@ mod tests {
         c.flush().unwrap();
         assert_eq!(file_len(&crashed), len);
         drop(c);
-        assert_eq!(file_len(&crashed), data_offset + 49 * 65_536);
+        assert_eq!(file_len(&crashed), data_offset + 50 * 65_536);
         let r = crate::ops::check(&crashed, false).unwrap();
         assert!(r.is_clean());
         assert_eq!(r.files[0].leaked_clusters, 0);
@@ -977,7 +986,8 @@ mod tests {
         let data_offset = file_len(&p);
         let mut c = Chain::open(&p, rw()).unwrap();
         c.write_at(0, &[1u8; 512]).unwrap();
-        assert_eq!(file_len(&p), data_offset + (4 << 20));
+        // 64 data clusters and one L2 table.
+        assert_eq!(file_len(&p), data_offset + (4 << 20) + 65_536);
         // Rewrites that free clusters only after a flush may need more: the file grows by
         // what the writes need.
         c.write_zeroes(0, 4 << 20).unwrap();
@@ -985,8 +995,8 @@ mod tests {
         c.write_zeroes(0, 4 << 20).unwrap();
         c.write_at(0, &vec![3u8; 4 << 20]).unwrap();
         c.flush().unwrap();
-        // 1 + 64 clusters, then 64 more while the first 64 were still pending free.
-        assert_eq!(file_len(&p), data_offset + (8 << 20) + 65_536);
+        // A table, 1 + 64 clusters, then 64 more while the first 64 were still pending free.
+        assert_eq!(file_len(&p), data_offset + (8 << 20) + 2 * 65_536);
         let mut b = vec![0u8; 4 << 20];
         c.read_at(0, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == 3));
@@ -1003,7 +1013,7 @@ mod tests {
             &p,
             4096,
             CreateOptions {
-                cluster_bits: Some(12),
+                cluster_bits: Some(13),
             },
         )
         .unwrap();

@@ -527,6 +527,13 @@ impl Layer {
             }
         }
         a.end = (a.end + want).min(limit);
+        // Whole clusters, so that a cluster holding only some sub-clusters is inside the file.
+        let len = a.end * cs;
+        if self.file_len()? < len {
+            self.file
+                .set_len(len)
+                .map_err(DiskError::io(&self.path, "extend"))?;
+        }
         Ok(())
     }
 

@@ -37,7 +37,9 @@ mod sys;
 #[path = "../tests/common/mod.rs"]
 mod test_seed;
 
-pub use chain::{create_empty, create_layer, Chain, CreateOptions, OpenOptions, Source};
+pub use chain::{
+    create_empty, create_layer, CacheLimits, Chain, CreateOptions, OpenOptions, Source,
+};
 pub use error::{error_chain, DiskError, Result};
 pub use layer::Format;
 pub use merge::{merge, MergeDirection, MergeProgress};

@@ -656,7 +656,8 @@ mod tests {
         drop(c);
         let m = changed_clusters(&a, &b).unwrap();
         let got: Vec<(u64, u64)> = m.ranges.iter().map(|r| (r.offset, r.length)).collect();
-        assert_eq!(got, vec![(65_536, 65_536), (3 * 65_536, 2 * 65_536)]);
+        // Sub-cluster granularity: one 4 KiB sub-cluster, then 17 of them.
+        assert_eq!(got, vec![(65_536, 4096), (3 * 65_536, 17 * 4096)]);
     }
 
     #[test]

@@ -34,11 +34,28 @@ fn setup(d: &Path) -> (PathBuf, PathBuf) {
     (base, top)
 }
 
+/// The error of opening the chain, or (L2 tables are read on demand) of reading all of it.
 fn open_err(top: &Path) -> String {
     match Chain::open(top, ro()) {
-        Ok(_) => panic!("{} opened", top.display()),
+        Ok(c) => {
+            let mut b = vec![0u8; c.virtual_size() as usize];
+            match c.read_at(0, &mut b) {
+                Ok(()) => panic!("{} opened and read", top.display()),
+                Err(e) => error_chain(&e),
+            }
+        }
         Err(e) => error_chain(&e),
     }
+}
+
+/// File offset of the L2 entry of virtual cluster `c` (in the first L2 table).
+fn l2_entry_offset(path: &Path, c: u64) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, format::L1_OFFSET).unwrap();
+    let host = u64::from_le_bytes(b) & ((1 << 48) - 1);
+    assert_ne!(host, 0, "{} has no L2 table", path.display());
+    host * 65_536 + c * format::L2_ENTRY_SIZE
 }
 
 fn assert_names(msg: &str, file: &Path) {
@@ -77,11 +94,22 @@ fn every_flipped_header_byte_is_an_error_naming_the_file() {
 fn flipped_table_bytes_are_errors_naming_the_file() {
     let d = tempfile::tempdir().unwrap();
     let (base, top) = setup(d.path());
-    // Entries 0..4 of the base and entry 1 of the top hold data.
+    // Entries 0..4 of the base and entry 1 of the top hold data; so do the L1 entries.
+    for file in [&base, &top] {
+        for byte in 0..8 {
+            let off = format::L1_OFFSET + byte;
+            corrupt(file, off, |b| b ^ 0x01);
+            let msg = open_err(&top);
+            assert_names(&msg, file);
+            assert!(!check(&top, false).unwrap().is_clean());
+            corrupt(file, off, |b| b ^ 0x01);
+        }
+    }
     for (file, entries) in [(&base, 0..4u64), (&top, 1..2)] {
+        let at = l2_entry_offset(file, 0);
         for e in entries {
-            for byte in 0..8 {
-                let off = format::TABLE_OFFSET + e * 8 + byte;
+            for byte in 0..16 {
+                let off = at + e * 16 + byte;
                 corrupt(file, off, |b| b ^ 0x01);
                 let msg = open_err(&top);
                 assert_names(&msg, file);
@@ -92,7 +120,7 @@ fn flipped_table_bytes_are_errors_naming_the_file() {
         }
     }
     // An unused entry turned into garbage is caught too.
-    corrupt(&top, format::TABLE_OFFSET + 9 * 8 + 2, |_| 0x77);
+    corrupt(&top, l2_entry_offset(&top, 9) + 2, |_| 0x77);
     assert_names(&open_err(&top), &top);
 }
 
@@ -108,6 +136,13 @@ fn wrong_magic_and_version_are_named() {
     let msg = open_err(&top);
     assert!(
         msg.contains("version 9") && msg.contains("top.strata"),
+        "{msg}"
+    );
+    // A version 1 layer is refused by name.
+    corrupt(&top, 8, |_| 1);
+    let msg = open_err(&top);
+    assert!(
+        msg.contains("version 1") && msg.contains("top.strata"),
         "{msg}"
     );
 }
