@@ -105,6 +105,13 @@ fn write_child() -> ! {
     let first_seq: u64 = env(SEQ_BASE).parse().unwrap();
     let mut rng = Rng::new(env(CHILD_SEED).parse().unwrap());
     let mut chain = Chain::open(env(CHILD_PATH), OpenOptions::default()).unwrap();
+    if rng.one_in(2) {
+        // Memory pressure: tables evicted and reloaded, writes that flush by themselves.
+        chain.set_cache_limits(disk::CacheLimits {
+            l2_bytes: 1,
+            resolved_clusters: 1,
+        });
+    }
     let mut out = std::io::stdout();
     let mut seq = first_seq;
     loop {

@@ -23,10 +23,10 @@ use std::process::Command;
 
 use common::Rng;
 use disk::format::{
-    Entry, Header, ParentRef, FLAG_FOLDING, HEADER_SIZE, MAX_CLUSTER_BITS, MAX_HOST_CLUSTER,
-    MAX_PARENT_PATH, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+    l1_encode, Entry, Header, ParentRef, FLAG_FOLDING, HEADER_SIZE, MAX_CLUSTER_BITS,
+    MAX_HOST_CLUSTER, MAX_PARENT_PATH, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
 };
-use disk::fuzzing::{header_table, Verdict};
+use disk::fuzzing::{header_table, L2_FIRST_INDEX};
 
 const CASES: usize = 5000;
 
@@ -66,18 +66,31 @@ fn valid_header(rng: &mut Rng) -> [u8; HEADER_SIZE] {
     h.encode()
 }
 
-/// A valid table of `n` entries, each encoded at its index by `Entry::encode`.
-fn valid_table(rng: &mut Rng, n: usize) -> Vec<u8> {
-    (0..n as u64)
-        .flat_map(|i| {
-            let e = match rng.below(3) {
-                0 => Entry::Unallocated,
-                1 => Entry::Zero,
-                _ => Entry::Data(rng.next() & MAX_HOST_CLUSTER),
+/// A valid table of `n` entries, each encoded at its index: an L1 table (8-byte entries,
+/// from index 0) or an L2 table (16-byte extended entries, from [`L2_FIRST_INDEX`]).
+fn valid_table(rng: &mut Rng, n: usize, l2: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..n as u64 {
+        if l2 {
+            let alloc = if rng.one_in(3) { 0 } else { rng.next() as u16 };
+            let zero = rng.next() as u16 & !alloc;
+            let host = if alloc == 0 {
+                0
+            } else {
+                1 + rng.below(MAX_HOST_CLUSTER)
             };
-            e.encode(i).to_le_bytes()
-        })
-        .collect()
+            let e = Entry { host, alloc, zero };
+            out.extend_from_slice(&e.encode(L2_FIRST_INDEX + i));
+        } else {
+            let host = if rng.one_in(3) {
+                0
+            } else {
+                rng.next() & MAX_HOST_CLUSTER
+            };
+            out.extend_from_slice(&l1_encode(i, host).to_le_bytes());
+        }
+    }
+    out
 }
 
 /// Recomputes the header checksum (CRC-32C of bytes 0..508, stored at 508), so that a mutation
@@ -102,12 +115,13 @@ fn flip_bits(rng: &mut Rng, b: &mut [u8], range: std::ops::Range<usize>, count: 
 /// What an input is expected to do, beyond not panicking.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Expect {
-    /// Unmutated: the header is accepted and the table too, with this many entries.
-    Valid(usize),
+    /// Unmutated: the header is accepted and the table too, with this many entries (as an L2
+    /// table when the flag is set, else as an L1 table).
+    Valid(usize, bool),
     /// 1 to 3 bit flips in the header, checksum not fixed: CRC-32C catches every one.
     HeaderRejected,
-    /// One bit flipped in a table entry that was not zero and is not zero now.
-    TableRejected,
+    /// One bit flipped in a table entry that was not zero and is not zero now (L2 or L1).
+    TableRejected(bool),
     /// Anything goes.
     Any,
 }
@@ -115,11 +129,13 @@ enum Expect {
 /// One input: a valid header and table, then (mostly) a mutation.
 fn input(rng: &mut Rng) -> (Vec<u8>, &'static str, Expect) {
     let entries = rng.below(48) as usize;
+    let l2 = rng.one_in(2);
+    let w = if l2 { 16 } else { 8 };
     let mut b = valid_header(rng).to_vec();
-    b.extend(valid_table(rng, entries));
+    b.extend(valid_table(rng, entries, l2));
     let len = b.len();
     match rng.below(11) {
-        0 => (b, "valid", Expect::Valid(entries)),
+        0 => (b, "valid", Expect::Valid(entries, l2)),
         1 => {
             let n = 1 + rng.below(3) as usize;
             flip_bits(rng, &mut b, 0..HEADER_SIZE, n);
@@ -142,14 +158,14 @@ fn input(rng: &mut Rng) -> (Vec<u8>, &'static str, Expect) {
         }
         4 if entries > 0 => {
             let i = rng.below(entries as u64) as usize;
-            let at = HEADER_SIZE + 8 * i;
-            let was_zero = b[at..at + 8].iter().all(|&x| x == 0);
-            flip_bits(rng, &mut b, at..at + 8, 1);
-            let is_zero = b[at..at + 8].iter().all(|&x| x == 0);
+            let at = HEADER_SIZE + w * i;
+            let was_zero = b[at..at + w].iter().all(|&x| x == 0);
+            flip_bits(rng, &mut b, at..at + w, 1);
+            let is_zero = b[at..at + w].iter().all(|&x| x == 0);
             let e = if was_zero || is_zero {
                 Expect::Any
             } else {
-                Expect::TableRejected
+                Expect::TableRejected(l2)
             };
             (b, "table bit flip", e)
         }
@@ -159,8 +175,8 @@ fn input(rng: &mut Rng) -> (Vec<u8>, &'static str, Expect) {
                 rng.below(entries as u64) as usize,
                 rng.below(entries as u64) as usize,
             );
-            let e: Vec<u8> = b[HEADER_SIZE + 8 * i..][..8].to_vec();
-            b[HEADER_SIZE + 8 * j..][..8].copy_from_slice(&e);
+            let e: Vec<u8> = b[HEADER_SIZE + w * i..][..w].to_vec();
+            b[HEADER_SIZE + w * j..][..w].copy_from_slice(&e);
             (b, "table entry moved", Expect::Any)
         }
         6 => {
@@ -227,23 +243,20 @@ fn header_table_target_survives_mutated_valid_inputs() {
             Err(_) => fail("the fuzz target panicked (message above)".into()),
         };
         let ok = match expect {
-            Expect::Valid(n) => v.header_ok && v.table_entries == Some(n),
+            Expect::Valid(n, true) => v.header_ok && v.l2_entries == Some(n),
+            Expect::Valid(n, false) => v.header_ok && v.table_entries == Some(n),
             Expect::HeaderRejected => !v.header_ok,
-            Expect::TableRejected => v.table_entries.is_none(),
+            Expect::TableRejected(true) => v.l2_entries.is_none(),
+            Expect::TableRejected(false) => v.table_entries.is_none(),
             Expect::Any => true,
         };
         if !ok {
             fail(format!("expected {expect:?}, got {v:?}"));
         }
         headers_ok += usize::from(v.header_ok);
-        tables_ok += usize::from(v.table_entries.is_some());
-        both_ok += usize::from(matches!(
-            v,
-            Verdict {
-                header_ok: true,
-                table_entries: Some(_)
-            }
-        ));
+        let table = v.table_entries.is_some() || v.l2_entries.is_some();
+        tables_ok += usize::from(table);
+        both_ok += usize::from(v.header_ok && table);
     }
     println!(
         "of {CASES} inputs, accepted: {headers_ok} headers, {tables_ok} tables, {both_ok} both"
@@ -276,7 +289,7 @@ fn header_table_fuzz_binary_runs_input_files() {
         files.push(p);
     };
     let mut valid = valid_header(&mut rng).to_vec();
-    valid.extend(valid_table(&mut rng, 16));
+    valid.extend(valid_table(&mut rng, 16, true));
     add("valid", &valid);
     add("empty", &[]);
     add("header-only", &valid[..HEADER_SIZE]);
