@@ -741,6 +741,40 @@ impl Chain {
         self.bound_dirty()
     }
 
+    /// Puts a new empty layer at `new_path` on top of this open chain (what a checkpoint does):
+    /// flushes, writes the new file recording the current top as its parent, turns the old
+    /// top into a read-only backing file (shared lock) and makes the new layer the writable
+    /// top. The caches stay valid (the new layer holds nothing), so the cost is a flush plus
+    /// creating one small file, whatever the size or depth of the chain.
+    pub fn push_layer(&mut self, new_path: impl AsRef<Path>) -> Result<()> {
+        let new_path = new_path.as_ref();
+        if self.read_only {
+            return Err(DiskError::ReadOnly {
+                path: self.top_path().to_path_buf(),
+            });
+        }
+        if self.merge.is_some() {
+            return Err(DiskError::Invalid(
+                "a merge is running on this chain".into(),
+            ));
+        }
+        self.flush()?;
+        let top = self.layers.len() - 1;
+        let pref = self.layers[top].as_parent_ref(new_path)?;
+        let h = Header::new(self.cluster_bits, self.virtual_size, pref);
+        write_new_layer(new_path, h)?;
+        let new = Layer::open(new_path, true, Some(Format::Strata))?;
+        let old = &mut self.layers[top];
+        let _ = old.trim_tail();
+        // flock converts the exclusive lock to a shared one on the same descriptor.
+        sys::lock(&old.file, &old.path, false)?;
+        old.writable = false;
+        old.alloc = None;
+        self.layers.push(new);
+        self.top_id_renewed = false;
+        Ok(())
+    }
+
     /// Makes every write completed so far durable (data first, then the tables; fdatasync).
     pub fn flush(&mut self) -> Result<()> {
         if self.read_only {
@@ -1003,6 +1037,35 @@ mod tests {
         drop(c);
         let r = crate::ops::check(&p, false).unwrap();
         assert!(r.is_clean());
+    }
+
+    #[test]
+    fn push_layer_on_an_open_chain_keeps_reads_and_freezes_the_old_top() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.strata");
+        create_empty(&p, 1 << 40, CreateOptions::default()).unwrap();
+        let mut c = Chain::open(&p, rw()).unwrap();
+        c.write_at(5 << 30, &[7u8; 10_000]).unwrap();
+        let q = d.path().join("b.strata");
+        c.push_layer(&q).unwrap();
+        assert_eq!(c.depth(), 2);
+        c.write_at((5 << 30) + 4096, &[8u8; 4096]).unwrap();
+        let mut b = vec![0u8; 10_000];
+        c.read_at(5 << 30, &mut b).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 7));
+        assert!(b[4096..8192].iter().all(|&x| x == 8));
+        assert!(b[8192..].iter().all(|&x| x == 7));
+        drop(c);
+        // The old top is the new layer's unchanged parent; the new layer copied one 4 KiB
+        // sub-cluster, not the 64 KiB cluster.
+        let c = Chain::open(&q, rw()).unwrap();
+        c.read_at(5 << 30, &mut b).unwrap();
+        assert!(b[4096..8192].iter().all(|&x| x == 8) && b[0] == 7);
+        let info = c.info().unwrap();
+        assert_eq!(info.layers[1].data_bytes, 4096);
+        drop(c);
+        let r = crate::ops::check(&q, false).unwrap();
+        assert!(r.is_clean(), "{r:?}");
     }
 
     #[test]
