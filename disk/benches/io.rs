@@ -7,7 +7,14 @@
 //! requests use `qemu-img bench`'s step: offset += 7919 × 4 KiB modulo the image size, which
 //! visits every 4 KiB block once in a scattered order; Strata issues the identical sequence.
 //! Chains: a raw base filled with data, under 1 or 32 empty layers (reads fall through every
-//! layer; writes allocate in the top with copy-on-write of 64 KiB clusters).
+//! layer; writes allocate in the top, copying only the 4 KiB sub-clusters they touch).
+//!
+//! Format-v2 cases, also side by side with `qemu-img`: open and `info` of a 1 TiB chain of 1
+//! and of 32 layers (wall time and peak RSS of a child process, measured with `wait4`), a new
+//! layer put on top of an open 1 TiB × 32 chain, and the write amplification of random 4 KiB
+//! writes into a fresh layer above a fully written base (bytes the process wrote to the layer
+//! file, and blocks the file occupies, per guest byte). These run at full size in smoke mode
+//! too: they cost next to nothing.
 //!
 //! `cargo test` runs this bench too (it is a test target), without the `--bench` flag that
 //! `cargo bench` passes: then every case runs once on 1/64 of the data, so the bench is
@@ -15,11 +22,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use disk::{create_layer, Chain, MergeDirection, OpenOptions};
+use disk::{create_empty, create_layer, Chain, CreateOptions, MergeDirection, OpenOptions};
+
+/// Set in the environment of a child that opens a chain (`info` or `open`), see [`child`].
+const CHILD: &str = "STRATA_BENCH_CHILD";
+const TIB: u64 = 1 << 40;
 
 /// The image size of a full run.
 const SIZE: u64 = 256 << 20;
@@ -205,7 +218,201 @@ fn row(name: &str, t: Test, secs: f64) -> (f64, f64) {
     (mb, iops)
 }
 
+/// Child: `info PATH` runs `disk::info`, `open PATH` opens the chain writable and reads 4 KiB;
+/// prints the in-process time in seconds.
+fn child(mode: &str) {
+    let (op, path) = mode.split_once(' ').unwrap();
+    let start = Instant::now();
+    match op {
+        "info" => {
+            let i = disk::info(Path::new(path)).unwrap();
+            assert!(!i.layers.is_empty());
+        }
+        _ => {
+            let c = Chain::open(path, OpenOptions::default()).unwrap();
+            let mut b = vec![0u8; 4096];
+            c.read_at(123 << 30, &mut b).unwrap();
+        }
+    }
+    println!("{}", start.elapsed().as_secs_f64());
+}
+
+/// Runs `cmd` to its end; returns its wall time, its peak RSS in KiB (from `wait4`) and its
+/// stdout.
+fn measured(cmd: &mut Command) -> (f64, u64, String) {
+    let start = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain old data, for which all-zero bytes are a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child (not yet reaped: std's handle is never waited on), with
+    // pointers to two live locals of the right types.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed ({status:#x})"
+    );
+    (start.elapsed().as_secs_f64(), ru.ru_maxrss as u64, out)
+}
+
+/// A 1 TiB chain of `depth` files (an empty base and empty layers), Strata and qcow2.
+fn tib_chains(dir: &Path, depth: usize) -> (PathBuf, PathBuf) {
+    let mut s = dir.join(format!("t{depth}-0.strata"));
+    create_empty(&s, TIB, CreateOptions::default()).unwrap();
+    let mut q = dir.join(format!("t{depth}-0.qcow2"));
+    qemu(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "1T"]);
+    for i in 1..depth {
+        let (ns, nq) = (
+            dir.join(format!("t{depth}-{i}.strata")),
+            dir.join(format!("t{depth}-{i}.qcow2")),
+        );
+        create_layer(&s, &ns).unwrap();
+        qemu(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            q.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            nq.to_str().unwrap(),
+        ]);
+        (s, q) = (ns, nq);
+    }
+    (s, q)
+}
+
+/// Open/info of 1 TiB chains, a layer on an open chain, write amplification.
+fn v2_cases(dir: &Path, base: &Path) {
+    let me = std::env::current_exe().unwrap();
+    println!("open and info of a 1 TiB chain (whole process: wall time, peak RSS):");
+    let mut tops = Vec::new();
+    for depth in [1usize, 32] {
+        let (s, q) = tib_chains(dir, depth);
+        for op in ["info", "open"] {
+            let (wall, rss, out) =
+                measured(Command::new(&me).env(CHILD, format!("{op} {}", s.display())));
+            let inner: f64 = out.trim().parse().unwrap();
+            println!(
+                "  strata {op:<4} 1 TiB x {depth:>2}: {:>8.2} ms process, {:>8.2} ms in-process, {:>7.1} MiB peak RSS",
+                wall * 1e3,
+                inner * 1e3,
+                rss as f64 / 1024.0
+            );
+        }
+        let (wall, rss, _) = measured(
+            Command::new("qemu-img")
+                .args(["info", "--backing-chain"])
+                .arg(&q),
+        );
+        println!(
+            "  qemu-img info 1 TiB x {depth:>2}: {:>8.2} ms process, {:>7.1} MiB peak RSS",
+            wall * 1e3,
+            rss as f64 / 1024.0
+        );
+        tops.push((s, q));
+    }
+
+    println!("a new layer on top of an open 1 TiB x 32 chain:");
+    let (s, q) = &tops[1];
+    let mut c = Chain::open(s, OpenOptions::default()).unwrap();
+    c.write_at(7 << 30, &[1u8; 4096]).unwrap();
+    let start = Instant::now();
+    c.push_layer(dir.join("t32-top.strata")).unwrap();
+    let t = start.elapsed().as_secs_f64();
+    drop(c);
+    println!("  strata Chain::push_layer:   {:>8.2} ms", t * 1e3);
+    let (wall, _, _) = measured(Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        q.to_str().unwrap(),
+        dir.join("t32-top.qcow2").to_str().unwrap(),
+    ]));
+    println!(
+        "  qemu-img create -b (process): {:>8.2} ms (qemu has no open chain outside QEMU)",
+        wall * 1e3
+    );
+
+    // Write amplification: random 4 KiB writes (the random-write case's sequence) into a fresh
+    // layer above the fully written raw base.
+    let count = RND.1 / scale();
+    let guest = count * 4096;
+    println!("write amplification, {count} random 4 KiB writes into a fresh layer above a full base:");
+    let sl = dir.join("wa.strata");
+    create_layer(base, &sl).unwrap();
+    let mut c = Chain::open(&sl, OpenOptions::default()).unwrap();
+    let before = c.bytes_written(1);
+    let buf = vec![0x5au8; 4096];
+    let mut off = 0u64;
+    for _ in 0..count {
+        c.write_at(off, &buf).unwrap();
+        off = (off + RND_STEP) % image_size();
+    }
+    c.flush().unwrap();
+    let written = c.bytes_written(1) - before;
+    drop(c);
+    let blocks = std::fs::metadata(&sl).unwrap().blocks() * 512;
+    println!(
+        "  strata: {:.3} bytes written to the layer per guest byte ({:.3} in blocks the file occupies after close)",
+        written as f64 / guest as f64,
+        blocks as f64 / guest as f64
+    );
+    for (name, opts) in [
+        ("qcow2", "cluster_size=64k"),
+        ("qcow2 extended_l2", "cluster_size=64k,extended_l2=on"),
+    ] {
+        let ql = dir.join(format!("wa-{}.qcow2", name.len()));
+        qemu(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-F",
+            "raw",
+            "-b",
+            base.to_str().unwrap(),
+            ql.to_str().unwrap(),
+        ]);
+        let b0 = std::fs::metadata(&ql).unwrap().blocks() * 512;
+        let t = Test {
+            name: "rand write 4K",
+            size: 4096,
+            count,
+            step: RND_STEP,
+            write: true,
+        };
+        qemu_run(&ql, "qcow2", t);
+        let b1 = std::fs::metadata(&ql).unwrap().blocks() * 512;
+        println!(
+            "  {name}: {:.3} (blocks the file gained per guest byte)",
+            (b1 - b0) as f64 / guest as f64
+        );
+    }
+    println!();
+}
+
 fn main() {
+    if let Ok(mode) = std::env::var(CHILD) {
+        child(&mode);
+        return;
+    }
     assert!(
         Command::new("qemu-img").arg("--version").output().is_ok(),
         "qemu-img not found: install Debian's qemu-utils (apt-get install qemu-utils)"
@@ -226,6 +433,7 @@ fn main() {
     );
     let base = dir.join("base.raw");
     make_base(&base);
+    v2_cases(dir, &base);
 
     // (label, results per test in MB/s)
     let mut results: Vec<(String, Vec<f64>)> = Vec::new();
