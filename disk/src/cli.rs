@@ -210,8 +210,8 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
                     ("-".to_string(), "-".to_string())
                 } else {
                     (
-                        human(l.data_clusters * info.cluster_size),
-                        human(l.zero_clusters * info.cluster_size),
+                        human(l.data_bytes),
+                        human(l.zero_bytes),
                     )
                 };
                 let fold = if l.folding {

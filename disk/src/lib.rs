@@ -2,12 +2,13 @@
 //! with copy-on-write, flush, layer creation, merge, convert, check/repair and changed-cluster
 //! maps. This crate knows nothing of KVM or virtio; it is tested on temporary files.
 //!
-//! - [`format`]: the bytes of a layer file (header, allocation-table entries); `FORMAT.md`
+//! - [`format`]: the bytes of a layer file (header, L1 entries, extended L2 entries); `FORMAT.md`
 //!   beside `Cargo.toml` is the normative description, including the crash-consistency and
 //!   merge protocols.
 //! - [`Chain`]: an open chain (a raw base or a layer under any number of layers), the object a
 //!   virtio-blk device holds. It is `Send`; reads take `&self`, writes `&mut self`; all I/O is
-//!   positional (`pread`/`pwrite`).
+//!   positional (`pread`/`pwrite`). Its metadata is read on demand into bounded caches
+//!   ([`CacheLimits`]); [`Chain::push_layer`] puts a new layer on it while open.
 //! - [`create_empty`], [`create_layer`], [`merge()`], [`convert`], [`check`], [`info`],
 //!   [`map`], [`changed_clusters`]: the operations behind `strata disk`, whose command-line
 //!   front end is [`cli`].
