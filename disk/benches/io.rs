@@ -352,7 +352,9 @@ fn v2_cases(dir: &Path, base: &Path) {
     // layer above the fully written raw base.
     let count = RND.1 / scale();
     let guest = count * 4096;
-    println!("write amplification, {count} random 4 KiB writes into a fresh layer above a full base:");
+    println!(
+        "write amplification, {count} random 4 KiB writes into a fresh layer above a full base:"
+    );
     let sl = dir.join("wa.strata");
     create_layer(base, &sl).unwrap();
     let mut c = Chain::open(&sl, OpenOptions::default()).unwrap();

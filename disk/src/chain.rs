@@ -310,8 +310,10 @@ impl Chain {
     /// Sets the bounds of the metadata caches (dropping what they hold).
     pub fn set_cache_limits(&mut self, limits: CacheLimits) {
         self.limits = limits;
-        *self.caches.get_mut().unwrap_or_else(PoisonError::into_inner) =
-            Caches::new(limits, self.cluster_size());
+        *self
+            .caches
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = Caches::new(limits, self.cluster_size());
     }
 
     /// Entries held by the caches now: (L2 tables, resolved clusters, changed tables pinned).
@@ -330,7 +332,10 @@ impl Chain {
     pub(crate) fn rebuild(&mut self) -> Result<()> {
         let top = self.layers.len() - 1;
         self.virtual_size = self.layers[top].virtual_size().next_multiple_of(512);
-        *self.caches.get_mut().unwrap_or_else(PoisonError::into_inner) =
+        *self
+            .caches
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) =
             Caches::new(self.limits, self.cluster_size());
         Ok(())
     }
@@ -405,7 +410,10 @@ impl Chain {
 
     /// Pins the table of layer `li` holding cluster `c` for change (creating it if needed).
     pub(crate) fn pin(&mut self, li: usize, c: u64) -> Result<()> {
-        let caches = self.caches.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let caches = self
+            .caches
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         let l = &mut self.layers[li];
         let Some(h) = &l.header else {
             return Ok(());
@@ -430,7 +438,10 @@ impl Chain {
         self.pin(li, c)?;
         self.layers[li].set_entry(c, e);
         let top = self.layers.len() - 1;
-        let caches = self.caches.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let caches = self
+            .caches
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         if li != top {
             caches.resolved.remove(&c);
         } else if let Some(r) = caches.resolved.get_mut(&c) {
@@ -486,7 +497,7 @@ impl Chain {
                 };
                 let extends = match (&run, &piece) {
                     (Some((Piece::Zero, _, _)), Piece::Zero) => true,
-                    (Some((Piece::File(a, fo, ), _, len)), Piece::File(b, o)) => {
+                    (Some((Piece::File(a, fo), _, len)), Piece::File(b, o)) => {
                         a == b && fo + *len as u64 == *o
                     }
                     _ => false,
@@ -780,7 +791,10 @@ impl Chain {
         if self.read_only {
             return Ok(());
         }
-        let caches = self.caches.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let caches = self
+            .caches
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         for (li, l) in self.layers.iter_mut().enumerate() {
             if !l.writable {
                 continue;

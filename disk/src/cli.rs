@@ -209,10 +209,7 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
                 let (data, zero) = if l.format == crate::Format::Raw {
                     ("-".to_string(), "-".to_string())
                 } else {
-                    (
-                        human(l.data_bytes),
-                        human(l.zero_bytes),
-                    )
+                    (human(l.data_bytes), human(l.zero_bytes))
                 };
                 let fold = if l.folding {
                     "  (interrupted merge)"

@@ -370,7 +370,9 @@ pub fn l1_decode(index: u64, raw: u64) -> Result<u64, FormatError> {
     }
     let low = raw & ((1 << 48) - 1);
     let bad = FormatError::BadL1 { index, raw };
-    if low > MAX_HOST_CLUSTER || low == 0 || check16(index, &low.to_le_bytes()) != (raw >> 48) as u16
+    if low > MAX_HOST_CLUSTER
+        || low == 0
+        || check16(index, &low.to_le_bytes()) != (raw >> 48) as u16
     {
         return Err(bad);
     }
@@ -564,8 +566,22 @@ mod tests {
     #[test]
     fn entries_round_trip_and_reject_flips() {
         let cases = [
-            (0, Entry { host: 0, alloc: 0, zero: 0xffff }),
-            (5, Entry { host: 1234, alloc: 0x00f1, zero: 0x0100 }),
+            (
+                0,
+                Entry {
+                    host: 0,
+                    alloc: 0,
+                    zero: 0xffff,
+                },
+            ),
+            (
+                5,
+                Entry {
+                    host: 1234,
+                    alloc: 0x00f1,
+                    zero: 0x0100,
+                },
+            ),
             (9, Entry::EMPTY),
         ];
         for (i, e) in cases {
@@ -577,7 +593,10 @@ mod tests {
                     f[byte] ^= 0xff;
                     assert!(Entry::decode(i, &f).is_err(), "flip of byte {byte}");
                 }
-                assert!(Entry::decode(i + 1, &raw).is_err(), "entry moved to another index");
+                assert!(
+                    Entry::decode(i + 1, &raw).is_err(),
+                    "entry moved to another index"
+                );
             }
         }
         let l1 = l1_encode(7, 99);

@@ -55,7 +55,12 @@ pub fn header_table(data: &[u8]) -> Verdict {
     let table = data.get(HEADER_SIZE..).unwrap_or_default();
     if let Ok(entries) = parse_l1(table) {
         let whole = table.len() / L1_ENTRY_SIZE as usize;
-        assert_eq!(entries.len(), whole, "L1 entries parsed from {} bytes", table.len());
+        assert_eq!(
+            entries.len(),
+            whole,
+            "L1 entries parsed from {} bytes",
+            table.len()
+        );
         for (i, (&host, raw)) in entries.iter().zip(table.chunks_exact(8)).enumerate() {
             let encoded = l1_encode(i as u64, host);
             assert_eq!(
@@ -73,11 +78,20 @@ pub fn header_table(data: &[u8]) -> Verdict {
     }
     if let Ok(entries) = parse_l2(L2_FIRST_INDEX, table) {
         let whole = table.len() / L2_ENTRY_SIZE as usize;
-        assert_eq!(entries.len(), whole, "L2 entries parsed from {} bytes", table.len());
+        assert_eq!(
+            entries.len(),
+            whole,
+            "L2 entries parsed from {} bytes",
+            table.len()
+        );
         for (i, (e, raw)) in entries.iter().zip(table.chunks_exact(16)).enumerate() {
             let index = L2_FIRST_INDEX + i as u64;
             let encoded = e.encode(index);
-            assert_eq!(&encoded[..], raw, "L2 entry {i} ({e:?}) re-encodes to other bytes");
+            assert_eq!(
+                &encoded[..],
+                raw,
+                "L2 entry {i} ({e:?}) re-encodes to other bytes"
+            );
             assert_eq!(
                 Entry::decode(index, &encoded),
                 Ok(*e),

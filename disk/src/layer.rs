@@ -384,7 +384,11 @@ impl Layer {
     /// or the file), or `None` when the layer has no such table yet (a new one is allocated).
     pub fn pin_table(&mut self, l1i: u64, clean: Option<Vec<Entry>>) -> Result<()> {
         let per = self.header.as_ref().map_or(0, |h| h.l2_entries());
-        if self.alloc.as_ref().is_some_and(|a| a.dirty.contains_key(&l1i)) {
+        if self
+            .alloc
+            .as_ref()
+            .is_some_and(|a| a.dirty.contains_key(&l1i))
+        {
             return Ok(());
         }
         let (entries, new) = match clean {

@@ -215,7 +215,11 @@ impl Chain {
     fn read_host(&self, li: usize, c: u64, host: u64, buf: &mut [u8]) -> Result<()> {
         let cs = self.cluster_size();
         let l = &self.layers[li];
-        let off = if l.header.is_none() { c * cs } else { host * cs };
+        let off = if l.header.is_none() {
+            c * cs
+        } else {
+            host * cs
+        };
         let n = read_full(&l.file, buf, off).map_err(DiskError::io(&l.path, "read"))?;
         if n < buf.len() {
             if l.header.is_some() {

@@ -134,8 +134,8 @@ impl Chain {
             _ => (None, MapKind::Unallocated),
         };
         let mut out: Vec<MapRange> = Vec::new();
-        let mut push = |offset: u64, length: u64, layer: Option<usize>, kind: MapKind| {
-            match out.last_mut() {
+        let mut push =
+            |offset: u64, length: u64, layer: Option<usize>, kind: MapKind| match out.last_mut() {
                 Some(r) if r.layer == layer && r.kind == kind && r.offset + r.length == offset => {
                     r.length += length
                 }
@@ -148,8 +148,7 @@ impl Chain {
                         .map(Path::to_path_buf),
                     kind,
                 }),
-            }
-        };
+            };
         let regions = size.div_ceil(region);
         for r in 0..regions {
             let start = r * region;
@@ -455,7 +454,8 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
             note(fc, m);
             continue;
         }
-        let n = read_full(&l.file, &mut table, host * cs).map_err(DiskError::io(&l.path, "read"))?;
+        let n =
+            read_full(&l.file, &mut table, host * cs).map_err(DiskError::io(&l.path, "read"))?;
         if n < table.len() {
             note(fc, format!("L2 table {i} is truncated"));
             continue;
@@ -469,7 +469,8 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
                 Ok(e) if e.alloc != 0 => {
                     if c >= h.clusters() {
                         note(fc, format!("virtual cluster {c} is beyond the disk"));
-                    } else if let Some(m) = place(&mut used, e.host, format!("virtual cluster {c}")) {
+                    } else if let Some(m) = place(&mut used, e.host, format!("virtual cluster {c}"))
+                    {
                         note(fc, m);
                     } else {
                         fc.data_clusters += 1;
