@@ -574,6 +574,13 @@ impl Chain {
         Ok(top)
     }
 
+    /// Prepares the top for writes now rather than at the first write: renews its `data_id`
+    /// (one header write and `fdatasync`; FORMAT.md, header). A device can call it when the
+    /// guest's driver starts, so the first guest write does not wait for it.
+    pub fn prepare_write(&mut self) -> Result<()> {
+        self.writable_top().map(|_| ())
+    }
+
     /// Flushes by itself when the changed tables pinned in memory exceed the cache bound.
     pub(crate) fn bound_dirty(&mut self) -> Result<()> {
         let max = (self.limits.l2_bytes / self.cluster_size() as usize).max(1);
