@@ -251,6 +251,8 @@ fn child(mode: &str) {
 
 /// Runs `cmd` to its end; returns its wall time, its peak RSS in KiB (from `wait4`) and its
 /// stdout.
+// The child is reaped by `wait4` (which std's `wait` cannot do: it gives no rusage).
+#[allow(clippy::zombie_processes)]
 fn measured(cmd: &mut Command) -> (f64, u64, String) {
     let start = Instant::now();
     let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();

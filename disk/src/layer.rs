@@ -610,59 +610,37 @@ impl Layer {
             self.sync()?;
             return Ok(Vec::new());
         };
-        let Some(a) = self.alloc.take() else {
+        let Some(mut a) = self.alloc.take() else {
             return Ok(Vec::new());
         };
-        let res = self.flush_alloc(&h, a);
-        let (a, out) = match res {
-            Ok(x) => x,
-            Err((a, e)) => {
-                self.alloc = Some(a);
-                return Err(e);
-            }
-        };
+        let res = self.flush_alloc(&h, &mut a);
         self.alloc = Some(a);
-        Ok(out)
+        res
     }
 
-    #[allow(clippy::type_complexity)]
-    fn flush_alloc(
-        &mut self,
-        h: &Header,
-        mut a: Alloc,
-    ) -> std::result::Result<(Alloc, Vec<(u64, Vec<Entry>)>), (Alloc, DiskError)> {
+    fn flush_alloc(&mut self, h: &Header, a: &mut Alloc) -> Result<Vec<(u64, Vec<Entry>)>> {
         let cs = h.cluster_size();
         let mark_up = a.next > h.alloc_end;
         if !a.data_dirty && a.dirty.is_empty() && !mark_up {
-            return Ok((a, Vec::new()));
+            return Ok(Vec::new());
         }
         let per = h.l2_entries();
-        macro_rules! tri {
-            ($e:expr) => {
-                match $e {
-                    Ok(v) => v,
-                    Err(e) => return Err((a, e)),
-                }
-            };
-        }
         // Step 1.
         if mark_up {
             let mut h2 = h.clone();
             h2.alloc_end = a.next;
             h2.generation = h2.generation.wrapping_add(1);
-            tri!(self.pwrite(&h2.encode(), 0, "write header"));
+            self.pwrite(&h2.encode(), 0, "write header")?;
             self.header = Some(h2);
         }
-        let mut any_new = false;
         for (&l1i, t) in &a.dirty {
             if t.new {
                 let host = self.l1.get(&l1i).copied().unwrap_or(0);
                 let bytes = encode_table(l1i * per, &t.entries);
-                tri!(self.pwrite(&bytes, host * cs, "write L2 table"));
-                any_new = true;
+                self.pwrite(&bytes, host * cs, "write L2 table")?;
             }
         }
-        tri!(self.sync());
+        self.sync()?;
         // Step 2.
         if !a.dirty.is_empty() {
             let per_page = (TABLE_PAGE / L2_ENTRY_SIZE) as usize;
@@ -670,19 +648,18 @@ impl Layer {
                 let host = self.l1.get(&l1i).copied().unwrap_or(0);
                 if t.new {
                     let e = l1_encode(l1i, host).to_le_bytes();
-                    tri!(self.pwrite(&e, L1_OFFSET + l1i * L1_ENTRY_SIZE, "write L1 table"));
+                    self.pwrite(&e, L1_OFFSET + l1i * L1_ENTRY_SIZE, "write L1 table")?;
                     continue;
                 }
                 for &p in &t.pages {
                     let start = p as usize * per_page;
                     let end = (start + per_page).min(t.entries.len());
                     let bytes = encode_table(l1i * per + start as u64, &t.entries[start..end]);
-                    tri!(self.pwrite(&bytes, host * cs + p * TABLE_PAGE, "write L2 table"));
+                    self.pwrite(&bytes, host * cs + p * TABLE_PAGE, "write L2 table")?;
                 }
             }
-            tri!(self.sync());
+            self.sync()?;
         }
-        let _ = any_new;
         a.data_dirty = false;
         // Step 3: the tables on disk no longer reference these: reuse them, give space back.
         for c in a.pending_free.drain(..) {
@@ -704,7 +681,7 @@ impl Layer {
             .into_iter()
             .map(|(k, t)| (k, t.entries))
             .collect();
-        Ok((a, out))
+        Ok(out)
     }
 
     /// Rewrites the header (generation + 1) and syncs it.
