@@ -108,15 +108,18 @@ fn strata_run(top: &Path, t: Test) -> f64 {
         c.prepare_write().unwrap();
     }
     settle();
-    let mut buf = vec![0xa5u8; t.size as usize];
+    // Page-aligned, like qemu-img bench's buffers (and a guest's pages under virtio-blk).
+    let mut backing = vec![0xa5u8; t.size as usize + 4096];
+    let skew = backing.as_ptr().align_offset(4096);
+    let buf = &mut backing[skew..skew + t.size as usize];
     let mut off = 0u64;
     let size = image_size();
     let start = Instant::now();
     for _ in 0..t.count {
         if t.write {
-            c.write_at(off, &buf).unwrap();
+            c.write_at(off, buf).unwrap();
         } else {
-            c.read_at(off, &mut buf).unwrap();
+            c.read_at(off, buf).unwrap();
         }
         off = (off + t.step) % size;
     }
