@@ -378,3 +378,38 @@ fn bad_values_are_refused_with_status_2() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn disk_output_into_a_closed_pipe_ends_quietly_by_sigpipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.strata");
+    let created = Command::new(strata_bin())
+        .args(["disk", "create"])
+        .arg(&image)
+        .args(["--size", "1G"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    for args in [
+        ["disk", "info", image.to_str().unwrap()],
+        ["disk", "map", image.to_str().unwrap()],
+    ] {
+        // The reader is gone before strata writes anything.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(strata_bin())
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?} should end by SIGPIPE: {:?} {stderr}",
+            out.status
+        );
+    }
+}

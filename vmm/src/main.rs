@@ -17,6 +17,17 @@ fn report(err: &dyn std::error::Error) {
     eprintln!("{line}");
 }
 
+/// `strata disk` and `strata ctl` print and exit like any Unix tool, so a reader that goes away
+/// (`strata disk map x | head`) ends them quietly by SIGPIPE. Rust starts programs with SIGPIPE
+/// ignored, which turns that into a panic in `println!`. `strata run` keeps it ignored: its
+/// console writer handles EPIPE itself and the VM must not die with its console's reader.
+fn default_sigpipe() {
+    // SAFETY: sets a signal disposition; no pointers, no handler code runs in this process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
@@ -42,8 +53,14 @@ fn main() -> ExitCode {
     };
 
     match cli.command {
-        Command::Disk(cmd) => disk::cli::main(cmd),
-        Command::Ctl(args) => ExitCode::from(u8::try_from(api::ctl::run(args)).unwrap_or(1)),
+        Command::Disk(cmd) => {
+            default_sigpipe();
+            disk::cli::main(cmd)
+        }
+        Command::Ctl(args) => {
+            default_sigpipe();
+            ExitCode::from(u8::try_from(api::ctl::run(args)).unwrap_or(1))
+        }
         Command::Run(args) => {
             let config = match args.resolve() {
                 Ok(c) => c,
