@@ -194,22 +194,27 @@ fn strata_chain(dir: &Path, base: &Path, depth: usize) -> PathBuf {
     top
 }
 
+/// Creates the qcow2 image `out` over `backing` (of format `backing_fmt`).
+fn qcow2_over(backing: &Path, backing_fmt: &str, out: &Path) {
+    qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing.to_str().unwrap(),
+        "-F",
+        backing_fmt,
+        out.to_str().unwrap(),
+    ]);
+}
+
 fn qcow2_chain(dir: &Path, base: &Path, depth: usize) -> PathBuf {
     let mut top = base.to_path_buf();
     let mut fmt = "raw";
     for i in 0..depth {
         let next = dir.join(format!("q{depth}-{i}.qcow2"));
-        qemu(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            top.to_str().unwrap(),
-            "-F",
-            fmt,
-            next.to_str().unwrap(),
-        ]);
+        qcow2_over(&top, fmt, &next);
         top = next;
         fmt = "qcow2";
     }
@@ -293,17 +298,7 @@ fn tib_chains(dir: &Path, depth: usize) -> (PathBuf, PathBuf) {
             dir.join(format!("t{depth}-{i}.qcow2")),
         );
         create_layer(&s, &ns).unwrap();
-        qemu(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            q.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            nq.to_str().unwrap(),
-        ]);
+        qcow2_over(&q, "qcow2", &nq);
         (s, q) = (ns, nq);
     }
     (s, q)
@@ -550,17 +545,7 @@ fn main() {
         merged_mb / s
     );
     let q = dir.join("m.qcow2");
-    qemu(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "raw",
-        q.to_str().unwrap(),
-    ]);
+    qcow2_over(&base, "raw", &q);
     let cmds: Vec<String> = (0..merged_mib)
         .map(|i| format!("write -P 7 {} 1M", i * 2 * (1 << 20)))
         .collect();

@@ -137,6 +137,11 @@ fn boot(args: &[&str], cpus: u32) -> Vm {
 /// Powers the guest off from its console; strata must exit 0.
 fn poweroff(mut vm: Vm, args: &[&str]) {
     vm.send("poweroff\n");
+    expect_clean_exit(vm, args);
+}
+
+/// Waits for strata to end after a guest power-off; it must exit 0.
+fn expect_clean_exit(mut vm: Vm, args: &[&str]) {
     let status = vm.wait_exit(EXIT_TIMEOUT);
     assert_eq!(
         status.code(),
@@ -164,16 +169,10 @@ fn agent(uds: &Path) -> AgentClient {
 }
 
 /// Powers the guest off through its agent (for runs without a console); strata must exit 0.
-fn poweroff_through_agent(mut vm: Vm, uds: &Path, args: &[&str]) {
+fn poweroff_through_agent(vm: Vm, uds: &Path, args: &[&str]) {
     // The guest powers off while running the command: no reply comes.
     let _ = agent(uds).exec(&["poweroff".to_string()], 5);
-    let status = vm.wait_exit(EXIT_TIMEOUT);
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "{args:?}: strata exited with {status}; stderr: {}",
-        vm.stderr()
-    );
+    expect_clean_exit(vm, args);
 }
 
 /// `strata ctl --api-socket SOCK --json vm status`.
