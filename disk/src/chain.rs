@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -793,6 +794,59 @@ impl Chain {
         Ok(())
     }
 
+    /// Undoes [`Chain::push_layer`] while nothing has been written to the new top since: closes
+    /// the top layer, deletes its file, and makes the layer below the writable top again (its
+    /// lock exclusive again). A checkpoint that switched some disks and then failed uses it to
+    /// leave every disk as it was. Refused when the top was written, when the layer below was
+    /// not this chain's writable top before (it was opened read-only), and on read-only chains.
+    pub fn pop_layer(&mut self) -> Result<()> {
+        if self.read_only {
+            return Err(DiskError::ReadOnly {
+                path: self.top_path().to_path_buf(),
+            });
+        }
+        if self.merge.is_some() || self.layers.len() < 2 {
+            return Err(DiskError::Invalid(format!(
+                "{}: no layer pushed on this chain to take off",
+                self.top_path().display()
+            )));
+        }
+        let top = self.layers.len() - 1;
+        if self.layers[top].bytes_written != 0 || self.top_id_renewed {
+            return Err(DiskError::Invalid(format!(
+                "{}: the layer was written since it was put on top; it cannot be taken off",
+                self.layers[top].path.display()
+            )));
+        }
+        let below = top - 1;
+        // SAFETY: fcntl(F_GETFL) on a descriptor we own only reads its status flags.
+        let flags = unsafe { libc::fcntl(self.layers[below].file.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
+            return Err(DiskError::Invalid(format!(
+                "{}: opened read-only, so it cannot become the writable top again",
+                self.layers[below].path.display()
+            )));
+        }
+        {
+            let l = &mut self.layers[below];
+            sys::lock(&l.file, &l.path, true)?;
+            l.writable = true;
+            l.make_alloc()?;
+        }
+        if let Some(gone) = self.layers.pop() {
+            let path = gone.path.clone();
+            drop(gone);
+            std::fs::remove_file(&path).map_err(DiskError::io(&path, "remove"))?;
+        }
+        let cs = self.cluster_size();
+        *self
+            .caches
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = Caches::new(self.limits, cs);
+        self.top_id_renewed = false;
+        Ok(())
+    }
+
     /// Makes every write completed so far durable (data first, then the tables; fdatasync).
     pub fn flush(&mut self) -> Result<()> {
         if self.read_only {
@@ -1058,6 +1112,39 @@ mod tests {
         drop(c);
         let r = crate::ops::check(&p, false).unwrap();
         assert!(r.is_clean());
+    }
+
+    #[test]
+    fn pop_layer_undoes_a_push_and_the_old_top_takes_writes_again() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.strata");
+        create_empty(&p, 1 << 30, CreateOptions::default()).unwrap();
+        let mut c = Chain::open(&p, rw()).unwrap();
+        c.write_at(0, &[1u8; 4096]).unwrap();
+        let q = d.path().join("b.strata");
+        c.push_layer(&q).unwrap();
+        c.pop_layer().unwrap();
+        assert!(!q.exists());
+        assert_eq!(c.depth(), 1);
+        c.write_at(4096, &[2u8; 4096]).unwrap();
+        // The old top is locked exclusively again: nobody else can open it for writing.
+        assert!(Chain::open(&p, rw()).is_err());
+        drop(c);
+        let c = Chain::open(&p, rw()).unwrap();
+        let mut b = vec![0u8; 8192];
+        c.read_at(0, &mut b).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 1) && b[4096..].iter().all(|&x| x == 2));
+        drop(c);
+        assert!(crate::ops::check(&p, false).unwrap().is_clean());
+
+        // A written top cannot be taken off; a chain that never pushed has nothing to pop.
+        let mut c = Chain::open(&p, rw()).unwrap();
+        assert!(c.pop_layer().is_err());
+        c.push_layer(&q).unwrap();
+        c.write_at(0, &[3u8; 512]).unwrap();
+        let e = c.pop_layer().unwrap_err().to_string();
+        assert!(e.contains("was written"), "{e}");
+        assert!(q.exists());
     }
 
     #[test]

@@ -130,8 +130,29 @@ pub struct DiskRecord {
     /// The top layer of the disk's chain, relative to the store; `None` when the chain is the
     /// launch disk alone (the first checkpoint of a VM freezes the launch disks themselves).
     pub layer: Option<StorePath>,
+    /// The store's layers beneath `layer` in the chain, nearest first (the launch disk is not
+    /// one of them). Every layer a record lists is kept by the store; `layer` alone does not
+    /// say which frozen layers its chain runs through (a layer frozen by a checkpoint that
+    /// failed after the disks switched belongs to no checkpoint but is in the chain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub below: Vec<StorePath>,
     /// The launch disk given to `--disk`: the bottom of the chain (outside the store).
     pub launch: PathBuf,
+}
+
+impl DiskRecord {
+    /// The top of the chain: its layer in the store, or the launch disk.
+    pub fn top(&self, location: &Path) -> PathBuf {
+        match &self.layer {
+            Some(l) => l.resolve(location),
+            None => self.launch.clone(),
+        }
+    }
+
+    /// Every store layer of the chain, top first.
+    pub fn store_layers(&self) -> impl Iterator<Item = &StorePath> {
+        self.layer.iter().chain(&self.below)
+    }
 }
 
 /// Sizes of a checkpoint's parts, in bytes.
@@ -447,11 +468,13 @@ pub(crate) mod tests {
             disks: vec![DiskRecord {
                 index: 0,
                 layer: None,
+                below: Vec::new(),
                 launch: "/images/root.raw".into(),
             }],
             active_after: vec![DiskRecord {
                 index: 0,
                 layer: Some(StorePath::new(format!("layers/disk0-{id}.strata")).unwrap()),
+                below: Vec::new(),
                 launch: "/images/root.raw".into(),
             }],
             state: Some(FileDigest { size: 40, crc64: 7 }),

@@ -379,7 +379,7 @@ impl Store {
                 .flat_map(|m| m.disks.iter().chain(&m.active_after))
                 .chain(&self.record.active)
             {
-                if let Some(l) = &d.layer {
+                for l in d.store_layers() {
                     used.insert(l.resolve(&self.location));
                 }
             }
@@ -746,20 +746,21 @@ impl Store {
     }
 
     fn check_disk(&self, report: &mut CheckReport, from: &Path, d: &DiskRecord) {
-        let path = match &d.layer {
-            Some(l) => l.resolve(&self.location),
-            None => d.launch.clone(),
-        };
-        if !path.exists() {
-            report.add(
-                &path,
-                format!(
-                    "{}: disk {} layer {} is missing",
-                    from.display(),
-                    d.index,
-                    path.display()
-                ),
-            );
+        let paths: Vec<PathBuf> = std::iter::once(d.top(&self.location))
+            .chain(d.below.iter().map(|l| l.resolve(&self.location)))
+            .collect();
+        for path in paths {
+            if !path.exists() {
+                report.add(
+                    &path,
+                    format!(
+                        "{}: disk {} layer {} is missing",
+                        from.display(),
+                        d.index,
+                        path.display()
+                    ),
+                );
+            }
         }
     }
 }

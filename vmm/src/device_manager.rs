@@ -109,6 +109,20 @@ pub enum DeviceError {
     /// A restored device's thread could not be parked.
     #[error("cannot pause the restored device")]
     Pause(#[from] LoopError),
+    /// A disk could not be switched to a new layer (every disk was put back).
+    #[error("cannot put a new layer {path} on disk {index}")]
+    Switch {
+        /// The disk's `--disk` position.
+        index: u32,
+        /// The new layer.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device threads run: pause the VM first.
+    #[error(transparent)]
+    NotPaused(#[from] NotPaused),
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
@@ -340,6 +354,79 @@ impl VirtioDevices {
                 }
             })
             .collect())
+    }
+
+    /// Per disk in `--disk` order, the file each one writes now (its chain's top).
+    pub fn disk_tops(&self) -> Vec<Option<PathBuf>> {
+        self.slots
+            .iter()
+            .filter_map(|s| match &s.device {
+                DeviceHandle::Block(d) => Some(lock(d).top_path()),
+                DeviceHandle::Vsock(_) => None,
+            })
+            .collect()
+    }
+
+    /// Switches disks to new empty layers at one instant: per disk in `--disk` order, `Some`
+    /// puts a new layer at that path on top (flushing the disk first), `None` leaves it as it
+    /// is (a read-only disk). Every device thread must be paused, so no request is in flight.
+    /// All or nothing: if one disk fails, those already switched take their new layer off
+    /// again, and the error names the disk.
+    pub fn switch_disks(&self, layers: &[Option<PathBuf>]) -> Result<(), DeviceError> {
+        if let Some(running) = self.slots.iter().find(|s| !s.event_loop.is_paused()) {
+            return Err(NotPaused(running.name().to_string()).into());
+        }
+        let disks: Vec<&Arc<Mutex<Block>>> = self
+            .slots
+            .iter()
+            .filter_map(|s| match &s.device {
+                DeviceHandle::Block(d) => Some(d),
+                DeviceHandle::Vsock(_) => None,
+            })
+            .collect();
+        let mut done: Vec<&Arc<Mutex<Block>>> = Vec::new();
+        for (index, (disk, layer)) in disks.iter().zip(layers).enumerate() {
+            let Some(path) = layer else { continue };
+            if let Err(source) = lock(disk).push_layer(path) {
+                for d in done.iter().rev() {
+                    if let Err(e) = lock(d).pop_layer() {
+                        log::error!("putting a disk back after a failed switch: {e}");
+                    }
+                }
+                return Err(DeviceError::Switch {
+                    index: index as u32,
+                    path: path.clone(),
+                    source,
+                });
+            }
+            done.push(disk);
+        }
+        Ok(())
+    }
+
+    /// Takes off the layers [`Self::switch_disks`] put on (`Some` entries), newest disk first;
+    /// for a checkpoint that failed after its disks switched. Nothing may have been written.
+    pub fn unswitch_disks(&self, layers: &[Option<PathBuf>]) -> Result<(), DeviceError> {
+        let disks: Vec<(u32, &Arc<Mutex<Block>>)> = self
+            .slots
+            .iter()
+            .filter_map(|s| match &s.device {
+                DeviceHandle::Block(d) => Some((s.index, d)),
+                DeviceHandle::Vsock(_) => None,
+            })
+            .collect();
+        let mut result = Ok(());
+        for ((index, disk), layer) in disks.iter().zip(layers).rev() {
+            let Some(path) = layer else { continue };
+            if let Err(source) = lock(disk).pop_layer() {
+                result = Err(DeviceError::Switch {
+                    index: *index,
+                    path: path.clone(),
+                    source,
+                });
+            }
+        }
+        result
     }
 
     /// After [`restore`], once the vCPUs and the irqchip hold their restored state: carries

@@ -40,6 +40,7 @@ fn take(store: &mut Store, name: &str, standard: bool, crash: bool) -> Manifest 
             .map(|i| DiskRecord {
                 index: i,
                 layer: None,
+                below: Vec::new(),
                 launch: LAUNCH.into(),
             })
             .collect()
@@ -53,6 +54,7 @@ fn take(store: &mut Store, name: &str, standard: bool, crash: bool) -> Manifest 
             DiskRecord {
                 index: i,
                 layer: Some(layer),
+                below: Vec::new(),
                 launch: LAUNCH.into(),
             }
         })

@@ -17,6 +17,26 @@ pub trait BlockBackend: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// `len` bytes at `offset` must read back as zeroes.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Flushes, then puts a new empty layer at `path` on top: from now on writes land there and
+    /// what was the top is frozen (a checkpoint's disk switch). Backends without layers refuse.
+    fn push_layer(&mut self, path: &std::path::Path) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("this disk cannot take a new layer at {}", path.display()),
+        ))
+    }
+    /// Undoes [`BlockBackend::push_layer`] while nothing was written since (a failed checkpoint
+    /// puts every disk back).
+    fn pop_layer(&mut self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this disk has no layer to take off",
+        ))
+    }
+    /// The file the disk writes now (the top of its chain), if it has one.
+    fn top_path(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// A disk opened by the `disk` crate: a raw image or a Strata chain, locked against other
@@ -59,5 +79,17 @@ impl BlockBackend for ChainBackend {
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.chain.write_zeroes(offset, len).map_err(disk_io)
+    }
+
+    fn push_layer(&mut self, path: &std::path::Path) -> io::Result<()> {
+        self.chain.push_layer(path).map_err(disk_io)
+    }
+
+    fn pop_layer(&mut self) -> io::Result<()> {
+        self.chain.pop_layer().map_err(disk_io)
+    }
+
+    fn top_path(&self) -> Option<std::path::PathBuf> {
+        Some(self.chain.top_path().to_path_buf())
     }
 }

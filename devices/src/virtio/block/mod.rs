@@ -201,6 +201,34 @@ impl Block {
     pub fn is_active(&self) -> bool {
         self.active.is_some()
     }
+
+    /// Switches the disk to a new empty layer at `path` (flushing first), so that what it held
+    /// so far is frozen. Only while the device thread is paused: no request is in flight. A
+    /// read-only disk is never written and takes no layer.
+    pub fn push_layer(&mut self, path: &std::path::Path) -> std::io::Result<()> {
+        if self.read_only {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("disk {} is read-only and takes no layer", self.name()),
+            ));
+        }
+        self.backend.push_layer(path)
+    }
+
+    /// Undoes [`Block::push_layer`] (nothing may have been written since).
+    pub fn pop_layer(&mut self) -> std::io::Result<()> {
+        self.backend.pop_layer()
+    }
+
+    /// The file the disk writes now, if its backend has one.
+    pub fn top_path(&self) -> Option<std::path::PathBuf> {
+        self.backend.top_path()
+    }
+
+    /// Whether the guest cannot write it.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
 }
 
 impl VirtioDevice for Block {
