@@ -6,7 +6,10 @@
 
 use tokio::sync::oneshot;
 
-use crate::types::{CheckpointConfig, ExecRequest, ExecResponse, GuestInfo, VmInfo};
+use crate::types::{
+    ApplyCheckpoint, CheckpointConfig, CheckpointInfo, CheckpointList, CreateCheckpoint,
+    ExecRequest, ExecResponse, GuestInfo, VmInfo,
+};
 
 /// A lifecycle transition (`POST /v1/vm/{action}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +62,24 @@ pub enum ApiRequest {
     /// `PUT /v1/vm/checkpoint-config` (already validated) → [`ApiReply::CheckpointConfig`]
     /// (the stored settings).
     PutCheckpointConfig(CheckpointConfig),
+    /// `POST /v1/checkpoints` (already validated) → [`ApiReply::Checkpoint`] (the checkpoint
+    /// taken, with the type actually taken); `bad_request`, `invalid_state` (wrong state,
+    /// checkpoints disabled, no location) or `agent_unreachable` (production-only without an
+    /// agent).
+    CreateCheckpoint(CreateCheckpoint),
+    /// `GET /v1/checkpoints` → [`ApiReply::Checkpoints`].
+    ListCheckpoints,
+    /// `GET /v1/checkpoints/{id}` (an id that passes [`crate::types::valid_checkpoint_id`]) →
+    /// [`ApiReply::Checkpoint`], or `not_found`.
+    GetCheckpoint(String),
+    /// `POST /v1/checkpoints/{id}/apply` → [`ApiReply::Vm`] (the VM after applying), or
+    /// `not_found` or `invalid_state`.
+    ApplyCheckpoint {
+        /// The checkpoint, an id that passes [`crate::types::valid_checkpoint_id`].
+        id: String,
+        /// The body (the defaults when there was none).
+        request: ApplyCheckpoint,
+    },
     /// `GET /v1/guest` → [`ApiReply::Guest`], or `agent_unreachable`.
     GetGuest,
     /// `POST /v1/guest/exec` (already validated) → [`ApiReply::Exec`], or `agent_unreachable`.
@@ -69,10 +90,14 @@ pub enum ApiRequest {
 /// and becomes a 500).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiReply {
-    /// For `GetVm` and `Lifecycle`.
+    /// For `GetVm`, `Lifecycle` and `ApplyCheckpoint`.
     Vm(VmInfo),
     /// For `GetCheckpointConfig` and `PutCheckpointConfig`.
     CheckpointConfig(CheckpointConfig),
+    /// For `CreateCheckpoint` and `GetCheckpoint`.
+    Checkpoint(CheckpointInfo),
+    /// For `ListCheckpoints`.
+    Checkpoints(CheckpointList),
     /// For `GetGuest`.
     Guest(GuestInfo),
     /// For `GuestExec`.

@@ -16,10 +16,18 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use crate::call::LifecycleAction;
-use crate::types::{CheckpointConfig, ErrorBody, ExecRequest, ExecResponse, GuestInfo, VmInfo};
+use crate::server::DEFAULT_CHECKPOINT_REPLY_TIMEOUT;
+use crate::types::{
+    ApplyCheckpoint, CheckpointConfig, CheckpointInfo, CheckpointList, CreateCheckpoint, ErrorBody,
+    ExecRequest, ExecResponse, GuestInfo, VmInfo,
+};
 
 /// The default time a call may take, connection included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What checkpoint create and apply wait on top of the client's timeout: as long as the server
+/// waits for the VMM by default.
+pub const CHECKPOINT_TIMEOUT: Duration = DEFAULT_CHECKPOINT_REPLY_TIMEOUT;
 
 /// The largest answer the client reads (guest exec output can be large).
 const MAX_RESPONSE_BYTES: usize = 64 << 20;
@@ -119,7 +127,8 @@ impl Client {
         })
     }
 
-    /// Sets the time an ordinary call may take (guest exec adds its own timeout).
+    /// Sets the time an ordinary call may take (guest exec adds its own timeout, checkpoint
+    /// create and apply [`CHECKPOINT_TIMEOUT`]).
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = timeout;
         self
@@ -163,6 +172,41 @@ impl Client {
             Some(body),
             self.timeout,
         )
+    }
+
+    /// `POST /v1/checkpoints`: the checkpoint taken. Waits [`CHECKPOINT_TIMEOUT`] on top of
+    /// the client's timeout.
+    pub fn create_checkpoint(
+        &self,
+        request: &CreateCheckpoint,
+    ) -> Result<CheckpointInfo, ClientError> {
+        let body = self.encode(request)?;
+        let timeout = self.timeout + CHECKPOINT_TIMEOUT;
+        self.call(Method::POST, "/v1/checkpoints", Some(body), timeout)
+    }
+
+    /// `GET /v1/checkpoints`.
+    pub fn checkpoints(&self) -> Result<CheckpointList, ClientError> {
+        self.call(Method::GET, "/v1/checkpoints", None, self.timeout)
+    }
+
+    /// `GET /v1/checkpoints/{id}`.
+    pub fn checkpoint(&self, id: &str) -> Result<CheckpointInfo, ClientError> {
+        let path = format!("/v1/checkpoints/{}", encode_segment(id));
+        self.call(Method::GET, &path, None, self.timeout)
+    }
+
+    /// `POST /v1/checkpoints/{id}/apply`: the VM after applying. Waits
+    /// [`CHECKPOINT_TIMEOUT`] on top of the client's timeout.
+    pub fn apply_checkpoint(
+        &self,
+        id: &str,
+        request: &ApplyCheckpoint,
+    ) -> Result<VmInfo, ClientError> {
+        let body = self.encode(request)?;
+        let path = format!("/v1/checkpoints/{}/apply", encode_segment(id));
+        let timeout = self.timeout + CHECKPOINT_TIMEOUT;
+        self.call(Method::POST, &path, Some(body), timeout)
     }
 
     /// `GET /v1/guest`.
@@ -298,6 +342,20 @@ impl Client {
     }
 }
 
+/// `segment` percent-encoded for a path, every byte but `A-Z a-z 0-9 - . _ ~`: an id that
+/// cannot be one still reaches the server as one segment, which answers 404 for it.
+fn encode_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +367,12 @@ mod tests {
         let err = Client::new(&path).unwrap().vm().unwrap_err();
         assert!(matches!(err, ClientError::Connect { .. }));
         assert!(err.to_string().contains("nobody.sock"));
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(encode_segment("ck-1_A.~"), "ck-1_A.~");
+        assert_eq!(encode_segment("a/b c"), "a%2Fb%20c");
+        assert_eq!(encode_segment("é"), "%C3%A9");
     }
 }

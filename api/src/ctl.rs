@@ -1,7 +1,7 @@
 //! `strata ctl`: every API call from the command line, for people and CI scripts.
 //!
-//! Output is for people by default (`state: running`, `key: value` lines) and the API's JSON
-//! with `--json`. Exit status: 0 on success; 1 when the call fails (the error is one line on
+//! Output is for people by default (`state: running`, `key: value` lines, a table for
+//! `checkpoint list`) and the API's JSON with `--json`. Exit status: 0 on success; 1 when the call fails (the error is one line on
 //! stderr, `strata: error: ...`); 2 for a missing `--api-socket`; `guest exec` exits with the
 //! guest command's status. `guest wait` keeps asking until the agent answers, also while the
 //! socket does not exist yet, so a script can start `strata run` in the background and wait.
@@ -15,8 +15,8 @@ use clap::{Args, Subcommand};
 use crate::call::LifecycleAction;
 use crate::client::{Client, ClientError};
 use crate::types::{
-    CheckpointConfig, CheckpointType, ExecRequest, ExecResponse, GuestInfo, VmInfo,
-    MAX_EXEC_TIMEOUT_S,
+    ApplyCheckpoint, CheckpointConfig, CheckpointInfo, CheckpointList, CheckpointType,
+    CreateCheckpoint, ExecRequest, ExecResponse, GuestInfo, VmInfo, MAX_EXEC_TIMEOUT_S,
 };
 
 /// `strata ctl` flags and subcommand.
@@ -41,6 +41,9 @@ pub enum CtlCommand {
     /// The VM's state and lifecycle
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Take, list, show and apply checkpoints
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
     /// VM settings
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -64,6 +67,60 @@ pub enum VmCommand {
     Stop,
     /// Ask the guest to power off
     Shutdown,
+}
+
+/// `strata ctl checkpoint ...`.
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Take a checkpoint; prints it, with the type actually taken
+    Create {
+        /// The checkpoint's name (1 to 128 characters) [default: the VMM picks one]
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Take this type instead of the configured one
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<TakeType>,
+    },
+    /// List the checkpoints, oldest first; `*` marks the current one
+    List,
+    /// Show one checkpoint
+    Show {
+        /// The checkpoint's id
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Apply a checkpoint: a standard one resumes the VM in its state, a production one leaves
+    /// the VM off on its disks
+    Apply {
+        /// The checkpoint's id
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Take a checkpoint of the current state first instead of discarding it
+        #[arg(long)]
+        save_current: bool,
+    },
+}
+
+/// The types `checkpoint create --type` takes: those of [`CheckpointType`] that take a
+/// checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TakeType {
+    /// Memory, device and disk state
+    Standard,
+    /// Application-consistent disks through the guest agent, else standard
+    Production,
+    /// Like production, but fails instead of falling back to standard
+    ProductionOnly,
+}
+
+impl From<TakeType> for CheckpointType {
+    fn from(kind: TakeType) -> CheckpointType {
+        match kind {
+            TakeType::Standard => CheckpointType::Standard,
+            TakeType::Production => CheckpointType::Production,
+            TakeType::ProductionOnly => CheckpointType::ProductionOnly,
+        }
+    }
 }
 
 /// `strata ctl config ...`.
@@ -157,6 +214,7 @@ pub fn run_with(args: CtlArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 
 fn dispatch(client: &mut Client, command: &CtlCommand, out: &mut Output) -> Result<i32, CtlError> {
     match command {
         CtlCommand::Vm(cmd) => vm(client, *cmd, out).map(|()| 0),
+        CtlCommand::Checkpoint(cmd) => checkpoint(client, cmd, out).map(|()| 0),
         CtlCommand::Config(ConfigCommand::Checkpoints { kind, location }) => {
             checkpoints(client, *kind, location.as_deref(), out).map(|()| 0)
         }
@@ -219,6 +277,43 @@ fn vm(client: &Client, cmd: VmCommand, out: &mut Output) -> Result<(), CtlError>
         out.print_json(&info)
     } else {
         out.line(&format!("state: {}", info.state))
+    }
+}
+
+fn checkpoint(client: &Client, cmd: &CheckpointCommand, out: &mut Output) -> Result<(), CtlError> {
+    match cmd {
+        CheckpointCommand::Create { name, kind } => {
+            let request = CreateCheckpoint {
+                name: name.clone(),
+                kind: kind.map(CheckpointType::from),
+            };
+            let info = client.create_checkpoint(&request)?;
+            out.checkpoint(&info)
+        }
+        CheckpointCommand::List => {
+            let list = client.checkpoints()?;
+            out.checkpoint_list(&list)
+        }
+        CheckpointCommand::Show { id } => {
+            let info = client.checkpoint(id)?;
+            out.checkpoint(&info)
+        }
+        CheckpointCommand::Apply { id, save_current } => {
+            let request = ApplyCheckpoint {
+                save_current: *save_current,
+            };
+            let info = client.apply_checkpoint(id, &request)?;
+            if out.json {
+                return out.print_json(&info);
+            }
+            out.line(&key_values(&[
+                ("state".to_owned(), info.state.to_string()),
+                (
+                    "current checkpoint".to_owned(),
+                    info.current_checkpoint.as_deref().unwrap_or("-").to_owned(),
+                ),
+            ]))
+        }
     }
 }
 
@@ -307,6 +402,20 @@ impl Output<'_> {
         ))
     }
 
+    fn checkpoint(&mut self, info: &CheckpointInfo) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(info);
+        }
+        self.line(&format_checkpoint(info))
+    }
+
+    fn checkpoint_list(&mut self, list: &CheckpointList) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(list);
+        }
+        self.line(&format_checkpoint_list(list))
+    }
+
     fn guest(&mut self, info: &GuestInfo) -> Result<(), CtlError> {
         if self.json {
             return self.print_json(info);
@@ -377,8 +486,129 @@ fn format_vm(info: &VmInfo) -> String {
             format!("{} bytes", info.console.dropped_bytes),
         ),
     ]);
+    key_values(&rows)
+}
+
+/// Aligned `key: value` rows.
+fn key_values(rows: &[(String, String)]) -> String {
     rows.iter()
         .map(|(k, v)| format!("{:<20}{v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A size for people: bytes below 1 KiB, else one decimal in the largest binary unit below it.
+fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A size for people with the exact count when it is rounded.
+fn format_size_exact(bytes: u64) -> String {
+    if bytes < 1024 {
+        format_size(bytes)
+    } else {
+        format!("{} ({bytes} bytes)", format_size(bytes))
+    }
+}
+
+/// `checkpoint show` and `create` for people: aligned `key: value` rows.
+fn format_checkpoint(info: &CheckpointInfo) -> String {
+    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
+    let mut rows = vec![
+        ("id".to_owned(), info.id.clone()),
+        ("name".to_owned(), info.name.clone()),
+        ("type".to_owned(), info.kind.to_string()),
+        ("consistency".to_owned(), info.consistency.to_string()),
+        (
+            "parent".to_owned(),
+            info.parent.as_deref().unwrap_or("-").to_owned(),
+        ),
+        ("created".to_owned(), info.created.clone()),
+        ("current".to_owned(), yes_no(info.current)),
+        ("path".to_owned(), info.path.clone()),
+        ("state size".to_owned(), format_size_exact(info.sizes.state)),
+        (
+            "memory size".to_owned(),
+            format_size_exact(info.sizes.memory),
+        ),
+        (
+            "disk layers size".to_owned(),
+            format_size_exact(info.sizes.disk_layers),
+        ),
+    ];
+    if let Some(reason) = &info.fallback_reason {
+        rows.push(("fallback reason".to_owned(), reason.clone()));
+    }
+    for (i, disk) in info.disks.iter().enumerate() {
+        rows.push((format!("disk {i}"), disk.clone()));
+    }
+    key_values(&rows)
+}
+
+/// `checkpoint list` for people: a table, oldest first, `*` before the current checkpoint.
+fn format_checkpoint_list(list: &CheckpointList) -> String {
+    if list.checkpoints.is_empty() {
+        return "no checkpoints".to_owned();
+    }
+    let header = [
+        "ID",
+        "NAME",
+        "TYPE",
+        "CONSISTENCY",
+        "CREATED",
+        "STATE",
+        "MEMORY",
+        "DISKS",
+    ]
+    .map(str::to_owned);
+    let mut table = vec![("  ", header.to_vec())];
+    for c in &list.checkpoints {
+        let current = c.current || list.current.as_deref() == Some(c.id.as_str());
+        table.push((
+            if current { "* " } else { "  " },
+            vec![
+                c.id.clone(),
+                c.name.clone(),
+                c.kind.to_string(),
+                c.consistency.to_string(),
+                c.created.clone(),
+                format_size(c.sizes.state),
+                format_size(c.sizes.memory),
+                format_size(c.sizes.disk_layers),
+            ],
+        ));
+    }
+    let mut widths = vec![0; header.len()];
+    for (_, cells) in &table {
+        for (w, cell) in widths.iter_mut().zip(cells) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    table
+        .iter()
+        .map(|(marker, cells)| {
+            let mut line = (*marker).to_owned();
+            for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+                if i + 1 == cells.len() {
+                    line.push_str(cell);
+                } else {
+                    let pad = w - cell.chars().count();
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(pad + 2));
+                }
+            }
+            line
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -386,7 +616,9 @@ fn format_vm(info: &VmInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{ConsoleInfo, DiskInfo, VmConfigInfo, VmState};
+    use crate::types::{
+        CheckpointSizes, Consistency, ConsoleInfo, DiskInfo, TakenType, VmConfigInfo, VmState,
+    };
     use clap::Parser;
 
     #[derive(Debug, Parser)]
@@ -507,5 +739,126 @@ mod tests {
         assert!(text.contains("disk 0:             /d.img (ro)"));
         assert!(text.contains("checkpoint type:    production"));
         assert!(text.ends_with("console dropped:    7 bytes"));
+    }
+
+    #[test]
+    fn checkpoint_create_takes_name_and_type_but_not_disabled() {
+        let a = parse(&[
+            "--api-socket",
+            "/s",
+            "checkpoint",
+            "create",
+            "--name",
+            "before",
+            "--type",
+            "production-only",
+        ])
+        .unwrap();
+        match a.command {
+            CtlCommand::Checkpoint(CheckpointCommand::Create { name, kind }) => {
+                assert_eq!(name.as_deref(), Some("before"));
+                assert_eq!(
+                    kind.map(CheckpointType::from),
+                    Some(CheckpointType::ProductionOnly)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let a = parse(&["--api-socket", "/s", "checkpoint", "create"]).unwrap();
+        assert!(matches!(
+            a.command,
+            CtlCommand::Checkpoint(CheckpointCommand::Create {
+                name: None,
+                kind: None
+            })
+        ));
+        assert!(parse(&["checkpoint", "create", "--type", "disabled"]).is_err());
+    }
+
+    #[test]
+    fn checkpoint_show_and_apply_take_an_id() {
+        let a = parse(&["checkpoint", "apply", "ck-1", "--save-current"]).unwrap();
+        assert!(matches!(
+            a.command,
+            CtlCommand::Checkpoint(CheckpointCommand::Apply { ref id, save_current: true }) if id == "ck-1"
+        ));
+        let a = parse(&["checkpoint", "apply", "ck-1"]).unwrap();
+        assert!(matches!(
+            a.command,
+            CtlCommand::Checkpoint(CheckpointCommand::Apply {
+                save_current: false,
+                ..
+            })
+        ));
+        assert!(parse(&["checkpoint", "show"]).is_err());
+        assert!(parse(&["checkpoint", "list"]).is_ok());
+    }
+
+    #[test]
+    fn sizes_are_in_binary_units() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1024), "1.0 KiB");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(64 << 20), "64.0 MiB");
+        assert_eq!(format_size(3 << 30), "3.0 GiB");
+        assert_eq!(format_size(u64::MAX), "16.0 EiB");
+        assert_eq!(format_size_exact(2048), "2.0 KiB (2048 bytes)");
+        assert_eq!(format_size_exact(5), "5 B");
+    }
+
+    fn info(id: &str, current: bool) -> CheckpointInfo {
+        CheckpointInfo {
+            id: id.into(),
+            name: format!("name of {id}"),
+            kind: TakenType::Standard,
+            parent: None,
+            created: "2024-05-01T10:00:00Z".into(),
+            consistency: Consistency::Standard,
+            path: format!("/ck/{id}"),
+            sizes: CheckpointSizes {
+                state: 4096,
+                memory: 64 << 20,
+                disk_layers: 512,
+            },
+            current,
+            fallback_reason: None,
+            disks: vec![format!("/ck/{id}/disk0.strata")],
+        }
+    }
+
+    #[test]
+    fn checkpoint_text_is_aligned_rows() {
+        let mut c = info("ck-1", true);
+        c.fallback_reason = Some("the agent did not answer".into());
+        let text = format_checkpoint(&c);
+        assert!(text.starts_with("id:                 ck-1\n"), "{text}");
+        assert!(text.contains("\nparent:             -\n"), "{text}");
+        assert!(text.contains("\ncurrent:            yes\n"), "{text}");
+        assert!(text.contains("\nmemory size:        64.0 MiB (67108864 bytes)\n"));
+        assert!(text.contains("\nfallback reason:    the agent did not answer\n"));
+        assert!(
+            text.ends_with("\ndisk 0:             /ck/ck-1/disk0.strata"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn checkpoint_list_is_a_table_marking_the_current_one() {
+        let list = CheckpointList {
+            checkpoints: vec![info("a", false), info("ck-22", true)],
+            current: Some("ck-22".into()),
+        };
+        let text = format_checkpoint_list(&list);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("  ID     NAME"), "{text}");
+        assert!(lines[1].starts_with("  a      name of a "), "{text}");
+        assert!(lines[2].starts_with("* ck-22  name of ck-22"), "{text}");
+        assert!(lines[2].ends_with("4.0 KiB  64.0 MiB  512 B"), "{text}");
+        assert_eq!(
+            format_checkpoint_list(&CheckpointList::default()),
+            "no checkpoints"
+        );
     }
 }

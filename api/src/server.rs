@@ -9,22 +9,26 @@
 //!    that task, which hyper closes when the headers are not complete within the read timeout
 //!    (the body has its own timeout).
 //! 2. The server matches the path against [`ROUTES`]: an unknown path is a 404, a known path
-//!    with another method a 405 with an `Allow` header.
+//!    with another method a 405 with an `Allow` header. A `{id}` segment of a route matches a
+//!    checkpoint id; one that cannot be an id
+//!    ([`valid_checkpoint_id`](crate::types::valid_checkpoint_id)) is a 404 at once.
 //! 3. It reads the whole body (at most [`MAX_BODY_BYTES`], else 413) and parses it into an
 //!    [`ApiRequest`]: JSON that is malformed, not an object, has unknown fields or wrong types,
-//!    or fails the type's `validate`, is a 400. None of this reaches the VMM, so a rejected
-//!    request changes nothing.
+//!    or fails the type's `validate`, is a 400 (a `POST` that takes no body, and checkpoint
+//!    apply, also accept none at all). None of this reaches the VMM, so a rejected request
+//!    changes nothing.
 //! 4. It wraps the request with a [`Responder`](crate::call::Responder) into an [`ApiCall`] and
 //!    calls the VMM's [`ApiHandler`] with it, on the API thread. The handler must return at once:
 //!    the VMM forwards the call into its control loop's channel and signals that loop's eventfd.
 //! 5. The VMM handles the call between its other events and answers through the responder;
 //!    sending never blocks it, even if the client is gone.
 //! 6. The connection's task waits for the answer without blocking the runtime, up to a bound
-//!    (30 s; `shutdown` 120 s; guest exec its own timeout plus 30 s). A VMM that does not answer
-//!    in time, or drops the call, is a bug: 500 `internal`.
+//!    (30 s; `shutdown` 120 s; checkpoint create and apply, which save or load gigabytes, an
+//!    hour; guest exec its own timeout plus 30 s). A VMM that does not answer in time, or drops
+//!    the call, is a bug: 500 `internal`.
 //! 7. The answer is checked against the route (right reply kind, an error code the route
 //!    documents in `openapi.yaml`; anything else is a 500) and written as JSON with
-//!    `Content-Type: application/json`.
+//!    `Content-Type: application/json`, status 200 (201 for a checkpoint created).
 //!
 //! [`ApiServer::shutdown`] (or dropping the server) stops accepting, ends open connections, joins
 //! the thread and removes the socket file if it is still ours.
@@ -47,7 +51,10 @@ use crate::call::{
     ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, ErrorCode, LifecycleAction,
 };
 use crate::socket::{self, SocketError, SocketFile};
-use crate::types::{CheckpointConfig, ErrorBody, ErrorDetail, ExecRequest};
+use crate::types::{
+    valid_checkpoint_id, ApplyCheckpoint, CheckpointConfig, CreateCheckpoint, ErrorBody,
+    ErrorDetail, ExecRequest, MAX_CHECKPOINT_ID_LEN,
+};
 
 /// The largest request body accepted; larger ones get 413 `payload_too_large`.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -63,6 +70,14 @@ pub enum Endpoint {
     GetCheckpointConfig,
     /// `PUT /v1/vm/checkpoint-config`.
     PutCheckpointConfig,
+    /// `POST /v1/checkpoints`.
+    CreateCheckpoint,
+    /// `GET /v1/checkpoints`.
+    ListCheckpoints,
+    /// `GET /v1/checkpoints/{id}`.
+    GetCheckpoint,
+    /// `POST /v1/checkpoints/{id}/apply`.
+    ApplyCheckpoint,
     /// `GET /v1/guest`.
     GetGuest,
     /// `POST /v1/guest/exec`.
@@ -79,6 +94,9 @@ impl Endpoint {
             Endpoint::Lifecycle(LifecycleAction::Shutdown) => &[InvalidState, AgentUnreachable],
             Endpoint::Lifecycle(_) => &[InvalidState],
             Endpoint::PutCheckpointConfig => &[BadRequest, InvalidState],
+            Endpoint::CreateCheckpoint => &[BadRequest, InvalidState, AgentUnreachable],
+            Endpoint::ListCheckpoints | Endpoint::GetCheckpoint => &[NotFound],
+            Endpoint::ApplyCheckpoint => &[NotFound, InvalidState],
             Endpoint::GetGuest => &[InvalidState, AgentUnreachable],
             Endpoint::GuestExec => &[BadRequest, InvalidState, AgentUnreachable],
         }
@@ -88,15 +106,35 @@ impl Endpoint {
     pub fn reads_body(self) -> bool {
         matches!(
             self,
-            Endpoint::Lifecycle(_) | Endpoint::PutCheckpointConfig | Endpoint::GuestExec
+            Endpoint::Lifecycle(_)
+                | Endpoint::PutCheckpointConfig
+                | Endpoint::CreateCheckpoint
+                | Endpoint::ApplyCheckpoint
+                | Endpoint::GuestExec
         )
+    }
+
+    /// Whether the endpoint's path has a checkpoint id (and so can answer 404 by itself).
+    pub fn takes_id(self) -> bool {
+        matches!(self, Endpoint::GetCheckpoint | Endpoint::ApplyCheckpoint)
+    }
+
+    /// The status of a successful answer: 201 for a checkpoint created, else 200.
+    pub fn success_status(self) -> u16 {
+        match self {
+            Endpoint::CreateCheckpoint => 201,
+            _ => 200,
+        }
     }
 
     /// Every HTTP status this endpoint can answer, sorted; `openapi.yaml` lists exactly these.
     pub fn statuses(self) -> Vec<u16> {
-        let mut statuses = vec![200, 500];
+        let mut statuses = vec![self.success_status(), 500];
         if self.reads_body() {
             statuses.extend([400, 413]);
+        }
+        if self.takes_id() {
+            statuses.push(404);
         }
         statuses.extend(self.handler_errors().iter().map(|c| c.status()));
         statuses.sort_unstable();
@@ -105,10 +143,13 @@ impl Endpoint {
     }
 }
 
+/// The segment of a route's path that matches a checkpoint id.
+pub const ID_SEGMENT: &str = "{id}";
+
 /// One path and the methods it answers.
 #[derive(Debug)]
 pub struct Route {
-    /// The path, e.g. `/v1/vm`.
+    /// The path, e.g. `/v1/vm`; a segment [`ID_SEGMENT`] matches a checkpoint id.
     pub path: &'static str,
     /// The methods (`GET`, `PUT`, `POST`) and what each does.
     pub methods: &'static [(&'static str, Endpoint)],
@@ -148,6 +189,21 @@ pub const ROUTES: &[Route] = &[
         ],
     },
     Route {
+        path: "/v1/checkpoints",
+        methods: &[
+            ("GET", Endpoint::ListCheckpoints),
+            ("POST", Endpoint::CreateCheckpoint),
+        ],
+    },
+    Route {
+        path: "/v1/checkpoints/{id}",
+        methods: &[("GET", Endpoint::GetCheckpoint)],
+    },
+    Route {
+        path: "/v1/checkpoints/{id}/apply",
+        methods: &[("POST", Endpoint::ApplyCheckpoint)],
+    },
+    Route {
         path: "/v1/guest",
         methods: &[("GET", Endpoint::GetGuest)],
     },
@@ -156,6 +212,9 @@ pub const ROUTES: &[Route] = &[
         methods: &[("POST", Endpoint::GuestExec)],
     },
 ];
+
+/// The default [`ServerOptions::checkpoint_reply_timeout`]: an hour.
+pub const DEFAULT_CHECKPOINT_REPLY_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Timeouts of the server.
 #[derive(Debug, Clone, Copy)]
@@ -167,6 +226,9 @@ pub struct ServerOptions {
     pub reply_timeout: Duration,
     /// How long it waits for `shutdown`; guest exec waits its own timeout plus `reply_timeout`.
     pub long_reply_timeout: Duration,
+    /// How long it waits for checkpoint create and apply, which write or read the guest's
+    /// memory and may wait for the guest agent.
+    pub checkpoint_reply_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -175,6 +237,7 @@ impl Default for ServerOptions {
             read_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(30),
             long_reply_timeout: Duration::from_secs(120),
+            checkpoint_reply_timeout: DEFAULT_CHECKPOINT_REPLY_TIMEOUT,
         }
     }
 }
@@ -321,8 +384,9 @@ async fn serve_connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
 async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
-    let Some(route) = ROUTES.iter().find(|r| r.path == path) else {
-        return error_response(&ApiError::not_found(format!("no route {path}")));
+    let (route, id) = match find_route(&path) {
+        Ok(found) => found,
+        Err(e) => return error_response(&e),
     };
     let Some(&(_, endpoint)) = route.methods.iter().find(|(m, _)| *m == method) else {
         let allow: Vec<&str> = route.methods.iter().map(|(m, _)| *m).collect();
@@ -337,27 +401,77 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
         return resp;
     };
     log::debug!("API {method} {path}");
-    let result = match parse_request(endpoint, req, shared.options.read_timeout).await {
+    let result = match parse_request(endpoint, id, req, shared.options.read_timeout).await {
         Ok(request) => dispatch(endpoint, request, shared).await,
         Err(e) => Err(e),
     };
     match result.and_then(|reply| serialize(&reply)) {
-        Ok(body) => json_response(StatusCode::OK, body),
+        Ok(body) => json_response(success_status(endpoint), body),
         Err(e) => error_response(&e),
     }
+}
+
+fn success_status(endpoint: Endpoint) -> StatusCode {
+    match endpoint.success_status() {
+        201 => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    }
+}
+
+/// The route of `path` and the checkpoint id in it, if its route has one. Routes without an id
+/// win over routes with one. A path that fits a route with an id, but whose id cannot be one, is
+/// a 404 naming it.
+fn find_route(path: &str) -> Result<(&'static Route, Option<String>), ApiError> {
+    if let Some(route) = ROUTES
+        .iter()
+        .find(|r| r.path == path && !r.path.contains(ID_SEGMENT))
+    {
+        return Ok((route, None));
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    for route in ROUTES.iter().filter(|r| r.path.contains(ID_SEGMENT)) {
+        let pattern: Vec<&str> = route.path.split('/').collect();
+        if pattern.len() != segments.len() {
+            continue;
+        }
+        let mut id = None;
+        let fits = pattern.iter().zip(&segments).all(|(p, s)| {
+            if *p == ID_SEGMENT {
+                id = Some(*s);
+                true
+            } else {
+                p == s
+            }
+        });
+        let Some(id) = id.filter(|_| fits) else {
+            continue;
+        };
+        if !valid_checkpoint_id(id) {
+            return Err(ApiError::not_found(format!(
+                "no checkpoint {id:?}: an id is 1 to {MAX_CHECKPOINT_ID_LEN} characters of \
+                 A-Z, a-z, 0-9, _ and -, not starting with -"
+            )));
+        }
+        return Ok((route, Some(id.to_owned())));
+    }
+    Err(ApiError::not_found(format!("no route {path}")))
 }
 
 /// Reads and validates the request for `endpoint`.
 async fn parse_request(
     endpoint: Endpoint,
+    id: Option<String>,
     req: Request<Incoming>,
     read_timeout: Duration,
 ) -> Result<ApiRequest, ApiError> {
+    let id = || id.ok_or_else(|| ApiError::internal(format!("bug: {endpoint:?} without an id")));
     Ok(match endpoint {
         // Bodies of GETs are ignored.
         Endpoint::GetVm => ApiRequest::GetVm,
         Endpoint::GetCheckpointConfig => ApiRequest::GetCheckpointConfig,
         Endpoint::GetGuest => ApiRequest::GetGuest,
+        Endpoint::ListCheckpoints => ApiRequest::ListCheckpoints,
+        Endpoint::GetCheckpoint => ApiRequest::GetCheckpoint(id()?),
         Endpoint::Lifecycle(action) => {
             let body = read_body(req, read_timeout).await?;
             if !body.iter().all(u8::is_ascii_whitespace) {
@@ -370,6 +484,22 @@ async fn parse_request(
             let config: CheckpointConfig = parse_json(&body)?;
             config.validate().map_err(ApiError::bad_request)?;
             ApiRequest::PutCheckpointConfig(config)
+        }
+        Endpoint::CreateCheckpoint => {
+            let body = read_body(req, read_timeout).await?;
+            let create: CreateCheckpoint = parse_json(&body)?;
+            create.validate().map_err(ApiError::bad_request)?;
+            ApiRequest::CreateCheckpoint(create)
+        }
+        Endpoint::ApplyCheckpoint => {
+            let id = id()?;
+            let body = read_body(req, read_timeout).await?;
+            let request = if body.iter().all(u8::is_ascii_whitespace) {
+                ApplyCheckpoint::default()
+            } else {
+                parse_json(&body)?
+            };
+            ApiRequest::ApplyCheckpoint { id, request }
         }
         Endpoint::GuestExec => {
             let body = read_body(req, read_timeout).await?;
@@ -435,6 +565,9 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 fn reply_timeout(request: &ApiRequest, options: &ServerOptions) -> Duration {
     match request {
         ApiRequest::Lifecycle(LifecycleAction::Shutdown) => options.long_reply_timeout,
+        ApiRequest::CreateCheckpoint(_) | ApiRequest::ApplyCheckpoint { .. } => {
+            options.checkpoint_reply_timeout
+        }
         ApiRequest::GuestExec(exec) => {
             Duration::from_secs(exec.timeout().into()) + options.reply_timeout
         }
@@ -473,7 +606,13 @@ async fn dispatch(endpoint: Endpoint, request: ApiRequest, shared: &Shared) -> A
 fn reply_fits(endpoint: Endpoint, reply: &ApiReply) -> bool {
     matches!(
         (endpoint, reply),
-        (Endpoint::GetVm | Endpoint::Lifecycle(_), ApiReply::Vm(_))
+        (
+            Endpoint::GetVm | Endpoint::Lifecycle(_) | Endpoint::ApplyCheckpoint,
+            ApiReply::Vm(_)
+        ) | (
+            Endpoint::CreateCheckpoint | Endpoint::GetCheckpoint,
+            ApiReply::Checkpoint(_)
+        ) | (Endpoint::ListCheckpoints, ApiReply::Checkpoints(_))
             | (
                 Endpoint::GetCheckpointConfig | Endpoint::PutCheckpointConfig,
                 ApiReply::CheckpointConfig(_)
@@ -487,6 +626,8 @@ fn reply_kind(reply: &ApiReply) -> &'static str {
     match reply {
         ApiReply::Vm(_) => "a VM",
         ApiReply::CheckpointConfig(_) => "a checkpoint config",
+        ApiReply::Checkpoint(_) => "a checkpoint",
+        ApiReply::Checkpoints(_) => "a checkpoint list",
         ApiReply::Guest(_) => "guest info",
         ApiReply::Exec(_) => "an exec result",
     }
@@ -496,6 +637,8 @@ fn serialize(reply: &ApiReply) -> Result<Vec<u8>, ApiError> {
     match reply {
         ApiReply::Vm(v) => serde_json::to_vec(v),
         ApiReply::CheckpointConfig(c) => serde_json::to_vec(c),
+        ApiReply::Checkpoint(c) => serde_json::to_vec(c),
+        ApiReply::Checkpoints(l) => serde_json::to_vec(l),
         ApiReply::Guest(g) => serde_json::to_vec(g),
         ApiReply::Exec(e) => serde_json::to_vec(e),
     }
@@ -580,5 +723,64 @@ mod tests {
         let reply = ApiReply::CheckpointConfig(CheckpointConfig::default());
         assert!(!reply_fits(Endpoint::GetVm, &reply));
         assert!(reply_fits(Endpoint::PutCheckpointConfig, &reply));
+    }
+
+    #[test]
+    fn checkpoint_create_and_apply_wait_the_checkpoint_timeout() {
+        let opts = ServerOptions {
+            checkpoint_reply_timeout: Duration::from_secs(7),
+            ..ServerOptions::default()
+        };
+        let create = ApiRequest::CreateCheckpoint(CreateCheckpoint::default());
+        let apply = ApiRequest::ApplyCheckpoint {
+            id: "a".into(),
+            request: ApplyCheckpoint::default(),
+        };
+        assert_eq!(reply_timeout(&create, &opts), Duration::from_secs(7));
+        assert_eq!(reply_timeout(&apply, &opts), Duration::from_secs(7));
+        assert_eq!(
+            reply_timeout(&ApiRequest::ListCheckpoints, &opts),
+            opts.reply_timeout
+        );
+        assert_eq!(
+            ServerOptions::default().checkpoint_reply_timeout,
+            Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
+    fn id_routes_capture_the_id_and_reject_ids_that_cannot_be() {
+        let (route, id) = find_route("/v1/checkpoints/ck-1/apply").unwrap();
+        assert_eq!(route.path, "/v1/checkpoints/{id}/apply");
+        assert_eq!(id.as_deref(), Some("ck-1"));
+        let (route, id) = find_route("/v1/checkpoints").unwrap();
+        assert_eq!((route.path, id), ("/v1/checkpoints", None));
+        for path in [
+            "/v1/checkpoints/-x",
+            "/v1/checkpoints/",
+            "/v1/checkpoints//apply",
+            "/v1/checkpoints/a.b/apply",
+            "/v1/checkpoints/a%20b",
+            "/v1/checkpoints/{id}",
+        ] {
+            let e = find_route(path).unwrap_err();
+            assert_eq!(e.code, ErrorCode::NotFound, "{path}");
+            assert!(e.message.starts_with("no checkpoint"), "{path}: {e}");
+        }
+        let e = find_route("/v1/checkpoints/a/b").unwrap_err();
+        assert_eq!(e.message, "no route /v1/checkpoints/a/b");
+    }
+
+    #[test]
+    fn create_answers_201_and_id_routes_can_answer_404() {
+        assert_eq!(
+            Endpoint::CreateCheckpoint.statuses(),
+            [201, 400, 409, 413, 500, 503]
+        );
+        assert_eq!(Endpoint::GetCheckpoint.statuses(), [200, 404, 500]);
+        assert_eq!(
+            Endpoint::ApplyCheckpoint.statuses(),
+            [200, 400, 404, 409, 413, 500]
+        );
     }
 }

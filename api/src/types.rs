@@ -1,8 +1,8 @@
 //! The JSON bodies of the API, shared by the server, the client and the VMM.
 //!
-//! Request bodies (`CheckpointConfig` as sent by `PUT`, `ExecRequest`) reject unknown fields and
-//! are checked with `validate` after parsing, so a request that the server accepts is one the
-//! VMM can act on. `openapi.yaml` describes the same shapes and limits.
+//! Request bodies (`CheckpointConfig` as sent by `PUT`, `CreateCheckpoint`, `ApplyCheckpoint`,
+//! `ExecRequest`) reject unknown fields and those with limits are checked with `validate` after
+//! parsing, so a request that the server accepts is one the VMM can act on. `openapi.yaml` describes the same shapes and limits.
 
 use serde::{Deserialize, Serialize};
 
@@ -153,6 +153,180 @@ impl CheckpointConfig {
     }
 }
 
+/// The longest checkpoint id, in bytes.
+pub const MAX_CHECKPOINT_ID_LEN: usize = 64;
+/// The longest checkpoint name, in characters.
+pub const MAX_CHECKPOINT_NAME_CHARS: usize = 128;
+
+/// Whether `id` can be a checkpoint id: 1 to 64 characters of `A-Z`, `a-z`, `0-9`, `_` and
+/// `-`, not starting with `-`. The server answers 404 for any other id in a path without asking
+/// the VMM, so the ids the VMM makes must pass this.
+pub fn valid_checkpoint_id(id: &str) -> bool {
+    (1..=MAX_CHECKPOINT_ID_LEN).contains(&id.len())
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `POST /v1/checkpoints`: take a checkpoint. `{}` takes one of the configured type with a name
+/// the VMM picks.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCheckpoint {
+    /// The checkpoint's name: 1 to 128 characters, no control characters [default: the VMM
+    /// picks one].
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The type to take instead of the configured one; not `disabled` [default: the
+    /// configured type].
+    #[serde(default, rename = "type")]
+    pub kind: Option<CheckpointType>,
+}
+
+impl CreateCheckpoint {
+    /// Checks what serde cannot: the name's length and characters, and that the type is one
+    /// that takes a checkpoint.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(name) = &self.name {
+            let chars = name.chars().count();
+            if !(1..=MAX_CHECKPOINT_NAME_CHARS).contains(&chars) {
+                return Err(format!(
+                    "name must be 1 to {MAX_CHECKPOINT_NAME_CHARS} characters, not {chars}"
+                ));
+            }
+            if let Some(c) = name.chars().find(|c| c.is_control()) {
+                return Err(format!(
+                    "name must not contain control characters, found {c:?}"
+                ));
+            }
+        }
+        if self.kind == Some(CheckpointType::Disabled) {
+            return Err(
+                "type must be standard, production or production-only: a request cannot take a \
+                 disabled checkpoint"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/checkpoints/{id}/apply`; no body at all means the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyCheckpoint {
+    /// Take a checkpoint of the current state before applying, so it is not lost
+    /// [default: false, the current state is discarded].
+    #[serde(default)]
+    pub save_current: bool,
+}
+
+/// The type a checkpoint was actually taken as (`CheckpointInfo::kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TakenType {
+    /// Memory, device and disk state: applying it resumes the VM where it was.
+    Standard,
+    /// Disks only: applying it leaves the VM off on those disks.
+    Production,
+}
+
+impl TakenType {
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TakenType::Standard => "standard",
+            TakenType::Production => "production",
+        }
+    }
+}
+
+impl std::fmt::Display for TakenType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How consistent a checkpoint's disks are (`CheckpointInfo::consistency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// A standard checkpoint: disks, memory and devices from the same instant.
+    Standard,
+    /// The guest agent froze the file systems while the disks were frozen.
+    ApplicationConsistent,
+    /// Disks only, without the agent: as after a power loss.
+    CrashConsistent,
+}
+
+impl Consistency {
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Standard => "standard",
+            Consistency::ApplicationConsistent => "application-consistent",
+            Consistency::CrashConsistent => "crash-consistent",
+        }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The sizes of a checkpoint on disk, in bytes (`CheckpointInfo::sizes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CheckpointSizes {
+    /// Device and vCPU state (0 for a production checkpoint).
+    pub state: u64,
+    /// Guest memory (0 for a production checkpoint).
+    pub memory: u64,
+    /// The disk layers the checkpoint froze.
+    pub disk_layers: u64,
+}
+
+/// One checkpoint: the answer of `POST /v1/checkpoints` and `GET /v1/checkpoints/{id}`, and an
+/// entry of `CheckpointList`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// The id, as used in paths.
+    pub id: String,
+    /// The name given (or picked by the VMM).
+    pub name: String,
+    /// The type actually taken.
+    #[serde(rename = "type")]
+    pub kind: TakenType,
+    /// The id of the checkpoint this one was taken on top of, if any.
+    pub parent: Option<String>,
+    /// When it was taken.
+    pub created: String,
+    /// How consistent its disks are.
+    pub consistency: Consistency,
+    /// Its folder.
+    pub path: String,
+    /// Its sizes on disk.
+    pub sizes: CheckpointSizes,
+    /// Whether it is the VM's current checkpoint (`CheckpointList::current`).
+    pub current: bool,
+    /// Why a production checkpoint fell back to standard, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    /// For each disk, in `--disk` order, the layer the checkpoint froze.
+    pub disks: Vec<String>,
+}
+
+/// `GET /v1/checkpoints`: every checkpoint, in the order they were taken.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CheckpointList {
+    /// The checkpoints, oldest first.
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// The id of the checkpoint the VM runs on, if any.
+    pub current: Option<String>,
+}
+
 /// Whether the guest agent answered (`GuestInfo::agent`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -280,5 +454,97 @@ mod tests {
         assert!(r.validate().is_err());
         r.timeout_s = Some(MAX_EXEC_TIMEOUT_S + 1);
         assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn empty_create_checkpoint_body_is_valid() {
+        let c: CreateCheckpoint = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, CreateCheckpoint::default());
+        assert!(c.validate().is_ok());
+        let c: CreateCheckpoint =
+            serde_json::from_str(r#"{"name":"before upgrade","type":"production-only"}"#).unwrap();
+        assert_eq!(c.name.as_deref(), Some("before upgrade"));
+        assert_eq!(c.kind, Some(CheckpointType::ProductionOnly));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn create_checkpoint_limits_are_checked() {
+        let named = |name: &str| CreateCheckpoint {
+            name: Some(name.into()),
+            kind: None,
+        };
+        assert!(named("").validate().is_err());
+        assert!(named(&"é".repeat(MAX_CHECKPOINT_NAME_CHARS))
+            .validate()
+            .is_ok());
+        assert!(named(&"a".repeat(MAX_CHECKPOINT_NAME_CHARS + 1))
+            .validate()
+            .is_err());
+        assert!(named("a\nb").validate().is_err());
+        assert!(named("a\u{7f}").validate().is_err());
+        let disabled = CreateCheckpoint {
+            name: None,
+            kind: Some(CheckpointType::Disabled),
+        };
+        assert!(disabled.validate().unwrap_err().contains("disabled"));
+        assert!(serde_json::from_str::<CreateCheckpoint>(r#"{"nmae":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn apply_checkpoint_defaults_and_rejects_unknown_fields() {
+        let a: ApplyCheckpoint = serde_json::from_str("{}").unwrap();
+        assert!(!a.save_current);
+        let a: ApplyCheckpoint = serde_json::from_str(r#"{"save_current":true}"#).unwrap();
+        assert!(a.save_current);
+        assert!(serde_json::from_str::<ApplyCheckpoint>(r#"{"save":true}"#).is_err());
+    }
+
+    #[test]
+    fn checkpoint_ids_follow_the_grammar() {
+        for id in [
+            "a",
+            "ck-1",
+            "_x",
+            "A_b-9",
+            &"a".repeat(MAX_CHECKPOINT_ID_LEN),
+        ] {
+            assert!(valid_checkpoint_id(id), "{id:?}");
+        }
+        let long = "a".repeat(MAX_CHECKPOINT_ID_LEN + 1);
+        for id in ["", "-a", "a.b", "a b", "a/b", "é", "a%20", &long] {
+            assert!(!valid_checkpoint_id(id), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn checkpoint_info_wire_format() {
+        let info = CheckpointInfo {
+            id: "ck-1".into(),
+            name: "n".into(),
+            kind: TakenType::Production,
+            parent: None,
+            created: "2024-01-01T00:00:00Z".into(),
+            consistency: Consistency::ApplicationConsistent,
+            path: "/ck/ck-1".into(),
+            sizes: CheckpointSizes {
+                state: 1,
+                memory: 2,
+                disk_layers: 3,
+            },
+            current: true,
+            fallback_reason: None,
+            disks: vec!["/ck/ck-1/disk0.strata".into()],
+        };
+        let v = serde_json::to_value(&info).unwrap();
+        assert_eq!(v["type"], "production");
+        assert_eq!(v["consistency"], "application-consistent");
+        assert_eq!(v["parent"], serde_json::Value::Null);
+        assert_eq!(v["sizes"]["disk_layers"], 3);
+        assert!(v.get("fallback_reason").is_none());
+        let back: CheckpointInfo = serde_json::from_value(v).unwrap();
+        assert_eq!(back, info);
+        assert_eq!(Consistency::CrashConsistent.to_string(), "crash-consistent");
+        assert_eq!(TakenType::Standard.to_string(), "standard");
     }
 }

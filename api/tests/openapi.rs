@@ -66,11 +66,44 @@ fn spec_statuses_equal_what_each_endpoint_can_answer() {
 fn request_body_schemas_forbid_unknown_fields() {
     let spec = spec();
     let schemas = &spec["components"]["schemas"];
-    for name in ["CheckpointConfigUpdate", "ExecRequest"] {
+    for name in [
+        "CheckpointConfigUpdate",
+        "CreateCheckpoint",
+        "ApplyCheckpoint",
+        "ExecRequest",
+    ] {
         assert_eq!(schemas[name]["additionalProperties"], false, "{name}");
     }
     let empty = &spec["components"]["requestBodies"]["Empty"]["content"]["application/json"];
     assert_eq!(empty["schema"]["additionalProperties"], false);
+}
+
+#[test]
+fn operations_with_an_id_take_it_as_the_checkpoint_id_parameter() {
+    let spec = spec();
+    for route in ROUTES {
+        for (method, endpoint) in route.methods {
+            let op = &spec["paths"][route.path][method.to_ascii_lowercase()];
+            assert_eq!(
+                route.path.contains(api::server::ID_SEGMENT),
+                endpoint.takes_id(),
+                "{method} {}",
+                route.path
+            );
+            let params = op.get("parameters").and_then(Value::as_array);
+            if endpoint.takes_id() {
+                let params = params.unwrap();
+                assert_eq!(params.len(), 1, "{method} {}", route.path);
+                assert_eq!(params[0]["$ref"], "#/components/parameters/CheckpointId");
+            } else {
+                assert!(params.is_none(), "{method} {}", route.path);
+            }
+        }
+    }
+    let id = &spec["components"]["parameters"]["CheckpointId"]["schema"];
+    assert_eq!(id["maxLength"], api::types::MAX_CHECKPOINT_ID_LEN);
+    let name = &spec["components"]["schemas"]["CreateCheckpoint"]["properties"]["name"];
+    assert_eq!(name["maxLength"], api::types::MAX_CHECKPOINT_NAME_CHARS);
 }
 
 #[test]

@@ -9,10 +9,12 @@ mod common;
 
 use std::path::PathBuf;
 
-use api::types::{CheckpointConfig, CheckpointType, ExecRequest};
+use api::types::{
+    ApplyCheckpoint, CheckpointConfig, CheckpointType, CreateCheckpoint, ExecRequest,
+};
 use api::{ApiRequest, LifecycleAction};
 use common::recorder::{self, Recorder};
-use common::{http, post, put};
+use common::{get, http, post, put};
 use serde_json::json;
 
 struct Env {
@@ -100,7 +102,9 @@ fn unknown_routes_are_404_json_and_never_reach_the_vmm() {
         ("GET", "/v1/vm/"),
         ("POST", "/v1/vm/reboot"),
         ("GET", "/v2/vm"),
-        ("GET", "/v1/checkpoints/nope"),
+        ("GET", "/v1/checkpoints/ck-1/changes"),
+        ("POST", "/v1/checkpoints/ck-1/apply/now"),
+        ("GET", "/v1/checkpoint"),
         ("DELETE", "/v1/nothing"),
         ("POST", "/v1/vm/pause/now"),
     ] {
@@ -124,6 +128,11 @@ fn wrong_method_is_405_with_allow_and_never_reaches_the_vmm() {
         ("PATCH", "/v1/guest", "GET"),
         ("GET", "/v1/guest/exec", "POST"),
         ("HEAD", "/v1/vm/start", "POST"),
+        ("DELETE", "/v1/checkpoints", "GET, POST"),
+        ("PUT", "/v1/checkpoints", "GET, POST"),
+        ("POST", "/v1/checkpoints/ck-1", "GET"),
+        ("DELETE", "/v1/checkpoints/ck-1", "GET"),
+        ("GET", "/v1/checkpoints/ck-1/apply", "POST"),
     ] {
         let r = http(&e.sock, method, path, None);
         assert_eq!(r.status, 405, "{method} {path}");
@@ -149,6 +158,16 @@ fn bodies_over_one_mib_are_413_and_never_reach_the_vmm() {
     let big = json!({ "argv": argv }).to_string();
     assert!(big.len() > api::server::MAX_BODY_BYTES);
     assert_eq!(post(&e.sock, "/v1/guest/exec", &big).status, 413);
+    let big = json!({ "name": "n".repeat(api::server::MAX_BODY_BYTES) }).to_string();
+    assert_eq!(post(&e.sock, "/v1/checkpoints", &big).status, 413);
+    let big = format!(
+        r#"{{"save_current":true{}}}"#,
+        " ".repeat(api::server::MAX_BODY_BYTES)
+    );
+    assert_eq!(
+        post(&e.sock, "/v1/checkpoints/ck-1/apply", &big).status,
+        413
+    );
     assert_eq!(e.recorder.calls(), []);
 }
 
@@ -236,6 +255,21 @@ fn typed_client_sends_every_route_and_decodes_every_answer() {
         timeout_s: Some(2),
     };
     assert_eq!(c.exec(&exec).unwrap(), recorder::exec_response());
+    let create = CreateCheckpoint {
+        name: Some("before upgrade".into()),
+        kind: Some(CheckpointType::Standard),
+    };
+    assert_eq!(
+        c.create_checkpoint(&create).unwrap(),
+        recorder::checkpoint_info()
+    );
+    assert_eq!(c.checkpoints().unwrap(), recorder::checkpoint_list());
+    assert_eq!(c.checkpoint("ck-2").unwrap(), recorder::checkpoint_info());
+    let apply = ApplyCheckpoint { save_current: true };
+    assert_eq!(
+        c.apply_checkpoint("ck-1", &apply).unwrap(),
+        recorder::vm_info()
+    );
 
     let mut sent = vec![ApiRequest::GetVm];
     sent.extend(LifecycleAction::ALL.map(ApiRequest::Lifecycle));
@@ -244,6 +278,195 @@ fn typed_client_sends_every_route_and_decodes_every_answer() {
         ApiRequest::PutCheckpointConfig(cfg),
         ApiRequest::GetGuest,
         ApiRequest::GuestExec(exec),
+        ApiRequest::CreateCheckpoint(create),
+        ApiRequest::ListCheckpoints,
+        ApiRequest::GetCheckpoint("ck-2".into()),
+        ApiRequest::ApplyCheckpoint {
+            id: "ck-1".into(),
+            request: apply,
+        },
     ]);
     assert_eq!(e.recorder.calls(), sent);
+}
+
+#[test]
+fn checkpoint_routes_map_to_their_requests() {
+    let e = env();
+    let r = post(&e.sock, "/v1/checkpoints", "{}");
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let taken: api::types::CheckpointInfo = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(taken, recorder::checkpoint_info());
+    let r = post(
+        &e.sock,
+        "/v1/checkpoints",
+        r#"{"name":"before upgrade","type":"production-only"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        post(&e.sock, "/v1/checkpoints", r#"{"name":null,"type":null}"#).status,
+        201
+    );
+    assert_eq!(get(&e.sock, "/v1/checkpoints").status, 200);
+    let long_id = "a".repeat(api::types::MAX_CHECKPOINT_ID_LEN);
+    for id in ["ck-1", "_", "A-b_9", &long_id] {
+        let r = get(&e.sock, &format!("/v1/checkpoints/{id}"));
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+    }
+    let r = post(
+        &e.sock,
+        "/v1/checkpoints/ck-1/apply",
+        r#"{"save_current":true}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let vm: api::types::VmInfo = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(vm, recorder::vm_info());
+
+    let apply = |id: &str, save_current| ApiRequest::ApplyCheckpoint {
+        id: id.into(),
+        request: ApplyCheckpoint { save_current },
+    };
+    let mut expected = vec![
+        ApiRequest::CreateCheckpoint(CreateCheckpoint::default()),
+        ApiRequest::CreateCheckpoint(CreateCheckpoint {
+            name: Some("before upgrade".into()),
+            kind: Some(CheckpointType::ProductionOnly),
+        }),
+        ApiRequest::CreateCheckpoint(CreateCheckpoint::default()),
+        ApiRequest::ListCheckpoints,
+    ];
+    expected
+        .extend(["ck-1", "_", "A-b_9", &long_id].map(|id| ApiRequest::GetCheckpoint(id.into())));
+    expected.push(apply("ck-1", true));
+    assert_eq!(e.recorder.calls(), expected);
+}
+
+#[test]
+fn apply_accepts_no_body_or_an_empty_object() {
+    let e = env();
+    assert_eq!(
+        http(&e.sock, "POST", "/v1/checkpoints/a/apply", None).status,
+        200
+    );
+    assert_eq!(post(&e.sock, "/v1/checkpoints/b/apply", "").status, 200);
+    assert_eq!(post(&e.sock, "/v1/checkpoints/c/apply", " \n").status, 200);
+    assert_eq!(post(&e.sock, "/v1/checkpoints/d/apply", "{}").status, 200);
+    assert_eq!(
+        post(
+            &e.sock,
+            "/v1/checkpoints/e/apply",
+            r#"{"save_current":false}"#
+        )
+        .status,
+        200
+    );
+    let defaults = |id: &str| ApiRequest::ApplyCheckpoint {
+        id: id.into(),
+        request: ApplyCheckpoint::default(),
+    };
+    assert_eq!(e.recorder.calls(), ["a", "b", "c", "d", "e"].map(defaults));
+}
+
+#[test]
+fn create_without_a_body_is_400() {
+    let e = env();
+    for r in [
+        http(&e.sock, "POST", "/v1/checkpoints", None),
+        post(&e.sock, "/v1/checkpoints", " "),
+    ] {
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains("request body required"), "{}", r.body);
+    }
+    assert_eq!(e.recorder.calls(), []);
+}
+
+#[test]
+fn create_rejects_bad_bodies_naming_the_problem_without_reaching_the_vmm() {
+    let e = env();
+    let long = json!({ "name": "n".repeat(api::types::MAX_CHECKPOINT_NAME_CHARS + 1) }).to_string();
+    for (body, says) in [
+        ("{", "malformed JSON"),
+        ("[]", "JSON object"),
+        ("null", "JSON object"),
+        (r#"{"nmae":"x"}"#, "unknown field `nmae`"),
+        (r#"{"name":5}"#, "invalid type"),
+        (r#"{"name":""}"#, "name must be 1 to 128 characters, not 0"),
+        (&long, "name must be 1 to 128 characters, not 129"),
+        (r#"{"name":"a\u0001b"}"#, "control characters"),
+        (r#"{"name":"a\nb"}"#, "control characters"),
+        (r#"{"type":"disabled"}"#, "disabled"),
+        (r#"{"type":"snapshot"}"#, "unknown variant `snapshot`"),
+        (r#"{"save_current":true}"#, "unknown field `save_current`"),
+    ] {
+        let r = post(&e.sock, "/v1/checkpoints", body);
+        assert_eq!(r.status, 400, "body {body:?}: {}", r.body);
+        assert_eq!(r.code(), "bad_request");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "body {body:?}: {message}");
+    }
+    assert_eq!(e.recorder.calls(), [], "a rejected request reached the VMM");
+}
+
+#[test]
+fn apply_rejects_bad_bodies_without_reaching_the_vmm() {
+    let e = env();
+    for (body, says) in [
+        ("{", "malformed JSON"),
+        ("[]", "JSON object"),
+        ("null", "JSON object"),
+        ("true", "JSON object"),
+        (r#"{"force":true}"#, "unknown field `force`"),
+        (r#"{"save_current":"yes"}"#, "invalid type"),
+        (r#"{"save_current":null}"#, "invalid type"),
+        (r#"{"save_current":1}"#, "invalid type"),
+        ("{}{}", "malformed JSON"),
+    ] {
+        let r = post(&e.sock, "/v1/checkpoints/ck-1/apply", body);
+        assert_eq!(r.status, 400, "body {body:?}: {}", r.body);
+        assert_eq!(r.code(), "bad_request");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "body {body:?}: {message}");
+    }
+    assert_eq!(e.recorder.calls(), [], "a rejected request reached the VMM");
+}
+
+#[test]
+fn ids_that_cannot_be_checkpoints_are_404_without_reaching_the_vmm() {
+    let e = env();
+    let too_long = "a".repeat(api::types::MAX_CHECKPOINT_ID_LEN + 1);
+    for id in [
+        "-x", "a.b", "..", "a%20b", "%2e", "a%2Fb", "a~b", "a+b", &too_long,
+    ] {
+        for (method, path) in [
+            ("GET", format!("/v1/checkpoints/{id}")),
+            ("POST", format!("/v1/checkpoints/{id}/apply")),
+            // An id that cannot be one is a 404 whatever the method.
+            ("DELETE", format!("/v1/checkpoints/{id}")),
+        ] {
+            let r = http(&e.sock, method, &path, Some(b"{}"));
+            assert_eq!(r.status, 404, "{method} {path}: {}", r.body);
+            assert_eq!(r.code(), "not_found");
+            assert!(
+                r.body.contains("no checkpoint"),
+                "{method} {path}: {}",
+                r.body
+            );
+        }
+    }
+    for path in ["/v1/checkpoints/", "/v1/checkpoints//apply"] {
+        let r = http(&e.sock, "POST", path, None);
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.code(), "not_found");
+    }
+    // Through the typed client too: the id is encoded, not a broken request.
+    let c = api::Client::new(&e.sock).unwrap();
+    for id in ["a b", "a/b", "", "-x", "é", ".."] {
+        let err = c.checkpoint(id).unwrap_err();
+        assert_eq!(err.api_code(), Some("not_found"), "{id:?}: {err}");
+        let err = c
+            .apply_checkpoint(id, &ApplyCheckpoint::default())
+            .unwrap_err();
+        assert_eq!(err.api_code(), Some("not_found"), "{id:?}: {err}");
+    }
+    assert_eq!(e.recorder.calls(), [], "a bad id reached the VMM");
 }

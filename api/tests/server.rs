@@ -295,3 +295,120 @@ fn handler_is_called_on_the_api_thread_and_may_answer_later() {
         recorder::vm_info()
     );
 }
+
+/// A VMM that answers every call with its fixed reply after `delay`, from another thread.
+fn slow_handler(delay: Duration) -> ApiHandler {
+    Arc::new(move |call: ApiCall| {
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            call.reply.send(Ok(recorder::fixed_reply(&call.request)));
+        });
+    })
+}
+
+#[test]
+fn checkpoint_create_and_apply_wait_longer_than_the_reply_timeout() {
+    let options = ServerOptions {
+        reply_timeout: Duration::from_millis(200),
+        ..ServerOptions::default()
+    };
+    let (_dir, server) = server_with(slow_handler(Duration::from_millis(600)), options);
+    let r = common::post(server.path(), "/v1/checkpoints", "{}");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = common::post(server.path(), "/v1/checkpoints/ck-1/apply", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // An ordinary call with the same VMM is cut off.
+    let r = get(server.path(), "/v1/checkpoints");
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("did not answer"), "{}", r.body);
+}
+
+#[test]
+fn checkpoint_calls_are_still_bounded_by_the_checkpoint_reply_timeout() {
+    let options = ServerOptions {
+        reply_timeout: Duration::from_millis(100),
+        checkpoint_reply_timeout: Duration::from_millis(300),
+        ..ServerOptions::default()
+    };
+    let (_dir, server) = server_with(slow_handler(Duration::from_secs(5)), options);
+    let start = std::time::Instant::now();
+    let r = common::post(server.path(), "/v1/checkpoints", "{}");
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("did not answer"), "{}", r.body);
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn client_waits_longer_for_checkpoint_create_and_apply() {
+    let (_dir, server) = server_with(
+        slow_handler(Duration::from_millis(600)),
+        ServerOptions::default(),
+    );
+    let c = api::Client::new(server.path())
+        .unwrap()
+        .with_timeout(Duration::from_millis(200));
+    let info = c
+        .create_checkpoint(&api::types::CreateCheckpoint::default())
+        .unwrap();
+    assert_eq!(info, recorder::checkpoint_info());
+    let vm = c
+        .apply_checkpoint("ck-1", &api::types::ApplyCheckpoint::default())
+        .unwrap();
+    assert_eq!(vm, recorder::vm_info());
+    // An ordinary call with the same client gives up.
+    let err = c.checkpoints().unwrap_err();
+    assert!(matches!(err, api::ClientError::Timeout { .. }), "{err:?}");
+}
+
+#[test]
+fn vmm_errors_pass_through_where_documented() {
+    use api::{ApiError, ApiReply};
+    let handler: ApiHandler = Arc::new(|call: ApiCall| {
+        let response: Result<ApiReply, ApiError> = match &call.request {
+            ApiRequest::CreateCheckpoint(c) if c.name.as_deref() == Some("busy") => {
+                Err(ApiError::invalid_state("checkpoints are disabled"))
+            }
+            ApiRequest::CreateCheckpoint(_) => Err(ApiError::agent_unreachable(
+                "production-only: the guest agent cannot be reached",
+            )),
+            ApiRequest::GetCheckpoint(id) => {
+                Err(ApiError::not_found(format!("no checkpoint {id}")))
+            }
+            ApiRequest::ApplyCheckpoint { .. } => {
+                Err(ApiError::invalid_state("cannot apply: the VM is paused"))
+            }
+            // Not documented for the list: a bug.
+            _ => Err(ApiError::agent_unreachable("no agent")),
+        };
+        call.reply.send(response);
+    });
+    let (_dir, server) = server_with(handler, ServerOptions::default());
+    let sock = server.path();
+    for (method, path, body, status, code) in [
+        (
+            "POST",
+            "/v1/checkpoints",
+            r#"{"name":"busy"}"#,
+            409,
+            "invalid_state",
+        ),
+        ("POST", "/v1/checkpoints", "{}", 503, "agent_unreachable"),
+        ("GET", "/v1/checkpoints/ck-9", "", 404, "not_found"),
+        (
+            "POST",
+            "/v1/checkpoints/ck-9/apply",
+            "",
+            409,
+            "invalid_state",
+        ),
+        ("GET", "/v1/checkpoints", "", 500, "internal"),
+    ] {
+        let r = common::http(sock, method, path, Some(body.as_bytes()));
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        assert_eq!(r.code(), code, "{method} {path}");
+    }
+}

@@ -12,7 +12,9 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use api::types::{AgentStatus, CheckpointConfig, ExecResponse, GuestInfo, VmInfo};
+use api::types::{
+    AgentStatus, CheckpointConfig, CheckpointInfo, CheckpointList, ExecResponse, GuestInfo, VmInfo,
+};
 use api::{ApiCall, ApiReply, ApiRequest, ApiServer, ServerOptions};
 
 /// The API server with a handler that records calls and answers fixed replies.
@@ -57,10 +59,16 @@ impl Recorder {
 /// The one reply for each kind of request.
 pub fn fixed_reply(request: &ApiRequest) -> ApiReply {
     match request {
-        ApiRequest::GetVm | ApiRequest::Lifecycle(_) => ApiReply::Vm(vm_info()),
+        ApiRequest::GetVm | ApiRequest::Lifecycle(_) | ApiRequest::ApplyCheckpoint { .. } => {
+            ApiReply::Vm(vm_info())
+        }
         ApiRequest::GetCheckpointConfig | ApiRequest::PutCheckpointConfig(_) => {
             ApiReply::CheckpointConfig(CheckpointConfig::default())
         }
+        ApiRequest::CreateCheckpoint(_) | ApiRequest::GetCheckpoint(_) => {
+            ApiReply::Checkpoint(checkpoint_info())
+        }
+        ApiRequest::ListCheckpoints => ApiReply::Checkpoints(checkpoint_list()),
         ApiRequest::GetGuest => ApiReply::Guest(guest_info()),
         ApiRequest::GuestExec(_) => ApiReply::Exec(exec_response()),
     }
@@ -103,5 +111,44 @@ pub fn exec_response() -> ExecResponse {
         exit_code: 0,
         stdout: "recorded\n".into(),
         stderr: String::new(),
+    }
+}
+
+/// The fixed `CheckpointInfo`.
+pub fn checkpoint_info() -> CheckpointInfo {
+    serde_json::from_value(serde_json::json!({
+        "id": "ck-2",
+        "name": "recorded",
+        "type": "standard",
+        "parent": "ck-1",
+        "created": "2024-05-01T10:00:00Z",
+        "consistency": "standard",
+        "path": "/tmp/ck/ck-2",
+        "sizes": {"state": 20480, "memory": 67108864, "disk_layers": 1536},
+        "current": true,
+        "fallback_reason": "the guest agent did not answer",
+        "disks": ["/tmp/ck/ck-2/disk0.strata"],
+    }))
+    .unwrap()
+}
+
+/// The fixed `CheckpointList`: an older checkpoint and [`checkpoint_info`], the current one.
+pub fn checkpoint_list() -> CheckpointList {
+    let older: CheckpointInfo = serde_json::from_value(serde_json::json!({
+        "id": "ck-1",
+        "name": "first",
+        "type": "production",
+        "parent": null,
+        "created": "2024-05-01T09:00:00Z",
+        "consistency": "crash-consistent",
+        "path": "/tmp/ck/ck-1",
+        "sizes": {"state": 0, "memory": 0, "disk_layers": 3221225472u64},
+        "current": false,
+        "disks": ["/tmp/ck/ck-1/disk0.strata"],
+    }))
+    .unwrap();
+    CheckpointList {
+        checkpoints: vec![older, checkpoint_info()],
+        current: Some("ck-2".into()),
     }
 }
