@@ -373,30 +373,54 @@ impl Store {
         // 3. Orphan layers, only when every manifest could be read (one we cannot read might
         //    refer to a layer).
         if report.unreadable.is_empty() {
-            let mut used = BTreeSet::new();
-            for d in manifests
-                .iter()
-                .flat_map(|m| m.disks.iter().chain(&m.active_after))
-                .chain(&self.record.active)
-            {
-                for l in d.store_layers() {
-                    used.insert(l.resolve(&self.location));
-                }
-            }
-            let layers = self.location.join(LAYERS_DIR);
-            for entry in std::fs::read_dir(&layers).at(&layers, "list")? {
-                let path = entry.at(&layers, "list")?.path();
-                if path.is_file() && !used.contains(&path) {
-                    std::fs::remove_file(&path).at(&path, "remove")?;
-                    report.removed_layers.push(path);
-                }
-            }
-            if !report.removed_layers.is_empty() {
-                fsutil::sync_dir(&layers)?;
-            }
+            report.removed_layers = self.remove_layers_not_in(&manifests)?;
         }
         self.report = report;
         Ok(())
+    }
+
+    /// Removes the layer files that no checkpoint's disks and no active chain need (the active
+    /// layers a checkpoint recorded count only until the store record adopts them, which it
+    /// has once they are no longer newer than the record). An apply calls it once its new
+    /// active layers are recorded: the layers of the state it discarded go. Does nothing
+    /// when a manifest cannot be read (it might refer to a layer). Returns what was removed.
+    pub fn remove_unused_layers(&mut self) -> Result<Vec<PathBuf>> {
+        let (manifests, unreadable) = self.scan();
+        if !unreadable.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.remove_layers_not_in(&manifests)
+    }
+
+    fn remove_layers_not_in(&self, manifests: &[Manifest]) -> Result<Vec<PathBuf>> {
+        let mut used = BTreeSet::new();
+        let pending = manifests
+            .iter()
+            .filter(|m| m.sequence > self.record.sequence)
+            .flat_map(|m| &m.active_after);
+        for d in manifests
+            .iter()
+            .flat_map(|m| &m.disks)
+            .chain(pending)
+            .chain(&self.record.active)
+        {
+            for l in d.store_layers() {
+                used.insert(l.resolve(&self.location));
+            }
+        }
+        let layers = self.location.join(LAYERS_DIR);
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&layers).at(&layers, "list")? {
+            let path = entry.at(&layers, "list")?.path();
+            if path.is_file() && !used.contains(&path) {
+                std::fs::remove_file(&path).at(&path, "remove")?;
+                removed.push(path);
+            }
+        }
+        if !removed.is_empty() {
+            fsutil::sync_dir(&layers)?;
+        }
+        Ok(removed)
     }
 
     /// Every checkpoint folder's manifest that loads, and the errors of those that do not.
@@ -787,7 +811,7 @@ fn find_cycle(all: &[Manifest]) -> Option<String> {
 }
 
 /// A new checkpoint id: 16 hex digits, random.
-fn new_id() -> String {
+pub fn new_id() -> String {
     let r = getrandom::u64().unwrap_or_else(|_| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

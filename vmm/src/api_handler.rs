@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::types::{
-    AgentStatus, ConsoleInfo, DiskInfo, ExecResponse, GuestInfo, VmConfigInfo, VmInfo, VsockInfo,
+    AgentStatus, CheckpointInfo, CheckpointList, CheckpointSizes, Consistency, ConsoleInfo,
+    DiskInfo, ExecResponse, GuestInfo, TakenType, VmConfigInfo, VmInfo, VsockInfo,
 };
 use api::{ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, LifecycleAction};
 
@@ -69,7 +70,10 @@ pub fn vm_info(machine: &Machine) -> VmInfo {
             }),
         },
         checkpoint_config: machine.checkpoint_config.clone(),
-        current_checkpoint: None,
+        current_checkpoint: machine
+            .store
+            .as_ref()
+            .and_then(|s| s.current().map(str::to_string)),
         last_exit: machine.last_exit.clone(),
         console: ConsoleInfo {
             dropped_bytes: machine.platform().console().dropped_bytes(),
@@ -158,6 +162,62 @@ fn shutdown(machine: &Machine, reply: api::Responder) {
     }
 }
 
+/// A checkpoint as the API shows it.
+fn checkpoint_info(
+    machine: &mut Machine,
+    m: &snapshot::manifest::Manifest,
+) -> Result<CheckpointInfo, ApiError> {
+    let store = machine.store().map_err(|e| e.to_api())?;
+    let location = store.location().to_path_buf();
+    Ok(CheckpointInfo {
+        id: m.id.clone(),
+        name: m.name.clone(),
+        kind: match m.kind {
+            snapshot::manifest::CheckpointType::Standard => TakenType::Standard,
+            snapshot::manifest::CheckpointType::Production => TakenType::Production,
+        },
+        parent: m.parent.clone(),
+        created: m.created.as_str().to_string(),
+        consistency: match m.consistency {
+            snapshot::manifest::Consistency::Standard => Consistency::Standard,
+            snapshot::manifest::Consistency::ApplicationConsistent => {
+                Consistency::ApplicationConsistent
+            }
+            snapshot::manifest::Consistency::CrashConsistent => Consistency::CrashConsistent,
+        },
+        path: store.checkpoint_dir(&m.id).display().to_string(),
+        sizes: CheckpointSizes {
+            state: m.sizes.state,
+            memory: m.sizes.memory,
+            disk_layers: m.sizes.disk_layers,
+        },
+        current: store.current() == Some(m.id.as_str()),
+        fallback_reason: None,
+        disks: m
+            .disks
+            .iter()
+            .map(|d| d.top(&location).display().to_string())
+            .collect(),
+    })
+}
+
+/// `GET /v1/checkpoints`.
+fn list_checkpoints(machine: &mut Machine) -> Result<CheckpointList, ApiError> {
+    let store = machine.store().map_err(|e| e.to_api())?;
+    let all = store
+        .list()
+        .map_err(|e| crate::checkpoint::CheckpointError::from(e).to_api())?;
+    let current = store.current().map(str::to_string);
+    let checkpoints = all
+        .iter()
+        .map(|m| checkpoint_info(machine, m))
+        .collect::<Result<_, _>>()?;
+    Ok(CheckpointList {
+        checkpoints,
+        current,
+    })
+}
+
 /// Answers one call.
 pub fn answer(machine: &mut Machine, call: ApiCall) {
     let ApiCall { request, reply } = call;
@@ -185,6 +245,23 @@ pub fn answer(machine: &mut Machine, call: ApiCall) {
             machine.checkpoint_config.clone(),
         )),
         ApiRequest::PutCheckpointConfig(config) => match config.validate() {
+            Ok(())
+                if config.location != machine.checkpoint_config.location
+                    && machine
+                        .store
+                        .as_ref()
+                        .is_some_and(|s| !s.active().is_empty()) =>
+            {
+                Err(ApiError::invalid_state(format!(
+                    "the VM runs on layers in its checkpoint location {}; the location \
+                     cannot change while it does",
+                    machine
+                        .checkpoint_config
+                        .location
+                        .as_deref()
+                        .unwrap_or_default()
+                )))
+            }
             Ok(()) => {
                 machine.checkpoint_config = config;
                 Ok(ApiReply::CheckpointConfig(
@@ -193,6 +270,28 @@ pub fn answer(machine: &mut Machine, call: ApiCall) {
             }
             Err(e) => Err(ApiError::bad_request(e)),
         },
+        ApiRequest::CreateCheckpoint(req) => machine
+            .create_checkpoint(req.name.as_deref(), req.kind)
+            .map_err(|e| e.to_api())
+            .and_then(|(m, _)| checkpoint_info(machine, &m).map(ApiReply::Checkpoint)),
+        ApiRequest::ListCheckpoints => list_checkpoints(machine).map(ApiReply::Checkpoints),
+        ApiRequest::GetCheckpoint(id) => machine
+            .store()
+            .and_then(|s| Ok(s.get(&id)?))
+            .map_err(|e| e.to_api())
+            .and_then(|m| checkpoint_info(machine, &m).map(ApiReply::Checkpoint)),
+        ApiRequest::ApplyCheckpoint { id, request } => {
+            if request.save_current {
+                Err(ApiError::invalid_state(
+                    "save_current is not available yet: take a checkpoint first, then apply",
+                ))
+            } else {
+                machine
+                    .apply_checkpoint(&id)
+                    .map_err(|e| e.to_api())
+                    .and_then(|()| vm(machine))
+            }
+        }
         ApiRequest::GetGuest => {
             with_agent(machine, reply, |agent| {
                 let info = agent.info().map_err(agent_error)?;

@@ -45,6 +45,13 @@ pub enum Command {
     /// Exit status: 0 when the guest powers off (or resets with --no-reboot), 1 when it panics
     /// or stops with an error, 2 for bad arguments.
     Run(RunArgs),
+    /// Start a VM in this new process from a standard checkpoint.
+    ///
+    /// DIR is a checkpoint's folder (its `path`) inside a VM's checkpoint location: the VM gets
+    /// the checkpoint's configuration, continues on new layers above the checkpoint's disks
+    /// in that location, and resumes where the checkpoint was taken. The process of the VM
+    /// that took it must have ended (its disks and location are locked while it runs).
+    Restore(RestoreArgs),
     /// Talk to a running VMM through its API socket.
     ///
     /// Exit status: 0 on success, 1 when the call fails, 2 for bad arguments;
@@ -131,6 +138,81 @@ pub struct RunArgs {
     /// the current directory, as on the command line
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// `strata restore` flags.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The checkpoint's folder
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+
+    /// Serve the HTTP API on this Unix socket (mode 0600)
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// The VM's checkpoint location; it must be the folder that holds DIR [default: DIR's
+    /// parent folder]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Where the serial console goes: stdio, file=PATH (output only) or none [default: stdio]
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<String>,
+}
+
+impl RestoreArgs {
+    /// The checkpoint's id and the location of its store, checked against `--state-dir`.
+    pub fn locate(&self) -> Result<(String, PathBuf), ConfigError> {
+        let dir = absolute(&self.checkpoint);
+        let bad = |why: String| ConfigError::BadRestore(why);
+        let (Some(parent), Some(id)) = (dir.parent(), dir.file_name()) else {
+            return Err(bad(format!("{} is not a checkpoint folder", dir.display())));
+        };
+        let id = id.to_string_lossy().into_owned();
+        let location = parent.to_path_buf();
+        if let Some(s) = &self.state_dir {
+            let given = absolute(s);
+            let same = match (given.canonicalize(), location.canonicalize()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => given == location,
+            };
+            if !same {
+                return Err(bad(format!(
+                    "--state-dir {} is not the folder that holds checkpoint {} ({}); a \
+                     checkpoint continues in its own location",
+                    given.display(),
+                    dir.display(),
+                    location.display()
+                )));
+            }
+        }
+        Ok((id, location))
+    }
+
+    /// The host-side settings of the restored VM (the rest comes from the checkpoint).
+    pub fn host_config(&self, location: &std::path::Path) -> Result<VmConfig, ConfigError> {
+        Ok(VmConfig {
+            kernel: Kernel::TestGuest,
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory: DEFAULT_MEMORY_MIB << 20,
+            reboot: true,
+            console: self
+                .console
+                .as_deref()
+                .unwrap_or("stdio")
+                .parse::<ConsoleConfig>()?,
+            disks: Vec::new(),
+            vsock: None,
+            api_socket: self.api_socket.clone(),
+            checkpoint: api::types::CheckpointConfig {
+                kind: Default::default(),
+                location: Some(location.display().to_string()),
+            },
+        })
+    }
 }
 
 /// The JSON of `--config FILE`: the flags of `strata run`, spelled without their dashes.

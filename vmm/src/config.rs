@@ -17,6 +17,9 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 /// Errors in a VM's configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// `strata restore` arguments that do not name a usable checkpoint.
+    #[error("{0}")]
+    BadRestore(String),
     /// A memory size that does not parse.
     #[error("invalid memory size '{0}': expected a number of MiB or a size such as 512M or 1G")]
     BadMemorySize(String),

@@ -22,6 +22,7 @@
 pub mod agent;
 pub mod api_handler;
 pub mod arch;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod console;
@@ -33,3 +34,18 @@ pub mod runner;
 pub mod vcpu;
 pub mod vm;
 pub mod vstate;
+
+/// An error and its causes on one line (`a: b: c`).
+pub fn error_line(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}

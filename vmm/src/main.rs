@@ -61,6 +61,33 @@ fn main() -> ExitCode {
             default_sigpipe();
             ExitCode::from(u8::try_from(api::ctl::run(args)).unwrap_or(1))
         }
+        Command::Restore(args) => {
+            let started = args.locate().and_then(|(id, location)| {
+                let host = args.host_config(&location)?;
+                Ok((id, location, host))
+            });
+            let (id, location, host) = match started {
+                Ok(x) => x,
+                Err(e) => {
+                    report(&e);
+                    return ExitCode::from(2);
+                }
+            };
+            let config = match vmm::checkpoint::read_checkpoint_folder(&location.join(&id)) {
+                Ok((_, machine)) => machine.to_config(&host),
+                Err(e) => {
+                    report(&e);
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runner::restore(&config, &id) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             let config = match args.resolve() {
                 Ok(c) => c,

@@ -58,6 +58,9 @@ pub enum RunError {
     /// The API socket cannot be served.
     #[error(transparent)]
     Api(#[from] api::ServerError),
+    /// The checkpoint store or the checkpoint to restore.
+    #[error(transparent)]
+    Checkpoint(crate::checkpoint::CheckpointError),
 }
 
 /// Where a VM is in its lifecycle.
@@ -111,11 +114,15 @@ pub enum LifecycleError {
 
 /// The VM and what it takes to (re)build it.
 pub struct Machine {
-    platform: Platform,
-    config: VmConfig,
-    events: Sender<VmEvent>,
-    vm: Option<Vm>,
-    paused: bool,
+    pub(crate) platform: Platform,
+    pub(crate) config: VmConfig,
+    pub(crate) events: Sender<VmEvent>,
+    pub(crate) vm: Option<Vm>,
+    pub(crate) paused: bool,
+    /// The generation of the VM that runs (see [`VmEvent::generation`]).
+    pub(crate) generation: u64,
+    /// The checkpoint store, once opened (see [`Machine::store`]).
+    pub(crate) store: Option<snapshot::store::Store>,
     /// Why the guest last stopped running, if it did.
     pub last_exit: Option<String>,
     /// The checkpoint settings (`GET/PUT /v1/vm/checkpoint-config`).
@@ -131,6 +138,8 @@ impl Machine {
             events,
             vm: None,
             paused: false,
+            generation: 0,
+            store: None,
             last_exit: None,
             checkpoint_config: config.checkpoint.clone(),
         }
@@ -175,7 +184,9 @@ impl Machine {
     /// Cold-boots the guest from its kernel and disks.
     pub fn start(&mut self) -> Result<(), LifecycleError> {
         self.require("start", &[VmState::Off])?;
-        self.vm = Some(Vm::boot(&self.platform, &self.config, &self.events)?);
+        self.generation += 1;
+        let events = crate::vm::EventTx::new(&self.events, self.generation);
+        self.vm = Some(Vm::boot(&self.platform, &self.boot_config(), &events)?);
         self.paused = false;
         self.last_exit = None;
         Ok(())
@@ -234,32 +245,62 @@ enum GuestOutcome {
 
 fn classify(event: &VmEvent) -> Option<GuestOutcome> {
     Some(match event {
-        VmEvent::Guest(GuestEvent::PowerOff)
-        | VmEvent::Vcpu(vcpu::VcpuReport {
-            stop: VcpuStop::PowerOff,
-            ..
-        }) => GuestOutcome::PowerOff,
-        VmEvent::Guest(GuestEvent::Reset)
-        | VmEvent::Vcpu(vcpu::VcpuReport {
-            stop: VcpuStop::Reset,
-            ..
-        }) => GuestOutcome::Reset,
-        VmEvent::Guest(GuestEvent::Panic)
-        | VmEvent::Vcpu(vcpu::VcpuReport {
-            stop: VcpuStop::Crash,
-            ..
-        }) => GuestOutcome::Panic,
-        VmEvent::Vcpu(vcpu::VcpuReport {
-            stop: VcpuStop::Failed(why),
-            ..
-        }) => GuestOutcome::Failed(why.clone()),
-        VmEvent::DeviceFailed(f) => GuestOutcome::Failed(f.to_string()),
+        VmEvent::Guest(_, GuestEvent::PowerOff)
+        | VmEvent::Vcpu(
+            _,
+            vcpu::VcpuReport {
+                stop: VcpuStop::PowerOff,
+                ..
+            },
+        ) => GuestOutcome::PowerOff,
+        VmEvent::Guest(_, GuestEvent::Reset)
+        | VmEvent::Vcpu(
+            _,
+            vcpu::VcpuReport {
+                stop: VcpuStop::Reset,
+                ..
+            },
+        ) => GuestOutcome::Reset,
+        VmEvent::Guest(_, GuestEvent::Panic)
+        | VmEvent::Vcpu(
+            _,
+            vcpu::VcpuReport {
+                stop: VcpuStop::Crash,
+                ..
+            },
+        ) => GuestOutcome::Panic,
+        VmEvent::Vcpu(
+            _,
+            vcpu::VcpuReport {
+                stop: VcpuStop::Failed(why),
+                ..
+            },
+        ) => GuestOutcome::Failed(why.clone()),
+        VmEvent::DeviceFailed(_, f) => GuestOutcome::Failed(f.to_string()),
         VmEvent::Quit | VmEvent::Api(_) | VmEvent::AwaitPowerOff(_) => return None,
     })
 }
 
 /// Validates `config`, then boots and runs the VM until it powers off, panics or fails.
 pub fn run(config: &VmConfig) -> Result<Outcome, RunError> {
+    launch(config, Launch::Boot)
+}
+
+/// Like [`run`], but the VM starts as standard checkpoint `id` of the store at the
+/// configuration's checkpoint location left it (`strata restore`).
+pub fn restore(config: &VmConfig, id: &str) -> Result<Outcome, RunError> {
+    launch(config, Launch::Restore(id))
+}
+
+/// How [`launch`] starts the VM.
+enum Launch<'a> {
+    /// A cold boot from the (active) disks.
+    Boot,
+    /// From a checkpoint.
+    Restore(&'a str),
+}
+
+fn launch(config: &VmConfig, how: Launch<'_>) -> Result<Outcome, RunError> {
     config.validate(crate::config::host_memory_mib())?;
     vcpu::install_kick_handler().map_err(RunError::Signal)?;
     let platform = Platform::new(console::output(&config.console)?)?;
@@ -291,7 +332,18 @@ pub fn run(config: &VmConfig) -> Result<Outcome, RunError> {
         None => None,
     };
     let mut machine = Machine::new(platform, config.clone(), events);
-    machine.start().map_err(boot_error)?;
+    match how {
+        Launch::Boot => {
+            // With a checkpoint location, the VM boots from its active layers.
+            if machine.checkpoint_config.location.is_some() {
+                machine.store().map_err(RunError::Checkpoint)?;
+            }
+            machine.start().map_err(boot_error)?;
+        }
+        Launch::Restore(id) => {
+            machine.apply_checkpoint(id).map_err(RunError::Checkpoint)?;
+        }
+    }
     control_loop(&mut machine, &event_rx)
 }
 
@@ -373,17 +425,20 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
             }
             other => other,
         };
+        // Events of a VM that is gone (a second vCPU reporting the same reset, a device event
+        // racing a stop, anything the VM sent before an apply replaced it) are stale.
+        if event
+            .generation()
+            .is_some_and(|g| g != machine.generation || machine.state() == VmState::Off)
+        {
+            continue;
+        }
         let Some(outcome) = classify(&event) else {
             machine.halt("quit");
             return Ok(Outcome::Quit);
         };
         // With an API socket the VMM outlives its guest: it waits, off, for the next call.
         let stays_up = machine.config().api_socket.is_some();
-        // Events of a VM that is already gone (a second vCPU reporting the same reset, a
-        // device event racing a stop) are stale.
-        if machine.state() == VmState::Off {
-            continue;
-        }
         match outcome {
             GuestOutcome::PowerOff => {
                 machine.halt("poweroff");
@@ -400,8 +455,6 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
             GuestOutcome::Reset => {
                 log::info!("guest reset: rebooting");
                 machine.halt("reset");
-                // Whatever the old VM said after the event that ended it is stale.
-                while events.try_recv().is_ok() {}
                 machine.platform().reset_serial();
                 machine.start().map_err(boot_error)?;
             }
@@ -430,10 +483,13 @@ mod tests {
 
     #[test]
     fn a_dead_device_thread_stops_the_vm_with_its_reason() {
-        let event = VmEvent::DeviceFailed(devices::virtio::DeviceFailure {
-            device: "virtio-blk0".into(),
-            reason: "it panicked: boom".into(),
-        });
+        let event = VmEvent::DeviceFailed(
+            0,
+            devices::virtio::DeviceFailure {
+                device: "virtio-blk0".into(),
+                reason: "it panicked: boom".into(),
+            },
+        );
         assert_eq!(
             classify(&event),
             Some(GuestOutcome::Failed(

@@ -50,18 +50,49 @@ pub use state::{RestoreError, SaveError, VmSnapshotState};
 /// Something the VMM's control loop must act on.
 #[derive(Debug)]
 pub enum VmEvent {
-    /// A device reported a guest request.
-    Guest(GuestEvent),
-    /// A vCPU stopped.
-    Vcpu(VcpuReport),
+    /// A device of VM generation `.0` reported a guest request.
+    Guest(u64, GuestEvent),
+    /// A vCPU of VM generation `.0` stopped.
+    Vcpu(u64, VcpuReport),
     /// The user asked to quit from the console.
     Quit,
     /// A call from the API server.
     Api(api::ApiCall),
     /// The guest was asked to shut down: answer this call once it is off.
     AwaitPowerOff(api::Responder),
-    /// A device's thread died; the VM cannot go on.
-    DeviceFailed(devices::virtio::DeviceFailure),
+    /// A device thread of VM generation `.0` died; the VM cannot go on.
+    DeviceFailed(u64, devices::virtio::DeviceFailure),
+}
+
+impl VmEvent {
+    /// The generation of the VM that sent it, for events a VM sends: every VM the machine
+    /// builds (boot, reboot, apply, restore) has a new one, so events of a VM that is gone are
+    /// told apart from those of the one that runs.
+    pub fn generation(&self) -> Option<u64> {
+        match self {
+            Self::Guest(g, _) | Self::Vcpu(g, _) | Self::DeviceFailed(g, _) => Some(*g),
+            Self::Quit | Self::Api(_) | Self::AwaitPowerOff(_) => None,
+        }
+    }
+}
+
+/// Where a VM sends its events: the control loop's channel, tagged with the VM's generation.
+#[derive(Clone)]
+pub struct EventTx {
+    /// The channel.
+    pub tx: Sender<VmEvent>,
+    /// The generation of the VM these events come from.
+    pub generation: u64,
+}
+
+impl EventTx {
+    /// Events of VM generation `generation` into `tx`.
+    pub fn new(tx: &Sender<VmEvent>, generation: u64) -> Self {
+        Self {
+            tx: tx.clone(),
+            generation,
+        }
+    }
 }
 
 /// Why a pause or resume failed. A pause that fails leaves the VM running, never half paused.
@@ -277,13 +308,14 @@ struct Legacy {
 }
 
 /// Puts the legacy devices on a new port bus.
-fn legacy_bus(platform: &Platform, events: &Sender<VmEvent>) -> Result<(Bus, Legacy), VmError> {
-    let tx = Mutex::new(events.clone());
+fn legacy_bus(platform: &Platform, events: &EventTx) -> Result<(Bus, Legacy), VmError> {
+    let tx = Mutex::new(events.tx.clone());
+    let generation = events.generation;
     let sink: GuestEventSink = Arc::new(move |e| {
         let _ = tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send(VmEvent::Guest(e));
+            .send(VmEvent::Guest(generation, e));
     });
     let legacy = Legacy {
         i8042: Arc::new(Mutex::new(legacy::I8042::new(sink.clone()))),
@@ -343,7 +375,7 @@ fn attach_devices(
     fd: &VmFd,
     memory: &GuestMemory,
     config: &VmConfig,
-    events: &Sender<VmEvent>,
+    events: &EventTx,
 ) -> Result<VirtioDevices, VmError> {
     Ok(device_manager::create(
         fd,
@@ -355,13 +387,14 @@ fn attach_devices(
 }
 
 /// Where device threads report their death: [`VmEvent::DeviceFailed`] on `events`.
-fn failure_sink(events: &Sender<VmEvent>) -> devices::virtio::FailureSink {
-    let failures = Mutex::new(events.clone());
+fn failure_sink(events: &EventTx) -> devices::virtio::FailureSink {
+    let failures = Mutex::new(events.tx.clone());
+    let generation = events.generation;
     Arc::new(move |f| {
         let _ = failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send(VmEvent::DeviceFailed(f));
+            .send(VmEvent::DeviceFailed(generation, f));
     })
 }
 
@@ -463,11 +496,7 @@ struct Parts {
 
 impl Vm {
     /// Builds the VM described by `config` and starts its vCPUs; events go to `events`.
-    pub fn boot(
-        platform: &Platform,
-        config: &VmConfig,
-        events: &Sender<VmEvent>,
-    ) -> Result<Self, VmError> {
+    pub fn boot(platform: &Platform, config: &VmConfig, events: &EventTx) -> Result<Self, VmError> {
         let caps = platform.state_caps()?;
         let memory = memory::create(config.memory)?;
         let fd = create_vm(platform, config, &memory)?;
@@ -490,17 +519,18 @@ impl Vm {
         platform: &Platform,
         parts: Parts,
         caps: Arc<StateCaps>,
-        events: &Sender<VmEvent>,
+        events: &EventTx,
         paused: bool,
     ) -> Result<Self, VmError> {
         let (pio, legacy) = legacy_bus(platform, events)?;
         let mmio = parts.virtio.mmio.clone();
-        let tx = Mutex::new(events.clone());
+        let tx = Mutex::new(events.tx.clone());
+        let generation = events.generation;
         let reports: ReportSink = Arc::new(move |r| {
             let _ = tx
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .send(VmEvent::Vcpu(r));
+                .send(VmEvent::Vcpu(generation, r));
         });
         let mut vm = Self {
             vcpus: Vec::with_capacity(parts.vcpus.len()),
@@ -578,6 +608,11 @@ impl Vm {
             return Err(PauseError::Vcpu(e));
         }
         Ok(())
+    }
+
+    /// The virtio devices.
+    pub fn virtio_devices(&self) -> &VirtioDevices {
+        &self.virtio
     }
 
     /// Stops every vCPU thread and releases the VM.

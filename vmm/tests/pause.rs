@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use common::{config_with_devices, log_records, memory_hash, platform};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::agent::AgentClient;
-use vmm::vm::{Platform, Vm, VmEvent};
+use vmm::vm::{EventTx, Platform, Vm, VmEvent};
 
 /// Hang guard for anything the guest must get done.
 const GUARD: Duration = Duration::from_secs(180);
@@ -145,7 +145,7 @@ fn a_paused_busy_vm_leaves_guest_memory_and_rings_alone_and_resume_goes_on() {
     let (platform, console) = platform();
     let (config, files) = config_with_devices();
     let (events, event_rx) = mpsc::channel::<VmEvent>();
-    let vm = Vm::boot(&platform, &config, &events).unwrap();
+    let vm = Vm::boot(&platform, &config, &EventTx::new(&events, 0)).unwrap();
     console.wait_for(|l| l.contains("strata test guest ready"));
     console.command("count start").unwrap();
     console.command("log start 0").unwrap();

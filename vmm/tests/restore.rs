@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::{config_with_devices, file_hash, pattern_hash, platform};
 use vmm::agent::AgentClient;
 use vmm::device_manager::{DeviceState, NotPaused};
-use vmm::vm::{SaveError, Vm, VmEvent, VmSnapshotState};
+use vmm::vm::{EventTx, SaveError, Vm, VmEvent, VmSnapshotState};
 
 /// Hang guard for an agent round trip.
 const AGENT_GUARD: Duration = Duration::from_secs(60);
@@ -27,7 +27,7 @@ fn running_guest_with_disks_and_vsock_is_restored_into_a_fresh_vm_and_goes_on() 
     let (platform, console) = platform();
     let (config, files) = config_with_devices();
     let (events, event_rx) = mpsc::channel::<VmEvent>();
-    let vm = Vm::boot(&platform, &config, &events).unwrap();
+    let vm = Vm::boot(&platform, &config, &EventTx::new(&events, 0)).unwrap();
     console.wait_for(|l| l.contains("strata test guest ready"));
     console.command("count start").unwrap();
     console.command("fill 4 7").unwrap();
@@ -44,7 +44,14 @@ fn running_guest_with_disks_and_vsock_is_restored_into_a_fresh_vm_and_goes_on() 
     // The old device is gone with its connections.
     let old_connection = agent.ping();
     let parsed: VmSnapshotState = serde_json::from_str(&json).unwrap();
-    let restored = Vm::restore_from(&platform, &config, memory, &parsed, &events).unwrap();
+    let restored = Vm::restore_from(
+        &platform,
+        &config,
+        memory,
+        &parsed,
+        &EventTx::new(&events, 1),
+    )
+    .unwrap();
     let again = restored.save_state(&platform).unwrap();
     restored.resume().unwrap();
     let read_back = console.line("blk 0 read 0 64");
@@ -121,7 +128,7 @@ fn a_state_that_does_not_fit_the_configuration_is_refused_naming_the_device() {
     let (platform, console) = platform();
     let (config, _files) = config_with_devices();
     let (events, _event_rx) = mpsc::channel::<VmEvent>();
-    let vm = Vm::boot(&platform, &config, &events).unwrap();
+    let vm = Vm::boot(&platform, &config, &EventTx::new(&events, 0)).unwrap();
     console.wait_for(|l| l.contains("strata test guest ready"));
     vm.pause().unwrap();
     let state = vm.save_state(&platform).unwrap();

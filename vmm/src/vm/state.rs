@@ -26,7 +26,6 @@
 //! checked as each transport is restored. A bad field is named (`devices[1].transport.queues[0]
 //! .size`).
 
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use devices::legacy::{
@@ -35,7 +34,7 @@ use devices::legacy::{
 use serde::{Deserialize, Serialize};
 use snapshot::{check, Persist, StateError};
 
-use super::{create_vcpus, create_vm, failure_sink, Parts, Platform, Vm, VmError, VmEvent};
+use super::{create_vcpus, create_vm, failure_sink, Parts, Platform, Vm, VmError};
 use crate::config::VmConfig;
 use crate::device_manager::{self, DeviceError, NotPaused, VirtioDeviceState};
 use crate::memory::GuestMemory;
@@ -216,7 +215,7 @@ impl Vm {
         config: &VmConfig,
         memory: GuestMemory,
         state: &VmSnapshotState,
-        events: &Sender<VmEvent>,
+        events: &super::EventTx,
     ) -> Result<Self, RestoreError> {
         let caps = platform.state_caps().map_err(RestoreError::Build)?;
         state.check(config, &caps)?;

@@ -1,0 +1,734 @@
+//! Checkpoint orchestration: standard checkpoints taken from a running (or paused) VM, applied
+//! in place, and restored in a new process (`strata restore`).
+//!
+//! **Create** (standard): pause vCPUs and devices ([`crate::vm::Vm::pause`]); save devices,
+//! then vCPUs, then the VM's irqchip, PIT and clock ([`crate::vm::Vm::save_state`]: devices
+//! first, so an interrupt a device raises while being saved is not lost); fork a writer of
+//! guest memory ([`capture`]: the child sees memory at this instant); switch every writable
+//! disk to a new empty layer at the same instant (all or nothing,
+//! [`crate::device_manager::VirtioDevices::switch_disks`]); resume. The pause lasts the state
+//! save, the fork and the disk switch; memory is written while the guest runs. Then the state
+//! file is written, the memory writer is awaited, and the checkpoint is committed by the store
+//! (one rename) with the new active layers. A failure before the resume leaves the VM as it
+//! was and no checkpoint. A failure after it (the memory file cannot be written) leaves no
+//! checkpoint either, but the guest has written to its new layers by then: the store records
+//! them as the active layers, the frozen ones beneath them kept as part of the chains
+//! (`DiskRecord::below`).
+//!
+//! **Apply** (standard): everything that can be checked is checked first (the manifest, the
+//! state file's checksum and fields, the memory file's layout); then the running VM is torn
+//! down, new active layers are created above the checkpoint's layers (the checkpoint never
+//! changes, invariant 3) and recorded, guest memory is the checkpoint's memory file mapped
+//! private (copy-on-write: applying costs the same for any guest size), and a fresh KVM VM is
+//! built from the saved state behind the same API socket, console and vsock socket. It gets a
+//! new generation: events of the old VM still queued are dropped. The vsock device resets its
+//! transport, so the guest agent reconnects by itself. A failure after the teardown leaves the
+//! VM off with the reason.
+//!
+//! **Restore** (`strata restore --checkpoint DIR`): the VM's configuration comes from the
+//! checkpoint's state file; the store is the checkpoint folder's parent; then it is an apply
+//! into a VM that is off.
+//!
+//! Production checkpoints (agent quiesce, disks only) and the checkpoint types' fallbacks are
+//! not here yet; a production checkpoint is applied by leaving the VM off on new layers above
+//! its disks.
+
+pub mod capture;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use api::types::CheckpointType as VmCheckpointType;
+use serde::{Deserialize, Serialize};
+use snapshot::manifest::{
+    CheckpointType, Consistency, DiskRecord, Manifest, StorePath, MEMORY_FILE, STATE_FILE,
+};
+use snapshot::memory::MemoryFile;
+use snapshot::store::{CommitInfo, Store};
+
+use crate::config::{DiskConfig, Kernel, VmConfig, VsockConfig};
+use crate::runner::{Machine, VmState};
+use crate::vm::{EventTx, Vm, VmSnapshotState};
+use capture::{CaptureError, MemoryCapture};
+
+/// Why a checkpoint operation failed. Each says what is left: nothing changed, or the VM off.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// No location is configured.
+    #[error(
+        "this VM has no checkpoint location: start it with --state-dir DIR or set a location \
+         with PUT /v1/vm/checkpoint-config"
+    )]
+    NoLocation,
+    /// The VM's checkpoint type is `disabled`.
+    #[error("checkpoints are disabled for this VM (its checkpoint type is disabled)")]
+    Disabled,
+    /// Not possible in this state.
+    #[error("cannot {action} while the VM is {state}")]
+    WrongState {
+        /// What was asked.
+        action: &'static str,
+        /// The state.
+        state: &'static str,
+    },
+    /// What is not built yet.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The store (lock, manifests, state file, memory file): the error names the file.
+    #[error(transparent)]
+    Store(#[from] snapshot::Error),
+    /// The store's record does not fit this VM.
+    #[error("checkpoint store {location}: {reason}")]
+    ForeignStore {
+        /// The location.
+        location: PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+    /// Pausing or resuming.
+    #[error("cannot pause the VM for the checkpoint")]
+    Pause(#[source] crate::vm::PauseError),
+    /// Saving the VM's state.
+    #[error("cannot save the VM's state")]
+    Save(#[source] crate::vm::SaveError),
+    /// Guest memory.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// Switching the disks.
+    #[error(transparent)]
+    Disks(#[from] crate::device_manager::DeviceError),
+    /// Creating a new active layer above a checkpoint's layer.
+    #[error("cannot create the new layer {path} above {parent}")]
+    Layer {
+        /// The new layer.
+        path: PathBuf,
+        /// Its parent.
+        parent: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<disk::DiskError>,
+    },
+    /// The checkpoint does not fit this VM.
+    #[error("checkpoint {id} cannot be applied to this VM: {reason}")]
+    Incompatible {
+        /// The checkpoint.
+        id: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The saved state is invalid (names the file and field).
+    #[error("checkpoint {id}: state file {path}: {source}")]
+    BadState {
+        /// The checkpoint.
+        id: String,
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: snapshot::StateError,
+    },
+    /// The memory file cannot be mapped.
+    #[error("checkpoint {id}")]
+    Memory {
+        /// The checkpoint.
+        id: String,
+        /// Why.
+        #[source]
+        source: crate::memory::MemoryError,
+    },
+    /// Building the VM from the state.
+    #[error("cannot restore checkpoint {id}")]
+    Restore {
+        /// The checkpoint.
+        id: String,
+        /// Why.
+        #[source]
+        source: crate::vm::RestoreError,
+    },
+}
+
+impl CheckpointError {
+    /// The API's answer for it.
+    pub fn to_api(&self) -> api::ApiError {
+        let msg = crate::error_line(self);
+        match self {
+            Self::Store(snapshot::Error::NotFound { .. }) => api::ApiError::not_found(msg),
+            Self::NoLocation
+            | Self::Disabled
+            | Self::WrongState { .. }
+            | Self::Unsupported(_)
+            | Self::ForeignStore { .. }
+            | Self::Incompatible { .. }
+            | Self::BadState { .. }
+            | Self::Store(snapshot::Error::Locked { .. }) => api::ApiError::invalid_state(msg),
+            _ => api::ApiError::internal(msg),
+        }
+    }
+}
+
+/// The machine a standard checkpoint was taken of: what `strata restore` builds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedMachine {
+    /// The kernel file; `None` for the embedded test guest.
+    pub kernel: Option<PathBuf>,
+    /// The initrd.
+    pub initrd: Option<PathBuf>,
+    /// The command line given (the devices' entries are added at boot).
+    pub cmdline: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Whether a guest reset reboots.
+    pub reboot: bool,
+    /// Launch disks in `--disk` order.
+    pub disks: Vec<SavedDisk>,
+    /// The vsock device.
+    pub vsock: Option<SavedVsock>,
+    /// The VM's checkpoint type.
+    pub checkpoint_type: VmCheckpointType,
+}
+
+/// A disk of [`SavedMachine`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedDisk {
+    /// The launch disk (absolute).
+    pub path: PathBuf,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// The vsock device of [`SavedMachine`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedVsock {
+    /// Guest CID.
+    pub cid: u32,
+    /// Host socket.
+    pub socket: PathBuf,
+}
+
+/// A standard checkpoint's state file payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedVm {
+    /// The machine.
+    pub machine: SavedMachine,
+    /// vCPUs, VM, devices.
+    pub vm: VmSnapshotState,
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+impl SavedMachine {
+    /// What `config` describes.
+    pub fn of(config: &VmConfig) -> Self {
+        SavedMachine {
+            kernel: match &config.kernel {
+                Kernel::TestGuest => None,
+                Kernel::File(p) => Some(absolute(p)),
+            },
+            initrd: config.initrd.as_deref().map(absolute),
+            cmdline: config.cmdline.clone(),
+            vcpus: config.vcpus,
+            memory: config.memory,
+            reboot: config.reboot,
+            disks: config
+                .disks
+                .iter()
+                .map(|d| SavedDisk {
+                    path: absolute(&d.path),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            vsock: config.vsock.as_ref().map(|v| SavedVsock {
+                cid: v.cid,
+                socket: absolute(&v.socket),
+            }),
+            checkpoint_type: config.checkpoint.kind,
+        }
+    }
+
+    /// A configuration for this machine, with the host-side settings (console, API socket,
+    /// checkpoint location) of `host`.
+    pub fn to_config(&self, host: &VmConfig) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone().map_or(Kernel::TestGuest, Kernel::File),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus: self.vcpus,
+            memory: self.memory,
+            reboot: self.reboot,
+            console: host.console.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            vsock: self.vsock.as_ref().map(|v| VsockConfig {
+                cid: v.cid,
+                socket: v.socket.clone(),
+            }),
+            api_socket: host.api_socket.clone(),
+            checkpoint: api::types::CheckpointConfig {
+                kind: self.checkpoint_type,
+                location: host.checkpoint.location.clone(),
+            },
+        }
+    }
+
+    /// Whether a checkpoint of this machine can be applied to a VM configured as `config`.
+    fn check_fits(&self, config: &VmConfig) -> Result<(), String> {
+        let here = SavedMachine::of(config);
+        if self.vcpus != here.vcpus {
+            return Err(format!(
+                "it has {} vCPUs, the VM {}",
+                self.vcpus, here.vcpus
+            ));
+        }
+        if self.memory != here.memory {
+            return Err(format!(
+                "it has {} MiB of memory, the VM {} MiB",
+                self.memory >> 20,
+                here.memory >> 20
+            ));
+        }
+        if self.disks != here.disks {
+            return Err(format!(
+                "its disks {:?} are not the VM's {:?}",
+                self.disks, here.disks
+            ));
+        }
+        if self.vsock.is_some() != here.vsock.is_some() {
+            return Err("it and the VM differ in having a vsock device".into());
+        }
+        Ok(())
+    }
+}
+
+/// The record of disk `index` when the VM runs on its launch disk.
+fn launch_record(index: usize, disk: &DiskConfig) -> DiskRecord {
+    DiskRecord {
+        index: index as u32,
+        layer: None,
+        below: Vec::new(),
+        launch: absolute(&disk.path),
+    }
+}
+
+/// Per disk, the chain the VM writes now: the store's active records, or the launch disks.
+pub fn active_records(store: Option<&Store>, config: &VmConfig) -> Vec<DiskRecord> {
+    match store {
+        Some(s) if !s.active().is_empty() => s.active().to_vec(),
+        _ => config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| launch_record(i, d))
+            .collect(),
+    }
+}
+
+/// Checks that the store's active disks are this VM's launch disks.
+pub fn check_store_fits(store: &Store, config: &VmConfig) -> Result<(), CheckpointError> {
+    let active = store.active();
+    if active.is_empty() {
+        return Ok(());
+    }
+    let launch: Vec<PathBuf> = config.disks.iter().map(|d| absolute(&d.path)).collect();
+    let recorded: Vec<PathBuf> = active.iter().map(|d| d.launch.clone()).collect();
+    if launch != recorded {
+        return Err(CheckpointError::ForeignStore {
+            location: store.location().to_path_buf(),
+            reason: format!(
+                "it holds the checkpoints of a VM whose disks are {recorded:?}, this VM's are \
+                 {launch:?}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Bytes a file occupies on disk (0 if it cannot be read).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// What a create reports besides the manifest.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateStats {
+    /// How long the guest was paused.
+    pub paused: Duration,
+    /// Bytes of guest memory written.
+    pub memory_written: u64,
+}
+
+impl Machine {
+    /// The configured checkpoint location.
+    fn location(&self) -> Option<PathBuf> {
+        self.checkpoint_config.location.as_ref().map(PathBuf::from)
+    }
+
+    /// The store at the configured location, opened (and recovered) on first use.
+    pub fn store(&mut self) -> Result<&mut Store, CheckpointError> {
+        let location = self.location().ok_or(CheckpointError::NoLocation)?;
+        let reopen = self.store.as_ref().is_none_or(|s| s.location() != location);
+        if reopen {
+            self.store = None;
+            let store = Store::open(&location)?;
+            let report = store.opened();
+            if !report.is_clean() {
+                log::warn!(
+                    "checkpoint store {}: {report:?}",
+                    store.location().display()
+                );
+            }
+            check_store_fits(&store, &self.config)?;
+            self.store = Some(store);
+        }
+        self.store.as_mut().ok_or(CheckpointError::NoLocation)
+    }
+
+    /// The configuration a boot or restore uses: the disks are the active layers.
+    pub fn boot_config(&self) -> VmConfig {
+        let mut config = self.config.clone();
+        if let Some(store) = &self.store {
+            for (d, r) in config.disks.iter_mut().zip(store.active()) {
+                d.path = r.top(store.location());
+            }
+        }
+        config
+    }
+
+    /// Takes a checkpoint as `kind` asks (or the VM's type).
+    pub fn create_checkpoint(
+        &mut self,
+        name: Option<&str>,
+        kind: Option<VmCheckpointType>,
+    ) -> Result<(Manifest, CreateStats), CheckpointError> {
+        match kind.unwrap_or(self.checkpoint_config.kind) {
+            VmCheckpointType::Disabled => return Err(CheckpointError::Disabled),
+            VmCheckpointType::Standard => {}
+            VmCheckpointType::Production | VmCheckpointType::ProductionOnly => {
+                return Err(CheckpointError::Unsupported(
+                    "production checkpoints are not available yet; ask for type standard \
+                     (\"type\": \"standard\", or --type standard)"
+                        .into(),
+                ))
+            }
+        }
+        let state = self.state();
+        if state == VmState::Off {
+            return Err(CheckpointError::WrongState {
+                action: "take a standard checkpoint",
+                state: state.name(),
+            });
+        }
+        let name = name.map_or_else(
+            || {
+                format!(
+                    "checkpoint {}",
+                    snapshot::manifest::Timestamp::now().as_str()
+                )
+            },
+            str::to_string,
+        );
+        self.store()?;
+        self.create_standard(&name)
+    }
+
+    fn create_standard(&mut self, name: &str) -> Result<(Manifest, CreateStats), CheckpointError> {
+        let current = active_records(self.store.as_ref(), &self.config);
+        let machine = SavedMachine::of(&self.config);
+        let (Some(store), Some(vm)) = (self.store.as_mut(), self.vm.as_ref()) else {
+            return Err(CheckpointError::NoLocation);
+        };
+        let was_running = !self.paused;
+        if was_running {
+            vm.pause().map_err(CheckpointError::Pause)?;
+        }
+        let t0 = Instant::now();
+        let step = (|| {
+            let pending = store.begin(name)?;
+            let saved = vm
+                .save_state(&self.platform)
+                .map_err(CheckpointError::Save)?;
+            let capture = MemoryCapture::start(vm.memory(), &pending.dir().join(MEMORY_FILE))?;
+            let mut switch = Vec::new();
+            let mut after = Vec::new();
+            for (d, cfg) in current.iter().zip(&self.config.disks) {
+                if cfg.read_only {
+                    switch.push(None);
+                    after.push(d.clone());
+                    continue;
+                }
+                let layer = store.new_layer_path(d.index, pending.id())?;
+                switch.push(Some(layer.resolve(store.location())));
+                after.push(DiskRecord {
+                    index: d.index,
+                    below: d.store_layers().cloned().collect(),
+                    layer: Some(layer),
+                    launch: d.launch.clone(),
+                });
+            }
+            vm.virtio_devices().switch_disks(&switch)?;
+            Ok::<_, CheckpointError>((pending, saved, capture, switch, after))
+        })();
+        let resumed = if was_running { vm.resume() } else { Ok(()) };
+        let paused = t0.elapsed();
+        if let Err(e) = resumed {
+            log::error!("resuming the VM after a checkpoint: {e}; it stays paused");
+            self.paused = true;
+        }
+        let (pending, saved, capture, switch, after) = step?;
+        let finish = (|| {
+            let digest = pending.write_state(&SavedVm { machine, vm: saved })?;
+            let captured = capture.wait()?;
+            let layers: u64 = current
+                .iter()
+                .filter_map(|d| d.layer.as_ref())
+                .map(|l| allocated(&l.resolve(store.location())))
+                .sum();
+            let info = CommitInfo {
+                kind: CheckpointType::Standard,
+                consistency: Consistency::Standard,
+                disks: current.clone(),
+                active_after: after.clone(),
+                state: Some(digest),
+                memory: Some(captured.record),
+                disk_layers_size: layers,
+            };
+            Ok::<_, CheckpointError>((store.commit(pending, info)?, captured.written))
+        })();
+        match finish {
+            Ok((m, written)) => {
+                log::info!(
+                    "checkpoint {} taken: paused {:.1} ms, {} MiB of memory written",
+                    m.id,
+                    paused.as_secs_f64() * 1e3,
+                    written >> 20
+                );
+                Ok((
+                    m,
+                    CreateStats {
+                        paused,
+                        memory_written: written,
+                    },
+                ))
+            }
+            Err(e) => {
+                if !was_running {
+                    // Nothing ran since the switch: put every disk back.
+                    if let Err(u) = vm.virtio_devices().unswitch_disks(&switch) {
+                        log::error!("putting the disks back after a failed checkpoint: {u}");
+                    }
+                } else {
+                    // The guest has written to its new layers: they are the active ones now,
+                    // with the layers they froze kept beneath them.
+                    let current_id = store.current().map(str::to_string);
+                    if let Err(r) = store.set_current(current_id.as_deref(), after) {
+                        log::error!(
+                            "recording the new active layers after a failed checkpoint: {r}"
+                        );
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies checkpoint `id`: a standard one resumes the VM in its state; a production one
+    /// leaves the VM off on new layers above its disks.
+    pub fn apply_checkpoint(&mut self, id: &str) -> Result<(), CheckpointError> {
+        let store = self.store()?;
+        let m = store.get(id)?;
+        let location = store.location().to_path_buf();
+        let dir = store.checkpoint_dir(id);
+        if m.disks.len() != self.config.disks.len() {
+            return Err(CheckpointError::Incompatible {
+                id: id.into(),
+                reason: format!(
+                    "it has {} disks, the VM {}",
+                    m.disks.len(),
+                    self.config.disks.len()
+                ),
+            });
+        }
+        let prepared = match m.kind {
+            CheckpointType::Standard => Some(self.prepare_standard(&m, &dir)?),
+            CheckpointType::Production => None,
+        };
+        self.halt(&format!("applying checkpoint {id}"));
+        let tag = snapshot::store::new_id();
+        let mut after = Vec::with_capacity(m.disks.len());
+        let mut made: Vec<PathBuf> = Vec::new();
+        let read_only: Vec<bool> = self.config.disks.iter().map(|d| d.read_only).collect();
+        let store = self.store()?;
+        for (d, ro) in m.disks.iter().zip(read_only) {
+            if ro {
+                after.push(d.clone());
+                continue;
+            }
+            let layer = store.new_layer_path(d.index, &format!("{id}-{tag}"))?;
+            let path = layer.resolve(&location);
+            let parent = d.top(&location);
+            if let Err(source) = disk::create_layer(&parent, &path) {
+                for p in &made {
+                    let _ = std::fs::remove_file(p);
+                }
+                self.last_exit = Some(format!("applying checkpoint {id} failed"));
+                return Err(CheckpointError::Layer {
+                    path,
+                    parent,
+                    source: Box::new(source),
+                });
+            }
+            made.push(path);
+            after.push(DiskRecord {
+                index: d.index,
+                below: d.store_layers().cloned().collect(),
+                layer: Some(layer),
+                launch: d.launch.clone(),
+            });
+        }
+        if let Err(e) = store.set_current(Some(id), after) {
+            for p in &made {
+                let _ = std::fs::remove_file(p);
+            }
+            self.last_exit = Some(format!("applying checkpoint {id} failed: {e}"));
+            return Err(e.into());
+        }
+        match store.remove_unused_layers() {
+            Ok(gone) if !gone.is_empty() => {
+                log::info!("applying checkpoint {id}: removed the discarded layers {gone:?}")
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("applying checkpoint {id}: removing discarded layers: {e}"),
+        }
+        let Some((saved, mfile)) = prepared else {
+            self.last_exit = Some(format!("applied production checkpoint {id}"));
+            return Ok(());
+        };
+        let result = (|| {
+            let memory =
+                crate::memory::from_checkpoint(&mfile, self.config.memory).map_err(|source| {
+                    CheckpointError::Memory {
+                        id: id.into(),
+                        source,
+                    }
+                })?;
+            self.generation += 1;
+            let events = EventTx::new(&self.events, self.generation);
+            let config = self.boot_config();
+            let vm = Vm::restore_from(&self.platform, &config, memory, &saved.vm, &events)
+                .map_err(|source| CheckpointError::Restore {
+                    id: id.into(),
+                    source,
+                })?;
+            if let Err(e) = vm.resume() {
+                vm.shutdown();
+                return Err(CheckpointError::Pause(e));
+            }
+            Ok(vm)
+        })();
+        match result {
+            Ok(vm) => {
+                self.vm = Some(vm);
+                self.paused = false;
+                self.last_exit = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.last_exit = Some(format!(
+                    "applying checkpoint {id} failed: {}",
+                    crate::error_line(&e)
+                ));
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads and checks what applying standard checkpoint `m` needs, before anything changes.
+    fn prepare_standard(
+        &self,
+        m: &Manifest,
+        dir: &Path,
+    ) -> Result<(SavedVm, MemoryFile), CheckpointError> {
+        let id = m.id.clone();
+        let state_path = dir.join(STATE_FILE);
+        let (bytes, digest) =
+            snapshot::state::read_state_bytes(&state_path, snapshot::state::DEFAULT_STATE_CAP)?;
+        if m.state.as_ref() != Some(&digest) {
+            return Err(snapshot::Error::invalid(
+                &state_path,
+                "its size or checksum differs from the manifest's",
+            )
+            .into());
+        }
+        let saved: SavedVm =
+            serde_json::from_slice(&bytes).map_err(|source| snapshot::Error::Decode {
+                path: state_path.clone(),
+                source,
+            })?;
+        saved
+            .machine
+            .check_fits(&self.config)
+            .map_err(|reason| CheckpointError::Incompatible {
+                id: id.clone(),
+                reason,
+            })?;
+        let caps = self
+            .platform
+            .state_caps()
+            .map_err(|e| CheckpointError::Restore {
+                id: id.clone(),
+                source: crate::vm::RestoreError::Build(e),
+            })?;
+        saved
+            .vm
+            .check(&self.config, &caps)
+            .map_err(|source| CheckpointError::BadState {
+                id: id.clone(),
+                path: state_path.clone(),
+                source,
+            })?;
+        let record = m.memory.as_ref().ok_or_else(|| {
+            snapshot::Error::invalid(
+                dir.join("manifest.json"),
+                "a standard checkpoint without memory",
+            )
+        })?;
+        let mfile = MemoryFile::open(&dir.join(MEMORY_FILE), record)?;
+        Ok((saved, mfile))
+    }
+}
+
+/// Reads a checkpoint folder for `strata restore`: its manifest and the machine it was taken
+/// of.
+pub fn read_checkpoint_folder(dir: &Path) -> Result<(Manifest, SavedMachine), CheckpointError> {
+    let m = Manifest::load(&dir.join(snapshot::manifest::MANIFEST_FILE))?;
+    if m.kind != CheckpointType::Standard {
+        return Err(CheckpointError::Unsupported(format!(
+            "checkpoint {} is a production checkpoint: it holds disks only; start a VM on \
+             them with strata run --state-dir",
+            m.id
+        )));
+    }
+    let state_path = dir.join(STATE_FILE);
+    let saved: SavedVm = snapshot::state::read_state(&state_path)?;
+    Ok((m, saved.machine))
+}
+
+/// A store path as the API shows it.
+pub fn layer_path(location: &Path, d: &DiskRecord) -> String {
+    let _: Option<&StorePath> = d.layer.as_ref();
+    d.top(location).display().to_string()
+}

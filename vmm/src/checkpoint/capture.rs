@@ -1,0 +1,251 @@
+//! Guest memory at one instant, written while the guest runs on.
+//!
+//! With the VM paused, [`MemoryCapture::start`] forks the VMM. The child process has a
+//! copy-on-write view of the whole address space as it was at the fork — guest memory
+//! included — and writes guest memory to the checkpoint's memory file (only non-zero pages,
+//! one `pwrite` per run, see `snapshot::memory::write_memory`), sends the file's record back
+//! through a pipe and exits. The parent resumes the VM as soon as the fork returns: the pause
+//! costs the fork (copying page tables, a few milliseconds per GiB populated), not the
+//! writing. Pages the guest writes afterwards are copied by the kernel on the first write, so
+//! the child keeps seeing the instant; KVM follows the parent's new pages through its MMU
+//! notifiers.
+//!
+//! The child only runs `write_memory`, serialises its answer and calls `_exit`: no locks of
+//! the parent's other threads (the allocator is safe after `fork` in glibc, which takes its
+//! locks around it), no logging, no destructors.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use snapshot::memory::{write_memory, GuestRegion, MemoryRecord, WriteOptions};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::memory::GuestMemory;
+
+/// Why guest memory could not be captured. The memory file is incomplete and must go.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The pipe to the writer.
+    #[error("cannot create the pipe to the memory writer")]
+    Pipe(#[source] std::io::Error),
+    /// fork(2).
+    #[error("cannot fork the memory writer")]
+    Fork(#[source] std::io::Error),
+    /// Guest memory without a host mapping.
+    #[error("guest memory region at {0:#x} has no host mapping")]
+    Unmapped(u64),
+    /// The writer failed.
+    #[error("writing guest memory to {path}: {reason}")]
+    Write {
+        /// The memory file.
+        path: PathBuf,
+        /// What the writer said.
+        reason: String,
+    },
+    /// The writer ended without a readable answer.
+    #[error("the memory writer for {path} ended without an answer ({status})")]
+    Died {
+        /// The memory file.
+        path: PathBuf,
+        /// How it ended.
+        status: String,
+    },
+}
+
+/// What the writer sends back.
+#[derive(Serialize, Deserialize)]
+enum Answer {
+    Done {
+        record: MemoryRecord,
+        written: u64,
+        writes: u64,
+    },
+    Failed(String),
+}
+
+/// What a finished capture wrote.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// The memory file's record (layout, checksums, size on disk).
+    pub record: MemoryRecord,
+    /// Bytes of non-zero pages written.
+    pub written: u64,
+    /// `pwrite` calls made.
+    pub writes: u64,
+}
+
+/// A memory file being written by a child process.
+#[derive(Debug)]
+pub struct MemoryCapture {
+    pid: libc::pid_t,
+    answer: File,
+    path: PathBuf,
+    reaped: bool,
+}
+
+impl MemoryCapture {
+    /// Forks a writer of `memory` to `path`. Call it with every vCPU and device thread paused:
+    /// the child sees memory as it is at the fork. `anonymous`: guest memory is private
+    /// anonymous memory (not mapped from a checkpoint's file), so pages the host never
+    /// populated are known to be zero and are skipped without being read.
+    pub fn start(memory: &GuestMemory, path: &Path) -> Result<MemoryCapture, CaptureError> {
+        let mut anonymous = true;
+        let mut spans = Vec::new();
+        for region in memory.iter() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| CaptureError::Unmapped(region.start_addr().0))?;
+            if region.file_offset().is_some() {
+                anonymous = false;
+            }
+            spans.push((region.start_addr().0, host as usize, region.len() as usize));
+        }
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the array we pass; both are owned below.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(CaptureError::Pipe(std::io::Error::last_os_error()));
+        }
+        // SAFETY: the descriptors were just created by pipe2 and belong to nobody else.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let opts = WriteOptions {
+            checksum: true,
+            sync: true,
+            incremental: false,
+            skip_unpopulated: anonymous,
+        };
+        // SAFETY: fork duplicates the process; the child runs only `child_main`, which never
+        // returns (it ends in `_exit`) and touches nothing another thread may have locked.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(CaptureError::Fork(std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            drop(read_end);
+            child_main(&spans, path, opts, write_end.as_raw_fd());
+        }
+        drop(write_end);
+        Ok(MemoryCapture {
+            pid,
+            answer: File::from(read_end),
+            path: path.to_path_buf(),
+            reaped: false,
+        })
+    }
+
+    /// Waits for the writer and returns what it wrote.
+    pub fn wait(mut self) -> Result<Captured, CaptureError> {
+        let mut bytes = Vec::new();
+        let read = self.answer.read_to_end(&mut bytes);
+        let status = self.reap();
+        let died = |why: String| CaptureError::Died {
+            path: self.path.clone(),
+            status: why,
+        };
+        if let Err(e) = read {
+            return Err(died(format!("reading its answer: {e}")));
+        }
+        match serde_json::from_slice::<Answer>(&bytes) {
+            Ok(Answer::Done {
+                record,
+                written,
+                writes,
+            }) => Ok(Captured {
+                record,
+                written,
+                writes,
+            }),
+            Ok(Answer::Failed(reason)) => Err(CaptureError::Write {
+                path: self.path.clone(),
+                reason,
+            }),
+            Err(_) => Err(died(status)),
+        }
+    }
+
+    /// Waits for the child to end; returns how it ended.
+    fn reap(&mut self) -> String {
+        if self.reaped {
+            return "already reaped".into();
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid on our own child, with a pointer to a local int.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if r == self.pid {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                self.reaped = true;
+                return format!("waitpid: {e}");
+            }
+        }
+        self.reaped = true;
+        if libc::WIFEXITED(status) {
+            format!("exit status {}", libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            format!("killed by signal {}", libc::WTERMSIG(status))
+        } else {
+            format!("wait status {status:#x}")
+        }
+    }
+}
+
+impl Drop for MemoryCapture {
+    fn drop(&mut self) {
+        if !self.reaped {
+            // SAFETY: kill and reap our own child; no memory is passed.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            self.reap();
+        }
+    }
+}
+
+/// The child: writes memory, answers, exits. Never returns.
+fn child_main(spans: &[(u64, usize, usize)], path: &Path, opts: WriteOptions, fd: i32) -> ! {
+    let run = std::panic::catch_unwind(|| {
+        let regions: Vec<GuestRegion<'_>> = spans
+            .iter()
+            .map(|&(guest_addr, host, len)| GuestRegion {
+                guest_addr,
+                // SAFETY: `host..host+len` is a guest memory mapping of the parent, copied
+                // into this process by fork; nothing else runs in this process, so nothing
+                // writes it while the slice lives.
+                data: unsafe { std::slice::from_raw_parts(host as *const u8, len) },
+                dirty: None,
+            })
+            .collect();
+        match write_memory(path, &regions, opts) {
+            Ok((record, stats)) => Answer::Done {
+                record,
+                written: stats.written,
+                writes: stats.writes,
+            },
+            Err(e) => Answer::Failed(e.to_string()),
+        }
+    })
+    .unwrap_or_else(|_| Answer::Failed("the memory writer panicked".into()));
+    let bytes = serde_json::to_vec(&run).unwrap_or_default();
+    let mut off = 0;
+    while off < bytes.len() {
+        // SAFETY: write from a live buffer to the pipe's write end, which this process owns.
+        let n = unsafe { libc::write(fd, bytes[off..].as_ptr().cast(), bytes.len() - off) };
+        if n <= 0 {
+            break;
+        }
+        off += n as usize;
+    }
+    // SAFETY: _exit ends the child at once, without running the parent's atexit handlers or
+    // destructors (which belong to the parent's threads and files).
+    unsafe {
+        libc::_exit(if matches!(run, Answer::Done { .. }) {
+            0
+        } else {
+            1
+        })
+    }
+}
