@@ -549,6 +549,12 @@ fn format_checkpoint(info: &CheckpointInfo) -> String {
     if let Some(reason) = &info.fallback_reason {
         rows.push(("fallback reason".to_owned(), reason.clone()));
     }
+    if let Some(us) = info.paused_us {
+        rows.push((
+            "guest paused".to_owned(),
+            format!("{:.1} ms", us as f64 / 1000.0),
+        ));
+    }
     for (i, disk) in info.disks.iter().enumerate() {
         rows.push((format!("disk {i}"), disk.clone()));
     }
@@ -824,6 +830,7 @@ mod tests {
             current,
             fallback_reason: None,
             disks: vec![format!("/ck/{id}/disk0.strata")],
+            paused_us: None,
         }
     }
 

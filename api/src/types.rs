@@ -316,6 +316,10 @@ pub struct CheckpointInfo {
     pub fallback_reason: Option<String>,
     /// For each disk, in `--disk` order, the layer the checkpoint froze.
     pub disks: Vec<String>,
+    /// How long the guest was paused while it was taken, in microseconds (a standard
+    /// checkpoint of a running VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_us: Option<u64>,
 }
 
 /// `GET /v1/checkpoints`: every checkpoint, in the order they were taken.
@@ -535,6 +539,7 @@ mod tests {
             current: true,
             fallback_reason: None,
             disks: vec!["/ck/ck-1/disk0.strata".into()],
+            paused_us: None,
         };
         let v = serde_json::to_value(&info).unwrap();
         assert_eq!(v["type"], "production");

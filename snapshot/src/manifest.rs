@@ -336,6 +336,10 @@ pub struct Manifest {
     pub memory: Option<MemoryRecord>,
     /// Sizes for display.
     pub sizes: Sizes,
+    /// How long the guest was paused while the checkpoint was taken, in microseconds (a
+    /// standard checkpoint of a running VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_us: Option<u64>,
 }
 
 impl Manifest {
@@ -489,6 +493,7 @@ pub(crate) mod tests {
                 }],
             }),
             sizes: Sizes::default(),
+            paused_us: None,
         }
     }
 

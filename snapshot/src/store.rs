@@ -176,6 +176,8 @@ pub struct CommitInfo {
     pub memory: Option<MemoryRecord>,
     /// The allocated size of the frozen layers, for display.
     pub disk_layers_size: u64,
+    /// How long the guest was paused, in microseconds.
+    pub paused_us: Option<u64>,
 }
 
 /// A checkpoint being made in its temporary folder. Dropped without [`Store::commit`], its
@@ -616,7 +618,7 @@ impl Store {
 
     /// The commit up to the rename (the store record is not updated): a crash right after it
     /// is what [`Store::open`] rolls forward.
-    pub(crate) fn commit_folder(
+    pub fn commit_folder(
         &mut self,
         mut pending: PendingCheckpoint,
         info: CommitInfo,
@@ -648,6 +650,7 @@ impl Store {
                 memory: info.memory.as_ref().map_or(0, |m| m.allocated),
                 disk_layers: info.disk_layers_size,
             },
+            paused_us: info.paused_us,
             disks: info.disks,
             active_after: info.active_after,
             state: info.state,
@@ -665,8 +668,9 @@ impl Store {
         Ok(m)
     }
 
-    /// Records `m` as current with its active layers (store.json, atomically).
-    fn adopt(&mut self, m: &Manifest) -> Result<()> {
+    /// Records `m` as current with its active layers (store.json, atomically): the second half
+    /// of [`Store::commit`] after [`Store::commit_folder`].
+    pub fn adopt(&mut self, m: &Manifest) -> Result<()> {
         let record = StoreRecord {
             format_version: STORE_VERSION,
             sequence: m.sequence,

@@ -193,6 +193,7 @@ fn checkpoint_info(
         },
         current: store.current() == Some(m.id.as_str()),
         fallback_reason: None,
+        paused_us: m.paused_us,
         disks: m
             .disks
             .iter()

@@ -9,11 +9,12 @@
 //! [`crate::device_manager::VirtioDevices::switch_disks`]); resume. The pause lasts the state
 //! save, the fork and the disk switch; memory is written while the guest runs. Then the state
 //! file is written, the memory writer is awaited, and the checkpoint is committed by the store
-//! (one rename) with the new active layers. A failure before the resume leaves the VM as it
-//! was and no checkpoint. A failure after it (the memory file cannot be written) leaves no
-//! checkpoint either, but the guest has written to its new layers by then: the store records
-//! them as the active layers, the frozen ones beneath them kept as part of the chains
-//! (`DiskRecord::below`).
+//! (one rename). The new active layers are recorded before the resume, so that what the guest
+//! flushes to them survives a crash before the commit (invariant 1). A failure before the
+//! resume leaves the VM as it was and no checkpoint. A failure after it (the memory file
+//! cannot be written) leaves no checkpoint either, but the guest has written to its new
+//! layers by then: they stay the active layers, the frozen ones beneath them kept as part of
+//! the chains (`DiskRecord::below`).
 //!
 //! **Apply** (standard): everything that can be checked is checked first (the manifest, the
 //! state file's checksum and fields, the memory file's layout); then the running VM is torn
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant};
 use api::types::CheckpointType as VmCheckpointType;
 use serde::{Deserialize, Serialize};
 use snapshot::manifest::{
-    CheckpointType, Consistency, DiskRecord, Manifest, StorePath, MEMORY_FILE, STATE_FILE,
+    CheckpointType, Consistency, DiskRecord, Manifest, MEMORY_FILE, STATE_FILE,
 };
 use snapshot::memory::MemoryFile;
 use snapshot::store::{CommitInfo, Store};
@@ -458,6 +459,7 @@ impl Machine {
         let t0 = Instant::now();
         let step = (|| {
             let pending = store.begin(name)?;
+            crash_point("create-begun");
             let saved = vm
                 .save_state(&self.platform)
                 .map_err(CheckpointError::Save)?;
@@ -480,6 +482,17 @@ impl Machine {
                 });
             }
             vm.virtio_devices().switch_disks(&switch)?;
+            // Recorded before the guest runs again: a write it sees flushed on a new layer
+            // must survive a crash before the commit (invariant 1), so from now on a restart
+            // continues on the new layers, whether or not the checkpoint gets committed.
+            let current_id = store.current().map(str::to_string);
+            if let Err(e) = store.set_current(current_id.as_deref(), after.clone()) {
+                if let Err(u) = vm.virtio_devices().unswitch_disks(&switch) {
+                    log::error!("putting the disks back after a failed checkpoint: {u}");
+                }
+                return Err(e.into());
+            }
+            crash_point("create-switched");
             Ok::<_, CheckpointError>((pending, saved, capture, switch, after))
         })();
         let resumed = if was_running { vm.resume() } else { Ok(()) };
@@ -491,7 +504,9 @@ impl Machine {
         let (pending, saved, capture, switch, after) = step?;
         let finish = (|| {
             let digest = pending.write_state(&SavedVm { machine, vm: saved })?;
+            crash_point("create-state-written");
             let captured = capture.wait()?;
+            crash_point("create-memory-written");
             let layers: u64 = current
                 .iter()
                 .filter_map(|d| d.layer.as_ref())
@@ -505,8 +520,12 @@ impl Machine {
                 state: Some(digest),
                 memory: Some(captured.record),
                 disk_layers_size: layers,
+                paused_us: was_running.then_some(paused.as_micros() as u64),
             };
-            Ok::<_, CheckpointError>((store.commit(pending, info)?, captured.written))
+            let m = store.commit_folder(pending, info)?;
+            crash_point("create-renamed");
+            store.adopt(&m)?;
+            Ok::<_, CheckpointError>((m, captured.written))
         })();
         match finish {
             Ok((m, written)) => {
@@ -527,19 +546,18 @@ impl Machine {
             Err(e) => {
                 if !was_running {
                     // Nothing ran since the switch: put every disk back.
-                    if let Err(u) = vm.virtio_devices().unswitch_disks(&switch) {
+                    let current_id = store.current().map(str::to_string);
+                    let undone = vm
+                        .virtio_devices()
+                        .unswitch_disks(&switch)
+                        .map_err(CheckpointError::from)
+                        .and_then(|()| Ok(store.set_current(current_id.as_deref(), current)?));
+                    if let Err(u) = undone {
                         log::error!("putting the disks back after a failed checkpoint: {u}");
                     }
-                } else {
-                    // The guest has written to its new layers: they are the active ones now,
-                    // with the layers they froze kept beneath them.
-                    let current_id = store.current().map(str::to_string);
-                    if let Err(r) = store.set_current(current_id.as_deref(), after) {
-                        log::error!(
-                            "recording the new active layers after a failed checkpoint: {r}"
-                        );
-                    }
                 }
+                // Otherwise the guest has written to its new layers: they stay the active
+                // ones (already recorded), with the layers they froze kept beneath them.
                 Err(e)
             }
         }
@@ -567,6 +585,7 @@ impl Machine {
             CheckpointType::Production => None,
         };
         self.halt(&format!("applying checkpoint {id}"));
+        crash_point("apply-halted");
         let tag = snapshot::store::new_id();
         let mut after = Vec::with_capacity(m.disks.len());
         let mut made: Vec<PathBuf> = Vec::new();
@@ -599,6 +618,7 @@ impl Machine {
                 launch: d.launch.clone(),
             });
         }
+        crash_point("apply-layers");
         if let Err(e) = store.set_current(Some(id), after) {
             for p in &made {
                 let _ = std::fs::remove_file(p);
@@ -606,6 +626,7 @@ impl Machine {
             self.last_exit = Some(format!("applying checkpoint {id} failed: {e}"));
             return Err(e.into());
         }
+        crash_point("apply-recorded");
         match store.remove_unused_layers() {
             Ok(gone) if !gone.is_empty() => {
                 log::info!("applying checkpoint {id}: removed the discarded layers {gone:?}")
@@ -727,8 +748,26 @@ pub fn read_checkpoint_folder(dir: &Path) -> Result<(Manifest, SavedMachine), Ch
     Ok((m, saved.machine))
 }
 
-/// A store path as the API shows it.
-pub fn layer_path(location: &Path, d: &DiskRecord) -> String {
-    let _: Option<&StorePath> = d.layer.as_ref();
-    d.top(location).display().to_string()
+/// The environment variable of [`crash_point`].
+pub const CRASH_AT_ENV: &str = "STRATA_CRASH_AT";
+
+/// A test hook for crash tests: when `STRATA_CRASH_AT` names `point`, the VMM kills itself
+/// with SIGKILL there, so a test can stop it at an exact step of a checkpoint operation and
+/// check what a restart finds. The points, in order:
+/// - create: `create-begun` (temporary folder made), `create-switched` (disks on their new
+///   layers, VM still paused), `create-state-written`, `create-memory-written`,
+///   `create-renamed` (folder renamed into place, store record not yet updated);
+/// - apply: `apply-halted` (old VM gone), `apply-layers` (new layers made, not recorded),
+///   `apply-recorded` (store record names them, VM not yet built).
+pub fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var(CRASH_AT_ENV).ok())
+        .as_deref()
+        == Some(point)
+    {
+        log::error!("{CRASH_AT_ENV}={point}: killing the VMM here");
+        // SAFETY: sends SIGKILL to this process; no memory is involved.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
 }

@@ -75,6 +75,7 @@ fn take(store: &mut Store, name: &str, standard: bool, crash: bool) -> Manifest 
         state,
         memory,
         disk_layers_size: 0,
+        paused_us: None,
     };
     if crash {
         store.commit_folder(p, info).unwrap()
