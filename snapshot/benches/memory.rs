@@ -98,11 +98,13 @@ fn main() {
                     guest_addr: 0,
                     data: &data[..640 << 10],
                     dirty: None,
+                    base: None,
                 },
                 GuestRegion {
                     guest_addr: MIB as u64,
                     data: &data[MIB..],
                     dirty: None,
+                    base: None,
                 },
             ];
             let _ = std::fs::remove_file(&path);

@@ -152,6 +152,131 @@ pub struct GuestRegion<'a> {
     /// Dirty pages (bit `p % 64` of word `p / 64` for page `p`, as `KVM_GET_DIRTY_LOG` returns
     /// them). Only with [`WriteOptions::incremental`]; `None` means every page.
     pub dirty: Option<&'a [u64]>,
+    /// The file `data` is a private (copy-on-write) mapping of, if it is one — guest memory a
+    /// restore mapped from a checkpoint's memory file. Pages this process never wrote still
+    /// hold that file's content, so the writer copies the file's data extents in the kernel
+    /// (`copy_file_range`) and writes only the pages the process changed, instead of reading
+    /// (and faulting in) every page of the mapping.
+    pub base: Option<BaseFile<'a>>,
+}
+
+/// The file behind a private file mapping ([`GuestRegion::base`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BaseFile<'a> {
+    /// The file.
+    pub file: &'a File,
+    /// The offset of the region's first byte in it.
+    pub offset: u64,
+}
+
+/// The pages of a private file mapping this process changed (bit `p % 64` of word `p / 64`):
+/// present and anonymous (a copy-on-write copy), or swapped out. A page that is not present,
+/// or present and still the file's page, holds the file's content. Asks `/proc/self/pagemap`.
+fn changed_pages(data: &[u8]) -> Result<Vec<u64>> {
+    let pagemap = Path::new("/proc/self/pagemap");
+    let addr = data.as_ptr() as u64;
+    if addr & (PAGE_SIZE - 1) != 0 {
+        return Err(Error::BadArgument(
+            "a file-backed region must be page-aligned".into(),
+        ));
+    }
+    let pages = data.len() / PAGE_SIZE as usize;
+    let f = File::open(pagemap).at(pagemap, "open")?;
+    let mut bits = vec![0u64; pages.div_ceil(64)];
+    let mut buf = vec![0u8; 8 * 65536];
+    let mut p = 0;
+    while p < pages {
+        let n = (pages - p).min(65536);
+        let chunk = &mut buf[..n * 8];
+        f.read_exact_at(chunk, (addr / PAGE_SIZE + p as u64) * 8)
+            .at(pagemap, "read")?;
+        for (i, e) in chunk.chunks_exact(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(e);
+            let v = u64::from_le_bytes(w);
+            // Bit 63: present; bit 62: swapped; bit 61: a file page (or shared anonymous).
+            let present_anon = v >> 63 == 1 && (v >> 61) & 1 == 0;
+            if present_anon || (v >> 62) & 1 == 1 {
+                bits[(p + i) / 64] |= 1 << ((p + i) % 64);
+            }
+        }
+        p += n;
+    }
+    Ok(bits)
+}
+
+/// Copies the data extents of `len` bytes of `src` from `src_off` into `dst` at `dst_off`
+/// (holes stay holes: `dst` is new and sparse). In the kernel with `copy_file_range`, falling
+/// back to reads and writes where it is not supported. Returns the bytes copied.
+fn copy_extents(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_path: &Path,
+    dst_off: u64,
+    len: u64,
+) -> Result<u64> {
+    let end = src_off + len;
+    let mut pos = src_off;
+    let mut copied = 0;
+    while pos < end {
+        let Some(data) = seek(src, dst_path, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(src, dst_path, data, libc::SEEK_HOLE)?
+            .unwrap_or(end)
+            .min(end);
+        let mut at = data;
+        while at < hole {
+            let n = (hole - at).min(1 << 30) as usize;
+            let (Ok(mut off_in), Ok(mut off_out)) = (
+                libc::loff_t::try_from(at),
+                libc::loff_t::try_from(dst_off + (at - src_off)),
+            ) else {
+                return Err(Error::BadArgument("offset beyond 2^63".into()));
+            };
+            // SAFETY: copy_file_range between two descriptors we own, with pointers to local
+            // offsets it updates; it touches no memory of ours besides those.
+            let r = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    &mut off_out,
+                    n,
+                    0,
+                )
+            };
+            if r > 0 {
+                at += r as u64;
+                copied += r as u64;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            if r == 0
+                || matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+                )
+            {
+                // Not supported between these files: copy through a buffer.
+                let mut buf = vec![0u8; n.min(8 << 20)];
+                let chunk = &mut buf[..];
+                src.read_exact_at(chunk, at).at(dst_path, "read base")?;
+                dst.write_all_at(chunk, dst_off + (at - src_off))
+                    .at(dst_path, "write")?;
+                at += chunk.len() as u64;
+                copied += chunk.len() as u64;
+                continue;
+            }
+            return Err(Error::io(dst_path, "copy_file_range", e));
+        }
+        pos = hole.max(pos + PAGE_SIZE);
+    }
+    Ok(copied)
 }
 
 /// How [`write_memory`] writes.
@@ -314,6 +439,7 @@ pub fn write_memory(
         f
     } else {
         let f = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(true)
@@ -327,8 +453,25 @@ pub fn write_memory(
     let page = PAGE_SIZE as usize;
     for (r, rec) in regions.iter().zip(record.regions.iter_mut()) {
         let pages = r.data.len() / page;
-        let mut digest = (opts.checksum && !opts.incremental).then(|| CRC64.digest());
-        let populated = if opts.skip_unpopulated {
+        // A file-backed region: the base file's content first, then the changed pages over
+        // it (changed pages that are zero are punched out).
+        let changed = match (&r.base, opts.incremental) {
+            (Some(b), false) => {
+                let changed = changed_pages(r.data)?;
+                stats.written +=
+                    copy_extents(b.file, b.offset, &file, path, rec.file_offset, rec.size)?;
+                Some(changed)
+            }
+            _ => None,
+        };
+        let over_base = changed.is_some();
+        let dirty_map = if over_base {
+            changed.as_deref()
+        } else {
+            r.dirty
+        };
+        let mut digest = (opts.checksum && !opts.incremental && !over_base).then(|| CRC64.digest());
+        let populated = if opts.skip_unpopulated && !over_base {
             Some(populated_pages(r.data)?)
         } else {
             None
@@ -353,7 +496,7 @@ pub fn write_memory(
             )
         };
         for p in 0..pages {
-            if !dirty(r.dirty, p) {
+            if !dirty(dirty_map, p) {
                 if let Some(s) = run.take() {
                     flush_run(s, p, &mut stats)?;
                 }
@@ -368,7 +511,7 @@ pub fn write_memory(
                 if let Some(s) = run.take() {
                     flush_run(s, p, &mut stats)?;
                 }
-                if opts.incremental && zeros.is_none() {
+                if (opts.incremental || over_base) && zeros.is_none() {
                     zeros = Some(p);
                 }
             } else {
@@ -389,6 +532,9 @@ pub fn write_memory(
             flush_zeros(s, pages)?;
         }
         rec.crc64 = digest.map(|d| d.finalize());
+        if over_base && opts.checksum {
+            rec.crc64 = Some(region_crc(&file, path, rec)?);
+        }
     }
     if opts.sync {
         file.sync_all().at(path, "fsync")?;
@@ -689,11 +835,13 @@ mod tests {
                 guest_addr: 0,
                 data: &low,
                 dirty: None,
+                base: None,
             },
             GuestRegion {
                 guest_addr: 1 << 20,
                 data: &high,
                 dirty: None,
+                base: None,
             },
         ];
         let opts = WriteOptions {
@@ -748,6 +896,76 @@ mod tests {
     }
 
     #[test]
+    fn a_file_backed_region_is_written_as_its_base_plus_the_changed_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("memory-1");
+        let mut mem = vec![0u8; 4 * MIB];
+        for p in (0..8).chain(500..600) {
+            page_fill(&mut mem, p, 3);
+        }
+        let opts = WriteOptions {
+            checksum: true,
+            sync: true,
+            ..Default::default()
+        };
+        let one = [GuestRegion {
+            guest_addr: 0,
+            data: &mem,
+            dirty: None,
+            base: None,
+        }];
+        let (rec1, _) = write_memory(&first, &one, opts).unwrap();
+        // Restore: map it private, then the guest changes some pages: one written over a
+        // data page, one written in a hole, one data page zeroed.
+        let f1 = MemoryFile::open(&first, &rec1).unwrap();
+        let map = f1.map(0).unwrap();
+        // SAFETY: the mapping is ours, `len` bytes long, and nothing else uses it here.
+        let view = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), map.len()) };
+        page_fill(view, 3, 9);
+        page_fill(view, 300, 9);
+        view[550 * 4096..551 * 4096].fill(0);
+        let mut expect = mem.clone();
+        page_fill(&mut expect, 3, 9);
+        page_fill(&mut expect, 300, 9);
+        expect[550 * 4096..551 * 4096].fill(0);
+        assert_eq!(&view[..], &expect[..]);
+
+        let base_file = File::open(&first).unwrap();
+        let second = dir.path().join("memory-2");
+        let two = [GuestRegion {
+            guest_addr: 0,
+            data: view,
+            dirty: None,
+            base: Some(BaseFile {
+                file: &base_file,
+                offset: rec1.regions[0].file_offset,
+            }),
+        }];
+        let (rec2, stats) = write_memory(&second, &two, opts).unwrap();
+        // Only the changed pages were written from memory: 2 non-zero ones, one write each.
+        assert_eq!(stats.writes, 2);
+        let got = std::fs::read(&second).unwrap();
+        assert_eq!(&got[..expect.len()], &expect[..]);
+        // Holes stay holes: 8 + 100 + 1 - 1 data pages, not 4 MiB.
+        assert!(blocks(&second) < 2 * MIB as u64, "{}", blocks(&second));
+        let f2 = MemoryFile::open(&second, &rec2).unwrap();
+        f2.verify().unwrap();
+        // The checksum is the content's: the same as writing `expect` from anonymous memory.
+        let (rec3, _) = write_memory(
+            &dir.path().join("memory-3"),
+            &[GuestRegion {
+                guest_addr: 0,
+                data: &expect,
+                dirty: None,
+                base: None,
+            }],
+            opts,
+        )
+        .unwrap();
+        assert_eq!(rec2.regions[0].crc64, rec3.regions[0].crc64);
+    }
+
+    #[test]
     fn corruption_and_size_mismatch_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
@@ -757,6 +975,7 @@ mod tests {
             guest_addr: 0,
             data: &data,
             dirty: None,
+            base: None,
         }];
         let opts = WriteOptions {
             checksum: true,
@@ -813,6 +1032,7 @@ mod tests {
             guest_addr: 0,
             data: mem,
             dirty: None,
+            base: None,
         }];
         let all = WriteOptions {
             checksum: true,
@@ -853,6 +1073,7 @@ mod tests {
                 guest_addr: 0,
                 data: &data,
                 dirty: None,
+                base: None,
             }],
             full,
         )
@@ -874,6 +1095,7 @@ mod tests {
             guest_addr: 0,
             data: &data,
             dirty: Some(&bitmap),
+            base: None,
         };
         let (rec, stats) = write_memory(&path, &[region], inc).unwrap();
         assert_eq!(stats.pages_scanned, 34);
@@ -890,6 +1112,7 @@ mod tests {
             guest_addr: 0,
             data: &data,
             dirty: Some(&bitmap[..1]),
+            base: None,
         };
         assert!(write_memory(&path, &[region], inc).is_err());
         assert!(write_memory(&path, &[region], WriteOptions::default()).is_err());

@@ -25,6 +25,7 @@ fn take(store: &mut Store, name: &str, standard: bool, crash: bool) -> Manifest 
             guest_addr: 0,
             data: &mem,
             dirty: None,
+            base: None,
         }];
         let opts = WriteOptions {
             checksum: true,

@@ -20,7 +20,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use snapshot::memory::{write_memory, GuestRegion, MemoryRecord, WriteOptions};
+use snapshot::memory::{write_memory, BaseFile, GuestRegion, MemoryRecord, WriteOptions};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::memory::GuestMemory;
@@ -88,21 +88,35 @@ pub struct MemoryCapture {
 
 impl MemoryCapture {
     /// Forks a writer of `memory` to `path`. Call it with every vCPU and device thread paused:
-    /// the child sees memory as it is at the fork. `anonymous`: guest memory is private
-    /// anonymous memory (not mapped from a checkpoint's file), so pages the host never
-    /// populated are known to be zero and are skipped without being read.
+    /// the child sees memory as it is at the fork. Anonymous guest memory: pages the host
+    /// never populated are zero and skipped unread. Guest memory a restore mapped from a
+    /// checkpoint's memory file: that file's data is copied in the kernel and only the pages
+    /// the guest changed since are written.
     pub fn start(memory: &GuestMemory, path: &Path) -> Result<MemoryCapture, CaptureError> {
-        let mut anonymous = true;
-        let mut spans = Vec::new();
+        let mut regions = Vec::new();
         for region in memory.iter() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
                 .map_err(|_| CaptureError::Unmapped(region.start_addr().0))?;
-            if region.file_offset().is_some() {
-                anonymous = false;
-            }
-            spans.push((region.start_addr().0, host as usize, region.len() as usize));
+            regions.push(GuestRegion {
+                guest_addr: region.start_addr().0,
+                // SAFETY: `host..host+len` is the region's mapping, alive as long as `memory`
+                // (borrowed for this whole function). The slice is only read, and only in the
+                // child, where no other thread exists to write it; the parent never reads it.
+                data: unsafe {
+                    std::slice::from_raw_parts(host.cast_const(), region.len() as usize)
+                },
+                dirty: None,
+                // Guest memory mapped from a checkpoint's memory file: unchanged pages are
+                // copied from that file in the kernel instead of being read.
+                base: region.file_offset().map(|f| BaseFile {
+                    file: f.file(),
+                    offset: f.start(),
+                }),
+            });
         }
+        // Pages of anonymous memory the host never populated are zero: skipped unread.
+        let anonymous = regions.iter().all(|r| r.base.is_none());
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: pipe2 writes two descriptors into the array we pass; both are owned below.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -125,7 +139,7 @@ impl MemoryCapture {
         }
         if pid == 0 {
             drop(read_end);
-            child_main(&spans, path, opts, write_end.as_raw_fd());
+            child_main(&regions, path, opts, write_end.as_raw_fd());
         }
         drop(write_end);
         Ok(MemoryCapture {
@@ -206,27 +220,14 @@ impl Drop for MemoryCapture {
 }
 
 /// The child: writes memory, answers, exits. Never returns.
-fn child_main(spans: &[(u64, usize, usize)], path: &Path, opts: WriteOptions, fd: i32) -> ! {
-    let run = std::panic::catch_unwind(|| {
-        let regions: Vec<GuestRegion<'_>> = spans
-            .iter()
-            .map(|&(guest_addr, host, len)| GuestRegion {
-                guest_addr,
-                // SAFETY: `host..host+len` is a guest memory mapping of the parent, copied
-                // into this process by fork; nothing else runs in this process, so nothing
-                // writes it while the slice lives.
-                data: unsafe { std::slice::from_raw_parts(host as *const u8, len) },
-                dirty: None,
-            })
-            .collect();
-        match write_memory(path, &regions, opts) {
-            Ok((record, stats)) => Answer::Done {
-                record,
-                written: stats.written,
-                writes: stats.writes,
-            },
-            Err(e) => Answer::Failed(e.to_string()),
-        }
+fn child_main(regions: &[GuestRegion<'_>], path: &Path, opts: WriteOptions, fd: i32) -> ! {
+    let run = std::panic::catch_unwind(|| match write_memory(path, regions, opts) {
+        Ok((record, stats)) => Answer::Done {
+            record,
+            written: stats.written,
+            writes: stats.writes,
+        },
+        Err(e) => Answer::Failed(e.to_string()),
     })
     .unwrap_or_else(|_| Answer::Failed("the memory writer panicked".into()));
     let bytes = serde_json::to_vec(&run).unwrap_or_default();
