@@ -453,10 +453,11 @@ impl Machine {
             return Err(CheckpointError::NoLocation);
         };
         let was_running = !self.paused;
+        // The guest is paused from the first vCPU stopping to the last one running again.
+        let t0 = Instant::now();
         if was_running {
             vm.pause().map_err(CheckpointError::Pause)?;
         }
-        let t0 = Instant::now();
         let step = (|| {
             let pending = store.begin(name)?;
             crash_point("create-begun");
