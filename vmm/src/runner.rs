@@ -359,30 +359,41 @@ fn boot_error(e: LifecycleError) -> RunError {
 /// How long a guest asked to shut down may take before the caller is told it did not.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Shutdown calls waiting for the VM to be off.
+/// Shutdown calls waiting for the VM to be off, with their deadline and the generation of the
+/// VM they asked.
 #[derive(Default)]
-struct PendingShutdowns(Vec<(api::Responder, Instant)>);
+struct PendingShutdowns(Vec<(api::Responder, Instant, u64)>);
 
 impl PendingShutdowns {
     /// How long the loop may block before the next deadline.
     fn wait(&self) -> Option<Duration> {
         self.0
             .iter()
-            .map(|(_, deadline)| deadline.saturating_duration_since(Instant::now()))
+            .map(|(_, deadline, _)| deadline.saturating_duration_since(Instant::now()))
             .min()
     }
 
-    /// Answers the calls whose VM is off now, and those whose time ran out.
+    /// Answers the calls whose VM is off now or was replaced (a reboot, an applied checkpoint),
+    /// and
+    /// those whose time ran out.
     fn settle(&mut self, machine: &Machine) {
         let now = Instant::now();
         let off = machine.state() == VmState::Off;
-        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.0)
-            .into_iter()
-            .partition(|(_, deadline)| off || *deadline <= now);
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.0)
+                .into_iter()
+                .partition(|(_, deadline, generation)| {
+                    off || *deadline <= now || *generation != machine.generation
+                });
         self.0 = waiting;
-        for (reply, _) in done {
+        for (reply, _, generation) in done {
             if off {
                 reply.send(Ok(api::ApiReply::Vm(crate::api_handler::vm_info(machine))));
+            } else if generation != machine.generation {
+                reply.send(Err(api::ApiError::invalid_state(
+                    "the VM asked to shut down was replaced before it powered off (it rebooted, \
+                     or a checkpoint was applied); the VM that runs now was not asked",
+                )));
             } else {
                 reply.send(Err(api::ApiError::agent_unreachable(format!(
                     "the guest was asked to shut down but is still running after {}s",
@@ -419,7 +430,9 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
                 continue;
             }
             VmEvent::AwaitPowerOff(reply) => {
-                shutdowns.0.push((reply, Instant::now() + SHUTDOWN_TIMEOUT));
+                shutdowns
+                    .0
+                    .push((reply, Instant::now() + SHUTDOWN_TIMEOUT, machine.generation));
                 shutdowns.settle(machine);
                 continue;
             }
