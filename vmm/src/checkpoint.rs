@@ -772,3 +772,94 @@ pub fn crash_point(point: &str) {
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConsoleConfig;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: Kernel::TestGuest,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            vcpus: 2,
+            memory: 256 << 20,
+            reboot: true,
+            console: ConsoleConfig::None,
+            disks: vec![
+                DiskConfig {
+                    path: "/images/a.raw".into(),
+                    read_only: false,
+                },
+                DiskConfig {
+                    path: "/images/b.raw".into(),
+                    read_only: true,
+                },
+            ],
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: "/run/v.sock".into(),
+            }),
+            api_socket: None,
+            checkpoint: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_saved_machine_rebuilds_the_configuration_with_the_new_host_settings() {
+        let saved = SavedMachine::of(&config());
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SavedMachine = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let mut host = config();
+        host.api_socket = Some("/run/api.sock".into());
+        host.checkpoint.location = Some("/state".into());
+        host.console = ConsoleConfig::Stdio;
+        let c = back.to_config(&host);
+        assert_eq!(c.api_socket, host.api_socket);
+        assert_eq!(c.checkpoint.location.as_deref(), Some("/state"));
+        assert_eq!(c.console, ConsoleConfig::Stdio);
+        assert_eq!(SavedMachine::of(&c), saved);
+        assert!(saved.check_fits(&c).is_ok());
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_machine_does_not_fit_and_says_why() {
+        let saved = SavedMachine::of(&config());
+        let mut other = config();
+        other.vcpus = 4;
+        assert!(saved.check_fits(&other).unwrap_err().contains("2 vCPUs"));
+        let mut other = config();
+        other.memory = 512 << 20;
+        assert!(saved.check_fits(&other).unwrap_err().contains("256 MiB"));
+        let mut other = config();
+        other.disks.pop();
+        assert!(saved.check_fits(&other).unwrap_err().contains("disks"));
+        let mut other = config();
+        other.vsock = None;
+        assert!(saved.check_fits(&other).unwrap_err().contains("vsock"));
+    }
+
+    #[test]
+    fn a_store_of_another_vm_is_refused_naming_both_disk_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        assert!(check_store_fits(&store, &config()).is_ok());
+        let layer = store.new_layer_path(0, "x").unwrap();
+        std::fs::write(layer.resolve(dir.path()), b"").unwrap();
+        store
+            .set_current(
+                None,
+                vec![DiskRecord {
+                    index: 0,
+                    layer: Some(layer),
+                    below: Vec::new(),
+                    launch: "/images/other.raw".into(),
+                }],
+            )
+            .unwrap();
+        let err = check_store_fits(&store, &config()).unwrap_err().to_string();
+        assert!(err.contains("other.raw") && err.contains("a.raw"), "{err}");
+    }
+}

@@ -250,3 +250,54 @@ fn child_main(regions: &[GuestRegion<'_>], path: &Path, opts: WriteOptions, fd: 
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot::memory::MemoryFile;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn the_file_holds_memory_as_it_was_at_the_fork_even_when_it_changes_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = crate::memory::create(8 << 20).unwrap();
+        memory
+            .write_slice(&[0xab; 8192], GuestAddress(4096))
+            .unwrap();
+        memory
+            .write_slice(&[0xcd; 4096], GuestAddress(5 << 20))
+            .unwrap();
+        let path = dir.path().join("memory");
+        let capture = MemoryCapture::start(&memory, &path).unwrap();
+        // The guest runs on: what it writes now is not in the checkpoint.
+        memory
+            .write_slice(&[0xee; 4096], GuestAddress(4096))
+            .unwrap();
+        memory
+            .write_slice(&[0x11; 4096], GuestAddress(1 << 20))
+            .unwrap();
+        let done = capture.wait().unwrap();
+        assert_eq!(done.written, 3 * 4096);
+        let file = MemoryFile::open(&path, &done.record).unwrap();
+        file.verify().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes[4096..12288].iter().all(|&b| b == 0xab));
+        assert!(bytes[(1 << 20)..(1 << 20) + 4096].iter().all(|&b| b == 0));
+        assert!(bytes[(5 << 20)..(5 << 20) + 4096]
+            .iter()
+            .all(|&b| b == 0xcd));
+    }
+
+    #[test]
+    fn a_writer_that_cannot_write_says_why_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = crate::memory::create(2 << 20).unwrap();
+        let path = dir.path().join("no-such-folder").join("memory");
+        let err = MemoryCapture::start(&memory, &path)
+            .unwrap()
+            .wait()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no-such-folder"), "{err}");
+    }
+}
