@@ -790,7 +790,10 @@ impl Chain {
         old.writable = false;
         old.alloc = None;
         self.layers.push(new);
-        self.top_id_renewed = false;
+        // The new layer's data id is fresh and no layer can have been made on top of it yet,
+        // so its first write need not renew it (which costs a header write and an fdatasync
+        // on the guest's first write after a checkpoint).
+        self.top_id_renewed = true;
         Ok(())
     }
 
@@ -812,7 +815,7 @@ impl Chain {
             )));
         }
         let top = self.layers.len() - 1;
-        if self.layers[top].bytes_written != 0 || self.top_id_renewed {
+        if self.layers[top].bytes_written != 0 {
             return Err(DiskError::Invalid(format!(
                 "{}: the layer was written since it was put on top; it cannot be taken off",
                 self.layers[top].path.display()
