@@ -549,6 +549,18 @@ fn format_checkpoint(info: &CheckpointInfo) -> String {
     if let Some(reason) = &info.fallback_reason {
         rows.push(("fallback reason".to_owned(), reason.clone()));
     }
+    if let Some(us) = info.frozen_us {
+        rows.push((
+            "guest frozen".to_owned(),
+            format!("{:.1} ms", us as f64 / 1000.0),
+        ));
+    }
+    if let Some(reply) = &info.agent_freeze {
+        rows.push((
+            "agent froze".to_owned(),
+            serde_json::Value::Object(reply.clone()).to_string(),
+        ));
+    }
     if let Some(us) = info.paused_us {
         rows.push((
             "guest paused".to_owned(),
@@ -831,6 +843,8 @@ mod tests {
             fallback_reason: None,
             disks: vec![format!("/ck/{id}/disk0.strata")],
             paused_us: None,
+            frozen_us: None,
+            agent_freeze: None,
         }
     }
 

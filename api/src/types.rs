@@ -320,6 +320,13 @@ pub struct CheckpointInfo {
     /// checkpoint of a running VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_us: Option<u64>,
+    /// A production checkpoint: how long the guest's filesystems were frozen, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_us: Option<u64>,
+    /// A production checkpoint: the guest agent's answer to `freeze` (`frozen`, the mount points
+    /// it froze, and what else the agent reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_freeze: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// `GET /v1/checkpoints`: every checkpoint, in the order they were taken.
@@ -540,6 +547,8 @@ mod tests {
             fallback_reason: None,
             disks: vec!["/ck/ck-1/disk0.strata".into()],
             paused_us: None,
+            frozen_us: None,
+            agent_freeze: None,
         };
         let v = serde_json::to_value(&info).unwrap();
         assert_eq!(v["type"], "production");

@@ -340,6 +340,18 @@ pub struct Manifest {
     /// standard checkpoint of a running VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_us: Option<u64>,
+    /// A production checkpoint: how long the guest's filesystems were frozen by the agent
+    /// (from its freeze reply to its thaw being asked), in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_us: Option<u64>,
+    /// A production checkpoint: the guest agent's freeze reply (`frozen` mount points, and what
+    /// else the agent reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_freeze: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Why a production checkpoint was asked for but a standard one was taken (the agent could
+    /// not quiesce the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
 }
 
 impl Manifest {
@@ -494,6 +506,9 @@ pub(crate) mod tests {
             }),
             sizes: Sizes::default(),
             paused_us: None,
+            frozen_us: None,
+            agent_freeze: None,
+            fallback_reason: None,
         }
     }
 

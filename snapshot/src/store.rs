@@ -178,6 +178,12 @@ pub struct CommitInfo {
     pub disk_layers_size: u64,
     /// How long the guest was paused, in microseconds.
     pub paused_us: Option<u64>,
+    /// How long the guest's filesystems were frozen (production), in microseconds.
+    pub frozen_us: Option<u64>,
+    /// The agent's freeze reply (production).
+    pub agent_freeze: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Why a standard checkpoint was taken where a production one was asked for.
+    pub fallback_reason: Option<String>,
 }
 
 /// A checkpoint being made in its temporary folder. Dropped without [`Store::commit`], its
@@ -651,6 +657,9 @@ impl Store {
                 disk_layers: info.disk_layers_size,
             },
             paused_us: info.paused_us,
+            frozen_us: info.frozen_us,
+            agent_freeze: info.agent_freeze,
+            fallback_reason: info.fallback_reason,
             disks: info.disks,
             active_after: info.active_after,
             state: info.state,

@@ -221,12 +221,29 @@ impl AgentClient {
     /// Quiesces the guest (hooks, sync, FIFREEZE); the agent thaws by itself after
     /// `timeout_s` seconds. Returns the frozen mount points.
     pub fn freeze(&mut self, timeout_s: u64) -> Result<Vec<String>, AgentError> {
+        let reply = self.freeze_reply(timeout_s)?;
+        let r: FreezeReply = self.fields(serde_json::Value::Object(reply), "freeze")?;
+        Ok(r.frozen)
+    }
+
+    /// Like [`AgentClient::freeze`], but returns the whole reply without `ok`: `frozen` (checked
+    /// to be a list of mount points) and whatever else the agent reports (the test guest adds
+    /// its log position, `log_records`).
+    pub fn freeze_reply(
+        &mut self,
+        timeout_s: u64,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, AgentError> {
         let v = self.call(
             &Request::Freeze { timeout_s },
             Duration::from_secs(timeout_s),
         )?;
-        let r: FreezeReply = self.fields(v, "freeze")?;
-        Ok(r.frozen)
+        let _: FreezeReply = self.fields(v.clone(), "freeze")?;
+        let mut map = match v {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        map.remove("ok");
+        Ok(map)
     }
 
     /// Thaws what `freeze` froze.

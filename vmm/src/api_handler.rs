@@ -192,8 +192,10 @@ fn checkpoint_info(
             disk_layers: m.sizes.disk_layers,
         },
         current: store.current() == Some(m.id.as_str()),
-        fallback_reason: None,
+        fallback_reason: m.fallback_reason.clone(),
         paused_us: m.paused_us,
+        frozen_us: m.frozen_us,
+        agent_freeze: m.agent_freeze.clone(),
         disks: m
             .disks
             .iter()

@@ -30,9 +30,21 @@
 //! checkpoint's state file; the store is the checkpoint folder's parent; then it is an apply
 //! into a VM that is off.
 //!
-//! Production checkpoints (agent quiesce, disks only) and the checkpoint types' fallbacks are
-//! not here yet; a production checkpoint is applied by leaving the VM off on new layers above
-//! its disks.
+//! **Production** (the type the VM's checkpoint config or the request names): the guest agent
+//! is asked over vsock to `freeze` (hooks, sync, filesystems frozen, with a lease after which
+//! it thaws by itself); then only the disks' device threads pause (each finishes its request
+//! in flight), every disk switches to a new layer at one instant and the new layers are
+//! recorded, the disk threads resume, and the agent is asked to `thaw` — always, also when a
+//! step failed. The vCPUs never stop; the window in which the guest's writes are frozen (from
+//! the freeze reply to the thaw) is recorded as `frozen_us`. No memory or vCPU state is saved.
+//! When the agent cannot quiesce the guest (no vsock device, the VM paused, the agent
+//! unreachable or refusing), type `production` takes a standard checkpoint and records why
+//! (`fallback_reason`); `production-only` fails with nothing changed; `disabled` refuses. A
+//! VM that is off takes a disk-only checkpoint whatever its type (application-consistent if
+//! the guest powered off or never ran, crash-consistent after a stop or a crash).
+//!
+//! Applying a production checkpoint tears the VM down and leaves it off on new layers above
+//! the checkpoint's disks; `start` cold-boots from them.
 
 pub mod capture;
 
@@ -47,6 +59,7 @@ use snapshot::manifest::{
 use snapshot::memory::MemoryFile;
 use snapshot::store::{CommitInfo, Store};
 
+use crate::agent::AgentClient;
 use crate::config::{DiskConfig, Kernel, VmConfig, VsockConfig};
 use crate::runner::{Machine, VmState};
 use crate::vm::{EventTx, Vm, VmSnapshotState};
@@ -75,6 +88,9 @@ pub enum CheckpointError {
     /// What is not built yet.
     #[error("{0}")]
     Unsupported(String),
+    /// A production-only checkpoint and the agent could not quiesce the guest.
+    #[error("no checkpoint was taken: the checkpoint type is production-only and {0}")]
+    CannotQuiesce(String),
     /// The store (lock, manifests, state file, memory file): the error names the file.
     #[error(transparent)]
     Store(#[from] snapshot::Error),
@@ -154,6 +170,7 @@ impl CheckpointError {
         let msg = crate::error_line(self);
         match self {
             Self::Store(snapshot::Error::NotFound { .. }) => api::ApiError::not_found(msg),
+            Self::CannotQuiesce(_) => api::ApiError::agent_unreachable(msg),
             Self::NoLocation
             | Self::Disabled
             | Self::WrongState { .. }
@@ -363,6 +380,70 @@ fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
+/// How long the guest agent keeps the guest frozen if the VMM never asks it to thaw.
+const FREEZE_LEASE_S: u64 = 30;
+/// How long to wait for the agent's handshake.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The allocated size of the store layers a checkpoint freezes.
+fn frozen_layers_size(store: &Store, current: &[DiskRecord]) -> u64 {
+    current
+        .iter()
+        .filter_map(|d| d.layer.as_ref())
+        .map(|l| allocated(&l.resolve(store.location())))
+        .sum()
+}
+
+/// Per disk, the new layer a checkpoint `id` puts on top (`None` for a read-only disk, which
+/// is never written) and the records of the chains after the switch.
+fn plan_switch(
+    store: &Store,
+    current: &[DiskRecord],
+    config: &VmConfig,
+    id: &str,
+) -> Result<(Vec<Option<PathBuf>>, Vec<DiskRecord>), CheckpointError> {
+    let mut switch = Vec::new();
+    let mut after = Vec::new();
+    for (d, cfg) in current.iter().zip(&config.disks) {
+        if cfg.read_only {
+            switch.push(None);
+            after.push(d.clone());
+            continue;
+        }
+        let layer = store.new_layer_path(d.index, id)?;
+        switch.push(Some(layer.resolve(store.location())));
+        after.push(DiskRecord {
+            index: d.index,
+            below: d.store_layers().cloned().collect(),
+            layer: Some(layer),
+            launch: d.launch.clone(),
+        });
+    }
+    Ok((switch, after))
+}
+
+/// Switches the (paused) disks of `vm` to their new layers at one instant and records them as
+/// the active ones before any guest write can land on them: a write the guest sees flushed on
+/// a new layer must survive a crash before the commit (invariant 1), so from then on a
+/// restart continues on the new layers, whether or not the checkpoint gets committed. On a
+/// failure every disk is put back.
+fn switch_and_record(
+    store: &mut Store,
+    vm: &Vm,
+    switch: &[Option<PathBuf>],
+    after: &[DiskRecord],
+) -> Result<(), CheckpointError> {
+    vm.virtio_devices().switch_disks(switch)?;
+    let current_id = store.current().map(str::to_string);
+    if let Err(e) = store.set_current(current_id.as_deref(), after.to_vec()) {
+        if let Err(u) = vm.virtio_devices().unswitch_disks(switch) {
+            log::error!("putting the disks back after a failed checkpoint: {u}");
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
 /// What a create reports besides the manifest.
 #[derive(Debug, Clone, Copy)]
 pub struct CreateStats {
@@ -415,23 +496,9 @@ impl Machine {
         name: Option<&str>,
         kind: Option<VmCheckpointType>,
     ) -> Result<(Manifest, CreateStats), CheckpointError> {
-        match kind.unwrap_or(self.checkpoint_config.kind) {
-            VmCheckpointType::Disabled => return Err(CheckpointError::Disabled),
-            VmCheckpointType::Standard => {}
-            VmCheckpointType::Production | VmCheckpointType::ProductionOnly => {
-                return Err(CheckpointError::Unsupported(
-                    "production checkpoints are not available yet; ask for type standard \
-                     (\"type\": \"standard\", or --type standard)"
-                        .into(),
-                ))
-            }
-        }
-        let state = self.state();
-        if state == VmState::Off {
-            return Err(CheckpointError::WrongState {
-                action: "take a standard checkpoint",
-                state: state.name(),
-            });
+        let asked = kind.unwrap_or(self.checkpoint_config.kind);
+        if asked == VmCheckpointType::Disabled {
+            return Err(CheckpointError::Disabled);
         }
         let name = name.map_or_else(
             || {
@@ -443,10 +510,196 @@ impl Machine {
             str::to_string,
         );
         self.store()?;
-        self.create_standard(&name)
+        if self.state() == VmState::Off {
+            // Nothing runs: the disks are all there is, whatever the type.
+            return self.create_disks_only(&name);
+        }
+        match asked {
+            VmCheckpointType::Disabled | VmCheckpointType::Standard => {
+                self.create_standard(&name, None)
+            }
+            VmCheckpointType::Production | VmCheckpointType::ProductionOnly => {
+                match self.quiesce() {
+                    Ok((agent, reply)) => self.create_production(&name, agent, reply),
+                    Err(reason) if asked == VmCheckpointType::Production => {
+                        log::warn!("production checkpoint taken as standard: {reason}");
+                        self.create_standard(&name, Some(reason))
+                    }
+                    Err(reason) => Err(CheckpointError::CannotQuiesce(reason)),
+                }
+            }
+        }
     }
 
-    fn create_standard(&mut self, name: &str) -> Result<(Manifest, CreateStats), CheckpointError> {
+    /// Asks the guest agent to quiesce the guest (hooks, sync, filesystems frozen). On success
+    /// the guest stays frozen until [`AgentClient::thaw`] (or the agent's lease runs out);
+    /// otherwise says why it cannot, in words for the checkpoint's record.
+    fn quiesce(&self) -> Result<(AgentClient, serde_json::Map<String, serde_json::Value>), String> {
+        if self.paused {
+            return Err("the VM is paused, so the guest agent cannot quiesce it".into());
+        }
+        let Some(vsock) = &self.config.vsock else {
+            return Err(
+                "the VM has no vsock device, so there is no guest agent to quiesce it".into(),
+            );
+        };
+        let mut agent = AgentClient::connect(&vsock.socket, AGENT_TIMEOUT).map_err(|e| {
+            format!(
+                "the guest agent cannot be reached: {}",
+                crate::error_line(&e)
+            )
+        })?;
+        match agent.freeze_reply(FREEZE_LEASE_S) {
+            Ok(reply) => Ok((agent, reply)),
+            Err(e) => {
+                // A freeze that half happened is undone (the agent thaws what it froze).
+                let _ = agent.thaw();
+                Err(format!(
+                    "the guest agent could not freeze the guest: {}",
+                    crate::error_line(&e)
+                ))
+            }
+        }
+    }
+
+    /// A production checkpoint of a quiesced guest: only the disks' device threads pause, while
+    /// every disk switches to a new layer; then the agent thaws the guest, always.
+    fn create_production(
+        &mut self,
+        name: &str,
+        mut agent: AgentClient,
+        reply: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(Manifest, CreateStats), CheckpointError> {
+        let frozen_at = Instant::now();
+        let current = active_records(self.store.as_ref(), &self.config);
+        let switched = (|| {
+            let (Some(store), Some(vm)) = (self.store.as_mut(), self.vm.as_ref()) else {
+                return Err(CheckpointError::NoLocation);
+            };
+            let pending = store.begin(name)?;
+            let (switch, after) = plan_switch(store, &current, &self.config, pending.id())?;
+            let devices = vm.virtio_devices();
+            // In-flight requests complete before the switch: each disk thread parks between
+            // requests.
+            devices
+                .pause_disks()
+                .map_err(|e| CheckpointError::Pause(e.into()))?;
+            let done = switch_and_record(store, vm, &switch, &after);
+            let resumed = devices.resume_disks();
+            done?;
+            resumed.map_err(|e| CheckpointError::Pause(e.into()))?;
+            Ok((pending, after))
+        })();
+        let thawed = agent.thaw();
+        let frozen = frozen_at.elapsed();
+        if let Err(e) = &thawed {
+            log::warn!(
+                "the guest agent did not confirm the thaw ({}); it thaws by itself after {FREEZE_LEASE_S} s",
+                crate::error_line(e)
+            );
+        }
+        let (pending, after) = switched?;
+        let Some(store) = self.store.as_mut() else {
+            return Err(CheckpointError::NoLocation);
+        };
+        let layers = frozen_layers_size(store, &current);
+        let info = CommitInfo {
+            kind: CheckpointType::Production,
+            consistency: Consistency::ApplicationConsistent,
+            disks: current,
+            active_after: after,
+            state: None,
+            memory: None,
+            disk_layers_size: layers,
+            paused_us: None,
+            frozen_us: Some(frozen.as_micros() as u64),
+            agent_freeze: Some(reply),
+            fallback_reason: None,
+        };
+        let m = store.commit(pending, info)?;
+        log::info!(
+            "production checkpoint {} taken: guest frozen {:.1} ms",
+            m.id,
+            frozen.as_secs_f64() * 1e3
+        );
+        Ok((
+            m,
+            CreateStats {
+                paused: Duration::ZERO,
+                memory_written: 0,
+            },
+        ))
+    }
+
+    /// A checkpoint of a VM that is off: its disks get new layers; nothing else exists.
+    fn create_disks_only(
+        &mut self,
+        name: &str,
+    ) -> Result<(Manifest, CreateStats), CheckpointError> {
+        let current = active_records(self.store.as_ref(), &self.config);
+        // Disks a guest powered off (or never ran on) are clean; a stop or a crash left them as
+        // a power cut does.
+        let consistency = match self.last_exit.as_deref() {
+            None | Some("poweroff") => Consistency::ApplicationConsistent,
+            Some(_) => Consistency::CrashConsistent,
+        };
+        let Some(store) = self.store.as_mut() else {
+            return Err(CheckpointError::NoLocation);
+        };
+        let pending = store.begin(name)?;
+        let (switch, after) = plan_switch(store, &current, &self.config, pending.id())?;
+        let mut made = Vec::new();
+        for (path, d) in switch.iter().zip(&current) {
+            let Some(path) = path else { continue };
+            let parent = d.top(store.location());
+            if let Err(source) = disk::create_layer(&parent, path) {
+                for p in &made {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(CheckpointError::Layer {
+                    path: path.clone(),
+                    parent,
+                    source: Box::new(source),
+                });
+            }
+            made.push(path.clone());
+        }
+        let layers = frozen_layers_size(store, &current);
+        let info = CommitInfo {
+            kind: CheckpointType::Production,
+            consistency,
+            disks: current,
+            active_after: after,
+            state: None,
+            memory: None,
+            disk_layers_size: layers,
+            paused_us: None,
+            frozen_us: None,
+            agent_freeze: None,
+            fallback_reason: None,
+        };
+        match store.commit(pending, info) {
+            Ok(m) => Ok((
+                m,
+                CreateStats {
+                    paused: Duration::ZERO,
+                    memory_written: 0,
+                },
+            )),
+            Err(e) => {
+                for p in &made {
+                    let _ = std::fs::remove_file(p);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn create_standard(
+        &mut self,
+        name: &str,
+        fallback_reason: Option<String>,
+    ) -> Result<(Manifest, CreateStats), CheckpointError> {
         let current = active_records(self.store.as_ref(), &self.config);
         let machine = SavedMachine::of(&self.config);
         let (Some(store), Some(vm)) = (self.store.as_mut(), self.vm.as_ref()) else {
@@ -465,34 +718,8 @@ impl Machine {
                 .save_state(&self.platform)
                 .map_err(CheckpointError::Save)?;
             let capture = MemoryCapture::start(vm.memory(), &pending.dir().join(MEMORY_FILE))?;
-            let mut switch = Vec::new();
-            let mut after = Vec::new();
-            for (d, cfg) in current.iter().zip(&self.config.disks) {
-                if cfg.read_only {
-                    switch.push(None);
-                    after.push(d.clone());
-                    continue;
-                }
-                let layer = store.new_layer_path(d.index, pending.id())?;
-                switch.push(Some(layer.resolve(store.location())));
-                after.push(DiskRecord {
-                    index: d.index,
-                    below: d.store_layers().cloned().collect(),
-                    layer: Some(layer),
-                    launch: d.launch.clone(),
-                });
-            }
-            vm.virtio_devices().switch_disks(&switch)?;
-            // Recorded before the guest runs again: a write it sees flushed on a new layer
-            // must survive a crash before the commit (invariant 1), so from now on a restart
-            // continues on the new layers, whether or not the checkpoint gets committed.
-            let current_id = store.current().map(str::to_string);
-            if let Err(e) = store.set_current(current_id.as_deref(), after.clone()) {
-                if let Err(u) = vm.virtio_devices().unswitch_disks(&switch) {
-                    log::error!("putting the disks back after a failed checkpoint: {u}");
-                }
-                return Err(e.into());
-            }
+            let (switch, after) = plan_switch(store, &current, &self.config, pending.id())?;
+            switch_and_record(store, vm, &switch, &after)?;
             crash_point("create-switched");
             Ok::<_, CheckpointError>((pending, saved, capture, switch, after))
         })();
@@ -508,11 +735,7 @@ impl Machine {
             crash_point("create-state-written");
             let captured = capture.wait()?;
             crash_point("create-memory-written");
-            let layers: u64 = current
-                .iter()
-                .filter_map(|d| d.layer.as_ref())
-                .map(|l| allocated(&l.resolve(store.location())))
-                .sum();
+            let layers = frozen_layers_size(store, &current);
             let info = CommitInfo {
                 kind: CheckpointType::Standard,
                 consistency: Consistency::Standard,
@@ -522,6 +745,9 @@ impl Machine {
                 memory: Some(captured.record),
                 disk_layers_size: layers,
                 paused_us: was_running.then_some(paused.as_micros() as u64),
+                frozen_us: None,
+                agent_freeze: None,
+                fallback_reason: fallback_reason.clone(),
             };
             let m = store.commit_folder(pending, info)?;
             crash_point("create-renamed");

@@ -323,6 +323,37 @@ impl VirtioDevices {
         Ok(())
     }
 
+    /// Parks the disks' device threads only (a production checkpoint: the vCPUs and the vsock
+    /// device, which carries the agent's connection, run on). Each finishes the request it is
+    /// serving first. If one cannot be paused, the others run again.
+    pub fn pause_disks(&self) -> Result<(), LoopError> {
+        let disks: Vec<&VirtioSlot> = self
+            .slots
+            .iter()
+            .filter(|s| s.kind() == DeviceKind::Block)
+            .collect();
+        for (i, s) in disks.iter().enumerate() {
+            if let Err(e) = s.event_loop.pause() {
+                for paused in &disks[..i] {
+                    let _ = paused.event_loop.resume();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the disks' device threads run again.
+    pub fn resume_disks(&self) -> Result<(), LoopError> {
+        let mut result = Ok(());
+        for s in self.slots.iter().filter(|s| s.kind() == DeviceKind::Block) {
+            if let Err(e) = s.event_loop.resume() {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
     /// Lets every device thread run again.
     pub fn resume(&self) -> Result<(), LoopError> {
         let mut result = Ok(());
@@ -369,11 +400,16 @@ impl VirtioDevices {
 
     /// Switches disks to new empty layers at one instant: per disk in `--disk` order, `Some`
     /// puts a new layer at that path on top (flushing the disk first), `None` leaves it as it
-    /// is (a read-only disk). Every device thread must be paused, so no request is in flight.
+    /// is (a read-only disk). Every disk's device thread must be paused, so no request is in
+    /// flight.
     /// All or nothing: if one disk fails, those already switched take their new layer off
     /// again, and the error names the disk.
     pub fn switch_disks(&self, layers: &[Option<PathBuf>]) -> Result<(), DeviceError> {
-        if let Some(running) = self.slots.iter().find(|s| !s.event_loop.is_paused()) {
+        if let Some(running) = self
+            .slots
+            .iter()
+            .find(|s| s.kind() == DeviceKind::Block && !s.event_loop.is_paused())
+        {
             return Err(NotPaused(running.name().to_string()).into());
         }
         let disks: Vec<&Arc<Mutex<Block>>> = self

@@ -77,6 +77,9 @@ fn take(store: &mut Store, name: &str, standard: bool, crash: bool) -> Manifest 
         memory,
         disk_layers_size: 0,
         paused_us: None,
+        frozen_us: None,
+        agent_freeze: None,
+        fallback_reason: None,
     };
     if crash {
         store.commit_folder(p, info).unwrap()
