@@ -352,6 +352,35 @@ pub struct Manifest {
     /// not quiesce the guest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<String>,
+    /// Set in an export folder's manifest: where it came from and its disk files' checksums.
+    /// The `disks` of an export name its flattened files (`disk0.raw`, ...) relative to the
+    /// export folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportRecord>,
+}
+
+/// What an export adds to its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRecord {
+    /// The checkpoint folder it was exported from.
+    pub from: PathBuf,
+    /// `raw` or `strata`.
+    pub disk_format: String,
+    /// Every disk file, in `--disk` order, with its checksum.
+    pub disks: Vec<ExportedFile>,
+}
+
+/// A file of an export and its checksum ([`crate::memory::sparse_digest`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportedFile {
+    /// Its name in the export folder.
+    pub file: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Its checksum.
+    pub crc64: u64,
 }
 
 impl Manifest {
@@ -509,6 +538,7 @@ pub(crate) mod tests {
             frozen_us: None,
             agent_freeze: None,
             fallback_reason: None,
+            export: None,
         }
     }
 

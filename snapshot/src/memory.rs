@@ -730,6 +730,79 @@ fn region_crc(file: &File, path: &Path, r: &RegionRecord) -> Result<u64> {
     Ok(digest.finalize())
 }
 
+/// A file's length, size on disk and content checksum ([`sparse_digest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SparseDigest {
+    /// Length in bytes.
+    pub size: u64,
+    /// Bytes on disk (`st_blocks * 512`).
+    pub allocated: u64,
+    /// CRC-64/XZ of, for every 4 KiB block of the file that is not all zero in order, the
+    /// block's index (u64, little-endian) followed by its bytes (the last block may be
+    /// shorter). It depends only on the content, not on which zero blocks are holes, and is
+    /// computed reading only the file's data extents.
+    pub crc64: u64,
+}
+
+/// The [`SparseDigest`] of the file at `path`.
+pub fn sparse_digest(path: &Path) -> Result<SparseDigest> {
+    const CHUNK: u64 = 8 << 20;
+    let file = File::open(path).at(path, "open")?;
+    let md = file.metadata().at(path, "stat")?;
+    let end = md.len();
+    let mut digest = CRC64.digest();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    while pos < end {
+        let Some(data) = seek(&file, path, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let data = (data - data % PAGE_SIZE).max(pos);
+        let hole = seek(&file, path, data, libc::SEEK_HOLE)?.unwrap_or(end);
+        let stop = hole.next_multiple_of(PAGE_SIZE).min(end);
+        let mut at = data;
+        while at < stop {
+            let n = (stop - at).min(CHUNK) as usize;
+            let chunk = &mut buf[..n];
+            file.read_exact_at(chunk, at).at(path, "read")?;
+            for (i, block) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
+                if !is_zero(block) {
+                    digest.update(&(at / PAGE_SIZE + i as u64).to_le_bytes());
+                    digest.update(block);
+                }
+            }
+            at += n as u64;
+        }
+        pos = stop.max(pos + PAGE_SIZE);
+    }
+    Ok(SparseDigest {
+        size: end,
+        allocated: md.blocks() * 512,
+        crc64: digest.finalize(),
+    })
+}
+
+/// Copies the file at `src` to a new file `dst` (refused if it exists), keeping holes: only
+/// data extents are copied, in the kernel where it can (`copy_file_range`). The copy is
+/// fsynced. Returns the bytes copied.
+pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
+    let from = File::open(src).at(src, "open")?;
+    let len = from.metadata().at(src, "stat")?.len();
+    let to = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .at(dst, "create")?;
+    to.set_len(len).at(dst, "set length")?;
+    let copied = copy_extents(&from, 0, &to, dst, 0, len)?;
+    to.sync_all().at(dst, "fsync")?;
+    Ok(copied)
+}
+
 /// A region of a memory file mapped private and read-write; unmapped on drop.
 ///
 /// The VMM wraps the pointer into its guest memory (vm-memory's `MmapRegion::build_raw`) and

@@ -660,6 +660,7 @@ impl Store {
             frozen_us: info.frozen_us,
             agent_freeze: info.agent_freeze,
             fallback_reason: info.fallback_reason,
+            export: None,
             disks: info.disks,
             active_after: info.active_after,
             state: info.state,

@@ -125,6 +125,14 @@ pub enum CheckpointError {
         #[source]
         source: Box<disk::DiskError>,
     },
+    /// An export cannot be written.
+    #[error("cannot export to {path}: {reason}")]
+    Export {
+        /// The destination.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The checkpoint does not fit this VM.
     #[error("checkpoint {id} cannot be applied to this VM: {reason}")]
     Incompatible {
@@ -303,7 +311,9 @@ impl SavedMachine {
     }
 
     /// Whether a checkpoint of this machine can be applied to a VM configured as `config`.
-    fn check_fits(&self, config: &VmConfig) -> Result<(), String> {
+    /// `same_disks`: the disks must be the same files (applying in the VM that took it);
+    /// otherwise (an export) only as many, with the same read-only flags.
+    fn check_fits(&self, config: &VmConfig, same_disks: bool) -> Result<(), String> {
         let here = SavedMachine::of(config);
         if self.vcpus != here.vcpus {
             return Err(format!(
@@ -318,7 +328,14 @@ impl SavedMachine {
                 here.memory >> 20
             ));
         }
-        if self.disks != here.disks {
+        let flags = |d: &[SavedDisk]| d.iter().map(|d| d.read_only).collect::<Vec<_>>();
+        if !same_disks && flags(&self.disks) != flags(&here.disks) {
+            return Err(format!(
+                "its disks {:?} differ from the VM's {:?} in number or read-only flags",
+                self.disks, here.disks
+            ));
+        }
+        if same_disks && self.disks != here.disks {
             return Err(format!(
                 "its disks {:?} are not the VM's {:?}",
                 self.disks, here.disks
@@ -795,8 +812,29 @@ impl Machine {
     pub fn apply_checkpoint(&mut self, id: &str) -> Result<(), CheckpointError> {
         let store = self.store()?;
         let m = store.get(id)?;
-        let location = store.location().to_path_buf();
         let dir = store.checkpoint_dir(id);
+        self.apply_manifest(&m, &dir, true)
+    }
+
+    /// Starts the VM from an export folder (`strata restore --checkpoint EXPORT`): the
+    /// export's disk files are the bottom of the chains (never written: new layers go above
+    /// them in the store), its state and memory files are used in place.
+    pub fn apply_export(&mut self, dir: &Path) -> Result<(), CheckpointError> {
+        let mut m = Manifest::load(&dir.join(snapshot::manifest::MANIFEST_FILE))?;
+        m.disks = export_disk_records(&m, dir);
+        self.apply_manifest(&m, dir, false)
+    }
+
+    /// Applies the checkpoint of manifest `m` whose files are in `dir`; `in_store`: it is one of
+    /// the store's checkpoints (it becomes the current one), not an export.
+    fn apply_manifest(
+        &mut self,
+        m: &Manifest,
+        dir: &Path,
+        in_store: bool,
+    ) -> Result<(), CheckpointError> {
+        let id = m.id.as_str();
+        let location = self.store()?.location().to_path_buf();
         if m.disks.len() != self.config.disks.len() {
             return Err(CheckpointError::Incompatible {
                 id: id.into(),
@@ -808,7 +846,7 @@ impl Machine {
             });
         }
         let prepared = match m.kind {
-            CheckpointType::Standard => Some(self.prepare_standard(&m, &dir)?),
+            CheckpointType::Standard => Some(self.prepare_standard(m, dir, in_store)?),
             CheckpointType::Production => None,
         };
         self.halt(&format!("applying checkpoint {id}"));
@@ -846,7 +884,8 @@ impl Machine {
             });
         }
         crash_point("apply-layers");
-        if let Err(e) = store.set_current(Some(id), after) {
+        let current = in_store.then_some(id);
+        if let Err(e) = store.set_current(current, after) {
             for p in &made {
                 let _ = std::fs::remove_file(p);
             }
@@ -909,6 +948,7 @@ impl Machine {
         &self,
         m: &Manifest,
         dir: &Path,
+        same_disks: bool,
     ) -> Result<(SavedVm, MemoryFile), CheckpointError> {
         let id = m.id.clone();
         let state_path = dir.join(STATE_FILE);
@@ -928,7 +968,7 @@ impl Machine {
             })?;
         saved
             .machine
-            .check_fits(&self.config)
+            .check_fits(&self.config, same_disks)
             .map_err(|reason| CheckpointError::Incompatible {
                 id: id.clone(),
                 reason,
@@ -961,6 +1001,8 @@ impl Machine {
 
 /// Reads a checkpoint folder for `strata restore`: its manifest and the machine it was taken
 /// of.
+///
+/// For an export folder the machine's disks are the export's disk files.
 pub fn read_checkpoint_folder(dir: &Path) -> Result<(Manifest, SavedMachine), CheckpointError> {
     let m = Manifest::load(&dir.join(snapshot::manifest::MANIFEST_FILE))?;
     if m.kind != CheckpointType::Standard {
@@ -971,8 +1013,248 @@ pub fn read_checkpoint_folder(dir: &Path) -> Result<(Manifest, SavedMachine), Ch
         )));
     }
     let state_path = dir.join(STATE_FILE);
-    let saved: SavedVm = snapshot::state::read_state(&state_path)?;
+    let mut saved: SavedVm = snapshot::state::read_state(&state_path)?;
+    if m.export.is_some() {
+        for (d, r) in saved
+            .machine
+            .disks
+            .iter_mut()
+            .zip(export_disk_records(&m, dir))
+        {
+            d.path = r.launch;
+        }
+    }
     Ok((m, saved.machine))
+}
+
+/// The file name of disk `index` in an export folder.
+pub fn export_disk_name(index: u32, format: disk::ops::ConvertFormat) -> String {
+    match format {
+        disk::ops::ConvertFormat::Raw => format!("disk{index}.raw"),
+        disk::ops::ConvertFormat::Strata => format!("disk{index}.strata"),
+    }
+}
+
+/// An export's disks as launch disks: the export's files, absolute.
+fn export_disk_records(m: &Manifest, dir: &Path) -> Vec<DiskRecord> {
+    m.disks
+        .iter()
+        .map(|d| DiskRecord {
+            index: d.index,
+            layer: None,
+            below: Vec::new(),
+            launch: absolute(&d.top(dir)),
+        })
+        .collect()
+}
+
+/// Whether `dir` holds an export (its manifest says so) rather than a store's checkpoint.
+pub fn is_export(dir: &Path) -> bool {
+    Manifest::load(&dir.join(snapshot::manifest::MANIFEST_FILE)).is_ok_and(|m| m.export.is_some())
+}
+
+/// An export to write: everything it needs, taken from the store in the control loop, so the
+/// copying runs on its own thread while the VM runs (a checkpoint's files never change).
+#[derive(Debug, Clone)]
+pub struct ExportJob {
+    manifest: Manifest,
+    /// The checkpoint's folder.
+    from: PathBuf,
+    /// The store's location (where its layers resolve).
+    location: PathBuf,
+    destination: PathBuf,
+    format: disk::ops::ConvertFormat,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    /// The folder.
+    pub destination: PathBuf,
+    /// The disk files, in `--disk` order.
+    pub disks: Vec<PathBuf>,
+    /// The state file (standard).
+    pub state: Option<PathBuf>,
+    /// The memory file (standard).
+    pub memory: Option<PathBuf>,
+    /// Bytes written (data, not holes).
+    pub bytes: u64,
+}
+
+impl Machine {
+    /// Prepares the export of checkpoint `id` into `destination` (which must not exist, or be
+    /// an empty folder).
+    pub fn prepare_export(
+        &mut self,
+        id: &str,
+        destination: &Path,
+        format: disk::ops::ConvertFormat,
+    ) -> Result<ExportJob, CheckpointError> {
+        let store = self.store()?;
+        let manifest = store.get(id)?;
+        let empty_dir = std::fs::read_dir(destination).is_ok_and(|mut d| d.next().is_none());
+        if destination.exists() && !empty_dir {
+            return Err(CheckpointError::Export {
+                path: destination.to_path_buf(),
+                reason: "it exists and is not an empty folder".into(),
+            });
+        }
+        Ok(ExportJob {
+            from: store.checkpoint_dir(id),
+            location: store.location().to_path_buf(),
+            manifest,
+            destination: destination.to_path_buf(),
+            format,
+        })
+    }
+}
+
+impl ExportJob {
+    /// The checkpoint exported.
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+
+    /// Writes the export: every disk flattened (`disk::convert`), the state and memory files
+    /// of a standard checkpoint copied (the memory file stays sparse), and a manifest with
+    /// the files' checksums — all into a hidden temporary folder beside the destination,
+    /// fsynced, then renamed into place, so the destination appears whole or not at all.
+    /// `progress(done, total)` counts bytes of virtual disk flattened.
+    pub fn run(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ExportReport, CheckpointError> {
+        let dest = &self.destination;
+        let fail = |reason: String| CheckpointError::Export {
+            path: dest.clone(),
+            reason,
+        };
+        let parent = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| fail("it has no parent folder".into()))?;
+        let name = dest
+            .file_name()
+            .ok_or_else(|| fail("it has no name".into()))?;
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            snapshot::store::new_id()
+        ));
+        std::fs::create_dir(&tmp).map_err(|e| fail(format!("create {}: {e}", tmp.display())))?;
+        let result = self.write_into(&tmp, progress);
+        let result = result.and_then(|report| {
+            if dest.exists() {
+                std::fs::remove_dir(dest)
+                    .map_err(|e| fail(format!("replace the empty folder: {e}")))?;
+            }
+            std::fs::rename(&tmp, dest).map_err(|e| fail(format!("rename into place: {e}")))?;
+            snapshot::fsutil::sync_dir(parent)?;
+            Ok(report)
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result.map(|mut r| {
+            let rebase = |p: &mut PathBuf| {
+                if let Some(n) = p.file_name() {
+                    *p = dest.join(n);
+                }
+            };
+            r.disks.iter_mut().for_each(rebase);
+            r.state.iter_mut().for_each(rebase);
+            r.memory.iter_mut().for_each(rebase);
+            r.destination = dest.clone();
+            r
+        })
+    }
+
+    fn write_into(
+        &self,
+        tmp: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ExportReport, CheckpointError> {
+        let m = &self.manifest;
+        let mut bytes = 0;
+        // Progress over every disk's virtual size.
+        let sizes: Vec<u64> = m
+            .disks
+            .iter()
+            .map(|d| {
+                disk::ops::info(&d.top(&self.location))
+                    .map(|i| i.virtual_size)
+                    .unwrap_or(0)
+            })
+            .collect();
+        let total: u64 = sizes.iter().sum();
+        let mut base = 0;
+        let mut disks = Vec::new();
+        let mut digests = Vec::new();
+        let mut records = Vec::new();
+        for (d, size) in m.disks.iter().zip(&sizes) {
+            let src = d.top(&self.location);
+            let name = export_disk_name(d.index, self.format);
+            let out = tmp.join(&name);
+            disk::ops::convert(&src, &out, self.format, &mut |done, _| {
+                progress(base + done, total)
+            })
+            .map_err(|source| CheckpointError::Layer {
+                path: out.clone(),
+                parent: src.clone(),
+                source: Box::new(source),
+            })?;
+            base += size;
+            let digest = snapshot::memory::sparse_digest(&out)?;
+            bytes += digest.allocated;
+            digests.push(snapshot::manifest::ExportedFile {
+                file: name.clone(),
+                size: digest.size,
+                crc64: digest.crc64,
+            });
+            records.push(DiskRecord {
+                index: d.index,
+                layer: Some(snapshot::manifest::StorePath::new(name).map_err(|e| {
+                    CheckpointError::Export {
+                        path: out.clone(),
+                        reason: e,
+                    }
+                })?),
+                below: Vec::new(),
+                launch: d.launch.clone(),
+            });
+            disks.push(out);
+        }
+        let (mut state, mut memory) = (None, None);
+        if m.state.is_some() {
+            let from = self.from.join(STATE_FILE);
+            let to = tmp.join(STATE_FILE);
+            bytes += snapshot::memory::copy_sparse(&from, &to)?;
+            state = Some(to);
+        }
+        if m.memory.is_some() {
+            let from = self.from.join(MEMORY_FILE);
+            let to = tmp.join(MEMORY_FILE);
+            bytes += snapshot::memory::copy_sparse(&from, &to)?;
+            memory = Some(to);
+        }
+        let mut out = m.clone();
+        out.active_after = records.clone();
+        out.disks = records;
+        out.export = Some(snapshot::manifest::ExportRecord {
+            from: self.from.clone(),
+            disk_format: match self.format {
+                disk::ops::ConvertFormat::Raw => "raw".into(),
+                disk::ops::ConvertFormat::Strata => "strata".into(),
+            },
+            disks: digests,
+        });
+        out.save(&tmp.join(snapshot::manifest::MANIFEST_FILE))?;
+        snapshot::fsutil::sync_dir(tmp)?;
+        Ok(ExportReport {
+            destination: tmp.to_path_buf(),
+            disks,
+            state,
+            memory,
+            bytes,
+        })
+    }
 }
 
 /// The environment variable of [`crash_point`].
@@ -1047,7 +1329,7 @@ mod tests {
         assert_eq!(c.checkpoint.location.as_deref(), Some("/state"));
         assert_eq!(c.console, ConsoleConfig::Stdio);
         assert_eq!(SavedMachine::of(&c), saved);
-        assert!(saved.check_fits(&c).is_ok());
+        assert!(saved.check_fits(&c, true).is_ok());
     }
 
     #[test]
@@ -1055,16 +1337,28 @@ mod tests {
         let saved = SavedMachine::of(&config());
         let mut other = config();
         other.vcpus = 4;
-        assert!(saved.check_fits(&other).unwrap_err().contains("2 vCPUs"));
+        assert!(saved
+            .check_fits(&other, true)
+            .unwrap_err()
+            .contains("2 vCPUs"));
         let mut other = config();
         other.memory = 512 << 20;
-        assert!(saved.check_fits(&other).unwrap_err().contains("256 MiB"));
+        assert!(saved
+            .check_fits(&other, true)
+            .unwrap_err()
+            .contains("256 MiB"));
         let mut other = config();
         other.disks.pop();
-        assert!(saved.check_fits(&other).unwrap_err().contains("disks"));
+        assert!(saved
+            .check_fits(&other, true)
+            .unwrap_err()
+            .contains("disks"));
         let mut other = config();
         other.vsock = None;
-        assert!(saved.check_fits(&other).unwrap_err().contains("vsock"));
+        assert!(saved
+            .check_fits(&other, true)
+            .unwrap_err()
+            .contains("vsock"));
     }
 
     #[test]

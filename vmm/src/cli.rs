@@ -50,7 +50,9 @@ pub enum Command {
     /// DIR is a checkpoint's folder (its `path`) inside a VM's checkpoint location: the VM gets
     /// the checkpoint's configuration, continues on new layers above the checkpoint's disks
     /// in that location, and resumes where the checkpoint was taken. The process of the VM
-    /// that took it must have ended (its disks and location are locked while it runs).
+    /// that took it must have ended (its disks and location are locked while it runs). DIR
+    /// may also be an export folder (`strata ctl checkpoint export`): the VM then runs on new
+    /// layers above the export's disk files, in --state-dir (default: DIR/vm).
     Restore(RestoreArgs),
     /// Talk to a running VMM through its API socket.
     ///
@@ -140,6 +142,25 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 }
 
+/// What `strata restore` starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreFrom {
+    /// Checkpoint `id` of the store at `location`.
+    Store {
+        /// The checkpoint.
+        id: String,
+        /// The store.
+        location: PathBuf,
+    },
+    /// The export folder `dir`; the VM's store is at `location`.
+    Export {
+        /// The export.
+        dir: PathBuf,
+        /// The store for the VM's layers.
+        location: PathBuf,
+    },
+}
+
 /// `strata restore` flags.
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
@@ -162,9 +183,24 @@ pub struct RestoreArgs {
 }
 
 impl RestoreArgs {
-    /// The checkpoint's id and the location of its store, checked against `--state-dir`.
-    pub fn locate(&self) -> Result<(String, PathBuf), ConfigError> {
+    /// What to restore and where the VM's store is: a store's checkpoint (its id, and the
+    /// store, checked against `--state-dir`), or an export folder (the store is `--state-dir`,
+    /// by default the folder `vm` inside the export).
+    pub fn locate(&self) -> Result<RestoreFrom, ConfigError> {
         let dir = absolute(&self.checkpoint);
+        if crate::checkpoint::is_export(&dir) {
+            let location = self
+                .state_dir
+                .as_deref()
+                .map_or_else(|| dir.join("vm"), absolute);
+            return Ok(RestoreFrom::Export { dir, location });
+        }
+        self.locate_in_store(&dir)
+            .map(|(id, location)| RestoreFrom::Store { id, location })
+    }
+
+    fn locate_in_store(&self, dir: &std::path::Path) -> Result<(String, PathBuf), ConfigError> {
+        let dir = dir.to_path_buf();
         let bad = |why: String| ConfigError::BadRestore(why);
         let (Some(parent), Some(id)) = (dir.parent(), dir.file_name()) else {
             return Err(bad(format!("{} is not a checkpoint folder", dir.display())));

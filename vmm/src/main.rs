@@ -62,25 +62,32 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(api::ctl::run(args)).unwrap_or(1))
         }
         Command::Restore(args) => {
-            let started = args.locate().and_then(|(id, location)| {
-                let host = args.host_config(&location)?;
-                Ok((id, location, host))
-            });
-            let (id, location, host) = match started {
-                Ok(x) => x,
+            let from = match args.locate() {
+                Ok(f) => f,
                 Err(e) => {
                     report(&e);
                     return ExitCode::from(2);
                 }
             };
-            let config = match vmm::checkpoint::read_checkpoint_folder(&location.join(&id)) {
+            let (dir, location) = match &from {
+                vmm::cli::RestoreFrom::Store { id, location } => (location.join(id), location),
+                vmm::cli::RestoreFrom::Export { dir, location } => (dir.clone(), location),
+            };
+            let host = match args.host_config(location) {
+                Ok(h) => h,
+                Err(e) => {
+                    report(&e);
+                    return ExitCode::from(2);
+                }
+            };
+            let config = match vmm::checkpoint::read_checkpoint_folder(&dir) {
                 Ok((_, machine)) => machine.to_config(&host),
                 Err(e) => {
                     report(&e);
                     return ExitCode::FAILURE;
                 }
             };
-            match runner::restore(&config, &id) {
+            match runner::restore(&config, &from) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     report(&e);

@@ -286,10 +286,10 @@ pub fn run(config: &VmConfig) -> Result<Outcome, RunError> {
     launch(config, Launch::Boot)
 }
 
-/// Like [`run`], but the VM starts as standard checkpoint `id` of the store at the
-/// configuration's checkpoint location left it (`strata restore`).
-pub fn restore(config: &VmConfig, id: &str) -> Result<Outcome, RunError> {
-    launch(config, Launch::Restore(id))
+/// Like [`run`], but the VM starts as a standard checkpoint left it (`strata restore`): one of
+/// the store at the configuration's checkpoint location, or an export folder.
+pub fn restore(config: &VmConfig, from: &crate::cli::RestoreFrom) -> Result<Outcome, RunError> {
+    launch(config, Launch::Restore(from))
 }
 
 /// How [`launch`] starts the VM.
@@ -297,7 +297,7 @@ enum Launch<'a> {
     /// A cold boot from the (active) disks.
     Boot,
     /// From a checkpoint.
-    Restore(&'a str),
+    Restore(&'a crate::cli::RestoreFrom),
 }
 
 fn launch(config: &VmConfig, how: Launch<'_>) -> Result<Outcome, RunError> {
@@ -340,8 +340,11 @@ fn launch(config: &VmConfig, how: Launch<'_>) -> Result<Outcome, RunError> {
             }
             machine.start().map_err(boot_error)?;
         }
-        Launch::Restore(id) => {
+        Launch::Restore(crate::cli::RestoreFrom::Store { id, .. }) => {
             machine.apply_checkpoint(id).map_err(RunError::Checkpoint)?;
+        }
+        Launch::Restore(crate::cli::RestoreFrom::Export { dir, .. }) => {
+            machine.apply_export(dir).map_err(RunError::Checkpoint)?;
         }
     }
     control_loop(&mut machine, &event_rx)
