@@ -1,9 +1,11 @@
 //! virtio-vsock end to end with the test guest: its agent on port 52 through the host client
-//! the API uses, freeze/thaw of its `log` workload, and 16 concurrent connections to its echo
-//! service on port 7.
+//! the API uses, freeze/thaw of its `log` workload (on one disk and on two at once, with the
+//! record counts `freeze` reports), a guest booted with `strata.agent=off` (no agent on port
+//! 52), and 16 concurrent connections to its echo service on port 7.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -66,13 +68,18 @@ fn agent_answers_ping_info_exec_and_survives_malformed_requests() {
     a.ping().unwrap();
 }
 
-/// `log verify` record count.
+/// `log verify` record count of disk 0.
 fn records(vm: &mut Vm) -> u64 {
-    let reply = vm.command("log verify 0");
+    records_on(vm, 0)
+}
+
+/// `log verify N` record count.
+fn records_on(vm: &mut Vm, disk: u64) -> u64 {
+    let reply = vm.command(&format!("log verify {disk}"));
     match (&reply.status, reply.lines.as_slice()) {
         (Ok(()), [n]) => n.parse().unwrap(),
         _ => panic!(
-            "log verify 0: {reply:?}\nconsole:\n{}\nstrata stderr:\n{}",
+            "log verify {disk}: {reply:?}\nconsole:\n{}\nstrata stderr:\n{}",
             vm.transcript.join("\n"),
             vm.stderr()
         ),
@@ -153,18 +160,221 @@ fn leased_freeze_holds_then_thaws_by_itself(vm: &mut Vm, a: &mut AgentClient) {
 
 /// Waits until the log holds more than `before` records (hang guard: `extra` + 3 minutes).
 fn wait_for_growth(vm: &mut Vm, before: u64, extra: Duration, when: &str) {
+    wait_for_growth_on(vm, 0, before, extra, when);
+}
+
+/// Waits until disk `disk`'s log holds more than `before` records (hang guard: `extra` + 3
+/// minutes).
+fn wait_for_growth_on(vm: &mut Vm, disk: u64, before: u64, extra: Duration, when: &str) {
     let guard = Instant::now() + extra + Duration::from_secs(180);
     loop {
-        let n = records(vm);
+        let n = records_on(vm, disk);
         if n > before {
             return;
         }
         assert!(
             Instant::now() < guard,
-            "the log did not resume {when}: still {n} records"
+            "the log of disk {disk} did not grow {when}: still {n} records"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A raw agent connection: request lines in, reply lines out, exactly as the guest wrote them.
+struct RawAgent {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl RawAgent {
+    fn connect(uds: &Path) -> Self {
+        let s = vsock_connect(uds, 52);
+        Self {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    /// Sends one request line and returns the reply line (without its line end).
+    fn call(&mut self, request: &str) -> String {
+        self.writer
+            .write_all(format!("{request}\n").as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        assert!(line.ends_with('\n'), "{request} -> {line:?}");
+        line.trim_end().to_string()
+    }
+
+    /// `freeze` with a lease of `lease_s` seconds: the reply, checked for its shape, and the
+    /// (disk, records) of each log it reports.
+    fn freeze(&mut self, lease_s: u64) -> (String, Vec<(u64, u64)>) {
+        let line = self.call(&format!("{{\"op\":\"freeze\",\"timeout_s\":{lease_s}}}"));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], true, "{line}");
+        let logs: Vec<(u64, u64)> = v["logs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no logs in {line}"))
+            .iter()
+            .map(|l| (l["disk"].as_u64().unwrap(), l["records"].as_u64().unwrap()))
+            .collect();
+        let total: u64 = logs.iter().map(|&(_, n)| n).sum();
+        assert_eq!(v["log_records"].as_u64(), Some(total), "{line}");
+        let frozen: &[&str] = if logs.is_empty() { &[] } else { &["log"] };
+        assert_eq!(v["frozen"], serde_json::json!(frozen), "{line}");
+        (line, logs)
+    }
+
+    fn thaw(&mut self) {
+        assert_eq!(self.call(r#"{"op":"thaw"}"#), r#"{"ok":true}"#);
+    }
+}
+
+/// `blk N read 0 1`: the hash of sector 0 (record 0 of the disk's log, whose nonce is new with
+/// each `log start`).
+fn sector0(vm: &mut Vm, disk: u64) -> String {
+    vm.line(&format!("blk {disk} read 0 1"))
+}
+
+#[test]
+fn freeze_reports_every_running_log_and_thaw_resumes_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = Vec::new();
+    for name in ["a.raw", "b.raw"] {
+        let disk = dir.path().join(name);
+        std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+        args.push("--disk".to_string());
+        args.push(format!("path={}", disk.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut g = boot(&args);
+    let vm = &mut g.vm;
+    vm.command("log start 0").ok();
+    vm.command("log start 1").ok();
+    wait_for_growth_on(vm, 0, 0, Duration::ZERO, "after log start 0");
+    wait_for_growth_on(vm, 1, 0, Duration::ZERO, "after log start 1");
+
+    // Both logs stop at the freeze, and each disk holds exactly the records the reply counts.
+    let mut a = RawAgent::connect(&g.uds);
+    let (line, logs) = a.freeze(600);
+    let [(0, n0), (1, n1)] = logs[..] else {
+        panic!("expected the logs of disks 0 and 1: {line}");
+    };
+    assert!(n0 > 0 && n1 > 0, "{line}");
+    assert_eq!(
+        line,
+        format!(
+            r#"{{"ok":true,"frozen":["log"],"log_records":{},"logs":[{{"disk":0,"records":{n0}}},{{"disk":1,"records":{n1}}}]}}"#,
+            n0 + n1
+        )
+    );
+    assert_eq!((records_on(vm, 0), records_on(vm, 1)), (n0, n1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        (records_on(vm, 0), records_on(vm, 1)),
+        (n0, n1),
+        "a log grew while frozen"
+    );
+
+    // Thaw resumes both.
+    a.thaw();
+    wait_for_growth_on(vm, 0, n0, Duration::ZERO, "after thaw");
+    wait_for_growth_on(vm, 1, n1, Duration::ZERO, "after thaw");
+
+    // `log start 0` again restarts disk 0's log (a new run: record 0 changes) and leaves disk
+    // 1's going; `log stop 1` stops only disk 1's.
+    let (old0, old1) = (sector0(vm, 0), sector0(vm, 1));
+    vm.command("log start 0").ok();
+    let guard = Instant::now() + Duration::from_secs(180);
+    while sector0(vm, 0) == old0 {
+        assert!(Instant::now() < guard, "disk 0's log did not start again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before1 = records_on(vm, 1);
+    wait_for_growth_on(vm, 1, before1, Duration::ZERO, "after disk 0's restart");
+    vm.command("log stop 1").ok();
+    let stopped1 = records_on(vm, 1);
+    let (line, logs) = a.freeze(600);
+    let [(0, m0)] = logs[..] else {
+        panic!("expected only the log of disk 0: {line}");
+    };
+    assert_eq!(records_on(vm, 0), m0);
+    assert_eq!(
+        records_on(vm, 1),
+        stopped1,
+        "disk 1's log went on after log stop 1"
+    );
+    assert_eq!(sector0(vm, 1), old1, "disk 1's log was restarted");
+    a.thaw();
+
+    // The automatic thaw resumes every log.
+    vm.command("log start 1").ok();
+    wait_for_growth_on(vm, 1, 0, Duration::ZERO, "after log start 1");
+    let lease = 2;
+    let (line, logs) = a.freeze(lease);
+    let [(0, k0), (1, k1)] = logs[..] else {
+        panic!("expected the logs of disks 0 and 1: {line}");
+    };
+    let lease = Duration::from_secs(lease);
+    wait_for_growth_on(vm, 0, k0, lease, "by itself after the lease");
+    wait_for_growth_on(vm, 1, k1, lease, "by itself after the lease");
+
+    // With no log running nothing is frozen.
+    vm.command("log stop").ok();
+    let (line, _) = a.freeze(600);
+    assert_eq!(line, r#"{"ok":true,"frozen":[],"log_records":0,"logs":[]}"#);
+    let (s0, s1) = (records_on(vm, 0), records_on(vm, 1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!((records_on(vm, 0), records_on(vm, 1)), (s0, s1), "log stop");
+}
+
+/// What a host `CONNECT <port>` gets: `Ok(line)` for the device's answer line, `Err` when the
+/// connection ends first.
+fn handshake(uds: &Path, port: u32) -> Result<String, String> {
+    let mut s = UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte) {
+            Ok(0) => return Err(format!("closed after {line:?}")),
+            Ok(_) if byte[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into()),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(format!("reset after {line:?}"))
+            }
+            Err(e) => panic!("CONNECT {port}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn with_strata_agent_off_nothing_listens_on_port_52() {
+    let cmdline = "console=ttyS0 strata.agent=off";
+    let mut g = boot(&["--cmdline", cmdline]);
+    let shown = g.vm.line("cmdline");
+    assert!(shown.contains(cmdline), "{shown:?}");
+
+    // Port 52 is refused like an unbound port, and the host client says so.
+    let agent = handshake(&g.uds, 52);
+    let unbound = handshake(&g.uds, 53);
+    assert!(agent.is_err(), "CONNECT 52 was accepted: {agent:?}");
+    assert!(unbound.is_err(), "CONNECT 53 was accepted: {unbound:?}");
+    match AgentClient::connect(&g.uds, Duration::from_secs(10)) {
+        Err(vmm::agent::AgentError::HandshakeRefused { .. }) => {}
+        Err(e) => panic!("expected a refused handshake, got {e}"),
+        Ok(_) => panic!("the agent answered"),
+    }
+
+    // Everything else works: the echo service, the device, the console.
+    let mut s = vsock_connect(&g.uds, 7);
+    s.write_all(b"still here\n").unwrap();
+    let mut back = [0u8; 11];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still here\n");
+    g.vm.command("vsock").ok();
+    assert_eq!(g.vm.line("echo hi"), "hi");
 }
 
 #[test]

@@ -192,11 +192,7 @@ fn respond(req: &Request, w: &mut SliceWriter) {
         b"freeze" => {
             let secs = req.timeout_s.unwrap_or(DEFAULT_FREEZE_S);
             let frozen = disklog::freeze(secs.saturating_mul(1000));
-            w.str(if frozen {
-                "{\"ok\":true,\"frozen\":[\"log\"]}\n"
-            } else {
-                "{\"ok\":true,\"frozen\":[]}\n"
-            });
+            write_freeze(w, &frozen);
         }
         b"exec" => {
             if !req.has_argv || req.argc == 0 {
@@ -209,6 +205,76 @@ fn respond(req: &Request, w: &mut SliceWriter) {
         }
         _ => write_error(w, "unknown op"),
     }
+}
+
+/// `{"ok":true,"frozen":["log"],"log_records":N,"logs":[{"disk":D,"records":R},...]}`:
+/// `frozen` is `[]` and `logs` empty when no log was running; `log_records`
+/// is the sum of the `records` (each log's records on disk, flushed).
+fn write_freeze(w: &mut dyn Sink, frozen: &disklog::Frozen) {
+    w.str("{\"ok\":true,\"frozen\":");
+    w.str(if frozen.any() { "[\"log\"]" } else { "[]" });
+    w.str(",\"log_records\":");
+    w.dec(frozen.total());
+    w.str(",\"logs\":[");
+    for (k, &(disk, records)) in frozen.logs().iter().enumerate() {
+        if k > 0 {
+            w.str(",");
+        }
+        w.str("{\"disk\":");
+        w.dec(disk);
+        w.str(",\"records\":");
+        w.dec(records);
+        w.str("}");
+    }
+    w.str("]}\n");
+}
+
+/// The command-line parameter that switches the agent off.
+const AGENT_PARAM: &[u8] = b"strata.agent=";
+
+/// Whether the kernel command line leaves the agent on (listening on vsock
+/// port 52). `strata.agent=off` (also `0`, `no`, `false`) switches it off,
+/// `strata.agent=on` (`1`, `yes`, `true`) on; the last one counts. Words
+/// are split at blanks outside double quotes and the quotes are dropped
+/// (`strata.agent="off"` is `strata.agent=off`); what follows a lone `--`
+/// is for init, not the kernel, and is ignored, as Linux does.
+pub fn enabled_by(cmdline: &[u8]) -> bool {
+    let mut on = true;
+    let mut word = [0u8; 32];
+    let mut len = 0usize;
+    let mut long = false;
+    let mut quoted = false;
+    // One blank more at the end finishes the last word.
+    for b in cmdline.iter().copied().chain(core::iter::once(b' ')) {
+        if b == b'"' {
+            quoted = !quoted;
+            continue;
+        }
+        if quoted || !b.is_ascii_whitespace() {
+            match word.get_mut(len) {
+                Some(slot) => {
+                    *slot = b;
+                    len += 1;
+                }
+                None => long = true,
+            }
+            continue;
+        }
+        let w = word.get(..len).unwrap_or_default();
+        if !long && w == b"--" {
+            break;
+        }
+        if !long {
+            match w.strip_prefix(AGENT_PARAM) {
+                Some(b"off" | b"0" | b"no" | b"false") => on = false,
+                Some(b"on" | b"1" | b"yes" | b"true") => on = true,
+                _ => {}
+            }
+        }
+        len = 0;
+        long = false;
+    }
+    on
 }
 
 fn exec(command: &[u8], w: &mut SliceWriter) {
@@ -428,7 +494,11 @@ impl<'a> Parser<'a> {
                 self.string(&mut Discard)
             }
             b'{' | b'[' => {
-                let close = if self.next() == Some(b'{') { b'}' } else { b']' };
+                let close = if self.next() == Some(b'{') {
+                    b'}'
+                } else {
+                    b']'
+                };
                 let object = close == b'}';
                 self.ws();
                 if self.peek() == Some(close) {

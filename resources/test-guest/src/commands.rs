@@ -93,7 +93,7 @@ impl Fail {
 const HELP: &str = "echo TEXT | cpus | cmdline | mem | count start|get|stop | fill MIB SEED | \
 check MIB SEED | flood KIB | poweroff | reboot | panic | help\r\n\
 blk N info|flush | blk N write SECTOR COUNT SEED | blk N read SECTOR COUNT | \
-log start N|stop|verify N\r\n\
+log start N|stop [N]|verify N\r\n\
 blk N status|reset | vsock [reset] | hostile blk N avail-idx|desc-loop|huge|oob | \
 hostile vsock avail-idx | hostile mmio SEED\r\n";
 
@@ -283,7 +283,7 @@ fn blk_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
     }
 }
 
-const LOG_USAGE: &str = "usage: log start N|stop|verify N";
+const LOG_USAGE: &str = "usage: log start N|stop [N]|verify N";
 
 fn log_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
     let mut words = words(args);
@@ -298,6 +298,10 @@ fn log_cmd(out: &mut dyn Sink, args: &[u8]) -> Reply {
         }
         (Some(b"stop"), None) => {
             disklog::stop();
+            Ok(())
+        }
+        (Some(b"stop"), Some(Some(n))) => {
+            disklog::stop_disk(n);
             Ok(())
         }
         (Some(b"verify"), Some(Some(n))) => match disklog::verify(n) {

@@ -1,7 +1,8 @@
 //! The virtio-vsock driver and its two services: the agent on port 52
-//! ([`crate::agent`], one JSON object per line) and an echo service on port
-//! 7 (everything received is sent back). Stream sockets only; the guest
-//! only listens (host-initiated connections).
+//! ([`crate::agent`], one JSON object per line; not with `strata.agent=off`
+//! on the command line) and an echo service on port 7 (everything received
+//! is sent back). Stream sockets only; the guest only listens
+//! (host-initiated connections).
 //!
 //! Everything runs on the BSP, in its idle loop ([`poll`]): no locks. The
 //! device interrupts (acknowledged in [`crate::virtio`]) only end the
@@ -23,7 +24,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use crate::pattern::splitmix64;
 use crate::sync::Global;
 use crate::virtio::{self, Queue, Ring, DESC_WRITE, F_VERSION_1};
-use crate::{agent, console, time};
+use crate::{agent, bootparams, console, time};
 
 /// The agent's port.
 pub const AGENT_PORT: u32 = 52;
@@ -198,6 +199,9 @@ struct Dev {
     present: bool,
     /// The driver gave its queues up (`hostile`): nothing runs until reset.
     stale: bool,
+    /// The agent listens on [`AGENT_PORT`] (not with `strata.agent=off` on
+    /// the command line: then that port is as unbound as any other).
+    agent: bool,
     base: u64,
     cid: u64,
     rx: Option<Queue>,
@@ -233,6 +237,7 @@ static DEV: Global<Dev> = Global::new(Dev {
     found: false,
     present: false,
     stale: false,
+    agent: true,
     base: 0,
     cid: 0,
     rx: None,
@@ -314,6 +319,7 @@ pub fn init() {
     let d = dev();
     d.transport = index;
     d.found = true;
+    d.agent = agent::enabled_by(bootparams::get().cmdline());
     if let Err(e) = setup(d, t.base) {
         let mut out = console::lock();
         out.str("virtio-vsock: ");
@@ -574,7 +580,7 @@ fn receive(d: &mut Dev, h: &Header, payload: &[u8]) {
     }
     let found = find(d, h);
     if h.op == OP_REQUEST {
-        let listening = h.dst_port == AGENT_PORT || h.dst_port == ECHO_PORT;
+        let listening = (h.dst_port == AGENT_PORT && d.agent) || h.dst_port == ECHO_PORT;
         let slot = match found {
             // A repeated request replaces the old connection.
             Some(i) => Some(i),
