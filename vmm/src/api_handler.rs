@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::types::{
-    AgentStatus, CheckpointInfo, CheckpointList, CheckpointSizes, Consistency, ConsoleInfo,
-    DiskInfo, ExecResponse, GuestInfo, TakenType, VmConfigInfo, VmInfo, VsockInfo,
+    AgentStatus, ChangesInfo, CheckpointInfo, CheckpointList, CheckpointSizes, ConsoleInfo,
+    Consistency, DiskChanges, DiskInfo, ExecResponse, ExportInfo, Extent, GuestInfo, Progress,
+    TakenType, VmConfigInfo, VmInfo, VsockInfo,
 };
 use api::{ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, LifecycleAction};
 
@@ -169,6 +170,14 @@ fn checkpoint_info(
 ) -> Result<CheckpointInfo, ApiError> {
     let store = machine.store().map_err(|e| e.to_api())?;
     let location = store.location().to_path_buf();
+    // Children in commit order (list() is in commit order).
+    let children = store
+        .list()
+        .map_err(|e| crate::checkpoint::CheckpointError::from(e).to_api())?
+        .into_iter()
+        .filter(|c| c.parent.as_deref() == Some(m.id.as_str()))
+        .map(|c| c.id)
+        .collect();
     Ok(CheckpointInfo {
         id: m.id.clone(),
         name: m.name.clone(),
@@ -196,6 +205,7 @@ fn checkpoint_info(
         paused_us: m.paused_us,
         frozen_us: m.frozen_us,
         agent_freeze: m.agent_freeze.clone(),
+        children,
         disks: m
             .disks
             .iter()
@@ -215,10 +225,93 @@ fn list_checkpoints(machine: &mut Machine) -> Result<CheckpointList, ApiError> {
         .iter()
         .map(|m| checkpoint_info(machine, m))
         .collect::<Result<_, _>>()?;
+    let progress = machine
+        .progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     Ok(CheckpointList {
         checkpoints,
         current,
+        progress,
     })
+}
+
+/// Exports a checkpoint on a worker thread (the copy can take minutes; the VM and the API go
+/// on), publishing its progress for `GET /v1/checkpoints`. One export at a time.
+fn export(
+    machine: &mut Machine,
+    id: &str,
+    request: &api::types::ExportCheckpoint,
+    reply: api::Responder,
+) {
+    if machine
+        .progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some()
+    {
+        reply.send(Err(ApiError::invalid_state(
+            "another export is running; wait for it to finish",
+        )));
+        return;
+    }
+    let format = match request.disk_format {
+        api::types::DiskFormat::Raw => disk::ops::ConvertFormat::Raw,
+        api::types::DiskFormat::Strata => disk::ops::ConvertFormat::Strata,
+    };
+    let job = match machine.prepare_export(id, std::path::Path::new(&request.destination), format) {
+        Ok(job) => job,
+        Err(e @ crate::checkpoint::CheckpointError::Export { .. }) => {
+            reply.send(Err(ApiError::bad_request(crate::error_line(&e))));
+            return;
+        }
+        Err(e) => {
+            reply.send(Err(e.to_api()));
+            return;
+        }
+    };
+    let progress = machine.progress.clone();
+    let on_spawn_failure = machine.progress.clone();
+    let set = move |p: Option<Progress>| *progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    set(Some(Progress {
+        operation: api::types::PROGRESS_EXPORT.to_string(),
+        checkpoint: id.to_string(),
+        done: 0,
+        total: 0,
+    }));
+    let id = id.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("export".into())
+        .spawn(move || {
+            let result = job.run(&mut |done, total| {
+                set(Some(Progress {
+                    operation: api::types::PROGRESS_EXPORT.to_string(),
+                    checkpoint: id.clone(),
+                    done: done.min(total),
+                    total,
+                }))
+            });
+            set(None);
+            reply.send(match result {
+                Ok(r) => Ok(ApiReply::Export(ExportInfo {
+                    id,
+                    destination: r.destination.display().to_string(),
+                    disks: r.disks.iter().map(|p| p.display().to_string()).collect(),
+                    state: r.state.map(|p| p.display().to_string()),
+                    memory: r.memory.map(|p| p.display().to_string()),
+                    bytes: r.bytes,
+                })),
+                Err(e @ crate::checkpoint::CheckpointError::Export { .. }) => {
+                    Err(ApiError::bad_request(crate::error_line(&e)))
+                }
+                Err(e) => Err(e.to_api()),
+            });
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start an export thread: {e}");
+        *on_spawn_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// Answers one call.
@@ -284,17 +377,51 @@ pub fn answer(machine: &mut Machine, call: ApiCall) {
             .map_err(|e| e.to_api())
             .and_then(|m| checkpoint_info(machine, &m).map(ApiReply::Checkpoint)),
         ApiRequest::ApplyCheckpoint { id, request } => {
-            if request.save_current {
-                Err(ApiError::invalid_state(
-                    "save_current is not available yet: take a checkpoint first, then apply",
-                ))
+            let applied = if request.save_current {
+                machine.apply_saving_current(&id).map(|_| ())
             } else {
-                machine
-                    .apply_checkpoint(&id)
-                    .map_err(|e| e.to_api())
-                    .and_then(|()| vm(machine))
-            }
+                machine.apply_checkpoint(&id)
+            };
+            applied.map_err(|e| e.to_api()).and_then(|()| vm(machine))
         }
+        ApiRequest::RevertCheckpoint => machine
+            .revert()
+            .map_err(|e| e.to_api())
+            .and_then(|()| vm(machine)),
+        ApiRequest::DeleteCheckpoint(id) => Err(ApiError::invalid_state(format!(
+            "deleting checkpoint {id} is not available yet: deleting merges its disk layers \
+             into the layers that still need them, which this version cannot do safely"
+        ))),
+        ApiRequest::ExportCheckpoint { id, request } => {
+            export(machine, &id, &request, reply);
+            return;
+        }
+        ApiRequest::CheckpointChanges { id, since } => machine
+            .checkpoint_changes(&id, since.as_deref())
+            .map_err(|e| e.to_api())
+            .map(|maps| {
+                ApiReply::Changes(ChangesInfo {
+                    id: id.clone(),
+                    since: since.clone(),
+                    disks: maps
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, m)| DiskChanges {
+                            index: i as u32,
+                            virtual_size: m.virtual_size,
+                            granularity: m.cluster_size,
+                            extents: m
+                                .ranges
+                                .iter()
+                                .map(|r| Extent {
+                                    offset: r.offset,
+                                    length: r.length,
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+            }),
         ApiRequest::GetGuest => {
             with_agent(machine, reply, |agent| {
                 let info = agent.info().map_err(agent_error)?;

@@ -88,6 +88,9 @@ pub enum CheckpointError {
     /// What is not built yet.
     #[error("{0}")]
     Unsupported(String),
+    /// Revert with no checkpoint to go back to.
+    #[error("there is no checkpoint to revert to: the VM has not taken or applied one")]
+    NothingToRevert,
     /// A production-only checkpoint and the agent could not quiesce the guest.
     #[error("no checkpoint was taken: the checkpoint type is production-only and {0}")]
     CannotQuiesce(String),
@@ -177,7 +180,9 @@ impl CheckpointError {
     pub fn to_api(&self) -> api::ApiError {
         let msg = crate::error_line(self);
         match self {
-            Self::Store(snapshot::Error::NotFound { .. }) => api::ApiError::not_found(msg),
+            Self::Store(snapshot::Error::NotFound { .. }) | Self::NothingToRevert => {
+                api::ApiError::not_found(msg)
+            }
             Self::CannotQuiesce(_) => api::ApiError::agent_unreachable(msg),
             Self::NoLocation
             | Self::Disabled
@@ -814,6 +819,94 @@ impl Machine {
         let m = store.get(id)?;
         let dir = store.checkpoint_dir(id);
         self.apply_manifest(&m, &dir, true)
+    }
+
+    /// Reverts: applies the checkpoint the VM runs from (the most recent one on its branch);
+    /// the state since is discarded.
+    pub fn revert(&mut self) -> Result<(), CheckpointError> {
+        let id = self
+            .store()?
+            .current()
+            .map(str::to_string)
+            .ok_or(CheckpointError::NothingToRevert)?;
+        self.apply_checkpoint(&id)
+    }
+
+    /// Applies checkpoint `id` after taking a checkpoint of the current state (of the VM's
+    /// type), so nothing is discarded. The target is checked first: nothing is taken for an
+    /// id that does not exist.
+    pub fn apply_saving_current(&mut self, id: &str) -> Result<Manifest, CheckpointError> {
+        self.store()?.get(id)?;
+        let (saved, _) = self.create_checkpoint(Some(&format!("before applying {id}")), None)?;
+        self.apply_checkpoint(id)?;
+        Ok(saved)
+    }
+
+    /// Per disk, the byte ranges that differ between checkpoint `since` (or, without it, the
+    /// launch disks) and checkpoint `id`, at sub-cluster granularity. `since` must be on `id`'s
+    /// branch, below it.
+    pub fn checkpoint_changes(
+        &mut self,
+        id: &str,
+        since: Option<&str>,
+    ) -> Result<Vec<disk::ops::ChangeMap>, CheckpointError> {
+        let store = self.store()?;
+        let location = store.location().to_path_buf();
+        let newer = store.get(id)?;
+        let older = since.map(|s| store.get(s)).transpose()?;
+        let mut out = Vec::new();
+        for (i, d) in newer.disks.iter().enumerate() {
+            let top = d.top(&location);
+            let base = match &older {
+                Some(o) => o.disks.get(i).map(|od| od.top(&location)).ok_or_else(|| {
+                    CheckpointError::Incompatible {
+                        id: id.into(),
+                        reason: format!("checkpoint {} has no disk {i}", o.id),
+                    }
+                })?,
+                None => d.launch.clone(),
+            };
+            let same = |a: &Path, b: &Path| {
+                use std::os::unix::fs::MetadataExt;
+                match (std::fs::metadata(a), std::fs::metadata(b)) {
+                    (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+                    _ => false,
+                }
+            };
+            if same(&top, &base) {
+                // Nothing above: no changes.
+                let size = disk::ops::info(&top)
+                    .map(|i| i.virtual_size)
+                    .map_err(|source| CheckpointError::Layer {
+                        path: top.clone(),
+                        parent: base.clone(),
+                        source: Box::new(source),
+                    })?;
+                out.push(disk::ops::ChangeMap {
+                    cluster_size: 4096,
+                    virtual_size: size,
+                    changed_bytes: 0,
+                    ranges: Vec::new(),
+                });
+                continue;
+            }
+            let map = disk::ops::changed_clusters(&base, &top).map_err(|source| match source {
+                disk::DiskError::BadChain { .. } => CheckpointError::Incompatible {
+                    id: id.into(),
+                    reason: format!(
+                        "checkpoint {} is not on its branch below it (disk {i})",
+                        since.unwrap_or("-")
+                    ),
+                },
+                source => CheckpointError::Layer {
+                    path: top.clone(),
+                    parent: base.clone(),
+                    source: Box::new(source),
+                },
+            })?;
+            out.push(map);
+        }
+        Ok(out)
     }
 
     /// Starts the VM from an export folder (`strata restore --checkpoint EXPORT`): the

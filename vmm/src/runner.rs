@@ -123,6 +123,8 @@ pub struct Machine {
     pub(crate) generation: u64,
     /// The checkpoint store, once opened (see [`Machine::store`]).
     pub(crate) store: Option<snapshot::store::Store>,
+    /// The long checkpoint operation running now (an export), for `GET /v1/checkpoints`.
+    pub(crate) progress: std::sync::Arc<std::sync::Mutex<Option<api::types::Progress>>>,
     /// Why the guest last stopped running, if it did.
     pub last_exit: Option<String>,
     /// The checkpoint settings (`GET/PUT /v1/vm/checkpoint-config`).
@@ -140,6 +142,7 @@ impl Machine {
             paused: false,
             generation: 0,
             store: None,
+            progress: Default::default(),
             last_exit: None,
             checkpoint_config: config.checkpoint.clone(),
         }
