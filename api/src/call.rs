@@ -7,8 +7,8 @@
 use tokio::sync::oneshot;
 
 use crate::types::{
-    ApplyCheckpoint, CheckpointConfig, CheckpointInfo, CheckpointList, CreateCheckpoint,
-    ExecRequest, ExecResponse, GuestInfo, VmInfo,
+    ApplyCheckpoint, ChangesInfo, CheckpointConfig, CheckpointInfo, CheckpointList,
+    CreateCheckpoint, ExecRequest, ExecResponse, ExportCheckpoint, ExportInfo, GuestInfo, VmInfo,
 };
 
 /// A lifecycle transition (`POST /v1/vm/{action}`).
@@ -80,6 +80,37 @@ pub enum ApiRequest {
         /// The body (the defaults when there was none).
         request: ApplyCheckpoint,
     },
+    /// `POST /v1/checkpoints/revert` → [`ApiReply::Vm`] (the VM after reverting): apply the
+    /// VM's current checkpoint (the one most recently taken or applied) again, discarding the
+    /// state since; `not_found` when there is no checkpoint to revert to, or `invalid_state`.
+    RevertCheckpoint,
+    /// `DELETE /v1/checkpoints/{id}` → [`ApiReply::Checkpoints`] (the list after the delete):
+    /// the checkpoint goes away and its disk data is merged into the layers that still need it,
+    /// with the VM running; `not_found` or `invalid_state`. While the merge runs,
+    /// `ListCheckpoints` answers with its [`crate::types::Progress`].
+    DeleteCheckpoint(String),
+    /// `POST /v1/checkpoints/{id}/export` (already validated) → [`ApiReply::Export`]: a
+    /// self-contained copy in `request.destination`; `bad_request` (e.g. the destination
+    /// cannot be written), `not_found` or `invalid_state`. While it runs, `ListCheckpoints`
+    /// answers with its [`crate::types::Progress`].
+    ExportCheckpoint {
+        /// The checkpoint, an id that passes [`crate::types::valid_checkpoint_id`].
+        id: String,
+        /// The body.
+        request: ExportCheckpoint,
+    },
+    /// `GET /v1/checkpoints/{id}/changes[?since={since}]` → [`ApiReply::Changes`]: the blocks
+    /// written after `since` up to `id`; `bad_request` (e.g. the two are not on one line of
+    /// descent, if the VMM cannot compare them), `not_found` (either id) or `invalid_state`.
+    CheckpointChanges {
+        /// The checkpoint the changes lead up to, an id that passes
+        /// [`crate::types::valid_checkpoint_id`].
+        id: String,
+        /// The checkpoint they start from (an id that passes
+        /// [`crate::types::valid_checkpoint_id`]); `None` for the VM's launch disks, i.e.
+        /// everything the chain up to `id` holds.
+        since: Option<String>,
+    },
     /// `GET /v1/guest` → [`ApiReply::Guest`], or `agent_unreachable`.
     GetGuest,
     /// `POST /v1/guest/exec` (already validated) → [`ApiReply::Exec`], or `agent_unreachable`.
@@ -90,14 +121,18 @@ pub enum ApiRequest {
 /// and becomes a 500).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiReply {
-    /// For `GetVm`, `Lifecycle` and `ApplyCheckpoint`.
+    /// For `GetVm`, `Lifecycle`, `ApplyCheckpoint` and `RevertCheckpoint`.
     Vm(VmInfo),
     /// For `GetCheckpointConfig` and `PutCheckpointConfig`.
     CheckpointConfig(CheckpointConfig),
     /// For `CreateCheckpoint` and `GetCheckpoint`.
     Checkpoint(CheckpointInfo),
-    /// For `ListCheckpoints`.
+    /// For `ListCheckpoints` and `DeleteCheckpoint`.
     Checkpoints(CheckpointList),
+    /// For `ExportCheckpoint`.
+    Export(ExportInfo),
+    /// For `CheckpointChanges`.
+    Changes(ChangesInfo),
     /// For `GetGuest`.
     Guest(GuestInfo),
     /// For `GuestExec`.

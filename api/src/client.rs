@@ -18,15 +18,16 @@ use serde::de::DeserializeOwned;
 use crate::call::LifecycleAction;
 use crate::server::DEFAULT_CHECKPOINT_REPLY_TIMEOUT;
 use crate::types::{
-    ApplyCheckpoint, CheckpointConfig, CheckpointInfo, CheckpointList, CreateCheckpoint, ErrorBody,
-    ExecRequest, ExecResponse, GuestInfo, VmInfo,
+    ApplyCheckpoint, ChangesInfo, CheckpointConfig, CheckpointInfo, CheckpointList,
+    CreateCheckpoint, ErrorBody, ExecRequest, ExecResponse, ExportCheckpoint, ExportInfo,
+    GuestInfo, VmInfo,
 };
 
 /// The default time a call may take, connection included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What checkpoint create and apply wait on top of the client's timeout: as long as the server
-/// waits for the VMM by default.
+/// What checkpoint create, apply, revert, delete and export wait on top of the client's timeout:
+/// as long as the server waits for the VMM by default.
 pub const CHECKPOINT_TIMEOUT: Duration = DEFAULT_CHECKPOINT_REPLY_TIMEOUT;
 
 /// The largest answer the client reads (guest exec output can be large).
@@ -128,7 +129,7 @@ impl Client {
     }
 
     /// Sets the time an ordinary call may take (guest exec adds its own timeout, checkpoint
-    /// create and apply [`CHECKPOINT_TIMEOUT`]).
+    /// create, apply, revert, delete and export [`CHECKPOINT_TIMEOUT`]).
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = timeout;
         self
@@ -207,6 +208,49 @@ impl Client {
         let path = format!("/v1/checkpoints/{}/apply", encode_segment(id));
         let timeout = self.timeout + CHECKPOINT_TIMEOUT;
         self.call(Method::POST, &path, Some(body), timeout)
+    }
+
+    /// `POST /v1/checkpoints/revert`: the VM after reverting to its current checkpoint. Waits
+    /// [`CHECKPOINT_TIMEOUT`] on top of the client's timeout.
+    pub fn revert(&self) -> Result<VmInfo, ClientError> {
+        let timeout = self.timeout + CHECKPOINT_TIMEOUT;
+        self.call(Method::POST, "/v1/checkpoints/revert", None, timeout)
+    }
+
+    /// `DELETE /v1/checkpoints/{id}`: the checkpoints left. Waits [`CHECKPOINT_TIMEOUT`] on top
+    /// of the client's timeout (merging a large layer takes minutes).
+    pub fn delete_checkpoint(&self, id: &str) -> Result<CheckpointList, ClientError> {
+        let path = format!("/v1/checkpoints/{}", encode_segment(id));
+        let timeout = self.timeout + CHECKPOINT_TIMEOUT;
+        self.call(Method::DELETE, &path, None, timeout)
+    }
+
+    /// `POST /v1/checkpoints/{id}/export`: what was written. Waits [`CHECKPOINT_TIMEOUT`] on
+    /// top of the client's timeout.
+    pub fn export_checkpoint(
+        &self,
+        id: &str,
+        request: &ExportCheckpoint,
+    ) -> Result<ExportInfo, ClientError> {
+        let body = self.encode(request)?;
+        let path = format!("/v1/checkpoints/{}/export", encode_segment(id));
+        let timeout = self.timeout + CHECKPOINT_TIMEOUT;
+        self.call(Method::POST, &path, Some(body), timeout)
+    }
+
+    /// `GET /v1/checkpoints/{id}/changes[?since={since}]`: the blocks written after `since`
+    /// (after the launch disks when `None`) up to checkpoint `id`.
+    pub fn checkpoint_changes(
+        &self,
+        id: &str,
+        since: Option<&str>,
+    ) -> Result<ChangesInfo, ClientError> {
+        let mut path = format!("/v1/checkpoints/{}/changes", encode_segment(id));
+        if let Some(since) = since {
+            path.push_str("?since=");
+            path.push_str(&encode_segment(since));
+        }
+        self.call(Method::GET, &path, None, self.timeout)
     }
 
     /// `GET /v1/guest`.
@@ -342,8 +386,9 @@ impl Client {
     }
 }
 
-/// `segment` percent-encoded for a path, every byte but `A-Z a-z 0-9 - . _ ~`: an id that
-/// cannot be one still reaches the server as one segment, which answers 404 for it.
+/// `segment` percent-encoded for a path or a query value, every byte but `A-Z a-z 0-9 - . _ ~`:
+/// an id that cannot be one still reaches the server as one segment (or one value), which
+/// answers 404 (or 400) for it.
 fn encode_segment(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for b in segment.bytes() {

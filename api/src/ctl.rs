@@ -1,22 +1,31 @@
 //! `strata ctl`: every API call from the command line, for people and CI scripts.
 //!
-//! Output is for people by default (`state: running`, `key: value` lines, a table for
-//! `checkpoint list`) and the API's JSON with `--json`. Exit status: 0 on success; 1 when the call fails (the error is one line on
-//! stderr, `strata: error: ...`); 2 for a missing `--api-socket`; `guest exec` exits with the
-//! guest command's status. `guest wait` keeps asking until the agent answers, also while the
-//! socket does not exist yet, so a script can start `strata run` in the background and wait.
+//! Output is for people by default (`state: running`, `key: value` lines, a tree of the
+//! checkpoints for `checkpoint list`) and the API's JSON with `--json`. Exit status: 0 on
+//! success; 1 when the call fails (the error is one line on stderr, `strata: error: ...`); 2 for
+//! a missing `--api-socket`; `guest exec` exits with the guest command's status. `guest wait`
+//! keeps asking until the agent answers, also while the socket does not exist yet, so a script
+//! can start `strata run` in the background and wait.
+//!
+//! `checkpoint delete` and `checkpoint export` can take minutes. While one runs, and only when
+//! stderr is a terminal, a progress bar on stderr shows the `progress` that `GET
+//! /v1/checkpoints` reports, asked on a second connection every 200 ms; otherwise nothing
+//! extra is printed and nothing is polled.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::call::LifecycleAction;
 use crate::client::{Client, ClientError};
 use crate::types::{
-    ApplyCheckpoint, CheckpointConfig, CheckpointInfo, CheckpointList, CheckpointType,
-    CreateCheckpoint, ExecRequest, ExecResponse, GuestInfo, VmInfo, MAX_EXEC_TIMEOUT_S,
+    ApplyCheckpoint, ChangesInfo, CheckpointConfig, CheckpointInfo, CheckpointList, CheckpointType,
+    CreateCheckpoint, DiskFormat, ExecRequest, ExecResponse, ExportCheckpoint, ExportInfo,
+    GuestInfo, Progress, VmInfo, MAX_EXEC_TIMEOUT_S, PROGRESS_EXPORT, PROGRESS_MERGE,
 };
 
 /// `strata ctl` flags and subcommand.
@@ -41,7 +50,7 @@ pub enum CtlCommand {
     /// The VM's state and lifecycle
     #[command(subcommand)]
     Vm(VmCommand),
-    /// Take, list, show and apply checkpoints
+    /// Take, list, show, apply, revert, delete and export checkpoints; their changed blocks
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
     /// VM settings
@@ -81,7 +90,8 @@ pub enum CheckpointCommand {
         #[arg(long = "type", value_name = "TYPE")]
         kind: Option<TakeType>,
     },
-    /// List the checkpoints, oldest first; `*` marks the current one
+    /// List the checkpoints as a tree (children under their parent, oldest first); `*` marks
+    /// the current one and `Now`, under it, is where the VM runs
     List,
     /// Show one checkpoint
     Show {
@@ -98,6 +108,38 @@ pub enum CheckpointCommand {
         /// Take a checkpoint of the current state first instead of discarding it
         #[arg(long)]
         save_current: bool,
+    },
+    /// Revert to the current checkpoint: apply it again, discarding the state since
+    Revert,
+    /// Delete a checkpoint: its disk data is merged into the layers that still need it, with
+    /// the VM running; prints the checkpoints left
+    Delete {
+        /// The checkpoint's id
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Export a checkpoint into a folder: a self-contained copy that `strata restore
+    /// --checkpoint DIR` starts anywhere
+    Export {
+        /// The checkpoint's id
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The folder to write (made absolute)
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The format of the disk files
+        #[arg(long, value_name = "FORMAT", default_value_t = DiskFormat::Raw)]
+        format: DiskFormat,
+    },
+    /// The blocks of each disk written up to a checkpoint since another (or since the launch
+    /// disks)
+    Changes {
+        /// The checkpoint the changes lead up to
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The checkpoint they start from [default: the VM's launch disks]
+        #[arg(long, value_name = "ID")]
+        since: Option<String>,
     },
 }
 
@@ -172,21 +214,50 @@ enum CtlError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot resolve export folder {path}")]
+    Destination {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("export folder {} is not valid UTF-8", .0.display())]
+    NotUtf8(PathBuf),
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
 }
 
-/// Runs `strata ctl` and returns the exit status, printing to stdout and stderr.
+/// Runs `strata ctl` and returns the exit status, printing to stdout and stderr; delete and
+/// export show a progress bar on stderr when it is a terminal.
 pub fn run(args: CtlArgs) -> i32 {
-    run_with(
+    let progress = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    // stderr is not locked for the whole run: the progress bar writes to it from another
+    // thread.
+    run_with_progress(
         args,
         &mut std::io::stdout().lock(),
-        &mut std::io::stderr().lock(),
+        &mut std::io::stderr(),
+        progress,
     )
 }
 
-/// [`run`] with the output going to `out` and errors and guest stderr to `err`.
+/// [`run`] with the output going to `out` and errors and guest stderr to `err`; no progress
+/// bar.
 pub fn run_with(args: CtlArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    run_with_progress(args, out, err, ProgressDrawTarget::hidden())
+}
+
+/// [`run_with`] with the progress bar of delete and export drawn to `progress`; a hidden target
+/// means no bar, and no polling for one.
+pub fn run_with_progress(
+    args: CtlArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    progress: ProgressDrawTarget,
+) -> i32 {
     let Some(socket) = args.api_socket.clone() else {
         let _ = writeln!(
             err,
@@ -198,6 +269,7 @@ pub fn run_with(args: CtlArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 
         json: args.json,
         out,
         err,
+        progress: Some(progress),
     };
     let result = Client::new(socket)
         .map_err(CtlError::from)
@@ -303,18 +375,132 @@ fn checkpoint(client: &Client, cmd: &CheckpointCommand, out: &mut Output) -> Res
                 save_current: *save_current,
             };
             let info = client.apply_checkpoint(id, &request)?;
+            out.vm_after_checkpoint(&info)
+        }
+        CheckpointCommand::Revert => {
+            let info = client.revert()?;
+            out.vm_after_checkpoint(&info)
+        }
+        CheckpointCommand::Delete { id } => {
+            let target = out.progress.take();
+            let list = with_progress(client, target, PROGRESS_MERGE, id, || {
+                client.delete_checkpoint(id)
+            })?;
             if out.json {
-                return out.print_json(&info);
+                return out.print_json(&list);
             }
-            out.line(&key_values(&[
-                ("state".to_owned(), info.state.to_string()),
-                (
-                    "current checkpoint".to_owned(),
-                    info.current_checkpoint.as_deref().unwrap_or("-").to_owned(),
-                ),
-            ]))
+            out.line(&format!("deleted {id}"))?;
+            out.line(&format_checkpoint_list(&list))
+        }
+        CheckpointCommand::Export { id, dir, format } => {
+            let absolute = std::path::absolute(dir).map_err(|source| CtlError::Destination {
+                path: dir.clone(),
+                source,
+            })?;
+            let destination = absolute
+                .into_os_string()
+                .into_string()
+                .map_err(|raw| CtlError::NotUtf8(raw.into()))?;
+            let request = ExportCheckpoint {
+                destination,
+                disk_format: *format,
+            };
+            let target = out.progress.take();
+            let info = with_progress(client, target, PROGRESS_EXPORT, id, || {
+                client.export_checkpoint(id, &request)
+            })?;
+            out.export(&info)
+        }
+        CheckpointCommand::Changes { id, since } => {
+            let changes = client.checkpoint_changes(id, since.as_deref())?;
+            out.changes(&changes)
         }
     }
+}
+
+/// How often a long call's progress is asked for.
+const PROGRESS_POLL: Duration = Duration::from_millis(200);
+/// How long one progress poll may take: the call's end waits for the poll under way.
+const PROGRESS_POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs `call` (a long checkpoint call: `operation` on checkpoint `id`) while a progress bar
+/// drawn to `target` shows the `progress` that `GET /v1/checkpoints` reports for it, asked on a
+/// second connection every [`PROGRESS_POLL`]. No target, or a hidden one, just runs `call`.
+fn with_progress<T>(
+    client: &Client,
+    target: Option<ProgressDrawTarget>,
+    operation: &str,
+    id: &str,
+    call: impl FnOnce() -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let Some(target) = target.filter(|t| !t.is_hidden()) else {
+        return call();
+    };
+    let bar = ProgressBar::with_draw_target(None, target);
+    bar.set_style(style(SPINNER_TEMPLATE));
+    bar.set_message(format!("{} {id}", progress_verb(operation)));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let (stop, stopped) = mpsc::channel::<()>();
+    let socket = client.path().to_path_buf();
+    let (bar_ref, socket) = (&bar, &socket);
+    let result = std::thread::scope(|scope| {
+        let poller = scope.spawn(move || {
+            let Ok(poll) = Client::new(socket) else {
+                return;
+            };
+            let poll = poll.with_timeout(PROGRESS_POLL_TIMEOUT);
+            // Ends when `stop` is dropped.
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(PROGRESS_POLL) {
+                if let Ok(list) = poll.checkpoints() {
+                    let ours = list
+                        .progress
+                        .as_ref()
+                        .filter(|p| p.operation == operation && p.checkpoint == id);
+                    show_progress(bar_ref, ours);
+                }
+            }
+        });
+        let result = call();
+        drop(stop);
+        let _ = poller.join();
+        result
+    });
+    bar.finish_and_clear();
+    result
+}
+
+/// The progress bar before the VMM reports progress.
+const SPINNER_TEMPLATE: &str = "{spinner} {msg} {elapsed}";
+/// The progress bar once it does.
+const BAR_TEMPLATE: &str =
+    "{spinner} {msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} ({percent}%, {eta} left)";
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+/// `merging` for [`PROGRESS_MERGE`], `exporting` for [`PROGRESS_EXPORT`].
+fn progress_verb(operation: &str) -> String {
+    match operation {
+        PROGRESS_MERGE => "merging".to_owned(),
+        PROGRESS_EXPORT => "exporting".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// Shows `progress` on `bar`: a bar of `done` of `total` bytes once it is known; a spinner
+/// until then.
+fn show_progress(bar: &ProgressBar, progress: Option<&Progress>) {
+    let Some(p) = progress else {
+        return;
+    };
+    if bar.length().is_none() {
+        bar.set_style(style(BAR_TEMPLATE));
+    }
+    bar.set_length(p.total);
+    bar.set_position(p.done.min(p.total));
 }
 
 fn checkpoints(
@@ -371,6 +557,8 @@ struct Output<'a> {
     json: bool,
     out: &'a mut dyn Write,
     err: &'a mut dyn Write,
+    /// Where the progress bar of the one long call goes, until that call takes it.
+    progress: Option<ProgressDrawTarget>,
 }
 
 impl Output<'_> {
@@ -414,6 +602,34 @@ impl Output<'_> {
             return self.print_json(list);
         }
         self.line(&format_checkpoint_list(list))
+    }
+
+    /// The answer of apply and revert.
+    fn vm_after_checkpoint(&mut self, info: &VmInfo) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(info);
+        }
+        self.line(&key_values(&[
+            ("state".to_owned(), info.state.to_string()),
+            (
+                "current checkpoint".to_owned(),
+                info.current_checkpoint.as_deref().unwrap_or("-").to_owned(),
+            ),
+        ]))
+    }
+
+    fn export(&mut self, info: &ExportInfo) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(info);
+        }
+        self.line(&format_export(info))
+    }
+
+    fn changes(&mut self, changes: &ChangesInfo) -> Result<(), CtlError> {
+        if self.json {
+            return self.print_json(changes);
+        }
+        self.line(&format_changes(changes))
     }
 
     fn guest(&mut self, info: &GuestInfo) -> Result<(), CtlError> {
@@ -573,11 +789,128 @@ fn format_checkpoint(info: &CheckpointInfo) -> String {
     key_values(&rows)
 }
 
-/// `checkpoint list` for people: a table, oldest first, `*` before the current checkpoint.
+/// `checkpoint list` for people: a table whose ID column is the checkpoint tree. Roots are at
+/// the left and every checkpoint's children are indented under it, each level in the order
+/// they were taken; `*` marks the current checkpoint, and a `Now` row under it (after its
+/// children) is where the VM runs, as in Hyper-V. A running merge or export is a line below.
 fn format_checkpoint_list(list: &CheckpointList) -> String {
-    if list.checkpoints.is_empty() {
-        return "no checkpoints".to_owned();
+    let mut text = if list.checkpoints.is_empty() {
+        "no checkpoints".to_owned()
+    } else {
+        format_checkpoint_tree(list)
+    };
+    if let Some(p) = &list.progress {
+        text.push('\n');
+        text.push_str(&format_progress(p));
     }
+    text
+}
+
+/// `merge of ck-1 running: 1.0 GiB of 2.0 GiB (50%)`.
+fn format_progress(p: &Progress) -> String {
+    let percent = if p.total == 0 {
+        0
+    } else {
+        u128::from(p.done.min(p.total)) * 100 / u128::from(p.total)
+    };
+    format!(
+        "{} of {} running: {} of {} ({percent}%)",
+        p.operation,
+        p.checkpoint,
+        format_size(p.done),
+        format_size(p.total)
+    )
+}
+
+/// A row of the checkpoint tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TreeNode {
+    /// The checkpoint at this index of the list.
+    Checkpoint(usize),
+    /// Where the VM runs.
+    Now,
+}
+
+/// The rows of the checkpoint tree in print order, each with the text that goes before its
+/// id: the guides of its ancestors and its own branch.
+fn tree_rows(list: &CheckpointList) -> Vec<(String, TreeNode)> {
+    let checkpoints = &list.checkpoints;
+    let index: std::collections::HashMap<&str, usize> = checkpoints
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.as_str(), i))
+        .collect();
+    let current = list
+        .current
+        .as_deref()
+        .or_else(|| {
+            checkpoints
+                .iter()
+                .find(|c| c.current)
+                .map(|c| c.id.as_str())
+        })
+        .and_then(|id| index.get(id).copied());
+    // A parent that is not in the list (or the checkpoint itself) makes a root.
+    let mut roots = Vec::new();
+    let mut children = vec![Vec::new(); checkpoints.len()];
+    for (i, c) in checkpoints.iter().enumerate() {
+        match c.parent.as_deref().and_then(|p| index.get(p).copied()) {
+            Some(p) if p != i => children[p].push(TreeNode::Checkpoint(i)),
+            _ => roots.push(TreeNode::Checkpoint(i)),
+        }
+    }
+    match current {
+        Some(c) => children[c].push(TreeNode::Now),
+        None => roots.push(TreeNode::Now),
+    }
+    let mut rows = Vec::new();
+    let mut seen = vec![false; checkpoints.len()];
+    // (node, guides of its ancestors, its branch): depth first, with an explicit stack.
+    let mut stack: Vec<(TreeNode, String, &str)> = Vec::new();
+    let push_level = |stack: &mut Vec<_>, nodes: &[TreeNode], guides: &str, root: bool| {
+        for (k, node) in nodes.iter().enumerate().rev() {
+            let last = k + 1 == nodes.len();
+            let branch = match (root, last) {
+                (true, _) => "",
+                (false, true) => "└─ ",
+                (false, false) => "├─ ",
+            };
+            stack.push((*node, guides.to_owned(), branch));
+        }
+    };
+    // Checkpoints whose parent links form a loop are reached from no root: they start trees
+    // of their own, after the others.
+    let mut starts = vec![roots];
+    starts.extend((0..checkpoints.len()).map(|i| vec![TreeNode::Checkpoint(i)]));
+    for start in starts {
+        let start: Vec<TreeNode> = start
+            .into_iter()
+            .filter(|n| !matches!(n, TreeNode::Checkpoint(i) if seen[*i]))
+            .collect();
+        push_level(&mut stack, &start, "", true);
+        while let Some((node, guides, branch)) = stack.pop() {
+            if let TreeNode::Checkpoint(i) = node {
+                if std::mem::replace(&mut seen[i], true) {
+                    continue;
+                }
+            }
+            rows.push((format!("{guides}{branch}"), node));
+            let TreeNode::Checkpoint(i) = node else {
+                continue;
+            };
+            let below = match branch {
+                "" => guides.clone(),
+                "└─ " => format!("{guides}   "),
+                _ => format!("{guides}│  "),
+            };
+            push_level(&mut stack, &children[i], &below, false);
+        }
+    }
+    rows
+}
+
+/// The checkpoints as a table with the tree in its ID column.
+fn format_checkpoint_tree(list: &CheckpointList) -> String {
     let header = [
         "ID",
         "NAME",
@@ -589,13 +922,19 @@ fn format_checkpoint_list(list: &CheckpointList) -> String {
         "DISKS",
     ]
     .map(str::to_owned);
+    let current_id = list.current.as_deref();
     let mut table = vec![("  ", header.to_vec())];
-    for c in &list.checkpoints {
-        let current = c.current || list.current.as_deref() == Some(c.id.as_str());
+    for (indent, node) in tree_rows(list) {
+        let TreeNode::Checkpoint(i) = node else {
+            table.push(("  ", vec![format!("{indent}Now")]));
+            continue;
+        };
+        let c = &list.checkpoints[i];
+        let current = c.current || current_id == Some(c.id.as_str());
         table.push((
             if current { "* " } else { "  " },
             vec![
-                c.id.clone(),
+                format!("{indent}{}", c.id),
                 c.name.clone(),
                 c.kind.to_string(),
                 c.consistency.to_string(),
@@ -625,10 +964,76 @@ fn format_checkpoint_list(list: &CheckpointList) -> String {
                     line.push_str(&" ".repeat(pad + 2));
                 }
             }
-            line
+            line.trim_end().to_owned()
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `checkpoint export` for people: what was written, as aligned `key: value` rows.
+fn format_export(info: &ExportInfo) -> String {
+    let mut rows = vec![
+        ("exported".to_owned(), info.id.clone()),
+        ("destination".to_owned(), info.destination.clone()),
+    ];
+    for (i, disk) in info.disks.iter().enumerate() {
+        rows.push((format!("disk {i}"), disk.clone()));
+    }
+    if let Some(state) = &info.state {
+        rows.push(("state".to_owned(), state.clone()));
+    }
+    if let Some(memory) = &info.memory {
+        rows.push(("memory".to_owned(), memory.clone()));
+    }
+    rows.push(("written".to_owned(), format_size_exact(info.bytes)));
+    key_values(&rows)
+}
+
+/// `checkpoint changes` for people: per disk, a summary line and its extents as a table of
+/// byte offsets and lengths; the total at the end.
+fn format_changes(changes: &ChangesInfo) -> String {
+    let mut lines = vec![key_values(&[
+        ("checkpoint".to_owned(), changes.id.clone()),
+        (
+            "since".to_owned(),
+            changes
+                .since
+                .clone()
+                .unwrap_or_else(|| "the launch disks".to_owned()),
+        ),
+    ])];
+    for d in &changes.disks {
+        let extents = match d.extents.len() {
+            1 => "1 extent".to_owned(),
+            n => format!("{n} extents"),
+        };
+        lines.push(format!(
+            "disk {}: {} changed in {extents} (size {}, granularity {})",
+            d.index,
+            format_size_exact(d.changed_bytes()),
+            format_size(d.virtual_size),
+            format_size(d.granularity),
+        ));
+        if d.extents.is_empty() {
+            continue;
+        }
+        let width = d
+            .extents
+            .iter()
+            .map(|e| e.offset.to_string().len())
+            .max()
+            .unwrap_or(0)
+            .max("OFFSET".len());
+        lines.push(format!("  {:<width$}  LENGTH", "OFFSET"));
+        for e in &d.extents {
+            lines.push(format!("  {:<width$}  {}", e.offset, e.length));
+        }
+    }
+    lines.push(format!(
+        "total: {} changed",
+        format_size_exact(changes.changed_bytes())
+    ));
+    lines.join("\n")
 }
 
 #[cfg(test)]
@@ -845,6 +1250,7 @@ mod tests {
             paused_us: None,
             frozen_us: None,
             agent_freeze: None,
+            children: Vec::new(),
         }
     }
 
@@ -869,17 +1275,253 @@ mod tests {
         let list = CheckpointList {
             checkpoints: vec![info("a", false), info("ck-22", true)],
             current: Some("ck-22".into()),
+            progress: None,
         };
         let text = format_checkpoint_list(&list);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].starts_with("  ID     NAME"), "{text}");
-        assert!(lines[1].starts_with("  a      name of a "), "{text}");
-        assert!(lines[2].starts_with("* ck-22  name of ck-22"), "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("  ID      NAME"), "{text}");
+        assert!(lines[1].starts_with("  a       name of a "), "{text}");
+        assert!(lines[2].starts_with("* ck-22   name of ck-22"), "{text}");
         assert!(lines[2].ends_with("4.0 KiB  64.0 MiB  512 B"), "{text}");
+        assert_eq!(lines[3], "  └─ Now", "{text}");
         assert_eq!(
             format_checkpoint_list(&CheckpointList::default()),
             "no checkpoints"
+        );
+    }
+
+    fn child(id: &str, parent: &str) -> CheckpointInfo {
+        CheckpointInfo {
+            parent: Some(parent.into()),
+            ..info(id, false)
+        }
+    }
+
+    /// The ID column of the table (the tree) and the marker before it.
+    fn tree(list: &CheckpointList) -> Vec<String> {
+        format_checkpoint_list(list)
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let (marker, rest) = l.split_at(2);
+                let id = rest.split(" name of ").next().unwrap_or_default();
+                format!("{marker}{id}").trim_end().to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn checkpoint_list_is_a_tree_with_now_under_the_current_checkpoint() {
+        // a ─ b ─ d
+        //   │   └ e (current)
+        //   └ c
+        // f (another root: its parent is gone)
+        let mut e = child("e", "b");
+        e.current = true;
+        let list = CheckpointList {
+            checkpoints: vec![
+                info("a", false),
+                child("b", "a"),
+                child("c", "a"),
+                child("d", "b"),
+                e,
+                child("f", "gone"),
+            ],
+            current: Some("e".into()),
+            progress: None,
+        };
+        assert_eq!(
+            tree(&list),
+            [
+                "  a",
+                "  ├─ b",
+                "  │  ├─ d",
+                "* │  └─ e",
+                "  │     └─ Now",
+                "  └─ c",
+                "  f",
+            ],
+            "{}",
+            format_checkpoint_list(&list)
+        );
+        // Now comes after the current checkpoint's children.
+        let list = CheckpointList {
+            checkpoints: vec![info("a", true), child("b", "a")],
+            current: Some("a".into()),
+            progress: None,
+        };
+        assert_eq!(tree(&list), ["* a", "  ├─ b", "  └─ Now"]);
+        // Without a current checkpoint, Now is a root of its own, last.
+        let list = CheckpointList {
+            checkpoints: vec![info("a", false), child("b", "a")],
+            current: None,
+            progress: None,
+        };
+        assert_eq!(tree(&list), ["  a", "  └─ b", "  Now"]);
+    }
+
+    #[test]
+    fn checkpoint_tree_survives_parent_loops() {
+        let list = CheckpointList {
+            checkpoints: vec![child("a", "b"), child("b", "a"), child("s", "s")],
+            current: Some("a".into()),
+            progress: None,
+        };
+        assert_eq!(tree(&list), ["  s", "* a", "  ├─ b", "  └─ Now"]);
+    }
+
+    #[test]
+    fn checkpoint_list_shows_a_running_operation() {
+        let list = CheckpointList {
+            checkpoints: vec![info("a", true)],
+            current: Some("a".into()),
+            progress: Some(Progress {
+                operation: "merge".into(),
+                checkpoint: "a".into(),
+                done: 1 << 30,
+                total: 3 << 30,
+            }),
+        };
+        let text = format_checkpoint_list(&list);
+        assert!(
+            text.ends_with("\nmerge of a running: 1.0 GiB of 3.0 GiB (33%)"),
+            "{text}"
+        );
+        let idle = Progress {
+            total: 0,
+            ..Progress::default()
+        };
+        assert!(format_progress(&idle).ends_with("(0%)"));
+    }
+
+    #[test]
+    fn progress_turns_the_spinner_into_a_bar_of_bytes() {
+        let bar = ProgressBar::hidden();
+        show_progress(&bar, None);
+        assert_eq!(bar.length(), None);
+        let p = Progress {
+            operation: PROGRESS_MERGE.into(),
+            checkpoint: "a".into(),
+            done: 50,
+            total: 200,
+        };
+        show_progress(&bar, Some(&p));
+        assert_eq!((bar.position(), bar.length()), (50, Some(200)));
+        // A done past the total does not overflow the bar.
+        show_progress(&bar, Some(&Progress { done: 300, ..p }));
+        assert_eq!((bar.position(), bar.length()), (200, Some(200)));
+        assert_eq!(progress_verb(PROGRESS_EXPORT), "exporting");
+        assert_eq!(progress_verb(PROGRESS_MERGE), "merging");
+        // The templates are valid.
+        for t in [SPINNER_TEMPLATE, BAR_TEMPLATE] {
+            assert!(ProgressStyle::with_template(t).is_ok(), "{t}");
+        }
+    }
+
+    #[test]
+    fn new_checkpoint_commands_parse() {
+        let a = parse(&["checkpoint", "revert"]).unwrap();
+        assert!(matches!(
+            a.command,
+            CtlCommand::Checkpoint(CheckpointCommand::Revert)
+        ));
+        let a = parse(&["checkpoint", "delete", "ck-1"]).unwrap();
+        assert!(matches!(
+            a.command,
+            CtlCommand::Checkpoint(CheckpointCommand::Delete { ref id }) if id == "ck-1"
+        ));
+        assert!(parse(&["checkpoint", "delete"]).is_err());
+        let a = parse(&["checkpoint", "export", "ck-1", "out"]).unwrap();
+        assert!(matches!(
+            a.command,
+            CtlCommand::Checkpoint(CheckpointCommand::Export {
+                format: DiskFormat::Raw,
+                ..
+            })
+        ));
+        let a = parse(&["checkpoint", "export", "ck-1", "/o", "--format", "strata"]).unwrap();
+        match a.command {
+            CtlCommand::Checkpoint(CheckpointCommand::Export { id, dir, format }) => {
+                assert_eq!(
+                    (id.as_str(), dir, format),
+                    ("ck-1", "/o".into(), DiskFormat::Strata)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["checkpoint", "export", "ck-1"]).is_err());
+        assert!(parse(&["checkpoint", "export", "ck-1", "/o", "--format", "qcow2"]).is_err());
+        let a = parse(&["checkpoint", "changes", "b", "--since", "a"]).unwrap();
+        match a.command {
+            CtlCommand::Checkpoint(CheckpointCommand::Changes { id, since }) => {
+                assert_eq!((id.as_str(), since.as_deref()), ("b", Some("a")));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn changes_text_lists_extents_per_disk_and_the_total() {
+        use crate::types::{DiskChanges, Extent};
+        let changes = ChangesInfo {
+            id: "b".into(),
+            since: None,
+            disks: vec![
+                DiskChanges {
+                    index: 0,
+                    virtual_size: 64 << 20,
+                    granularity: 65536,
+                    extents: vec![
+                        Extent {
+                            offset: 0,
+                            length: 65536,
+                        },
+                        Extent {
+                            offset: 10 << 20,
+                            length: 131072,
+                        },
+                    ],
+                },
+                DiskChanges {
+                    index: 1,
+                    virtual_size: 1 << 30,
+                    granularity: 4096,
+                    extents: vec![],
+                },
+            ],
+        };
+        assert_eq!(
+            format_changes(&changes),
+            "checkpoint:         b\n\
+             since:              the launch disks\n\
+             disk 0: 192.0 KiB (196608 bytes) changed in 2 extents (size 64.0 MiB, granularity 64.0 KiB)\n\
+             \x20 OFFSET    LENGTH\n\
+             \x20 0         65536\n\
+             \x20 10485760  131072\n\
+             disk 1: 0 B changed in 0 extents (size 1.0 GiB, granularity 4.0 KiB)\n\
+             total: 192.0 KiB (196608 bytes) changed"
+        );
+    }
+
+    #[test]
+    fn export_text_names_every_file_written() {
+        let info = ExportInfo {
+            id: "a".into(),
+            destination: "/x".into(),
+            disks: vec!["/x/disk0.raw".into(), "/x/disk1.raw".into()],
+            state: None,
+            memory: Some("/x/memory".into()),
+            bytes: 3 << 20,
+        };
+        assert_eq!(
+            format_export(&info),
+            "exported:           a\n\
+             destination:        /x\n\
+             disk 0:             /x/disk0.raw\n\
+             disk 1:             /x/disk1.raw\n\
+             memory:             /x/memory\n\
+             written:            3.0 MiB (3145728 bytes)"
         );
     }
 }

@@ -11,24 +11,28 @@
 //! 2. The server matches the path against [`ROUTES`]: an unknown path is a 404, a known path
 //!    with another method a 405 with an `Allow` header. A `{id}` segment of a route matches a
 //!    checkpoint id; one that cannot be an id
-//!    ([`valid_checkpoint_id`](crate::types::valid_checkpoint_id)) is a 404 at once.
+//!    ([`valid_checkpoint_id`](crate::types::valid_checkpoint_id)) is a 404 at once. A path
+//!    without an id wins: `/v1/checkpoints/revert` is the revert call, and `revert` is not an
+//!    id.
 //! 3. It reads the whole body (at most [`MAX_BODY_BYTES`], else 413) and parses it into an
 //!    [`ApiRequest`]: JSON that is malformed, not an object, has unknown fields or wrong types,
-//!    or fails the type's `validate`, is a 400 (a `POST` that takes no body, and checkpoint
-//!    apply, also accept none at all). None of this reaches the VMM, so a rejected request
-//!    changes nothing.
+//!    or fails the type's `validate`, is a 400 (a `POST` that takes no body, checkpoint apply
+//!    and revert also accept none at all; bodies of `GET` and `DELETE` are ignored). The query
+//!    string is read by the one endpoint that takes parameters, checkpoint changes (`since`
+//!    only: another parameter, or a `since` that cannot be an id, is a 400); the others ignore
+//!    theirs. None of this reaches the VMM, so a rejected request changes nothing.
 //! 4. It wraps the request with a [`Responder`](crate::call::Responder) into an [`ApiCall`] and
 //!    calls the VMM's [`ApiHandler`] with it, on the API thread. The handler must return at once:
 //!    the VMM forwards the call into its control loop's channel and signals that loop's eventfd.
 //! 5. The VMM handles the call between its other events and answers through the responder;
 //!    sending never blocks it, even if the client is gone.
 //! 6. The connection's task waits for the answer without blocking the runtime, up to a bound
-//!    (30 s; `shutdown` 120 s; checkpoint create and apply, which save or load gigabytes, an
-//!    hour; guest exec its own timeout plus 30 s). A VMM that does not answer in time, or drops
+//!    (30 s; `shutdown` 120 s; checkpoint create, apply, revert, delete and export, which save,
+//!    load, merge or copy gigabytes, an hour; guest exec its own timeout plus 30 s). A VMM that does not answer in time, or drops
 //!    the call, is a bug: 500 `internal`.
 //! 7. The answer is checked against the route (right reply kind, an error code the route
 //!    documents in `openapi.yaml`; anything else is a 500) and written as JSON with
-//!    `Content-Type: application/json`, status 200 (201 for a checkpoint created).
+//!    `Content-Type: application/json`, status 200 (201 for a checkpoint created or exported).
 //!
 //! [`ApiServer::shutdown`] (or dropping the server) stops accepting, ends open connections, joins
 //! the thread and removes the socket file if it is still ours.
@@ -53,7 +57,7 @@ use crate::call::{
 use crate::socket::{self, SocketError, SocketFile};
 use crate::types::{
     valid_checkpoint_id, ApplyCheckpoint, CheckpointConfig, CreateCheckpoint, ErrorBody,
-    ErrorDetail, ExecRequest, MAX_CHECKPOINT_ID_LEN,
+    ErrorDetail, ExecRequest, ExportCheckpoint, MAX_CHECKPOINT_ID_LEN, RESERVED_CHECKPOINT_ID,
 };
 
 /// The largest request body accepted; larger ones get 413 `payload_too_large`.
@@ -78,6 +82,14 @@ pub enum Endpoint {
     GetCheckpoint,
     /// `POST /v1/checkpoints/{id}/apply`.
     ApplyCheckpoint,
+    /// `POST /v1/checkpoints/revert`.
+    RevertCheckpoint,
+    /// `DELETE /v1/checkpoints/{id}`.
+    DeleteCheckpoint,
+    /// `POST /v1/checkpoints/{id}/export`.
+    ExportCheckpoint,
+    /// `GET /v1/checkpoints/{id}/changes`.
+    CheckpointChanges,
     /// `GET /v1/guest`.
     GetGuest,
     /// `POST /v1/guest/exec`.
@@ -96,7 +108,12 @@ impl Endpoint {
             Endpoint::PutCheckpointConfig => &[BadRequest, InvalidState],
             Endpoint::CreateCheckpoint => &[BadRequest, InvalidState, AgentUnreachable],
             Endpoint::ListCheckpoints | Endpoint::GetCheckpoint => &[NotFound],
-            Endpoint::ApplyCheckpoint => &[NotFound, InvalidState],
+            Endpoint::ApplyCheckpoint | Endpoint::RevertCheckpoint | Endpoint::DeleteCheckpoint => {
+                &[NotFound, InvalidState]
+            }
+            Endpoint::ExportCheckpoint | Endpoint::CheckpointChanges => {
+                &[BadRequest, NotFound, InvalidState]
+            }
             Endpoint::GetGuest => &[InvalidState, AgentUnreachable],
             Endpoint::GuestExec => &[BadRequest, InvalidState, AgentUnreachable],
         }
@@ -110,19 +127,34 @@ impl Endpoint {
                 | Endpoint::PutCheckpointConfig
                 | Endpoint::CreateCheckpoint
                 | Endpoint::ApplyCheckpoint
+                | Endpoint::RevertCheckpoint
+                | Endpoint::ExportCheckpoint
                 | Endpoint::GuestExec
         )
     }
 
-    /// Whether the endpoint's path has a checkpoint id (and so can answer 404 by itself).
-    pub fn takes_id(self) -> bool {
-        matches!(self, Endpoint::GetCheckpoint | Endpoint::ApplyCheckpoint)
+    /// Whether the endpoint reads query parameters (and so can answer 400 for them); the
+    /// others ignore their query string.
+    pub fn reads_query(self) -> bool {
+        matches!(self, Endpoint::CheckpointChanges)
     }
 
-    /// The status of a successful answer: 201 for a checkpoint created, else 200.
+    /// Whether the endpoint's path has a checkpoint id (and so can answer 404 by itself).
+    pub fn takes_id(self) -> bool {
+        matches!(
+            self,
+            Endpoint::GetCheckpoint
+                | Endpoint::ApplyCheckpoint
+                | Endpoint::DeleteCheckpoint
+                | Endpoint::ExportCheckpoint
+                | Endpoint::CheckpointChanges
+        )
+    }
+
+    /// The status of a successful answer: 201 for a checkpoint created or exported, else 200.
     pub fn success_status(self) -> u16 {
         match self {
-            Endpoint::CreateCheckpoint => 201,
+            Endpoint::CreateCheckpoint | Endpoint::ExportCheckpoint => 201,
             _ => 200,
         }
     }
@@ -132,6 +164,9 @@ impl Endpoint {
         let mut statuses = vec![self.success_status(), 500];
         if self.reads_body() {
             statuses.extend([400, 413]);
+        }
+        if self.reads_query() {
+            statuses.push(400);
         }
         if self.takes_id() {
             statuses.push(404);
@@ -196,12 +231,27 @@ pub const ROUTES: &[Route] = &[
         ],
     },
     Route {
+        path: "/v1/checkpoints/revert",
+        methods: &[("POST", Endpoint::RevertCheckpoint)],
+    },
+    Route {
         path: "/v1/checkpoints/{id}",
-        methods: &[("GET", Endpoint::GetCheckpoint)],
+        methods: &[
+            ("GET", Endpoint::GetCheckpoint),
+            ("DELETE", Endpoint::DeleteCheckpoint),
+        ],
     },
     Route {
         path: "/v1/checkpoints/{id}/apply",
         methods: &[("POST", Endpoint::ApplyCheckpoint)],
+    },
+    Route {
+        path: "/v1/checkpoints/{id}/export",
+        methods: &[("POST", Endpoint::ExportCheckpoint)],
+    },
+    Route {
+        path: "/v1/checkpoints/{id}/changes",
+        methods: &[("GET", Endpoint::CheckpointChanges)],
     },
     Route {
         path: "/v1/guest",
@@ -226,8 +276,8 @@ pub struct ServerOptions {
     pub reply_timeout: Duration,
     /// How long it waits for `shutdown`; guest exec waits its own timeout plus `reply_timeout`.
     pub long_reply_timeout: Duration,
-    /// How long it waits for checkpoint create and apply, which write or read the guest's
-    /// memory and may wait for the guest agent.
+    /// How long it waits for checkpoint create, apply, revert, delete and export, which write,
+    /// read, merge or copy the guest's memory and disks and may wait for the guest agent.
     pub checkpoint_reply_timeout: Duration,
 }
 
@@ -384,6 +434,7 @@ async fn serve_connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
 async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
     let (route, id) = match find_route(&path) {
         Ok(found) => found,
         Err(e) => return error_response(&e),
@@ -401,7 +452,7 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
         return resp;
     };
     log::debug!("API {method} {path}");
-    let result = match parse_request(endpoint, id, req, shared.options.read_timeout).await {
+    let result = match parse_request(endpoint, id, query, req, shared.options.read_timeout).await {
         Ok(request) => dispatch(endpoint, request, shared).await,
         Err(e) => Err(e),
     };
@@ -448,8 +499,8 @@ fn find_route(path: &str) -> Result<(&'static Route, Option<String>), ApiError> 
         };
         if !valid_checkpoint_id(id) {
             return Err(ApiError::not_found(format!(
-                "no checkpoint {id:?}: an id is 1 to {MAX_CHECKPOINT_ID_LEN} characters of \
-                 A-Z, a-z, 0-9, _ and -, not starting with -"
+                "no checkpoint {id:?}: {}",
+                id_grammar(id)
             )));
         }
         return Ok((route, Some(id.to_owned())));
@@ -457,10 +508,23 @@ fn find_route(path: &str) -> Result<(&'static Route, Option<String>), ApiError> 
     Err(ApiError::not_found(format!("no route {path}")))
 }
 
-/// Reads and validates the request for `endpoint`.
+/// Why `id` cannot be a checkpoint id, for an error message.
+fn id_grammar(id: &str) -> String {
+    if id == RESERVED_CHECKPOINT_ID {
+        format!("{RESERVED_CHECKPOINT_ID:?} is reserved (POST /v1/checkpoints/revert)")
+    } else {
+        format!(
+            "an id is 1 to {MAX_CHECKPOINT_ID_LEN} characters of A-Z, a-z, 0-9, _ and -, not \
+             starting with -"
+        )
+    }
+}
+
+/// Reads and validates the request for `endpoint`; `query` is the URI's query string.
 async fn parse_request(
     endpoint: Endpoint,
     id: Option<String>,
+    query: Option<String>,
     req: Request<Incoming>,
     read_timeout: Duration,
 ) -> Result<ApiRequest, ApiError> {
@@ -472,6 +536,12 @@ async fn parse_request(
         Endpoint::GetGuest => ApiRequest::GetGuest,
         Endpoint::ListCheckpoints => ApiRequest::ListCheckpoints,
         Endpoint::GetCheckpoint => ApiRequest::GetCheckpoint(id()?),
+        // Bodies of DELETEs too.
+        Endpoint::DeleteCheckpoint => ApiRequest::DeleteCheckpoint(id()?),
+        Endpoint::CheckpointChanges => {
+            let since = parse_changes_query(query.as_deref())?;
+            ApiRequest::CheckpointChanges { id: id()?, since }
+        }
         Endpoint::Lifecycle(action) => {
             let body = read_body(req, read_timeout).await?;
             if !body.iter().all(u8::is_ascii_whitespace) {
@@ -501,6 +571,20 @@ async fn parse_request(
             };
             ApiRequest::ApplyCheckpoint { id, request }
         }
+        Endpoint::RevertCheckpoint => {
+            let body = read_body(req, read_timeout).await?;
+            if !body.iter().all(u8::is_ascii_whitespace) {
+                parse_json::<EmptyBody>(&body)?;
+            }
+            ApiRequest::RevertCheckpoint
+        }
+        Endpoint::ExportCheckpoint => {
+            let id = id()?;
+            let body = read_body(req, read_timeout).await?;
+            let request: ExportCheckpoint = parse_json(&body)?;
+            request.validate().map_err(ApiError::bad_request)?;
+            ApiRequest::ExportCheckpoint { id, request }
+        }
         Endpoint::GuestExec => {
             let body = read_body(req, read_timeout).await?;
             let exec: ExecRequest = parse_json(&body)?;
@@ -508,6 +592,60 @@ async fn parse_request(
             ApiRequest::GuestExec(exec)
         }
     })
+}
+
+/// The query of checkpoint changes: `since={id}` or nothing. Pairs are `key=value` separated
+/// by `&`, percent-encoded (`+` is a space); empty pairs are skipped. Another key, `since`
+/// twice, or a `since` that cannot be a checkpoint id is a 400 naming it.
+fn parse_changes_query(query: Option<&str>) -> Result<Option<String>, ApiError> {
+    let mut since = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(key)?;
+        let value = percent_decode(value)?;
+        if key != "since" {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {key:?}: changes takes only since"
+            )));
+        }
+        if since.is_some() {
+            return Err(ApiError::bad_request(
+                "query parameter since is given more than once",
+            ));
+        }
+        if !valid_checkpoint_id(&value) {
+            return Err(ApiError::bad_request(format!(
+                "since {value:?} cannot be a checkpoint id: {}",
+                id_grammar(&value)
+            )));
+        }
+        since = Some(value);
+    }
+    Ok(since)
+}
+
+/// Decodes one `application/x-www-form-urlencoded` component: `%XX` escapes and `+` for a
+/// space; the result must be UTF-8.
+fn percent_decode(text: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::bad_request(format!("malformed query component {text:?}"));
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.bytes();
+    while let Some(b) = rest.next() {
+        match b {
+            b'+' => bytes.push(b' '),
+            b'%' => {
+                let hex = [rest.next().ok_or_else(bad)?, rest.next().ok_or_else(bad)?];
+                let hex = std::str::from_utf8(&hex).map_err(|_| bad())?;
+                bytes.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            }
+            b => bytes.push(b),
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| bad())
 }
 
 /// The body of a `POST` that takes none: `{}` (or nothing at all).
@@ -565,9 +703,11 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 fn reply_timeout(request: &ApiRequest, options: &ServerOptions) -> Duration {
     match request {
         ApiRequest::Lifecycle(LifecycleAction::Shutdown) => options.long_reply_timeout,
-        ApiRequest::CreateCheckpoint(_) | ApiRequest::ApplyCheckpoint { .. } => {
-            options.checkpoint_reply_timeout
-        }
+        ApiRequest::CreateCheckpoint(_)
+        | ApiRequest::ApplyCheckpoint { .. }
+        | ApiRequest::RevertCheckpoint
+        | ApiRequest::DeleteCheckpoint(_)
+        | ApiRequest::ExportCheckpoint { .. } => options.checkpoint_reply_timeout,
         ApiRequest::GuestExec(exec) => {
             Duration::from_secs(exec.timeout().into()) + options.reply_timeout
         }
@@ -607,12 +747,19 @@ fn reply_fits(endpoint: Endpoint, reply: &ApiReply) -> bool {
     matches!(
         (endpoint, reply),
         (
-            Endpoint::GetVm | Endpoint::Lifecycle(_) | Endpoint::ApplyCheckpoint,
+            Endpoint::GetVm
+                | Endpoint::Lifecycle(_)
+                | Endpoint::ApplyCheckpoint
+                | Endpoint::RevertCheckpoint,
             ApiReply::Vm(_)
         ) | (
             Endpoint::CreateCheckpoint | Endpoint::GetCheckpoint,
             ApiReply::Checkpoint(_)
-        ) | (Endpoint::ListCheckpoints, ApiReply::Checkpoints(_))
+        ) | (
+            Endpoint::ListCheckpoints | Endpoint::DeleteCheckpoint,
+            ApiReply::Checkpoints(_)
+        ) | (Endpoint::ExportCheckpoint, ApiReply::Export(_))
+            | (Endpoint::CheckpointChanges, ApiReply::Changes(_))
             | (
                 Endpoint::GetCheckpointConfig | Endpoint::PutCheckpointConfig,
                 ApiReply::CheckpointConfig(_)
@@ -628,6 +775,8 @@ fn reply_kind(reply: &ApiReply) -> &'static str {
         ApiReply::CheckpointConfig(_) => "a checkpoint config",
         ApiReply::Checkpoint(_) => "a checkpoint",
         ApiReply::Checkpoints(_) => "a checkpoint list",
+        ApiReply::Export(_) => "an export",
+        ApiReply::Changes(_) => "a change map",
         ApiReply::Guest(_) => "guest info",
         ApiReply::Exec(_) => "an exec result",
     }
@@ -639,6 +788,8 @@ fn serialize(reply: &ApiReply) -> Result<Vec<u8>, ApiError> {
         ApiReply::CheckpointConfig(c) => serde_json::to_vec(c),
         ApiReply::Checkpoint(c) => serde_json::to_vec(c),
         ApiReply::Checkpoints(l) => serde_json::to_vec(l),
+        ApiReply::Export(e) => serde_json::to_vec(e),
+        ApiReply::Changes(c) => serde_json::to_vec(c),
         ApiReply::Guest(g) => serde_json::to_vec(g),
         ApiReply::Exec(e) => serde_json::to_vec(e),
     }
@@ -781,6 +932,108 @@ mod tests {
         assert_eq!(
             Endpoint::ApplyCheckpoint.statuses(),
             [200, 400, 404, 409, 413, 500]
+        );
+    }
+
+    #[test]
+    fn revert_delete_and_export_wait_the_checkpoint_timeout_changes_does_not() {
+        let opts = ServerOptions {
+            checkpoint_reply_timeout: Duration::from_secs(7),
+            ..ServerOptions::default()
+        };
+        let export = ApiRequest::ExportCheckpoint {
+            id: "a".into(),
+            request: ExportCheckpoint {
+                destination: "/x".into(),
+                disk_format: Default::default(),
+            },
+        };
+        for req in [
+            ApiRequest::RevertCheckpoint,
+            ApiRequest::DeleteCheckpoint("a".into()),
+            export,
+        ] {
+            assert_eq!(
+                reply_timeout(&req, &opts),
+                Duration::from_secs(7),
+                "{req:?}"
+            );
+        }
+        let changes = ApiRequest::CheckpointChanges {
+            id: "b".into(),
+            since: None,
+        };
+        assert_eq!(reply_timeout(&changes, &opts), opts.reply_timeout);
+    }
+
+    #[test]
+    fn revert_is_its_own_route_and_not_an_id() {
+        let (route, id) = find_route("/v1/checkpoints/revert").unwrap();
+        assert_eq!((route.path, id), ("/v1/checkpoints/revert", None));
+        let e = find_route("/v1/checkpoints/revert/export").unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(e.message.contains("reserved"), "{e}");
+        let (route, id) = find_route("/v1/checkpoints/ck-1/changes").unwrap();
+        assert_eq!(route.path, "/v1/checkpoints/{id}/changes");
+        assert_eq!(id.as_deref(), Some("ck-1"));
+    }
+
+    #[test]
+    fn changes_query_takes_since_only() {
+        assert_eq!(parse_changes_query(None).unwrap(), None);
+        assert_eq!(parse_changes_query(Some("")).unwrap(), None);
+        assert_eq!(parse_changes_query(Some("&&")).unwrap(), None);
+        for (query, since) in [
+            ("since=ck-1", "ck-1"),
+            ("since=ck%2D1", "ck-1"),
+            ("&since=a_B&", "a_B"),
+            ("%73ince=a", "a"),
+        ] {
+            assert_eq!(
+                parse_changes_query(Some(query)).unwrap().as_deref(),
+                Some(since),
+                "{query}"
+            );
+        }
+        for (query, says) in [
+            ("sinse=a", "unknown query parameter \"sinse\""),
+            ("since=a&limit=3", "unknown query parameter \"limit\""),
+            ("Since=a", "unknown query parameter \"Since\""),
+            ("since=a&since=b", "more than once"),
+            ("since", "since \"\" cannot be a checkpoint id"),
+            ("since=", "since \"\" cannot be a checkpoint id"),
+            ("since=a.b", "since \"a.b\" cannot be a checkpoint id"),
+            ("since=-a", "cannot be a checkpoint id"),
+            ("since=a+b", "since \"a b\" cannot be a checkpoint id"),
+            ("since=a%2Fb", "since \"a/b\" cannot be a checkpoint id"),
+            ("since=revert", "reserved"),
+            ("since=a%2", "malformed query component"),
+            ("since=a%zz", "malformed query component"),
+            ("since=%ff", "malformed query component"),
+            ("since=%C3%A9", "since \"é\" cannot be a checkpoint id"),
+        ] {
+            let e = parse_changes_query(Some(query)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{query}");
+            assert!(e.message.contains(says), "{query}: {}", e.message);
+        }
+        let long = format!("since={}", "a".repeat(MAX_CHECKPOINT_ID_LEN + 1));
+        assert!(parse_changes_query(Some(&long)).is_err());
+    }
+
+    #[test]
+    fn new_checkpoint_endpoints_answer_their_statuses() {
+        assert_eq!(
+            Endpoint::RevertCheckpoint.statuses(),
+            [200, 400, 404, 409, 413, 500]
+        );
+        assert_eq!(Endpoint::DeleteCheckpoint.statuses(), [200, 404, 409, 500]);
+        assert_eq!(
+            Endpoint::ExportCheckpoint.statuses(),
+            [201, 400, 404, 409, 413, 500]
+        );
+        assert_eq!(
+            Endpoint::CheckpointChanges.statuses(),
+            [200, 400, 404, 409, 500]
         );
     }
 }

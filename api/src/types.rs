@@ -1,7 +1,7 @@
 //! The JSON bodies of the API, shared by the server, the client and the VMM.
 //!
 //! Request bodies (`CheckpointConfig` as sent by `PUT`, `CreateCheckpoint`, `ApplyCheckpoint`,
-//! `ExecRequest`) reject unknown fields and those with limits are checked with `validate` after
+//! `ExportCheckpoint`, `ExecRequest`) reject unknown fields and those with limits are checked with `validate` after
 //! parsing, so a request that the server accepts is one the VMM can act on. `openapi.yaml` describes the same shapes and limits.
 
 use serde::{Deserialize, Serialize};
@@ -158,12 +158,18 @@ pub const MAX_CHECKPOINT_ID_LEN: usize = 64;
 /// The longest checkpoint name, in characters.
 pub const MAX_CHECKPOINT_NAME_CHARS: usize = 128;
 
+/// The one word that fits the id grammar but is not a checkpoint id: `/v1/checkpoints/revert`
+/// is the revert call, so a checkpoint of that id could never be shown or deleted.
+pub const RESERVED_CHECKPOINT_ID: &str = "revert";
+
 /// Whether `id` can be a checkpoint id: 1 to 64 characters of `A-Z`, `a-z`, `0-9`, `_` and
-/// `-`, not starting with `-`. The server answers 404 for any other id in a path without asking
-/// the VMM, so the ids the VMM makes must pass this.
+/// `-`, not starting with `-`, and not [`RESERVED_CHECKPOINT_ID`]. The server answers 404 for
+/// any other id in a path (400 in a query) without asking the VMM, so the ids the VMM makes
+/// must pass this.
 pub fn valid_checkpoint_id(id: &str) -> bool {
     (1..=MAX_CHECKPOINT_ID_LEN).contains(&id.len())
         && !id.starts_with('-')
+        && id != RESERVED_CHECKPOINT_ID
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -220,6 +226,134 @@ pub struct ApplyCheckpoint {
     /// [default: false, the current state is discarded].
     #[serde(default)]
     pub save_current: bool,
+}
+
+/// The format of the disk files of an export (`ExportCheckpoint::disk_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFormat {
+    /// Flat raw images (`disk0.raw`, ...) that any other tool reads.
+    #[default]
+    Raw,
+    /// One self-contained Strata disk each (`disk0.strata`, ...): sparse, the chain flattened.
+    Strata,
+}
+
+impl DiskFormat {
+    /// The name used on the wire and on the command line, also the exported files' extension.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Strata => "strata",
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /v1/checkpoints/{id}/export`: write a self-contained copy of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportCheckpoint {
+    /// The folder to write: an absolute path. It gets `manifest.json`, `disk0.raw` (or
+    /// `.strata`), `disk1.raw`, ... in `--disk` order, and a standard checkpoint's state and
+    /// memory files.
+    pub destination: String,
+    /// The format of the disk files [default: raw].
+    #[serde(default)]
+    pub disk_format: DiskFormat,
+}
+
+impl ExportCheckpoint {
+    /// Checks what serde cannot: the destination is an absolute path without NUL bytes.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = &self.destination;
+        if !d.starts_with('/') {
+            return Err(format!("destination must be an absolute path, not {d:?}"));
+        }
+        if d.contains('\0') {
+            return Err("destination must not contain NUL bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// The answer of `POST /v1/checkpoints/{id}/export`: what was written.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// The checkpoint exported.
+    pub id: String,
+    /// The export's folder (`ExportCheckpoint::destination`).
+    pub destination: String,
+    /// The disk files written, in `--disk` order.
+    pub disks: Vec<String>,
+    /// The state file written (a standard checkpoint), else null.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// The memory file written (a standard checkpoint), else null.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// The bytes written in all.
+    pub bytes: u64,
+}
+
+/// One changed range of a disk, in bytes (`DiskChanges::extents`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Extent {
+    /// Where it starts, from the start of the disk.
+    pub offset: u64,
+    /// How long it is.
+    pub length: u64,
+}
+
+/// The changed ranges of one disk (`ChangesInfo::disks`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DiskChanges {
+    /// The disk's place in `--disk` order, from 0.
+    pub index: u32,
+    /// The disk's size as the guest sees it, in bytes.
+    pub virtual_size: u64,
+    /// The unit the map is kept in, in bytes: every extent starts and ends on a multiple of it
+    /// (or at the end of the disk), so a changed byte marks its whole unit changed.
+    pub granularity: u64,
+    /// The changed ranges, by offset, not overlapping.
+    pub extents: Vec<Extent>,
+}
+
+impl DiskChanges {
+    /// The bytes the extents cover.
+    pub fn changed_bytes(&self) -> u64 {
+        self.extents
+            .iter()
+            .fold(0u64, |sum, e| sum.saturating_add(e.length))
+    }
+}
+
+/// `GET /v1/checkpoints/{id}/changes?since={since}`: the blocks of each disk written after
+/// `since` (or after the VM's launch disks) and up to checkpoint `id`, like Hyper-V's resilient
+/// change tracking; what an incremental backup copies.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChangesInfo {
+    /// The checkpoint the changes lead up to.
+    pub id: String,
+    /// The checkpoint they start from; null for the VM's launch disks (everything the chain
+    /// holds).
+    pub since: Option<String>,
+    /// One entry per disk, in `--disk` order.
+    pub disks: Vec<DiskChanges>,
+}
+
+impl ChangesInfo {
+    /// The bytes changed on all disks together.
+    pub fn changed_bytes(&self) -> u64 {
+        self.disks
+            .iter()
+            .fold(0u64, |sum, d| sum.saturating_add(d.changed_bytes()))
+    }
 }
 
 /// The type a checkpoint was actually taken as (`CheckpointInfo::kind`).
@@ -327,7 +461,28 @@ pub struct CheckpointInfo {
     /// it froze, and what else the agent reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_freeze: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The ids of the checkpoints taken on top of this one, oldest first (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<String>,
 }
+
+/// A long operation the VMM is running now (`CheckpointList::progress`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// What runs: `merge` (a delete) or `export`.
+    pub operation: String,
+    /// The checkpoint it works on.
+    pub checkpoint: String,
+    /// Bytes done so far.
+    pub done: u64,
+    /// Bytes to do in all (may grow while it runs; `done` never passes it).
+    pub total: u64,
+}
+
+/// [`Progress::operation`] of a delete, which merges the checkpoint's disk data away.
+pub const PROGRESS_MERGE: &str = "merge";
+/// [`Progress::operation`] of an export.
+pub const PROGRESS_EXPORT: &str = "export";
 
 /// `GET /v1/checkpoints`: every checkpoint, in the order they were taken.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -336,6 +491,10 @@ pub struct CheckpointList {
     pub checkpoints: Vec<CheckpointInfo>,
     /// The id of the checkpoint the VM runs on, if any.
     pub current: Option<String>,
+    /// The long operation (a delete's merge, an export) running now, if any: the list is
+    /// answered while one runs, so a client can poll it for progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
 }
 
 /// Whether the guest agent answered (`GuestInfo::agent`).
@@ -523,7 +682,7 @@ mod tests {
             assert!(valid_checkpoint_id(id), "{id:?}");
         }
         let long = "a".repeat(MAX_CHECKPOINT_ID_LEN + 1);
-        for id in ["", "-a", "a.b", "a b", "a/b", "é", "a%20", &long] {
+        for id in ["", "-a", "a.b", "a b", "a/b", "é", "a%20", &long, "revert"] {
             assert!(!valid_checkpoint_id(id), "{id:?}");
         }
     }
@@ -549,6 +708,7 @@ mod tests {
             paused_us: None,
             frozen_us: None,
             agent_freeze: None,
+            children: vec![],
         };
         let v = serde_json::to_value(&info).unwrap();
         assert_eq!(v["type"], "production");
@@ -560,5 +720,97 @@ mod tests {
         assert_eq!(back, info);
         assert_eq!(Consistency::CrashConsistent.to_string(), "crash-consistent");
         assert_eq!(TakenType::Standard.to_string(), "standard");
+    }
+
+    #[test]
+    fn export_body_defaults_to_raw_and_checks_the_destination() {
+        let e: ExportCheckpoint = serde_json::from_str(r#"{"destination":"/backup/a"}"#).unwrap();
+        assert_eq!(e.disk_format, DiskFormat::Raw);
+        assert!(e.validate().is_ok());
+        let e: ExportCheckpoint =
+            serde_json::from_str(r#"{"destination":"/b","disk_format":"strata"}"#).unwrap();
+        assert_eq!(e.disk_format, DiskFormat::Strata);
+        for bad in [
+            r#"{}"#,
+            r#"{"destination":"/b","disk_format":"qcow2"}"#,
+            r#"{"destination":"/b","disk_format":"Raw"}"#,
+            r#"{"destination":"/b","format":"raw"}"#,
+            r#"{"destination":7}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<ExportCheckpoint>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        for destination in ["backup", "", "./b", "/a\0b"] {
+            let e = ExportCheckpoint {
+                destination: destination.into(),
+                disk_format: DiskFormat::Raw,
+            };
+            assert!(e.validate().is_err(), "{destination:?}");
+        }
+        assert_eq!(DiskFormat::Strata.to_string(), "strata");
+        assert_eq!(DiskFormat::default().as_str(), "raw");
+    }
+
+    #[test]
+    fn children_and_progress_are_absent_when_empty() {
+        let list = CheckpointList::default();
+        let v = serde_json::to_value(&list).unwrap();
+        assert_eq!(v, serde_json::json!({"checkpoints": [], "current": null}));
+        let list = CheckpointList {
+            checkpoints: vec![],
+            current: None,
+            progress: Some(Progress {
+                operation: PROGRESS_MERGE.into(),
+                checkpoint: "a".into(),
+                done: 1,
+                total: 2,
+            }),
+        };
+        let v = serde_json::to_value(&list).unwrap();
+        assert_eq!(v["progress"]["operation"], "merge");
+        assert_eq!(serde_json::from_value::<CheckpointList>(v).unwrap(), list);
+        let info: CheckpointInfo = serde_json::from_value(serde_json::json!({
+            "id": "a", "name": "n", "type": "standard", "parent": null,
+            "created": "t", "consistency": "standard", "path": "/a",
+            "sizes": {"state": 0, "memory": 0, "disk_layers": 0},
+            "current": false, "disks": [], "children": ["b", "c"],
+        }))
+        .unwrap();
+        assert_eq!(info.children, ["b", "c"]);
+        let v = serde_json::to_value(CheckpointInfo {
+            children: vec![],
+            ..info
+        })
+        .unwrap();
+        assert!(v.get("children").is_none());
+    }
+
+    #[test]
+    fn changed_bytes_add_up_without_overflow() {
+        let disk = |lengths: &[u64]| DiskChanges {
+            extents: lengths
+                .iter()
+                .map(|&length| Extent { offset: 0, length })
+                .collect(),
+            ..DiskChanges::default()
+        };
+        let changes = ChangesInfo {
+            id: "b".into(),
+            since: Some("a".into()),
+            disks: vec![disk(&[1, 2]), disk(&[]), disk(&[4])],
+        };
+        assert_eq!(changes.disks[0].changed_bytes(), 3);
+        assert_eq!(changes.changed_bytes(), 7);
+        let huge = disk(&[u64::MAX, 1]);
+        assert_eq!(huge.changed_bytes(), u64::MAX);
+        let v = serde_json::to_value(&changes).unwrap();
+        assert_eq!(v["disks"][0]["extents"][1]["length"], 2);
+        assert_eq!(v["since"], "a");
+        let export = ExportInfo::default();
+        let v = serde_json::to_value(&export).unwrap();
+        assert_eq!(v["state"], serde_json::Value::Null);
+        assert_eq!(v["memory"], serde_json::Value::Null);
     }
 }

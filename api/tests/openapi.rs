@@ -70,6 +70,7 @@ fn request_body_schemas_forbid_unknown_fields() {
         "CheckpointConfigUpdate",
         "CreateCheckpoint",
         "ApplyCheckpoint",
+        "ExportCheckpoint",
         "ExecRequest",
     ] {
         assert_eq!(schemas[name]["additionalProperties"], false, "{name}");
@@ -79,7 +80,7 @@ fn request_body_schemas_forbid_unknown_fields() {
 }
 
 #[test]
-fn operations_with_an_id_take_it_as_the_checkpoint_id_parameter() {
+fn operations_with_an_id_take_it_as_the_checkpoint_id_parameter_and_changes_since() {
     let spec = spec();
     for route in ROUTES {
         for (method, endpoint) in route.methods {
@@ -90,18 +91,29 @@ fn operations_with_an_id_take_it_as_the_checkpoint_id_parameter() {
                 "{method} {}",
                 route.path
             );
-            let params = op.get("parameters").and_then(Value::as_array);
+            let params: Vec<&str> = op
+                .get("parameters")
+                .and_then(Value::as_array)
+                .map(|p| p.iter().map(|p| p["$ref"].as_str().unwrap()).collect())
+                .unwrap_or_default();
+            let mut expected = Vec::new();
             if endpoint.takes_id() {
-                let params = params.unwrap();
-                assert_eq!(params.len(), 1, "{method} {}", route.path);
-                assert_eq!(params[0]["$ref"], "#/components/parameters/CheckpointId");
-            } else {
-                assert!(params.is_none(), "{method} {}", route.path);
+                expected.push("#/components/parameters/CheckpointId");
             }
+            if endpoint.reads_query() {
+                expected.push("#/components/parameters/Since");
+            }
+            assert_eq!(params, expected, "{method} {}", route.path);
         }
     }
     let id = &spec["components"]["parameters"]["CheckpointId"]["schema"];
     assert_eq!(id["maxLength"], api::types::MAX_CHECKPOINT_ID_LEN);
+    let since = &spec["components"]["parameters"]["Since"];
+    assert_eq!(
+        (&since["in"], &since["required"]),
+        (&"query".into(), &false.into())
+    );
+    assert_eq!(&since["schema"], id);
     let name = &spec["components"]["schemas"]["CreateCheckpoint"]["properties"]["name"];
     assert_eq!(name["maxLength"], api::types::MAX_CHECKPOINT_NAME_CHARS);
 }
@@ -130,4 +142,31 @@ fn error_codes_in_spec_are_the_servers() {
     .map(|c| c.as_str().to_owned())
     .collect();
     assert_eq!(codes, server);
+}
+
+#[test]
+fn enums_in_spec_are_the_types() {
+    let spec = spec();
+    let schemas = &spec["components"]["schemas"];
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    use clap::ValueEnum;
+    let formats: Vec<String> = api::types::DiskFormat::value_variants()
+        .iter()
+        .map(|f| f.as_str().to_owned())
+        .collect();
+    assert_eq!(names(&schemas["DiskFormat"]["enum"]), formats);
+    assert_eq!(
+        names(&schemas["Progress"]["properties"]["operation"]["enum"]),
+        [api::types::PROGRESS_MERGE, api::types::PROGRESS_EXPORT]
+    );
+    assert_eq!(
+        schemas["ExportCheckpoint"]["properties"]["disk_format"]["default"],
+        api::types::DiskFormat::default().as_str()
+    );
 }

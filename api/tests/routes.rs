@@ -10,7 +10,8 @@ mod common;
 use std::path::PathBuf;
 
 use api::types::{
-    ApplyCheckpoint, CheckpointConfig, CheckpointType, CreateCheckpoint, ExecRequest,
+    ApplyCheckpoint, CheckpointConfig, CheckpointType, CreateCheckpoint, DiskFormat, ExecRequest,
+    ExportCheckpoint,
 };
 use api::{ApiRequest, LifecycleAction};
 use common::recorder::{self, Recorder};
@@ -102,8 +103,11 @@ fn unknown_routes_are_404_json_and_never_reach_the_vmm() {
         ("GET", "/v1/vm/"),
         ("POST", "/v1/vm/reboot"),
         ("GET", "/v2/vm"),
-        ("GET", "/v1/checkpoints/ck-1/changes"),
+        ("GET", "/v1/checkpoints/ck-1/changes/0"),
         ("POST", "/v1/checkpoints/ck-1/apply/now"),
+        ("POST", "/v1/checkpoints/ck-1/revert"),
+        ("POST", "/v1/checkpoints/revert/now"),
+        ("GET", "/v1/checkpoints/ck-1/export/x"),
         ("GET", "/v1/checkpoint"),
         ("DELETE", "/v1/nothing"),
         ("POST", "/v1/vm/pause/now"),
@@ -130,9 +134,15 @@ fn wrong_method_is_405_with_allow_and_never_reaches_the_vmm() {
         ("HEAD", "/v1/vm/start", "POST"),
         ("DELETE", "/v1/checkpoints", "GET, POST"),
         ("PUT", "/v1/checkpoints", "GET, POST"),
-        ("POST", "/v1/checkpoints/ck-1", "GET"),
-        ("DELETE", "/v1/checkpoints/ck-1", "GET"),
+        ("POST", "/v1/checkpoints/ck-1", "GET, DELETE"),
+        ("PUT", "/v1/checkpoints/ck-1", "GET, DELETE"),
         ("GET", "/v1/checkpoints/ck-1/apply", "POST"),
+        ("GET", "/v1/checkpoints/revert", "POST"),
+        ("DELETE", "/v1/checkpoints/revert", "POST"),
+        ("GET", "/v1/checkpoints/ck-1/export", "POST"),
+        ("DELETE", "/v1/checkpoints/ck-1/export", "POST"),
+        ("POST", "/v1/checkpoints/ck-1/changes", "GET"),
+        ("DELETE", "/v1/checkpoints/ck-1/changes", "GET"),
     ] {
         let r = http(&e.sock, method, path, None);
         assert_eq!(r.status, 405, "{method} {path}");
@@ -166,6 +176,14 @@ fn bodies_over_one_mib_are_413_and_never_reach_the_vmm() {
     );
     assert_eq!(
         post(&e.sock, "/v1/checkpoints/ck-1/apply", &big).status,
+        413
+    );
+    let big = format!("{{{}}}", " ".repeat(api::server::MAX_BODY_BYTES));
+    assert_eq!(post(&e.sock, "/v1/checkpoints/revert", &big).status, 413);
+    let big = json!({ "destination": format!("/{}", "d".repeat(api::server::MAX_BODY_BYTES)) })
+        .to_string();
+    assert_eq!(
+        post(&e.sock, "/v1/checkpoints/ck-1/export", &big).status,
         413
     );
     assert_eq!(e.recorder.calls(), []);
@@ -270,6 +288,27 @@ fn typed_client_sends_every_route_and_decodes_every_answer() {
         c.apply_checkpoint("ck-1", &apply).unwrap(),
         recorder::vm_info()
     );
+    assert_eq!(c.revert().unwrap(), recorder::vm_info());
+    let export = ExportCheckpoint {
+        destination: "/backup/x y".into(),
+        disk_format: DiskFormat::Strata,
+    };
+    assert_eq!(
+        c.export_checkpoint("ck-2", &export).unwrap(),
+        recorder::export_info()
+    );
+    assert_eq!(
+        c.checkpoint_changes("ck-2", Some("ck-1")).unwrap(),
+        recorder::changes_info()
+    );
+    assert_eq!(
+        c.checkpoint_changes("ck-2", None).unwrap(),
+        recorder::changes_info()
+    );
+    assert_eq!(
+        c.delete_checkpoint("ck-1").unwrap(),
+        recorder::checkpoint_list()
+    );
 
     let mut sent = vec![ApiRequest::GetVm];
     sent.extend(LifecycleAction::ALL.map(ApiRequest::Lifecycle));
@@ -285,6 +324,20 @@ fn typed_client_sends_every_route_and_decodes_every_answer() {
             id: "ck-1".into(),
             request: apply,
         },
+        ApiRequest::RevertCheckpoint,
+        ApiRequest::ExportCheckpoint {
+            id: "ck-2".into(),
+            request: export,
+        },
+        ApiRequest::CheckpointChanges {
+            id: "ck-2".into(),
+            since: Some("ck-1".into()),
+        },
+        ApiRequest::CheckpointChanges {
+            id: "ck-2".into(),
+            since: None,
+        },
+        ApiRequest::DeleteCheckpoint("ck-1".into()),
     ]);
     assert_eq!(e.recorder.calls(), sent);
 }
@@ -440,8 +493,12 @@ fn ids_that_cannot_be_checkpoints_are_404_without_reaching_the_vmm() {
         for (method, path) in [
             ("GET", format!("/v1/checkpoints/{id}")),
             ("POST", format!("/v1/checkpoints/{id}/apply")),
-            // An id that cannot be one is a 404 whatever the method.
             ("DELETE", format!("/v1/checkpoints/{id}")),
+            ("POST", format!("/v1/checkpoints/{id}/export")),
+            ("GET", format!("/v1/checkpoints/{id}/changes")),
+            ("GET", format!("/v1/checkpoints/{id}/changes?since=ck-1")),
+            // An id that cannot be one is a 404 whatever the method.
+            ("PUT", format!("/v1/checkpoints/{id}")),
         ] {
             let r = http(&e.sock, method, &path, Some(b"{}"));
             assert_eq!(r.status, 404, "{method} {path}: {}", r.body);
@@ -467,6 +524,242 @@ fn ids_that_cannot_be_checkpoints_are_404_without_reaching_the_vmm() {
             .apply_checkpoint(id, &ApplyCheckpoint::default())
             .unwrap_err();
         assert_eq!(err.api_code(), Some("not_found"), "{id:?}: {err}");
+        let err = c.delete_checkpoint(id).unwrap_err();
+        assert_eq!(err.api_code(), Some("not_found"), "{id:?}: {err}");
+        let err = c.checkpoint_changes(id, None).unwrap_err();
+        assert_eq!(err.api_code(), Some("not_found"), "{id:?}: {err}");
+    }
+    // `revert` is the revert call, never an id.
+    for path in [
+        "/v1/checkpoints/revert/apply",
+        "/v1/checkpoints/revert/changes",
+    ] {
+        let r = http(&e.sock, "POST", path, None);
+        assert_eq!(r.status, 404, "{path}");
+        assert!(r.body.contains("reserved"), "{path}: {}", r.body);
     }
     assert_eq!(e.recorder.calls(), [], "a bad id reached the VMM");
+}
+
+#[test]
+fn revert_accepts_no_body_or_an_empty_object_and_nothing_else() {
+    let e = env();
+    for body in [None, Some(""), Some(" \n"), Some("{}"), Some(" { } ")] {
+        let r = http(
+            &e.sock,
+            "POST",
+            "/v1/checkpoints/revert",
+            body.map(str::as_bytes),
+        );
+        assert_eq!(r.status, 200, "body {body:?}: {}", r.body);
+        let vm: api::types::VmInfo = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(vm, recorder::vm_info());
+    }
+    assert_eq!(e.recorder.calls(), vec![ApiRequest::RevertCheckpoint; 5]);
+    for body in [r#"{"save_current":true}"#, "[]", "null", "{", "{}{}"] {
+        let r = post(&e.sock, "/v1/checkpoints/revert", body);
+        assert_eq!(r.status, 400, "body {body:?}: {}", r.body);
+        assert_eq!(r.code(), "bad_request");
+    }
+    assert_eq!(e.recorder.count(), 5, "a rejected revert reached the VMM");
+}
+
+#[test]
+fn delete_maps_to_its_request_and_answers_the_list() {
+    let e = env();
+    let r = http(&e.sock, "DELETE", "/v1/checkpoints/ck-1", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let list: api::types::CheckpointList = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(list, recorder::checkpoint_list());
+    // A body is ignored, as for a GET.
+    let r = http(
+        &e.sock,
+        "DELETE",
+        "/v1/checkpoints/ck-2",
+        Some(b"{\"force\":1}"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        e.recorder.calls(),
+        [
+            ApiRequest::DeleteCheckpoint("ck-1".into()),
+            ApiRequest::DeleteCheckpoint("ck-2".into())
+        ]
+    );
+}
+
+#[test]
+fn export_answers_201_and_defaults_to_raw_disks() {
+    let e = env();
+    let r = post(
+        &e.sock,
+        "/v1/checkpoints/ck-2/export",
+        r#"{"destination":"/backup/ck-2"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let info: api::types::ExportInfo = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(info, recorder::export_info());
+    let r = post(
+        &e.sock,
+        "/v1/checkpoints/ck-2/export",
+        r#"{"destination":"/b","disk_format":"strata"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let export = |destination: &str, disk_format| ApiRequest::ExportCheckpoint {
+        id: "ck-2".into(),
+        request: ExportCheckpoint {
+            destination: destination.into(),
+            disk_format,
+        },
+    };
+    assert_eq!(
+        e.recorder.calls(),
+        [
+            export("/backup/ck-2", DiskFormat::Raw),
+            export("/b", DiskFormat::Strata)
+        ]
+    );
+}
+
+#[test]
+fn export_rejects_bad_bodies_naming_the_problem_without_reaching_the_vmm() {
+    let e = env();
+    for (body, says) in [
+        ("", "request body required"),
+        ("{", "malformed JSON"),
+        ("[]", "JSON object"),
+        ("{}", "missing field `destination`"),
+        (
+            r#"{"destination":"backup"}"#,
+            "destination must be an absolute path, not \"backup\"",
+        ),
+        (r#"{"destination":""}"#, "absolute path"),
+        (r#"{"destination":"./b"}"#, "absolute path"),
+        (r#"{"destination":"/a\u0000b"}"#, "NUL"),
+        (r#"{"destination":null}"#, "invalid type"),
+        (
+            r#"{"destination":"/b","disk_format":"qcow2"}"#,
+            "unknown variant `qcow2`",
+        ),
+        (
+            r#"{"destination":"/b","disk_format":"RAW"}"#,
+            "unknown variant `RAW`",
+        ),
+        (r#"{"destination":"/b","disk_format":null}"#, "invalid type"),
+        (
+            r#"{"destination":"/b","format":"raw"}"#,
+            "unknown field `format`",
+        ),
+    ] {
+        let r = post(&e.sock, "/v1/checkpoints/ck-1/export", body);
+        assert_eq!(r.status, 400, "body {body:?}: {}", r.body);
+        assert_eq!(r.code(), "bad_request");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "body {body:?}: {message}");
+    }
+    assert_eq!(e.recorder.calls(), [], "a rejected request reached the VMM");
+}
+
+#[test]
+fn changes_maps_since_from_the_query() {
+    let e = env();
+    for path in [
+        "/v1/checkpoints/ck-2/changes",
+        "/v1/checkpoints/ck-2/changes?",
+        "/v1/checkpoints/ck-2/changes?since=ck-1",
+        "/v1/checkpoints/ck-2/changes?since=ck%2D1&",
+    ] {
+        let r = get(&e.sock, path);
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        let changes: api::types::ChangesInfo = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(changes, recorder::changes_info());
+    }
+    let changes = |since: Option<&str>| ApiRequest::CheckpointChanges {
+        id: "ck-2".into(),
+        since: since.map(str::to_owned),
+    };
+    assert_eq!(
+        e.recorder.calls(),
+        [
+            changes(None),
+            changes(None),
+            changes(Some("ck-1")),
+            changes(Some("ck-1"))
+        ]
+    );
+}
+
+#[test]
+fn changes_query_errors_are_400_naming_the_problem_without_reaching_the_vmm() {
+    let e = env();
+    let long = "a".repeat(api::types::MAX_CHECKPOINT_ID_LEN + 1);
+    for (query, says) in [
+        ("limit=3", "unknown query parameter \"limit\""),
+        ("since=ck-1&until=ck-2", "unknown query parameter \"until\""),
+        ("since=a&since=b", "more than once"),
+        ("since=", "cannot be a checkpoint id"),
+        ("since", "cannot be a checkpoint id"),
+        ("since=a.b", "since \"a.b\" cannot be a checkpoint id"),
+        ("since=-x", "cannot be a checkpoint id"),
+        ("since=a%2Fb", "since \"a/b\" cannot be a checkpoint id"),
+        (&format!("since={long}"), "cannot be a checkpoint id"),
+        ("since=revert", "reserved"),
+        ("since=%zz", "malformed query component"),
+    ] {
+        let path = format!("/v1/checkpoints/ck-2/changes?{query}");
+        let r = get(&e.sock, &path);
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert_eq!(r.code(), "bad_request");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "{path}: {message}");
+    }
+    // Through the typed client: a since that cannot be an id is encoded, and refused.
+    let c = api::Client::new(&e.sock).unwrap();
+    for since in ["a b", "a&since=b", "é", ""] {
+        let err = c.checkpoint_changes("ck-2", Some(since)).unwrap_err();
+        assert_eq!(err.api_code(), Some("bad_request"), "{since:?}: {err}");
+    }
+    assert_eq!(e.recorder.calls(), [], "a rejected request reached the VMM");
+}
+
+#[test]
+fn other_routes_ignore_their_query() {
+    let e = env();
+    assert_eq!(get(&e.sock, "/v1/vm?since=x.y&z").status, 200);
+    assert_eq!(get(&e.sock, "/v1/checkpoints?limit=1").status, 200);
+    assert_eq!(
+        http(&e.sock, "DELETE", "/v1/checkpoints/ck-1?force=1", None).status,
+        200
+    );
+    assert_eq!(
+        e.recorder.calls(),
+        [
+            ApiRequest::GetVm,
+            ApiRequest::ListCheckpoints,
+            ApiRequest::DeleteCheckpoint("ck-1".into())
+        ]
+    );
+}
+
+#[test]
+fn a_deleted_checkpoint_is_gone_until_taken_again() {
+    // The recorder's one rule, which schemathesis relies on.
+    let e = env();
+    assert_eq!(
+        http(&e.sock, "DELETE", "/v1/checkpoints/ck-2", None).status,
+        200
+    );
+    for (method, path) in [
+        ("GET", "/v1/checkpoints/ck-2"),
+        ("DELETE", "/v1/checkpoints/ck-2"),
+        ("GET", "/v1/checkpoints/ck-2/changes"),
+        ("GET", "/v1/checkpoints/ck-3/changes?since=ck-2"),
+    ] {
+        let r = http(&e.sock, method, path, None);
+        assert_eq!(r.status, 404, "{method} {path}: {}", r.body);
+    }
+    assert_eq!(post(&e.sock, "/v1/checkpoints", "{}").status, 201);
+    assert_eq!(get(&e.sock, "/v1/checkpoints/ck-2").status, 200);
 }

@@ -412,3 +412,165 @@ fn vmm_errors_pass_through_where_documented() {
         assert_eq!(r.code(), code, "{method} {path}");
     }
 }
+
+#[test]
+fn revert_delete_and_export_wait_longer_than_the_reply_timeout() {
+    let options = ServerOptions {
+        reply_timeout: Duration::from_millis(200),
+        ..ServerOptions::default()
+    };
+    let (_dir, server) = server_with(slow_handler(Duration::from_millis(600)), options);
+    let sock = server.path();
+    let r = common::post(sock, "/v1/checkpoints/revert", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::http(sock, "DELETE", "/v1/checkpoints/ck-1", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::post(
+        sock,
+        "/v1/checkpoints/ck-1/export",
+        r#"{"destination":"/e"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    // The changed-block map is an ordinary call.
+    let r = get(sock, "/v1/checkpoints/ck-2/changes?since=ck-1");
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("did not answer"), "{}", r.body);
+}
+
+#[test]
+fn long_checkpoint_calls_are_bounded_by_the_checkpoint_reply_timeout() {
+    let options = ServerOptions {
+        reply_timeout: Duration::from_millis(100),
+        checkpoint_reply_timeout: Duration::from_millis(300),
+        ..ServerOptions::default()
+    };
+    let (_dir, server) = server_with(slow_handler(Duration::from_secs(5)), options);
+    let sock = server.path();
+    let start = std::time::Instant::now();
+    for (method, path, body) in [
+        ("POST", "/v1/checkpoints/revert", "{}"),
+        ("DELETE", "/v1/checkpoints/ck-1", ""),
+        (
+            "POST",
+            "/v1/checkpoints/ck-1/export",
+            r#"{"destination":"/e"}"#,
+        ),
+    ] {
+        let r = common::http(sock, method, path, Some(body.as_bytes()));
+        assert_eq!(r.status, 500, "{method} {path}");
+        assert!(r.body.contains("did not answer"), "{}", r.body);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn client_waits_longer_for_revert_delete_and_export() {
+    let (_dir, server) = server_with(
+        slow_handler(Duration::from_millis(600)),
+        ServerOptions::default(),
+    );
+    let c = api::Client::new(server.path())
+        .unwrap()
+        .with_timeout(Duration::from_millis(200));
+    assert_eq!(c.revert().unwrap(), recorder::vm_info());
+    assert_eq!(
+        c.delete_checkpoint("ck-1").unwrap(),
+        recorder::checkpoint_list()
+    );
+    let export = api::types::ExportCheckpoint {
+        destination: "/e".into(),
+        disk_format: api::types::DiskFormat::Raw,
+    };
+    assert_eq!(
+        c.export_checkpoint("ck-1", &export).unwrap(),
+        recorder::export_info()
+    );
+    // The changed-block map is an ordinary call: the same client gives up.
+    let err = c.checkpoint_changes("ck-2", None).unwrap_err();
+    assert!(matches!(err, api::ClientError::Timeout { .. }), "{err:?}");
+}
+
+#[test]
+fn vmm_errors_of_the_new_checkpoint_calls_pass_through_where_documented() {
+    use api::{ApiError, ApiReply};
+    let handler: ApiHandler = Arc::new(|call: ApiCall| {
+        let response: Result<ApiReply, ApiError> = match &call.request {
+            ApiRequest::RevertCheckpoint => Err(ApiError::not_found("no checkpoint to revert to")),
+            ApiRequest::DeleteCheckpoint(id) if id == "busy" => {
+                Err(ApiError::invalid_state("an export of busy is running"))
+            }
+            ApiRequest::DeleteCheckpoint(id) => {
+                Err(ApiError::not_found(format!("no checkpoint {id}")))
+            }
+            ApiRequest::ExportCheckpoint { .. } => Err(ApiError::bad_request(
+                "cannot write /e: the folder is not empty",
+            )),
+            ApiRequest::CheckpointChanges { since: Some(_), .. } => {
+                Err(ApiError::bad_request("ck-1 is not an ancestor of ck-2"))
+            }
+            // Not documented for these: bugs.
+            ApiRequest::CheckpointChanges { .. } => Err(ApiError::agent_unreachable("no agent")),
+            _ => Err(ApiError::bad_request("not documented for a revert")),
+        };
+        call.reply.send(response);
+    });
+    let (_dir, server) = server_with(handler, ServerOptions::default());
+    let sock = server.path();
+    for (method, path, body, status, code) in [
+        ("POST", "/v1/checkpoints/revert", "", 404, "not_found"),
+        ("DELETE", "/v1/checkpoints/busy", "", 409, "invalid_state"),
+        ("DELETE", "/v1/checkpoints/ck-9", "", 404, "not_found"),
+        (
+            "POST",
+            "/v1/checkpoints/ck-1/export",
+            r#"{"destination":"/e"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/checkpoints/ck-2/changes?since=ck-1",
+            "",
+            400,
+            "bad_request",
+        ),
+        ("GET", "/v1/checkpoints/ck-2/changes", "", 500, "internal"),
+    ] {
+        let r = common::http(sock, method, path, Some(body.as_bytes()));
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        assert_eq!(r.code(), code, "{method} {path}");
+    }
+}
+
+#[test]
+fn list_is_answered_while_a_long_call_waits() {
+    // The VMM holds the delete; the server still serves the list on another connection.
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    let handler: ApiHandler = Arc::new(move |call: ApiCall| match call.request {
+        ApiRequest::DeleteCheckpoint(_) => h.lock().unwrap().push(call),
+        _ => call.reply.send(Ok(recorder::fixed_reply(&call.request))),
+    });
+    let (_dir, server) = server_with(handler, ServerOptions::default());
+    let sock = server.path().to_path_buf();
+    let deleting = {
+        let sock = sock.clone();
+        std::thread::spawn(move || common::http(&sock, "DELETE", "/v1/checkpoints/ck-1", None))
+    };
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    while held.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delete never came"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(get(&sock, "/v1/checkpoints").status, 200);
+    let call = held.lock().unwrap().pop().unwrap();
+    call.reply.send(Ok(recorder::fixed_reply(&call.request)));
+    assert_eq!(deleting.join().unwrap().status, 200);
+}

@@ -1,7 +1,9 @@
 //! A stand-in for the VMM in the HTTP layer's tests: it records every call that reaches it and
 //! answers each kind of request with one fixed reply.
 //!
-//! It keeps no state and has no rules on purpose. What the VMM answers — which lifecycle action
+//! It keeps no state and has no rules on purpose, but one: a checkpoint it was asked to delete
+//! is gone (404) for every later call that names it, until a create answers with that id again
+//! — schemathesis checks that a deleted resource is not served any more. What the VMM answers — which lifecycle action
 //! is allowed in which state, the state it reports, `last_exit`, the checkpoint settings it
 //! stores, the guest agent — is tested against the real `strata` in `tests/tests/api.rs`, so
 //! there is one set of rules, the VMM's. Here a test can only check what the server did with a
@@ -9,13 +11,15 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use api::types::{
-    AgentStatus, CheckpointConfig, CheckpointInfo, CheckpointList, ExecResponse, GuestInfo, VmInfo,
+    AgentStatus, ChangesInfo, CheckpointConfig, CheckpointInfo, CheckpointList, DiskChanges,
+    ExecResponse, ExportInfo, Extent, GuestInfo, VmInfo,
 };
-use api::{ApiCall, ApiReply, ApiRequest, ApiServer, ServerOptions};
+use api::{ApiCall, ApiError, ApiReply, ApiRequest, ApiResponse, ApiServer, ServerOptions};
 
 /// The API server with a handler that records calls and answers fixed replies.
 pub struct Recorder {
@@ -33,10 +37,11 @@ impl Recorder {
     pub fn start_with(path: &Path, options: ServerOptions) -> Recorder {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let seen = calls.clone();
+        let deleted = Mutex::new(HashSet::new());
         let handler: api::ApiHandler = Arc::new(move |call: ApiCall| {
-            let reply = fixed_reply(&call.request);
+            let response = answer(&call.request, &mut deleted.lock().unwrap());
             seen.lock().unwrap().push(call.request);
-            call.reply.send(Ok(reply));
+            call.reply.send(response);
         });
         let server = ApiServer::start_with(path, handler, options).unwrap();
         Recorder {
@@ -56,19 +61,55 @@ impl Recorder {
     }
 }
 
+/// The fixed reply, or 404 for a checkpoint in `deleted` (which a delete adds to and a create
+/// takes its checkpoint's id from).
+fn answer(request: &ApiRequest, deleted: &mut HashSet<String>) -> ApiResponse {
+    let gone = |id: &str| {
+        Err(ApiError::not_found(format!(
+            "no checkpoint {id:?}: it was deleted"
+        )))
+    };
+    let named: Vec<&String> = match request {
+        ApiRequest::DeleteCheckpoint(id) => {
+            if !deleted.insert(id.clone()) {
+                return gone(id);
+            }
+            vec![]
+        }
+        ApiRequest::CreateCheckpoint(_) => {
+            deleted.remove(&checkpoint_info().id);
+            vec![]
+        }
+        ApiRequest::GetCheckpoint(id)
+        | ApiRequest::ApplyCheckpoint { id, .. }
+        | ApiRequest::ExportCheckpoint { id, .. } => vec![id],
+        ApiRequest::CheckpointChanges { id, since } => std::iter::once(id).chain(since).collect(),
+        _ => vec![],
+    };
+    match named.into_iter().find(|id| deleted.contains(*id)) {
+        Some(id) => gone(id),
+        None => Ok(fixed_reply(request)),
+    }
+}
+
 /// The one reply for each kind of request.
 pub fn fixed_reply(request: &ApiRequest) -> ApiReply {
     match request {
-        ApiRequest::GetVm | ApiRequest::Lifecycle(_) | ApiRequest::ApplyCheckpoint { .. } => {
-            ApiReply::Vm(vm_info())
-        }
+        ApiRequest::GetVm
+        | ApiRequest::Lifecycle(_)
+        | ApiRequest::ApplyCheckpoint { .. }
+        | ApiRequest::RevertCheckpoint => ApiReply::Vm(vm_info()),
         ApiRequest::GetCheckpointConfig | ApiRequest::PutCheckpointConfig(_) => {
             ApiReply::CheckpointConfig(CheckpointConfig::default())
         }
         ApiRequest::CreateCheckpoint(_) | ApiRequest::GetCheckpoint(_) => {
             ApiReply::Checkpoint(checkpoint_info())
         }
-        ApiRequest::ListCheckpoints => ApiReply::Checkpoints(checkpoint_list()),
+        ApiRequest::ListCheckpoints | ApiRequest::DeleteCheckpoint(_) => {
+            ApiReply::Checkpoints(checkpoint_list())
+        }
+        ApiRequest::ExportCheckpoint { .. } => ApiReply::Export(export_info()),
+        ApiRequest::CheckpointChanges { .. } => ApiReply::Changes(changes_info()),
         ApiRequest::GetGuest => ApiReply::Guest(guest_info()),
         ApiRequest::GuestExec(_) => ApiReply::Exec(exec_response()),
     }
@@ -145,10 +186,55 @@ pub fn checkpoint_list() -> CheckpointList {
         "sizes": {"state": 0, "memory": 0, "disk_layers": 3221225472u64},
         "current": false,
         "disks": ["/tmp/ck/ck-1/disk0.strata"],
+        "children": ["ck-2"],
     }))
     .unwrap();
     CheckpointList {
         checkpoints: vec![older, checkpoint_info()],
         current: Some("ck-2".into()),
+        progress: None,
+    }
+}
+
+/// The fixed `ExportInfo`: a standard checkpoint exported as raw disks.
+pub fn export_info() -> ExportInfo {
+    ExportInfo {
+        id: "ck-2".into(),
+        destination: "/tmp/export".into(),
+        disks: vec!["/tmp/export/disk0.raw".into()],
+        state: Some("/tmp/export/state.bin".into()),
+        memory: Some("/tmp/export/memory.bin".into()),
+        bytes: 67_129_344,
+    }
+}
+
+/// The fixed `ChangesInfo`: two extents on the first disk, none on the second.
+pub fn changes_info() -> ChangesInfo {
+    ChangesInfo {
+        id: "ck-2".into(),
+        since: Some("ck-1".into()),
+        disks: vec![
+            DiskChanges {
+                index: 0,
+                virtual_size: 64 << 20,
+                granularity: 65536,
+                extents: vec![
+                    Extent {
+                        offset: 0,
+                        length: 65536,
+                    },
+                    Extent {
+                        offset: 1 << 20,
+                        length: 131_072,
+                    },
+                ],
+            },
+            DiskChanges {
+                index: 1,
+                virtual_size: 16 << 20,
+                granularity: 65536,
+                extents: vec![],
+            },
+        ],
     }
 }
