@@ -518,6 +518,11 @@ impl Machine {
         name: Option<&str>,
         kind: Option<VmCheckpointType>,
     ) -> Result<(Manifest, CreateStats), CheckpointError> {
+        // A VM whose checkpoints are disabled takes none, whatever a request asks for; a
+        // request may only choose among the enabled types.
+        if self.checkpoint_config.kind == VmCheckpointType::Disabled {
+            return Err(CheckpointError::Disabled);
+        }
         let asked = kind.unwrap_or(self.checkpoint_config.kind);
         if asked == VmCheckpointType::Disabled {
             return Err(CheckpointError::Disabled);
