@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::types::{
-    AgentStatus, ChangesInfo, CheckpointInfo, CheckpointList, CheckpointSizes, ConsoleInfo,
-    Consistency, DiskChanges, DiskInfo, ExecResponse, ExportInfo, Extent, GuestInfo, Progress,
+    AgentStatus, ChangesInfo, CheckpointInfo, CheckpointList, CheckpointSizes, Consistency,
+    ConsoleInfo, DiskChanges, DiskInfo, ExecResponse, ExportInfo, Extent, GuestInfo, Progress,
     TakenType, VmConfigInfo, VmInfo, VsockInfo,
 };
 use api::{ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, LifecycleAction};
