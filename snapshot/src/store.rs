@@ -692,6 +692,41 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes checkpoint `id`: its folder (manifest, state and memory files) goes, and so do
+    /// its disk layers that no other record needs any more. Its children are re-parented to
+    /// its parent, so the tree stays connected; if it is the current checkpoint, its parent
+    /// becomes current (the VM keeps running on its active layers). No other checkpoint's
+    /// content and no active chain changes: a layer still in some other record's chain
+    /// (`DiskRecord::below`) stays, as a hidden layer, until nothing needs it.
+    ///
+    /// The commit point is the rename of the checkpoint's folder to `.tmp-deleted-<id>`: a
+    /// crash before it leaves the checkpoint (children perhaps already re-parented, which
+    /// changes nothing they hold), a crash after it leaves the temporary folder and unused
+    /// layers that the next [`Store::open`] removes. Returns the layer files removed.
+    pub fn delete(&mut self, id: &str) -> Result<Vec<PathBuf>> {
+        let m = self.get(id)?;
+        let all = self.list()?;
+        for mut child in all.into_iter().filter(|c| c.parent.as_deref() == Some(id)) {
+            child.parent = m.parent.clone();
+            child.save(&self.checkpoint_dir(&child.id).join(MANIFEST_FILE))?;
+        }
+        if self.record.current.as_deref() == Some(id) {
+            let record = StoreRecord {
+                current: m.parent.clone(),
+                ..self.record.clone()
+            };
+            record.save(&self.location.join(STORE_FILE))?;
+            self.record = record;
+        }
+        let dir = self.checkpoint_dir(id);
+        let doomed = self.location.join(format!("{TMP_PREFIX}deleted-{id}"));
+        std::fs::rename(&dir, &doomed).at(&dir, "delete (rename)")?;
+        fsutil::sync_dir(&self.location)?;
+        std::fs::remove_dir_all(&doomed).at(&doomed, "remove")?;
+        fsutil::sync_dir(&self.location)?;
+        self.remove_unused_layers()
+    }
+
     /// Checks the whole store: every manifest loads; every file a checkpoint refers to exists
     /// with its recorded size and checksum (state file, memory file and its region checksums,
     /// disk layers, launch disks); parent links resolve without cycles; the record's current
@@ -730,7 +765,14 @@ impl Store {
                     report.add_error(&path, &e);
                 }
             }
-            for d in m.disks.iter().chain(&m.active_after) {
+            // A checkpoint's active layers matter only until the record adopts them (they are
+            // the record's own `active` then, checked below, or discarded by an apply).
+            let pending = m.sequence > self.record.sequence;
+            for d in m
+                .disks
+                .iter()
+                .chain(m.active_after.iter().filter(|_| pending))
+            {
                 self.check_disk(&mut report, &dir.join(MANIFEST_FILE), d);
             }
             if let Some(p) = &m.parent {

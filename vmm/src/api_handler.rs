@@ -388,10 +388,15 @@ pub fn answer(machine: &mut Machine, call: ApiCall) {
             .revert()
             .map_err(|e| e.to_api())
             .and_then(|()| vm(machine)),
-        ApiRequest::DeleteCheckpoint(id) => Err(ApiError::invalid_state(format!(
-            "deleting checkpoint {id} is not available yet: deleting merges its disk layers \
-             into the layers that still need them, which this version cannot do safely"
-        ))),
+        ApiRequest::DeleteCheckpoint(id) => match machine.delete_checkpoint(&id) {
+            Ok(gone) => {
+                if !gone.is_empty() {
+                    log::info!("deleted checkpoint {id}; removed layers {gone:?}");
+                }
+                list_checkpoints(machine).map(ApiReply::Checkpoints)
+            }
+            Err(e) => Err(e.to_api()),
+        },
         ApiRequest::ExportCheckpoint { id, request } => {
             export(machine, &id, &request, reply);
             return;

@@ -192,6 +192,18 @@ impl CheckpointError {
             | Self::Incompatible { .. }
             | Self::BadState { .. }
             | Self::Store(snapshot::Error::Locked { .. }) => api::ApiError::invalid_state(msg),
+            // A checkpoint whose files are corrupt, foreign or of another version cannot be
+            // used: the message names the file. Not a bug of the VMM.
+            Self::Store(
+                snapshot::Error::BadMagic { .. }
+                | snapshot::Error::UnsupportedVersion { .. }
+                | snapshot::Error::Truncated { .. }
+                | snapshot::Error::ChecksumMismatch { .. }
+                | snapshot::Error::TooLarge { .. }
+                | snapshot::Error::Decode { .. }
+                | snapshot::Error::Invalid { .. },
+            )
+            | Self::Memory { .. } => api::ApiError::invalid_state(msg),
             _ => api::ApiError::internal(msg),
         }
     }
@@ -824,6 +836,27 @@ impl Machine {
         let m = store.get(id)?;
         let dir = store.checkpoint_dir(id);
         self.apply_manifest(&m, &dir, true)
+    }
+
+    /// Deletes checkpoint `id`, anywhere in the tree (`Store::delete`): its folder goes and
+    /// its disk layers go once no other chain runs through them; the running VM, its disks
+    /// and every other checkpoint read the same. A layer that other chains still need stays
+    /// as a hidden layer: folding it into its only child (to shorten the chains) is not done
+    /// yet.
+    pub fn delete_checkpoint(&mut self, id: &str) -> Result<Vec<PathBuf>, CheckpointError> {
+        let exporting = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|p| p.checkpoint == id);
+        if exporting {
+            return Err(CheckpointError::WrongState {
+                action: "delete a checkpoint being exported",
+                state: "exporting it",
+            });
+        }
+        Ok(self.store()?.delete(id)?)
     }
 
     /// Reverts: applies the checkpoint the VM runs from (the most recent one on its branch);

@@ -55,7 +55,7 @@ fn take(store: &mut Store, name: &str, standard: bool, crash: bool) -> Manifest 
             DiskRecord {
                 index: i,
                 layer: Some(layer),
-                below: Vec::new(),
+                below: disks[i as usize].store_layers().cloned().collect(),
                 launch: LAUNCH.into(),
             }
         })
@@ -336,7 +336,9 @@ fn check_finds_corrupted_and_missing_files() {
         .resolve(store.location());
     std::fs::rename(&layer, dir.path().join("aside")).unwrap();
     let r = store.check();
-    assert_eq!(r.problems.len(), 2, "{:?}", r.problems); // from c2's manifest and store.json
+    // From store.json: c2's manifest no longer answers for its active layers once the record
+    // has adopted them.
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
     assert!(r
         .problems
         .iter()
@@ -427,4 +429,85 @@ fn a_bad_store_record_is_named() {
     std::fs::write(dir.path().join(STORE_FILE), b"garbage").unwrap();
     let err = Store::open(dir.path()).unwrap_err();
     assert!(err.to_string().contains("store.json"), "{err}");
+}
+
+#[test]
+fn delete_anywhere_keeps_every_layer_another_chain_needs_and_reparents_children() {
+    let d = tempfile::tempdir().unwrap();
+    let mut store = Store::open(d.path()).unwrap();
+    let a = take(&mut store, "a", true, false);
+    let b = take(&mut store, "b", false, false);
+    let c = take(&mut store, "c", true, false);
+    let layers_before = entries(&d.path().join(LAYERS_DIR));
+    assert_eq!(layers_before.len(), 6);
+
+    // The middle one: its folder goes, its child hangs from its parent, every layer stays
+    // (a's active layers are b's frozen ones, still in c's chain and the active chain).
+    assert!(store.delete(&b.id).unwrap().is_empty());
+    assert!(!store.checkpoint_dir(&b.id).exists());
+    assert_eq!(
+        store.get(&c.id).unwrap().parent.as_deref(),
+        Some(a.id.as_str())
+    );
+    assert_eq!(entries(&d.path().join(LAYERS_DIR)), layers_before);
+    assert!(store.check().is_clean(), "{:?}", store.check());
+
+    // The current one: its parent becomes current; the VM's chain keeps every layer.
+    assert_eq!(store.current(), Some(c.id.as_str()));
+    assert!(store.delete(&c.id).unwrap().is_empty());
+    assert_eq!(store.current(), Some(a.id.as_str()));
+    assert_eq!(entries(&d.path().join(LAYERS_DIR)), layers_before);
+
+    // The root, whose disks are the launch disks.
+    store.delete(&a.id).unwrap();
+    assert_eq!(store.current(), None);
+    assert!(store.list().unwrap().is_empty());
+    assert_eq!(entries(&d.path().join(LAYERS_DIR)), layers_before);
+    assert!(store.check().is_clean(), "{:?}", store.check());
+    drop(store);
+    let store = Store::open(d.path()).unwrap();
+    assert!(store.opened().is_clean(), "{:?}", store.opened());
+    assert_eq!(store.active().len(), 2);
+}
+
+#[test]
+fn deleting_a_checkpoint_nothing_runs_on_frees_its_layers_and_a_crash_mid_delete_finishes_on_open()
+{
+    let d = tempfile::tempdir().unwrap();
+    let mut store = Store::open(d.path()).unwrap();
+    let a = take(&mut store, "a", true, false);
+    let b = take(&mut store, "b", true, false);
+    // Apply a: new active layers above a's disks (the launch disks); b's chain is now only b's.
+    let fresh: Vec<DiskRecord> = a
+        .disks
+        .iter()
+        .map(|r| {
+            let l = store.new_layer_path(r.index, "a-applied").unwrap();
+            std::fs::write(l.resolve(store.location()), b"layer").unwrap();
+            DiskRecord {
+                layer: Some(l),
+                ..r.clone()
+            }
+        })
+        .collect();
+    store.set_current(Some(&a.id), fresh).unwrap();
+    store.remove_unused_layers().unwrap();
+    // b froze a's active layers; deleting b frees them (nothing else runs through them).
+    let gone = store.delete(&b.id).unwrap();
+    assert_eq!(gone.len(), 2, "{gone:?}");
+    assert!(store.check().is_clean(), "{:?}", store.check());
+
+    // A crash right after the commit point (the rename) is finished by the next open.
+    let c = take(&mut store, "c", true, false);
+    // What delete does before its commit point: the parent becomes current.
+    let active = store.active().to_vec();
+    store.set_current(Some(&a.id), active).unwrap();
+    let dir = store.checkpoint_dir(&c.id);
+    let doomed = d.path().join(format!("{TMP_PREFIX}deleted-{}", c.id));
+    std::fs::rename(&dir, &doomed).unwrap();
+    drop(store);
+    let store = Store::open(d.path()).unwrap();
+    assert!(!doomed.exists());
+    assert!(store.get(&c.id).is_err());
+    assert!(store.check().is_clean(), "{:?}", store.check());
 }
