@@ -1,5 +1,5 @@
-//! Creating the API socket: mode 0600 from the first moment, a stale file replaced, a live one
-//! refused.
+//! Creating the sockets Strata listens on (the API socket, the vsock device's socket): mode 0600
+//! from the first moment, a stale file replaced, a live one refused.
 //!
 //! The socket is bound inside a fresh private folder (mode 0700) next to the requested path,
 //! chmod-ed to 0600 there, and renamed into place, so there is no moment in which another user
@@ -21,14 +21,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Why the API socket could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    /// A VMM answers on the path.
-    #[error("another VMM is serving API socket {0}")]
+    /// Another process listens on the path.
+    #[error("another process is listening on socket {0} (another VMM using the same path?)")]
     InUse(PathBuf),
     /// Something that is not a socket is in the way.
     #[error("{0} exists and is not a socket; not replacing it")]
     NotASocket(PathBuf),
     /// The existing file could not be probed.
-    #[error("cannot check existing API socket {path}")]
+    #[error("cannot check the existing socket {path}")]
     Probe {
         /// The socket path.
         path: PathBuf,
@@ -37,7 +37,7 @@ pub enum SocketError {
         source: io::Error,
     },
     /// Binding, chmod-ing or renaming failed.
-    #[error("cannot create API socket {path}")]
+    #[error("cannot create socket {path}")]
     Create {
         /// The socket path.
         path: PathBuf,
@@ -53,7 +53,7 @@ const SUN_PATH_MAX: usize = 107;
 /// The socket file we created, identified by device and inode so that only our own file is
 /// removed on shutdown (not one a later VMM put at the same path).
 #[derive(Debug)]
-pub(crate) struct SocketFile {
+pub struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -61,7 +61,7 @@ pub(crate) struct SocketFile {
 
 impl SocketFile {
     /// Removes the socket file if it is still the one we created.
-    pub(crate) fn remove_file(&self) {
+    pub fn remove_file(&self) {
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if m.dev() == self.dev && m.ino() == self.ino {
                 let _ = std::fs::remove_file(&self.path);
@@ -71,7 +71,7 @@ impl SocketFile {
 }
 
 /// Creates the listening socket at `path` (see the module docs).
-pub(crate) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     probe_existing(path)?;
     let create = |source| SocketError::Create {
         path: path.to_path_buf(),
@@ -120,7 +120,7 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
         _ => Path::new("."),
     };
     let dir = parent.join(format!(
-        ".strata-api-{}-{}",
+        ".strata-sock-{}-{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
@@ -209,7 +209,7 @@ mod tests {
         assert!(matches!(err, SocketError::InUse(_)));
         assert!(err
             .to_string()
-            .contains("another VMM is serving API socket"));
+            .contains("another process is listening on socket"));
     }
 
     #[test]

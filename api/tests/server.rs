@@ -47,7 +47,10 @@ fn live_socket_is_refused_with_a_clear_error() {
     let err = ApiServer::start(&sock, handler).unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("another VMM is serving API socket {}", sock.display())
+        format!(
+            "another process is listening on socket {} (another VMM using the same path?)",
+            sock.display()
+        )
     );
     // The first server still answers.
     assert_eq!(get(&sock, "/v1/vm").status, 200);

@@ -403,3 +403,23 @@ fn sixteen_connections_each_echo_a_mebibyte() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn the_vsock_socket_is_owner_only_and_a_second_vm_cannot_take_a_live_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut g = boot(&[]);
+    let mode = std::fs::metadata(&g.uds).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second VM given the same socket path is refused, naming it; the first keeps its agent.
+    let vsock = format!("cid=4,socket={}", g.uds.display());
+    let mut second = Vm::start(&["--memory", "64M", "--vsock", &vsock]);
+    let status = second.wait_exit(Duration::from_secs(60));
+    assert!(!status.success());
+    let err = second.stderr();
+    assert!(
+        err.contains("another process is listening on socket") && err.contains("v.sock"),
+        "{err}"
+    );
+    agent(&g.uds).ping().unwrap();
+    assert_eq!(g.vm.line("echo still here"), "still here");
+}

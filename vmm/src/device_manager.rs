@@ -106,6 +106,9 @@ pub enum DeviceError {
     /// A saved device state cannot be restored (the error names the device and field).
     #[error(transparent)]
     State(#[from] StateError),
+    /// The vsock device's host socket.
+    #[error(transparent)]
+    VsockSocket(#[from] api::socket::SocketError),
     /// A restored device's thread could not be parked.
     #[error("cannot pause the restored device")]
     Pause(#[from] LoopError),
@@ -278,6 +281,18 @@ pub struct VirtioDevices {
     pub cmdline: Vec<String>,
     /// Every transport, in slot order: disks in `--disk` order, then vsock.
     slots: Vec<VirtioSlot>,
+    /// The vsock device's socket file, removed when the devices go.
+    vsock_socket: Option<api::socket::SocketFile>,
+}
+
+impl Drop for VirtioDevices {
+    fn drop(&mut self) {
+        // Device threads first: nothing accepts on the socket once its file is gone.
+        self.slots.clear();
+        if let Some(f) = self.vsock_socket.take() {
+            f.remove_file();
+        }
+    }
 }
 
 impl VirtioDevices {
@@ -287,6 +302,7 @@ impl VirtioDevices {
             acpi: Vec::new(),
             cmdline: Vec::new(),
             slots: Vec::new(),
+            vsock_socket: None,
         }
     }
 
@@ -663,10 +679,13 @@ pub fn create(
         )?;
     }
     if let Some(cfg) = vsock {
+        let listener = bind_vsock_socket(&mut out, cfg)?;
         let device =
-            Vsock::new(u64::from(cfg.cid), &cfg.socket).map_err(|source| DeviceError::Vsock {
-                path: cfg.socket.clone(),
-                source,
+            Vsock::with_listener(u64::from(cfg.cid), &cfg.socket, listener).map_err(|source| {
+                DeviceError::Vsock {
+                    path: cfg.socket.clone(),
+                    source,
+                }
             })?;
         add(
             vm,
@@ -678,6 +697,18 @@ pub fn create(
         )?;
     }
     Ok(out)
+}
+
+/// Binds the vsock device's host socket: owner-only (0600) from the first moment, a stale
+/// socket replaced, one another process listens on refused (so a second VM given the same path
+/// cannot take the first one's agent traffic). The file is removed when the devices go.
+fn bind_vsock_socket(
+    out: &mut VirtioDevices,
+    cfg: &VsockConfig,
+) -> Result<std::os::unix::net::UnixListener, DeviceError> {
+    let (listener, file) = api::socket::bind(&cfg.socket)?;
+    out.vsock_socket = Some(file);
+    Ok(listener)
 }
 
 /// Puts one new device on the next slot and starts its thread.
@@ -792,6 +823,7 @@ pub fn restore(
             (DeviceState::Vsock(state), Some(cfg)) => {
                 let resources = VsockResources {
                     uds_path: cfg.socket.clone(),
+                    listener: Some(bind_vsock_socket(&mut out, cfg)?),
                 };
                 let device = Vsock::restore(resources, state)
                     .map_err(|e| e.within(format!("{field}.device")))?;

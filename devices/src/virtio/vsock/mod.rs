@@ -180,8 +180,24 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 }
 
 impl Vsock {
-    /// A device for a guest with CID `cid` (3 ..= u32::MAX - 1), listening on `uds_path`.
+    /// A device for a guest with CID `cid` (3 ..= u32::MAX - 1), listening on `uds_path` (a
+    /// stale socket there is replaced). The VMM binds the socket itself (owner-only, refusing
+    /// a path another process listens on) and uses [`Vsock::with_listener`]; this is for tests.
     pub fn new(cid: u64, uds_path: impl Into<PathBuf>) -> io::Result<Self> {
+        let uds_path = uds_path.into();
+        remove_stale_socket(&uds_path)?;
+        let listener = UnixListener::bind(&uds_path)?;
+        Self::with_listener(cid, uds_path, listener)
+    }
+
+    /// A device for a guest with CID `cid` (3 ..= u32::MAX - 1) whose host clients connect to
+    /// `listener`, bound at `uds_path` (guest-initiated connections to port P go to
+    /// `<uds_path>_P`).
+    pub fn with_listener(
+        cid: u64,
+        uds_path: impl Into<PathBuf>,
+        listener: UnixListener,
+    ) -> io::Result<Self> {
         if !(3..u64::from(u32::MAX)).contains(&cid) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -189,8 +205,6 @@ impl Vsock {
             ));
         }
         let uds_path = uds_path.into();
-        remove_stale_socket(&uds_path)?;
-        let listener = UnixListener::bind(&uds_path)?;
         listener.set_nonblocking(true)?;
         let timer = TimerFd::new()?;
         set_nonblocking(timer.as_raw_fd())?;
@@ -621,6 +635,8 @@ pub struct VsockState {
 pub struct VsockResources {
     /// The Unix socket host clients connect to.
     pub uds_path: PathBuf,
+    /// The listener bound there (by the VMM); `None` binds it here, replacing a stale socket.
+    pub listener: Option<UnixListener>,
 }
 
 impl Persist for Vsock {
@@ -644,8 +660,11 @@ impl Persist for Vsock {
             "next_local_port",
             || format!("{} is below {FIRST_LOCAL_PORT}", state.next_local_port),
         )?;
-        let mut v = Vsock::new(state.cid, r.uds_path)
-            .map_err(|e| StateError::new("uds_path", e.to_string()))?;
+        let made = match r.listener {
+            Some(l) => Vsock::with_listener(state.cid, r.uds_path, l),
+            None => Vsock::new(state.cid, r.uds_path),
+        };
+        let mut v = made.map_err(|e| StateError::new("uds_path", e.to_string()))?;
         v.next_local_port = state.next_local_port;
         v.transport_reset_due = true;
         Ok(v)

@@ -465,6 +465,7 @@ fn vsock_state_round_trips_and_corrupted_states_are_refused() {
     let restored = Vsock::restore(
         VsockResources {
             uds_path: dir.path().join("a"),
+            listener: None,
         },
         &back,
     )
@@ -476,6 +477,7 @@ fn vsock_state_round_trips_and_corrupted_states_are_refused() {
         let e = Vsock::restore(
             VsockResources {
                 uds_path: dir.path().join("b"),
+                listener: None,
             },
             &s,
         )
@@ -497,6 +499,7 @@ fn a_restored_device_tells_the_guest_its_connections_are_gone_once_active() {
     let mut v = Vsock::restore(
         VsockResources {
             uds_path: dir.path().join("a"),
+            listener: None,
         },
         &saved,
     )
