@@ -131,6 +131,17 @@ impl MemoryCapture {
             incremental: false,
             skip_unpopulated: anonymous,
         };
+        // The descriptors the child keeps: its answer pipe and the files file-backed regions
+        // are copied from. Sorted, so the gaps between them can be closed in ranges.
+        let mut keep: Vec<i32> = regions
+            .iter()
+            .filter_map(|r| r.base.map(|b| b.file.as_raw_fd()))
+            .chain([write_end.as_raw_fd()])
+            .collect();
+        keep.sort_unstable();
+        keep.dedup();
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
         // SAFETY: fork duplicates the process; the child runs only `child_main`, which never
         // returns (it ends in `_exit`) and touches nothing another thread may have locked.
         let pid = unsafe { libc::fork() };
@@ -138,7 +149,7 @@ impl MemoryCapture {
             return Err(CaptureError::Fork(std::io::Error::last_os_error()));
         }
         if pid == 0 {
-            drop(read_end);
+            child_setup(parent, &keep);
             child_main(&regions, path, opts, write_end.as_raw_fd());
         }
         drop(write_end);
@@ -219,6 +230,32 @@ impl Drop for MemoryCapture {
     }
 }
 
+/// The child's first steps: it dies with the VMM (a writer left behind would hold the VMM's
+/// files — the store's lock, its sockets, its disks — and block a restart), and it closes
+/// every descriptor it inherited but those in `keep` (sorted), so that nothing of the VMM's
+/// stays open in it even for the time it runs.
+fn child_setup(parent: libc::pid_t, keep: &[i32]) {
+    // SAFETY: prctl with an integer argument, getppid and _exit: no memory involved. If the
+    // VMM died before the prctl took effect, the parent is no longer `parent`: exit at once.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+    }
+    let mut from: u32 = 0;
+    for &fd in keep {
+        let fd = fd as u32;
+        if fd > from {
+            // SAFETY: close_range closes descriptors of this (single-threaded) child only.
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0) };
+        }
+        from = fd + 1;
+    }
+    // SAFETY: as above, every descriptor above the last kept one.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0) };
+}
+
 /// The child: writes memory, answers, exits. Never returns.
 fn child_main(regions: &[GuestRegion<'_>], path: &Path, opts: WriteOptions, fd: i32) -> ! {
     let run = std::panic::catch_unwind(|| match write_memory(path, regions, opts) {
@@ -286,6 +323,43 @@ mod tests {
         assert!(bytes[(5 << 20)..(5 << 20) + 4096]
             .iter()
             .all(|&b| b == 0xcd));
+    }
+
+    #[test]
+    fn the_writer_keeps_none_of_the_vmms_files_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file this process holds open: the writer must not hold it too.
+        let held = std::fs::File::create(dir.path().join("held")).unwrap();
+        // Enough non-zero memory that the writer runs a while.
+        let memory = crate::memory::create(256 << 20).unwrap();
+        for i in 0..(256u64 << 8) {
+            memory.write_obj(i + 1, GuestAddress(i << 12)).unwrap();
+        }
+        let capture = MemoryCapture::start(&memory, &dir.path().join("memory")).unwrap();
+        // Watch the writer's descriptors until it has set itself up (it closes what it
+        // inherited first thing) or ends.
+        let mut seen = None;
+        for _ in 0..2000 {
+            let Ok(d) = std::fs::read_dir(format!("/proc/{}/fd", capture.pid)) else {
+                break;
+            };
+            let fds: Vec<_> = d
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .collect();
+            if fds.iter().any(|p| p.ends_with("memory")) {
+                seen = Some(fds);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let fds = seen.expect("the writer was seen writing its file");
+        assert!(
+            !fds.iter().any(|p| p.ends_with("held")),
+            "the writer holds {fds:?}"
+        );
+        assert!(fds.len() <= 3, "{fds:?}");
+        capture.wait().unwrap();
+        drop(held);
     }
 
     #[test]
