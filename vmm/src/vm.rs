@@ -190,6 +190,10 @@ pub struct Platform {
     serial: Arc<Mutex<Serial>>,
     serial_irq: EventFd,
     console: ConsoleOutput,
+    /// The probe of what vCPU state this KVM saves, started in the background when the
+    /// platform is made (it builds and tears down a scratch VM, tens of milliseconds here),
+    /// so that a restore or a boot does not wait for it in line.
+    caps_probe: Mutex<Option<std::thread::JoinHandle<Result<Arc<StateCaps>, VcpuStateError>>>>,
 }
 
 impl Platform {
@@ -220,12 +224,26 @@ impl Platform {
                 what: "creating the serial port",
                 source,
             })?;
+        let probe = {
+            let cpuid = supported_cpuid.clone();
+            std::thread::Builder::new()
+                .name("kvm-probe".into())
+                .spawn(move || {
+                    let kvm = Kvm::new().map_err(|source| VcpuStateError::Kvm {
+                        what: "opening /dev/kvm (probe)",
+                        source,
+                    })?;
+                    StateCaps::get(&kvm, &cpuid)
+                })
+                .ok()
+        };
         Ok(Self {
             kvm,
             supported_cpuid,
             serial: Arc::new(Mutex::new(serial)),
             serial_irq,
             console,
+            caps_probe: Mutex::new(probe),
         })
     }
 
@@ -247,8 +265,17 @@ impl Platform {
         }
     }
 
-    /// What this KVM can save and restore of a vCPU (probed on first use).
+    /// What this KVM can save and restore of a vCPU (probed once per process: the result of
+    /// the background probe started by [`Platform::new`], or a probe now).
     pub fn state_caps(&self) -> Result<Arc<StateCaps>, VmError> {
+        let probe = self
+            .caps_probe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(Ok(Ok(caps))) = probe.map(std::thread::JoinHandle::join) {
+            return Ok(caps);
+        }
         Ok(StateCaps::get(&self.kvm, &self.supported_cpuid)?)
     }
 }
