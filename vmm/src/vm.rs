@@ -193,8 +193,11 @@ pub struct Platform {
     /// The probe of what vCPU state this KVM saves, started in the background when the
     /// platform is made (it builds and tears down a scratch VM, tens of milliseconds here),
     /// so that a restore or a boot does not wait for it in line.
-    caps_probe: Mutex<Option<std::thread::JoinHandle<Result<Arc<StateCaps>, VcpuStateError>>>>,
+    caps_probe: Mutex<Option<CapsProbe>>,
 }
+
+/// The background probe of [`StateCaps`].
+type CapsProbe = std::thread::JoinHandle<Result<Arc<StateCaps>, VcpuStateError>>;
 
 impl Platform {
     /// Opens KVM, checks its capabilities and creates the console UART writing to `console`.
