@@ -1024,15 +1024,9 @@ impl Machine {
             return Err(e.into());
         }
         crash_point("apply-recorded");
-        match store.remove_unused_layers() {
-            Ok(gone) if !gone.is_empty() => {
-                log::info!("applying checkpoint {id}: removed the discarded layers {gone:?}")
-            }
-            Ok(_) => {}
-            Err(e) => log::warn!("applying checkpoint {id}: removing discarded layers: {e}"),
-        }
         let Some((saved, mfile)) = prepared else {
             self.last_exit = Some(format!("applied production checkpoint {id}"));
+            self.remove_discarded_layers(id);
             return Ok(());
         };
         let result = (|| {
@@ -1057,6 +1051,8 @@ impl Machine {
             }
             Ok(vm)
         })();
+        // The layers of the discarded state go once the VM runs (off its critical path).
+        self.remove_discarded_layers(id);
         match result {
             Ok(vm) => {
                 self.vm = Some(vm);
@@ -1071,6 +1067,20 @@ impl Machine {
                 ));
                 Err(e)
             }
+        }
+    }
+
+    /// After an apply: removes the layers nothing needs any more (the discarded state's).
+    fn remove_discarded_layers(&mut self, id: &str) {
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        match store.remove_unused_layers() {
+            Ok(gone) if !gone.is_empty() => {
+                log::info!("applying checkpoint {id}: removed the discarded layers {gone:?}")
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("applying checkpoint {id}: removing discarded layers: {e}"),
         }
     }
 
