@@ -149,47 +149,77 @@ impl Reply {
     }
 }
 
-impl Vm {
-    /// Starts `strata run` with `args`.
-    pub fn start(args: &[&str]) -> Self {
-        require_kvm();
-        let mut child = Command::new(strata_bin())
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start strata");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf)
-                            .trim_end_matches(['\r', '\n'])
-                            .to_string();
-                        if tx.send(line).is_err() {
-                            return;
-                        }
+/// A `strata` process started by [`spawn_console`]: the child, its stdin, its stdout as lines
+/// and its stderr as it accumulates.
+pub struct Console {
+    /// The process.
+    pub child: Child,
+    /// Its stdin (the guest's console input).
+    pub stdin: Option<ChildStdin>,
+    /// Its stdout, line by line.
+    pub lines: Receiver<String>,
+    /// Everything it wrote to stderr so far.
+    pub stderr: Arc<Mutex<String>>,
+}
+
+/// Starts `strata SUBCOMMAND ARGS...` with its console on piped stdio (lines read on a thread,
+/// stderr collected on another).
+pub fn spawn_console(subcommand: &str, args: &[&str]) -> Console {
+    require_kvm();
+    let mut child = Command::new(strata_bin())
+        .arg(subcommand)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start strata");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string();
+                    if tx.send(line).is_err() {
+                        return;
                     }
                 }
             }
-        });
-        let mut stderr_pipe = child.stderr.take().expect("stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr_pipe.read_to_string(&mut s);
-            sink.lock().unwrap().push_str(&s);
-        });
-        let stdin = child.stdin.take();
+        }
+    });
+    let mut stderr_pipe = child.stderr.take().expect("stderr");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr_pipe.read_to_string(&mut s);
+        sink.lock().unwrap().push_str(&s);
+    });
+    let stdin = child.stdin.take();
+    Console {
+        child,
+        stdin,
+        lines,
+        stderr,
+    }
+}
+
+impl Vm {
+    /// Starts `strata run` with `args`.
+    pub fn start(args: &[&str]) -> Self {
+        let Console {
+            child,
+            stdin,
+            lines,
+            stderr,
+        } = spawn_console("run", args);
         Self {
             child,
             stdin,

@@ -11,10 +11,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Child, ChildStdin, Command, ExitStatus};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use api::types::{
 use api::{Client, ClientError};
 use resources::pattern::{fnv1a64_update, sector_fill, FNV_OFFSET, SECTOR_SIZE};
 use snapshot::store::{Store, StoreRecord, LAYERS_DIR, STORE_FILE};
-use strata_tests::{api_client, require_kvm, strata_bin, Reply, Vm};
+use strata_tests::{api_client, strata_bin, Reply, Vm};
 
 const MIB: u64 = 1 << 20;
 /// The launch disks: small raw files (sparse, all zeros).
@@ -91,44 +91,12 @@ struct Restored {
 
 impl Restored {
     fn start(args: &[&str]) -> Restored {
-        require_kvm();
-        let mut child = Command::new(strata_bin())
-            .arg("restore")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start strata restore");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf)
-                            .trim_end_matches(['\r', '\n'])
-                            .to_string();
-                        if tx.send(line).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        let mut pipe = child.stderr.take().expect("stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            sink.lock().unwrap().push_str(&s);
-        });
-        let stdin = child.stdin.take();
+        let strata_tests::Console {
+            child,
+            stdin,
+            lines,
+            stderr,
+        } = strata_tests::spawn_console("restore", args);
         Restored {
             child,
             stdin,
