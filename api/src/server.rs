@@ -107,7 +107,8 @@ impl Endpoint {
             Endpoint::Lifecycle(_) => &[InvalidState],
             Endpoint::PutCheckpointConfig => &[BadRequest, InvalidState],
             Endpoint::CreateCheckpoint => &[BadRequest, InvalidState, AgentUnreachable],
-            Endpoint::ListCheckpoints | Endpoint::GetCheckpoint => &[NotFound],
+            // 409: the VM has no checkpoint location, or it cannot be used.
+            Endpoint::ListCheckpoints | Endpoint::GetCheckpoint => &[NotFound, InvalidState],
             Endpoint::ApplyCheckpoint | Endpoint::RevertCheckpoint | Endpoint::DeleteCheckpoint => {
                 &[NotFound, InvalidState]
             }
@@ -928,7 +929,7 @@ mod tests {
             Endpoint::CreateCheckpoint.statuses(),
             [201, 400, 409, 413, 500, 503]
         );
-        assert_eq!(Endpoint::GetCheckpoint.statuses(), [200, 404, 500]);
+        assert_eq!(Endpoint::GetCheckpoint.statuses(), [200, 404, 409, 500]);
         assert_eq!(
             Endpoint::ApplyCheckpoint.statuses(),
             [200, 400, 404, 409, 413, 500]

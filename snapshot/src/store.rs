@@ -305,6 +305,9 @@ impl Store {
     /// temporary folders, adopts a committed checkpoint the record does not know yet, and
     /// removes layer files nothing refers to. [`Store::opened`] says what was done.
     pub fn open(location: &Path) -> Result<Store> {
+        if let Err(reason) = usable_location(location) {
+            return Err(Error::invalid(location, reason));
+        }
         std::fs::create_dir_all(location).at(location, "create folder")?;
         let lock_path = location.join(LOCK_FILE);
         let lock = OpenOptions::new()
@@ -845,6 +848,32 @@ impl Store {
     }
 }
 
+/// Whether a store may be opened at `location`: a folder that does not exist yet, an empty
+/// folder, or a store (it has the lock file or the record). Anything else — a folder holding
+/// other files, a file — is refused with the reason, so that a mistyped location never fills
+/// someone's folder with `lock` and `layers/` nor takes their folders for checkpoints.
+pub fn usable_location(location: &Path) -> std::result::Result<(), String> {
+    match std::fs::symlink_metadata(location) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot read it: {e}")),
+        Ok(m) if !m.is_dir() => Err("it is not a folder".into()),
+        Ok(_) => {
+            if location.join(LOCK_FILE).exists() || location.join(STORE_FILE).exists() {
+                return Ok(());
+            }
+            match std::fs::read_dir(location).map(|mut e| e.next().is_none()) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(
+                    "not a Strata checkpoint location: the folder holds other files; give an \
+                     empty or a new folder"
+                        .into(),
+                ),
+                Err(e) => Err(format!("cannot list it: {e}")),
+            }
+        }
+    }
+}
+
 /// A checkpoint on a parent-link cycle, if any.
 fn find_cycle(all: &[Manifest]) -> Option<String> {
     let parent: BTreeMap<&str, Option<&str>> = all
@@ -879,3 +908,24 @@ pub fn new_id() -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod location_tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_holding_other_files_is_not_taken_for_a_store() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("notes.txt"), b"mine").unwrap();
+        let err = Store::open(d.path()).unwrap_err().to_string();
+        assert!(err.contains("not a Strata checkpoint location"), "{err}");
+        assert!(!d.path().join(LOCK_FILE).exists() && !d.path().join(LAYERS_DIR).exists());
+        // New, empty, and existing stores are fine.
+        drop(Store::open(&d.path().join("new")).unwrap());
+        drop(Store::open(&d.path().join("new")).unwrap());
+        std::fs::create_dir(d.path().join("empty")).unwrap();
+        drop(Store::open(&d.path().join("empty")).unwrap());
+        let file = d.path().join("notes.txt");
+        assert!(Store::open(&file).unwrap_err().to_string().contains("not a folder"));
+    }
+}

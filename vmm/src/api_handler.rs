@@ -216,7 +216,9 @@ fn checkpoint_info(
 
 /// `GET /v1/checkpoints`.
 fn list_checkpoints(machine: &mut Machine) -> Result<CheckpointList, ApiError> {
-    let store = machine.store().map_err(|e| e.to_api())?;
+    let Some(store) = machine.existing_store().map_err(|e| e.to_api())? else {
+        return Ok(CheckpointList::default());
+    };
     let all = store
         .list()
         .map_err(|e| crate::checkpoint::CheckpointError::from(e).to_api())?;
@@ -371,11 +373,25 @@ pub fn answer(machine: &mut Machine, call: ApiCall) {
             .map_err(|e| e.to_api())
             .and_then(|(m, _)| checkpoint_info(machine, &m).map(ApiReply::Checkpoint)),
         ApiRequest::ListCheckpoints => list_checkpoints(machine).map(ApiReply::Checkpoints),
-        ApiRequest::GetCheckpoint(id) => machine
-            .store()
-            .and_then(|s| Ok(s.get(&id)?))
-            .map_err(|e| e.to_api())
-            .and_then(|m| checkpoint_info(machine, &m).map(ApiReply::Checkpoint)),
+        ApiRequest::GetCheckpoint(id) => {
+            let location = machine
+                .checkpoint_config
+                .location
+                .clone()
+                .unwrap_or_default();
+            machine
+                .existing_store()
+                .and_then(|s| match s {
+                    Some(s) => Ok(s.get(&id)?),
+                    None => Err(snapshot::Error::NotFound {
+                        location: location.into(),
+                        id: id.clone(),
+                    }
+                    .into()),
+                })
+                .map_err(|e| e.to_api())
+                .and_then(|m| checkpoint_info(machine, &m).map(ApiReply::Checkpoint))
+        }
         ApiRequest::ApplyCheckpoint { id, request } => {
             let applied = if request.save_current {
                 machine.apply_saving_current(&id).map(|_| ())

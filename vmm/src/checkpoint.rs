@@ -493,9 +493,20 @@ impl Machine {
         self.checkpoint_config.location.as_ref().map(PathBuf::from)
     }
 
-    /// The store at the configured location, opened (and recovered) on first use.
+    /// The store at the configured location, opened (and recovered) on first use. The
+    /// location's folder must exist: `strata run --state-dir` creates it at start, a location
+    /// set through the API must have been made by the user (a mistyped path then fails here
+    /// instead of creating folders anywhere).
     pub fn store(&mut self) -> Result<&mut Store, CheckpointError> {
         let location = self.location().ok_or(CheckpointError::NoLocation)?;
+        if !location.is_dir() {
+            return Err(CheckpointError::ForeignStore {
+                location,
+                reason: "there is no such folder; create it first (strata run --state-dir \
+                         creates its folder at start)"
+                    .into(),
+            });
+        }
         let reopen = self.store.as_ref().is_none_or(|s| s.location() != location);
         if reopen {
             self.store = None;
@@ -511,6 +522,21 @@ impl Machine {
             self.store = Some(store);
         }
         self.store.as_mut().ok_or(CheckpointError::NoLocation)
+    }
+
+    /// Like [`Machine::store`] for calls that only read: `None` when the location is set but
+    /// its folder does not exist yet (no checkpoint was ever taken there), so that reading
+    /// creates nothing.
+    pub fn existing_store(&mut self) -> Result<Option<&mut Store>, CheckpointError> {
+        let location = self.location().ok_or(CheckpointError::NoLocation)?;
+        let open = self
+            .store
+            .as_ref()
+            .is_some_and(|s| s.location() == location);
+        if !open && !location.exists() {
+            return Ok(None);
+        }
+        self.store().map(Some)
     }
 
     /// The configuration a boot or restore uses: the disks are the active layers.

@@ -58,6 +58,15 @@ pub enum RunError {
     /// The API socket cannot be served.
     #[error(transparent)]
     Api(#[from] api::ServerError),
+    /// The checkpoint location cannot be created.
+    #[error("cannot create the checkpoint location {path}")]
+    StateDir {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The checkpoint store or the checkpoint to restore.
     #[error(transparent)]
     Checkpoint(crate::checkpoint::CheckpointError),
@@ -335,6 +344,14 @@ fn launch(config: &VmConfig, how: Launch<'_>) -> Result<Outcome, RunError> {
         None => None,
     };
     let mut machine = Machine::new(platform, config.clone(), events);
+    // The checkpoint location given at start (`--state-dir`, or the one a restore uses) is
+    // created if it does not exist yet.
+    if let Some(location) = &machine.checkpoint_config.location {
+        std::fs::create_dir_all(location).map_err(|source| RunError::StateDir {
+            path: location.into(),
+            source,
+        })?;
+    }
     match how {
         Launch::Boot => {
             // With a checkpoint location, the VM boots from its active layers.
