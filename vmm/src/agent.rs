@@ -248,7 +248,13 @@ impl AgentClient {
 
     /// Thaws what `freeze` froze.
     pub fn thaw(&mut self) -> Result<(), AgentError> {
-        self.call(&Request::Thaw {}, Duration::ZERO).map(|_| ())
+        self.thaw_waiting(Duration::ZERO)
+    }
+
+    /// Like [`AgentClient::thaw`], waiting `extra` beyond the client's timeout for the reply
+    /// (the agent runs the thaw hooks before it answers).
+    pub fn thaw_waiting(&mut self, extra: Duration) -> Result<(), AgentError> {
+        self.call(&Request::Thaw {}, extra).map(|_| ())
     }
 
     /// Decodes an operation's fields from a successful reply.

@@ -419,6 +419,29 @@ const FREEZE_LEASE_S: u64 = 30;
 /// How long to wait for the agent's handshake.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Asks the guest agent to thaw, waiting for its thaw hooks: on `agent`'s connection, and if
+/// that one is broken (a freeze reply that came too late leaves it so) or missing, on a new
+/// one. A thaw the agent never confirms is logged: the agent then thaws by itself when its
+/// lease runs out.
+fn thaw(socket: &Path, agent: Option<AgentClient>) {
+    let wait = Duration::from_secs(FREEZE_LEASE_S);
+    let first = match agent {
+        Some(mut a) => a.thaw_waiting(wait),
+        None => Err(crate::agent::AgentError::Broken),
+    };
+    let Err(first) = first else { return };
+    let retried =
+        AgentClient::connect(socket, AGENT_TIMEOUT).and_then(|mut a| a.thaw_waiting(wait));
+    if let Err(e) = retried {
+        log::warn!(
+            "the guest agent did not confirm the thaw ({}; then {}); it thaws by itself when \
+             its {FREEZE_LEASE_S} s lease runs out",
+            crate::error_line(&first),
+            crate::error_line(&e)
+        );
+    }
+}
+
 /// The allocated size of the store layers a checkpoint freezes.
 fn frozen_layers_size(store: &Store, current: &[DiskRecord]) -> u64 {
     current
@@ -617,8 +640,9 @@ impl Machine {
         match agent.freeze_reply(FREEZE_LEASE_S) {
             Ok(reply) => Ok((agent, reply)),
             Err(e) => {
-                // A freeze that half happened is undone (the agent thaws what it froze).
-                let _ = agent.thaw();
+                // A freeze that half happened, or that finished after we stopped waiting, is
+                // undone now rather than left to the lease.
+                thaw(&vsock.socket, Some(agent));
                 Err(format!(
                     "the guest agent could not freeze the guest: {}",
                     crate::error_line(&e)
@@ -632,7 +656,7 @@ impl Machine {
     fn create_production(
         &mut self,
         name: &str,
-        mut agent: AgentClient,
+        agent: AgentClient,
         reply: serde_json::Map<String, serde_json::Value>,
     ) -> Result<(Manifest, CreateStats), CheckpointError> {
         let frozen_at = Instant::now();
@@ -655,14 +679,14 @@ impl Machine {
             resumed.map_err(|e| CheckpointError::Pause(e.into()))?;
             Ok((pending, after))
         })();
-        let thawed = agent.thaw();
+        let socket = self
+            .config
+            .vsock
+            .as_ref()
+            .map(|v| v.socket.clone())
+            .unwrap_or_default();
+        thaw(&socket, Some(agent));
         let frozen = frozen_at.elapsed();
-        if let Err(e) = &thawed {
-            log::warn!(
-                "the guest agent did not confirm the thaw ({}); it thaws by itself after {FREEZE_LEASE_S} s",
-                crate::error_line(e)
-            );
-        }
         let (pending, after) = switched?;
         let Some(store) = self.store.as_mut() else {
             return Err(CheckpointError::NoLocation);
