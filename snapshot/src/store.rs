@@ -926,6 +926,9 @@ mod location_tests {
         std::fs::create_dir(d.path().join("empty")).unwrap();
         drop(Store::open(&d.path().join("empty")).unwrap());
         let file = d.path().join("notes.txt");
-        assert!(Store::open(&file).unwrap_err().to_string().contains("not a folder"));
+        assert!(Store::open(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("not a folder"));
     }
 }
