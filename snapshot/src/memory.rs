@@ -171,38 +171,12 @@ pub struct BaseFile<'a> {
 
 /// The pages of a private file mapping this process changed (bit `p % 64` of word `p / 64`):
 /// present and anonymous (a copy-on-write copy), or swapped out. A page that is not present,
-/// or present and still the file's page, holds the file's content. Asks `/proc/self/pagemap`.
+/// or present and still the file's page, holds the file's content.
 fn changed_pages(data: &[u8]) -> Result<Vec<u64>> {
-    let pagemap = Path::new("/proc/self/pagemap");
-    let addr = data.as_ptr() as u64;
-    if addr & (PAGE_SIZE - 1) != 0 {
-        return Err(Error::BadArgument(
-            "a file-backed region must be page-aligned".into(),
-        ));
-    }
-    let pages = data.len() / PAGE_SIZE as usize;
-    let f = File::open(pagemap).at(pagemap, "open")?;
-    let mut bits = vec![0u64; pages.div_ceil(64)];
-    let mut buf = vec![0u8; 8 * 65536];
-    let mut p = 0;
-    while p < pages {
-        let n = (pages - p).min(65536);
-        let chunk = &mut buf[..n * 8];
-        f.read_exact_at(chunk, (addr / PAGE_SIZE + p as u64) * 8)
-            .at(pagemap, "read")?;
-        for (i, e) in chunk.chunks_exact(8).enumerate() {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(e);
-            let v = u64::from_le_bytes(w);
-            // Bit 63: present; bit 62: swapped; bit 61: a file page (or shared anonymous).
-            let present_anon = v >> 63 == 1 && (v >> 61) & 1 == 0;
-            if present_anon || (v >> 62) & 1 == 1 {
-                bits[(p + i) / 64] |= 1 << ((p + i) % 64);
-            }
-        }
-        p += n;
-    }
-    Ok(bits)
+    // Bit 63: present; bit 62: swapped; bit 61: a file page (or shared anonymous).
+    pagemap_bits(data, "a file-backed region", |v| {
+        (v >> 63 == 1 && (v >> 61) & 1 == 0) || (v >> 62) & 1 == 1
+    })
 }
 
 /// Copies the data extents of `len` bytes of `src` from `src_off` into `dst` at `dst_off`
@@ -297,14 +271,13 @@ pub struct WriteOptions {
     pub skip_unpopulated: bool,
 }
 
-/// The pages of `data` that are present or swapped, as a bitmap (bit `p % 64` of word `p / 64`).
-fn populated_pages(data: &[u8]) -> Result<Vec<u64>> {
+/// The pages of `data` whose `/proc/self/pagemap` entry satisfies `keep`, as a bitmap (bit
+/// `p % 64` of word `p / 64`). `data` must be page-aligned; `what` names it in the error.
+fn pagemap_bits(data: &[u8], what: &str, keep: impl Fn(u64) -> bool) -> Result<Vec<u64>> {
     let pagemap = Path::new("/proc/self/pagemap");
     let addr = data.as_ptr() as u64;
     if addr & (PAGE_SIZE - 1) != 0 {
-        return Err(Error::BadArgument(
-            "skip_unpopulated needs page-aligned regions".into(),
-        ));
+        return Err(Error::BadArgument(format!("{what} must be page-aligned")));
     }
     let pages = data.len() / PAGE_SIZE as usize;
     let f = File::open(pagemap).at(pagemap, "open")?;
@@ -319,14 +292,18 @@ fn populated_pages(data: &[u8]) -> Result<Vec<u64>> {
         for (i, e) in chunk.chunks_exact(8).enumerate() {
             let mut w = [0u8; 8];
             w.copy_from_slice(e);
-            // Bit 63: present; bit 62: swapped.
-            if u64::from_le_bytes(w) >> 62 != 0 {
+            if keep(u64::from_le_bytes(w)) {
                 bits[(p + i) / 64] |= 1 << ((p + i) % 64);
             }
         }
         p += n;
     }
     Ok(bits)
+}
+
+/// The pages of `data` that are present or swapped (pagemap bits 63 and 62).
+fn populated_pages(data: &[u8]) -> Result<Vec<u64>> {
+    pagemap_bits(data, "a region with skip_unpopulated", |v| v >> 62 != 0)
 }
 
 /// What [`write_memory`] did, besides the record.
