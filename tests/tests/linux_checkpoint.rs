@@ -36,18 +36,16 @@
 //! the file system clean and `/log` is what the guest read, and the launch disk (the
 //! checkpoint's frozen disk) did not change.
 //!
-//! Last, the guest's time: its CLOCK_BOOTTIME (`/proc/uptime`, kept by its clocksource, `tsc`
-//! on this kernel) and its printk clock (`sched_clock`, kvmclock) are read back to back
-//! before the checkpoint and after the apply; restored, both advance by the same amount (both
-//! continue from the checkpoint's instant). They must agree within 5 s, while the checkpoint
-//! is at least 30 s old when applied. On PVM this fails today: the guest's TSC is the host's
-//! (KVM accepts `KVM_SET_MSRS` of IA32_TSC and ignores it), so after the apply the guest's
-//! clocksource has jumped by the checkpoint's age while kvmclock was restored; the guest then
-//! catches up the lost ticks one by one with RCU stall reports and does not answer for tens of
-//! seconds (hence the long hang guard on the first command after the apply), or for good when
-//! a stall report sends an NMI backtrace: on PVM the sending vCPU then stays on the
-//! `KVM_HC_SEND_IPI` vmcall (NMI delivery mode) with interrupts off (seen in 2 of 2 hangs,
-//! from its registers and stack in a checkpoint taken of the hung guest).
+//! Last, the guest's time: its CLOCK_BOOTTIME (`/proc/uptime`, kept by its clocksource) and
+//! its printk clock (`sched_clock`, kvmclock) are read back to back before the checkpoint and
+//! after the apply; restored, both advance by the same amount (both continue from the
+//! checkpoint's instant), within 5 s, while the checkpoint is at least 30 s old when applied,
+//! and neither counts the time between the checkpoint and the apply. On PVM the guest's TSC is
+//! the host's (KVM accepts `KVM_SET_MSRS` of IA32_TSC and ignores it), so a guest keeping time
+//! with `rdtsc` would jump by the checkpoint's age after the apply, catch up the lost ticks
+//! with RCU stall reports and hang for good once a stall report sends an NMI backtrace (the
+//! sender stays on the `KVM_HC_SEND_IPI` vmcall): Strata hides the invariant-TSC bit there
+//! (`vmm/src/arch/cpuid.rs`), so Linux keeps time with kvmclock, which is restored.
 //!
 //! Generous hang guards; no assertion on how long anything takes. Kernel messages are kept off
 //! the console (`/proc/sys/kernel/printk`), which the test parses. When the kit cannot be
@@ -567,6 +565,7 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
     let clocksource = sh.ok("cat /sys/devices/system/clocksource/*/current_*");
     let stalls_before = sh.rcu_stalls();
     let clocks_before = sh.clocks();
+    let clocks_before_at = Instant::now();
     eprintln!(
         "linux checkpoint: count {c0} before the checkpoint; clocksource {clocksource:?}, \
          CLOCK_BOOTTIME and printk clock {clocks_before:?}"
@@ -657,13 +656,14 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
         "after applying a checkpoint taken {:.1} s earlier: a guest whose clocksource (TSC) \
          was not restored with its kvmclock jumps by that much, reports RCU stalls, catches \
          up its ticks, and on PVM hangs for good once a stall report sends an NMI (the \
-         sender stays on the KVM_HC_SEND_IPI vmcall); ",
+         sender stays on the KVM_HC_SEND_IPI vmcall): is invariant TSC hidden from it? ",
         age.as_secs_f64()
     );
     let (k0, k1) = sh.switch_generation("C", APPLY_ANSWER_TIMEOUT);
     sh.hint.clear();
     let answered = applied_at.elapsed();
     let clocks_after = sh.clocks();
+    let between_clock_reads = clocks_before_at.elapsed().as_secs_f64();
     let stalls_after = sh.rcu_stalls();
     eprintln!(
         "linux checkpoint: count {k0}..{k1} right after the apply (generation C); the shell \
@@ -768,5 +768,19 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
         age.as_secs_f64(),
         answered.as_secs_f64(),
         stalls_after.saturating_sub(stalls_before)
+    );
+    // The guest did not see the time between the checkpoint and the apply.
+    let unseen = age.as_secs_f64();
+    assert!(
+        boottime < between_clock_reads - unseen + CLOCK_TOLERANCE_S,
+        "the guest's CLOCK_BOOTTIME advanced {boottime:.1} s between two reads {:.1} s apart \
+         on the host, across a checkpoint applied {unseen:.1} s after it was taken: the \
+         guest should not count those {unseen:.1} s",
+        between_clock_reads
+    );
+    eprintln!(
+        "linux checkpoint: the guest's clocks advanced {boottime:.1} s (boot time) and \
+         {printk:.1} s (printk) between reads {between_clock_reads:.1} s apart, across a \
+         checkpoint {unseen:.1} s old"
     );
 }

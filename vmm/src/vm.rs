@@ -498,14 +498,20 @@ fn configure_boot_vcpus(
     let Some(first) = fds.first() else {
         return Ok(());
     };
-    let tsc_khz = first.get_tsc_khz().ok().filter(|&k| k > 0);
+    let tsc = cpuid::Tsc {
+        khz: first.get_tsc_khz().ok().filter(|&k| k > 0),
+        writable: msr::tsc_is_writable(first),
+    };
+    if !tsc.writable {
+        log::debug!("KVM does not set the guest's TSC: invariant TSC hidden, kvmclock keeps time");
+    }
     let boot_msrs = msr::accepted_boot_msrs(&platform.kvm, first)?;
     let topology = cpuid::Topology {
         vcpus: config.vcpus,
     };
     for (index, vcpu) in fds.iter().enumerate() {
         let id = index as u8;
-        let cpuid = cpuid::for_vcpu(&platform.supported_cpuid, id, topology, tsc_khz);
+        let cpuid = cpuid::for_vcpu(&platform.supported_cpuid, id, topology, tsc);
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         msr::set(vcpu, &boot_msrs)?;
         regs::setup_lapic(vcpu)?;

@@ -4,7 +4,14 @@
 //! - leaf 0x4: cores per package and which caches are shared;
 //! - leaves 0xB and 0x1F: the x2APIC topology (one socket, one thread per core);
 //! - leaf 0x4000_0010: the TSC and local-APIC-timer frequencies in kHz, the leaf VMware
-//!   defined and QEMU provides on KVM (`vmware-cpuid-freq`), so a guest need not calibrate.
+//!   defined and QEMU provides on KVM (`vmware-cpuid-freq`), so a guest need not calibrate;
+//! - leaf 0x8000_0007: the invariant-TSC bit is cleared where KVM cannot set the guest's TSC
+//!   (PVM). A guest that sees an invariant TSC keeps time with `rdtsc` (Linux rates its `tsc`
+//!   clocksource above kvmclock then); a TSC the VMM cannot restore jumps by a checkpoint's age
+//!   when the checkpoint is applied, and Linux then replays the lost ticks with RCU stall
+//!   reports (and on PVM hangs on the stall report's NMI). Without the bit Linux keeps time
+//!   with kvmclock, which the VMM restores (`KVM_SET_CLOCK`): the guest continues from the
+//!   checkpoint's instant.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -29,8 +36,21 @@ fn id_bits(n: u32) -> u32 {
     }
 }
 
+/// Leaf 0x8000_0007 EDX bit 8: the TSC runs at a constant rate in every state (invariant TSC).
+const INVARIANT_TSC: u32 = 1 << 8;
+
+/// What the host can do with the guest's time stamp counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tsc {
+    /// Its frequency in kHz, where KVM reports it.
+    pub khz: Option<u32>,
+    /// Whether KVM sets the guest's TSC to what the VMM writes (false on PVM).
+    pub writable: bool,
+}
+
 /// Applies the per-vCPU fix-ups to `base` (KVM's supported CPUID) for vCPU `apic_id`.
-pub fn for_vcpu(base: &CpuId, apic_id: u8, topo: Topology, tsc_khz: Option<u32>) -> CpuId {
+pub fn for_vcpu(base: &CpuId, apic_id: u8, topo: Topology, tsc: Tsc) -> CpuId {
+    let tsc_khz = tsc.khz;
     let count = u32::from(topo.vcpus);
     let mut entries: Vec<kvm_cpuid_entry2> = base
         .as_slice()
@@ -58,6 +78,7 @@ pub fn for_vcpu(base: &CpuId, apic_id: u8, topo: Topology, tsc_khz: Option<u32>)
                 e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
             }
             0x4000_0000 if tsc_khz.is_some() => e.eax = e.eax.max(TIMING_LEAF),
+            0x8000_0007 if !tsc.writable => e.edx &= !INVARIANT_TSC,
             _ => {}
         }
     }
@@ -121,9 +142,20 @@ mod tests {
                 eax: 0x4000_0001,
                 ..Default::default()
             },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0007,
+                edx: INVARIANT_TSC | 1,
+                ..Default::default()
+            },
         ])
         .unwrap()
     }
+
+    /// A TSC of unknown frequency that KVM sets.
+    const TSC: Tsc = Tsc {
+        khz: None,
+        writable: true,
+    };
 
     fn find(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
         *c.as_slice()
@@ -134,7 +166,7 @@ mod tests {
 
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
-        let c = for_vcpu(&base(), 3, Topology { vcpus: 4 }, None);
+        let c = for_vcpu(&base(), 3, Topology { vcpus: 4 }, TSC);
         let e = find(&c, 1, 0);
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
@@ -144,7 +176,7 @@ mod tests {
 
     #[test]
     fn topology_leaf_describes_one_socket_of_n_cores() {
-        let c = for_vcpu(&base(), 5, Topology { vcpus: 6 }, None);
+        let c = for_vcpu(&base(), 5, Topology { vcpus: 6 }, TSC);
         let smt = find(&c, 0xb, 0);
         let core = find(&c, 0xb, 1);
         assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, 1, 5));
@@ -157,11 +189,24 @@ mod tests {
 
     #[test]
     fn timing_leaf_is_added_when_tsc_is_known() {
-        let c = for_vcpu(&base(), 0, Topology { vcpus: 1 }, Some(2_500_000));
+        let khz = Some(2_500_000);
+        let c = for_vcpu(&base(), 0, Topology { vcpus: 1 }, Tsc { khz, ..TSC });
         assert_eq!(find(&c, 0x4000_0000, 0).eax, TIMING_LEAF);
         assert_eq!(find(&c, TIMING_LEAF, 0).eax, 2_500_000);
-        let c = for_vcpu(&base(), 0, Topology { vcpus: 1 }, None);
+        let c = for_vcpu(&base(), 0, Topology { vcpus: 1 }, TSC);
         assert_eq!(find(&c, 0x4000_0000, 0).eax, 0x4000_0001);
+    }
+
+    #[test]
+    fn invariant_tsc_is_hidden_only_when_kvm_cannot_set_the_tsc() {
+        let c = for_vcpu(&base(), 0, Topology { vcpus: 1 }, TSC);
+        assert_eq!(find(&c, 0x8000_0007, 0).edx, INVARIANT_TSC | 1);
+        let pvm = Tsc {
+            writable: false,
+            ..TSC
+        };
+        let c = for_vcpu(&base(), 0, Topology { vcpus: 1 }, pvm);
+        assert_eq!(find(&c, 0x8000_0007, 0).edx, 1);
     }
 
     #[test]

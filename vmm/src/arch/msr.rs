@@ -85,6 +85,38 @@ pub fn accepted_boot_msrs(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<kvm_msr_entry
         .collect())
 }
 
+/// A TSC value no host reaches by counting (48 years at 3 GHz), to see whether a write of
+/// IA32_TSC takes effect.
+const TSC_PROBE_VALUE: u64 = 1 << 62;
+
+/// Whether KVM gives `probe` (a freshly created vCPU, not yet run) the TSC value the VMM writes.
+///
+/// Real KVM offsets the guest's TSC, so a checkpoint's TSC comes back when it is restored. PVM
+/// runs guest code with the host's `rdtsc`: it takes a write of IA32_TSC and ignores it, so a
+/// guest's TSC jumps by the time between a checkpoint and its restore. The probe writes a value
+/// far beyond any host's count and reads it back; the caller writes the boot value afterwards.
+pub fn tsc_is_writable(probe: &VcpuFd) -> bool {
+    let entry = |data| kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        data,
+        ..Default::default()
+    };
+    let Ok(write) = Msrs::from_entries(&[entry(TSC_PROBE_VALUE)]) else {
+        return false;
+    };
+    if probe.set_msrs(&write).ok() != Some(1) {
+        return false;
+    }
+    let Ok(mut read) = Msrs::from_entries(&[entry(0)]) else {
+        return false;
+    };
+    probe.get_msrs(&mut read).ok() == Some(1)
+        && read
+            .as_slice()
+            .first()
+            .is_some_and(|e| e.data >= TSC_PROBE_VALUE)
+}
+
 /// Writes `msrs` to `vcpu`.
 pub fn set(vcpu: &VcpuFd, msrs: &[kvm_msr_entry]) -> Result<(), MsrError> {
     let all = Msrs::from_entries(msrs).map_err(|_| MsrError::Partial {
