@@ -49,7 +49,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::call::{
     ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, ErrorCode, LifecycleAction,
@@ -62,6 +62,18 @@ use crate::types::{
 
 /// The largest request body accepted; larger ones get 413 `payload_too_large`.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The default [`ServerOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
+/// The answer to a connection beyond [`ServerOptions::max_connections`], written without
+/// reading its request, before the server closes it.
+const TOO_MANY_CONNECTIONS: &str = "HTTP/1.1 503 Service Unavailable\r\n\
+    Content-Type: application/json\r\n\
+    Connection: close\r\n\
+    Content-Length: 129\r\n\r\n\
+    {\"error\":{\"code\":\"too_many_connections\",\"message\":\"the API serves a bounded \
+    number of connections at once; close one and retry\"}}";
 
 /// What an HTTP route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,7 +279,7 @@ pub const ROUTES: &[Route] = &[
 /// The default [`ServerOptions::checkpoint_reply_timeout`]: an hour.
 pub const DEFAULT_CHECKPOINT_REPLY_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Timeouts of the server.
+/// Timeouts and bounds of the server.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerOptions {
     /// How long a client may take to send a request's headers (also how long an idle
@@ -280,6 +292,9 @@ pub struct ServerOptions {
     /// How long it waits for checkpoint create, apply, revert, delete and export, which write,
     /// read, merge or copy the guest's memory and disks and may wait for the guest agent.
     pub checkpoint_reply_timeout: Duration,
+    /// Most connections served at once (each holds a file descriptor and a task); one more is
+    /// answered 503 `too_many_connections` and closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServerOptions {
@@ -289,6 +304,7 @@ impl Default for ServerOptions {
             reply_timeout: Duration::from_secs(30),
             long_reply_timeout: Duration::from_secs(120),
             checkpoint_reply_timeout: DEFAULT_CHECKPOINT_REPLY_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -396,13 +412,30 @@ async fn accept_loop(
             return;
         }
     };
+    let slots = Arc::new(Semaphore::new(shared.options.max_connections));
+    // Whether the refusal of the current stretch at the bound was logged.
+    let mut refusal_logged = false;
     loop {
         tokio::select! {
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, shared.clone()));
-                }
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        refusal_logged = false;
+                        tokio::spawn(serve_connection(stream, shared.clone(), slot));
+                    }
+                    Err(_) => {
+                        if !refusal_logged {
+                            refusal_logged = true;
+                            log::warn!(
+                                "API: {} connections open, the most served at once; refusing \
+                                 more until one closes",
+                                shared.options.max_connections
+                            );
+                        }
+                        refuse(stream);
+                    }
+                },
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning.
                     log::warn!("API server cannot accept a connection: {e}");
@@ -414,7 +447,29 @@ async fn accept_loop(
     // Returning drops the runtime with it, which cancels every connection task.
 }
 
-async fn serve_connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
+/// Answers a connection beyond the bound with a 503 and closes it, without waiting for it:
+/// what the client already sent is read and dropped (closing a Unix socket with unread data
+/// resets the connection, and the client would lose the answer), the answer is written if the
+/// socket takes it, and the socket is closed.
+fn refuse(stream: tokio::net::UnixStream) {
+    let mut scratch = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.try_read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let _ = stream.try_write(TOO_MANY_CONNECTIONS.as_bytes());
+    // Dropping the stream closes it.
+}
+
+/// Serves one connection; `_slot` is its place among [`ServerOptions::max_connections`], given
+/// back when the connection ends.
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    shared: Arc<Shared>,
+    _slot: OwnedSemaphorePermit,
+) {
     let read_timeout = shared.options.read_timeout;
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
@@ -436,24 +491,24 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    let (route, id) = match find_route(&path) {
+    let (endpoint, id) = match endpoint_of(&method, &path) {
         Ok(found) => found,
-        Err(e) => return error_response(&e),
-    };
-    let Some(&(_, endpoint)) = route.methods.iter().find(|(m, _)| *m == method) else {
-        let allow: Vec<&str> = route.methods.iter().map(|(m, _)| *m).collect();
-        let allow = allow.join(", ");
-        let mut resp = error_response(&ApiError::new(
-            ErrorCode::MethodNotAllowed,
-            format!("{method} is not allowed on {path}; use {allow}"),
-        ));
-        if let Ok(v) = HeaderValue::from_str(&allow) {
-            resp.headers_mut().insert(ALLOW, v);
+        Err(e) => {
+            let mut resp = error_response(&e.error);
+            if let Some(v) = e.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                resp.headers_mut().insert(ALLOW, v);
+            }
+            return resp;
         }
-        return resp;
     };
     log::debug!("API {method} {path}");
-    let result = match parse_request(endpoint, id, query, req, shared.options.read_timeout).await {
+    let body = if endpoint.reads_body() {
+        read_body(req, shared.options.read_timeout).await
+    } else {
+        // Bodies of GETs and DELETEs are ignored.
+        Ok(Bytes::new())
+    };
+    let result = match body.and_then(|body| parse_request(endpoint, id, query.as_deref(), &body)) {
         Ok(request) => dispatch(endpoint, request, shared).await,
         Err(e) => Err(e),
     };
@@ -468,6 +523,52 @@ fn success_status(endpoint: Endpoint) -> StatusCode {
         201 => StatusCode::CREATED,
         _ => StatusCode::OK,
     }
+}
+
+/// A request that matches no endpoint: the error, and for a known path with another method
+/// the methods it allows (the `Allow` header of the 405).
+#[derive(Debug)]
+pub struct NoEndpoint {
+    /// 404 or 405.
+    pub error: ApiError,
+    /// The `Allow` header, for a 405.
+    pub allow: Option<String>,
+}
+
+/// The endpoint `method` on `path` calls, and the checkpoint id in the path if its route has one.
+pub fn endpoint_of(method: &str, path: &str) -> Result<(Endpoint, Option<String>), NoEndpoint> {
+    let (route, id) = find_route(path).map_err(|error| NoEndpoint { error, allow: None })?;
+    match route.methods.iter().find(|(m, _)| *m == method) {
+        Some(&(_, endpoint)) => Ok((endpoint, id)),
+        None => {
+            let allow: Vec<&str> = route.methods.iter().map(|(m, _)| *m).collect();
+            let allow = allow.join(", ");
+            Err(NoEndpoint {
+                error: ApiError::new(
+                    ErrorCode::MethodNotAllowed,
+                    format!("{method} is not allowed on {path}; use {allow}"),
+                ),
+                allow: Some(allow),
+            })
+        }
+    }
+}
+
+/// Parses a whole request as the server does once the body is read: the endpoint, then the
+/// query and body for it. `body` is what the client sent (over [`MAX_BODY_BYTES`] is a 413).
+/// This is everything between the HTTP framing (hyper's) and the VMM; the fuzz targets drive it.
+pub fn parse_call(
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<(Endpoint, ApiRequest), ApiError> {
+    let (endpoint, id) = endpoint_of(method, path).map_err(|e| e.error)?;
+    if endpoint.reads_body() && body.len() > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
+    let body = if endpoint.reads_body() { body } else { &[] };
+    parse_request(endpoint, id, query, body).map(|request| (endpoint, request))
 }
 
 /// The route of `path` and the checkpoint id in it, if its route has one. Routes without an id
@@ -521,13 +622,13 @@ fn id_grammar(id: &str) -> String {
     }
 }
 
-/// Reads and validates the request for `endpoint`; `query` is the URI's query string.
-async fn parse_request(
+/// Validates the request for `endpoint`; `query` is the URI's query string and `body` the
+/// request's body (empty for endpoints that read none).
+fn parse_request(
     endpoint: Endpoint,
     id: Option<String>,
-    query: Option<String>,
-    req: Request<Incoming>,
-    read_timeout: Duration,
+    query: Option<&str>,
+    body: &[u8],
 ) -> Result<ApiRequest, ApiError> {
     let id = || id.ok_or_else(|| ApiError::internal(format!("bug: {endpoint:?} without an id")));
     Ok(match endpoint {
@@ -540,55 +641,48 @@ async fn parse_request(
         // Bodies of DELETEs too.
         Endpoint::DeleteCheckpoint => ApiRequest::DeleteCheckpoint(id()?),
         Endpoint::CheckpointChanges => {
-            let since = parse_changes_query(query.as_deref())?;
+            let since = parse_changes_query(query)?;
             ApiRequest::CheckpointChanges { id: id()?, since }
         }
         Endpoint::Lifecycle(action) => {
-            let body = read_body(req, read_timeout).await?;
             if !body.iter().all(u8::is_ascii_whitespace) {
-                parse_json::<EmptyBody>(&body)?;
+                parse_json::<EmptyBody>(body)?;
             }
             ApiRequest::Lifecycle(action)
         }
         Endpoint::PutCheckpointConfig => {
-            let body = read_body(req, read_timeout).await?;
-            let config: CheckpointConfig = parse_json(&body)?;
+            let config: CheckpointConfig = parse_json(body)?;
             config.validate().map_err(ApiError::bad_request)?;
             ApiRequest::PutCheckpointConfig(config)
         }
         Endpoint::CreateCheckpoint => {
-            let body = read_body(req, read_timeout).await?;
-            let create: CreateCheckpoint = parse_json(&body)?;
+            let create: CreateCheckpoint = parse_json(body)?;
             create.validate().map_err(ApiError::bad_request)?;
             ApiRequest::CreateCheckpoint(create)
         }
         Endpoint::ApplyCheckpoint => {
             let id = id()?;
-            let body = read_body(req, read_timeout).await?;
             let request = if body.iter().all(u8::is_ascii_whitespace) {
                 ApplyCheckpoint::default()
             } else {
-                parse_json(&body)?
+                parse_json(body)?
             };
             ApiRequest::ApplyCheckpoint { id, request }
         }
         Endpoint::RevertCheckpoint => {
-            let body = read_body(req, read_timeout).await?;
             if !body.iter().all(u8::is_ascii_whitespace) {
-                parse_json::<EmptyBody>(&body)?;
+                parse_json::<EmptyBody>(body)?;
             }
             ApiRequest::RevertCheckpoint
         }
         Endpoint::ExportCheckpoint => {
             let id = id()?;
-            let body = read_body(req, read_timeout).await?;
-            let request: ExportCheckpoint = parse_json(&body)?;
+            let request: ExportCheckpoint = parse_json(body)?;
             request.validate().map_err(ApiError::bad_request)?;
             ApiRequest::ExportCheckpoint { id, request }
         }
         Endpoint::GuestExec => {
-            let body = read_body(req, read_timeout).await?;
-            let exec: ExecRequest = parse_json(&body)?;
+            let exec: ExecRequest = parse_json(body)?;
             exec.validate().map_err(ApiError::bad_request)?;
             ApiRequest::GuestExec(exec)
         }
@@ -654,14 +748,16 @@ fn percent_decode(text: &str) -> Result<String, ApiError> {
 #[serde(deny_unknown_fields)]
 struct EmptyBody {}
 
+/// 413 `payload_too_large`.
+fn too_large() -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+    )
+}
+
 /// Reads the whole body, at most [`MAX_BODY_BYTES`].
 async fn read_body(req: Request<Incoming>, timeout: Duration) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-        )
-    };
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -837,6 +933,89 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refusal_is_one_well_formed_http_response() {
+        let (head, body) = TOO_MANY_CONNECTIONS.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        let declared: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(declared, body.len());
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "too_many_connections");
+    }
+
+    /// Sends `GET /v1/vm/checkpoint-config` on `s` and returns the whole answer, or the
+    /// error that ended the exchange (a refused connection may be closed before the request).
+    fn get_config(s: &mut std::os::unix::net::UnixStream) -> String {
+        use std::io::{Read, Write};
+        let mut answer = String::new();
+        let exchanged = s
+            .write_all(
+                b"GET /v1/vm/checkpoint-config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .and_then(|()| s.read_to_string(&mut answer));
+        match exchanged {
+            Ok(_) => answer,
+            Err(e) => format!("{answer}[{e}]"),
+        }
+    }
+
+    #[test]
+    fn connections_beyond_the_bound_get_503_and_a_freed_slot_serves_again() {
+        use std::os::unix::net::UnixStream;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let handler: ApiHandler = Arc::new(|call: ApiCall| {
+            call.reply
+                .send(Ok(ApiReply::CheckpointConfig(CheckpointConfig::default())))
+        });
+        let options = ServerOptions {
+            max_connections: 2,
+            ..ServerOptions::default()
+        };
+        let server = ApiServer::start_with(&path, handler, options).unwrap();
+        let timeout = Some(Duration::from_secs(10));
+        // Two idle clients hold both slots.
+        let idle: Vec<UnixStream> = (0..2)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        // A third is refused, however often it tries; the idle ones are still served.
+        for _ in 0..3 {
+            let mut extra = UnixStream::connect(&path).unwrap();
+            extra.set_read_timeout(timeout).unwrap();
+            let answer = get_config(&mut extra);
+            // The 503, or (when the server closed it before the request was sent) an error.
+            let refused =
+                answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections");
+            assert!(refused || answer.starts_with('['), "{answer}");
+        }
+        let mut first = idle.into_iter().next().unwrap();
+        first.set_read_timeout(timeout).unwrap();
+        let answer = get_config(&mut first);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        drop(first);
+        // The slot comes back once the server has seen the connection end.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut next = UnixStream::connect(&path).unwrap();
+            next.set_read_timeout(timeout).unwrap();
+            let answer = get_config(&mut next);
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the freed slot never served: {answer}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server.shutdown();
+    }
 
     #[test]
     fn routes_are_unique() {
