@@ -20,7 +20,10 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use serde::Deserialize as _;
 
 /// The wire format, shared by every user of the agent protocol: defined once in the
 /// `strata-guest-agent` crate, which the Linux agent is built from too.
@@ -105,6 +108,57 @@ impl AgentError {
     }
 }
 
+/// A bound on calls in flight at once: each call holds a [`CallSlot`] while it runs, and a
+/// call that finds every slot taken is refused at once instead of queueing (or starting yet
+/// another thread and vsock connection).
+#[derive(Debug)]
+pub struct CallSlots {
+    max: usize,
+    used: AtomicUsize,
+}
+
+/// One call's place among [`CallSlots`]; given back when dropped.
+#[derive(Debug)]
+pub struct CallSlot<'a> {
+    slots: &'a CallSlots,
+}
+
+impl CallSlots {
+    /// At most `max` calls at once (usable in a `static`).
+    pub const fn new(max: usize) -> Self {
+        Self {
+            max,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// A slot, or `None` when `max` calls are in flight.
+    pub fn try_take(&self) -> Option<CallSlot<'_>> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| CallSlot { slots: self })
+    }
+
+    /// Calls in flight.
+    pub fn in_use(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+impl Drop for CallSlot<'_> {
+    fn drop(&mut self) {
+        self.slots.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A command's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecResult {
@@ -120,9 +174,119 @@ pub struct ExecResult {
 pub struct AgentClient {
     stream: UnixStream,
     /// Bytes received after the last complete line.
-    buf: Vec<u8>,
+    lines: LineBuffer,
     timeout: Duration,
     broken: bool,
+}
+
+/// Why [`LineBuffer::next_line`] gave up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    /// More than the allowed bytes arrived without a newline.
+    #[error("reply longer than {max} bytes")]
+    TooLong {
+        /// The limit.
+        max: usize,
+    },
+    /// The line is not UTF-8.
+    #[error("reply is not UTF-8")]
+    NotUtf8,
+}
+
+/// Splits a byte stream into newline-terminated lines in linear time: every byte is looked at
+/// once for the newline, however the stream is cut into reads (the scan resumes where the
+/// last one stopped instead of starting again at the front of the buffer).
+#[derive(Debug, Default)]
+pub struct LineBuffer {
+    buf: Vec<u8>,
+    /// `buf[..scanned]` holds no newline.
+    scanned: usize,
+    /// Bytes looked at for a newline so far, over the buffer's life.
+    examined: u64,
+}
+
+impl LineBuffer {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes received.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered (received and not yet returned as a line).
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes looked at for a newline so far: at most the bytes pushed (each once).
+    pub fn bytes_examined(&self) -> u64 {
+        self.examined
+    }
+
+    /// The next complete line, without its newline, if one arrived. A line (or, before its
+    /// newline arrived, the bytes buffered) longer than `max` bytes is an error; so is a line
+    /// that is not UTF-8 (the line is consumed either way).
+    pub fn next_line(&mut self, max: usize) -> Result<Option<String>, LineError> {
+        let found = self.buf[self.scanned..].iter().position(|&b| b == b'\n');
+        let looked = found.map_or(self.buf.len() - self.scanned, |at| at + 1);
+        self.examined = self.examined.saturating_add(looked as u64);
+        let Some(at) = found else {
+            self.scanned = self.buf.len();
+            if self.buf.len() > max {
+                return Err(LineError::TooLong { max });
+            }
+            return Ok(None);
+        };
+        let nl = self.scanned + at;
+        let rest = self.buf.split_off(nl + 1);
+        let mut line = std::mem::replace(&mut self.buf, rest);
+        self.scanned = 0;
+        line.truncate(nl);
+        if line.len() > max {
+            return Err(LineError::TooLong { max });
+        }
+        String::from_utf8(line)
+            .map(Some)
+            .map_err(|_| LineError::NotUtf8)
+    }
+}
+
+/// Decodes a reply line to `op`: a JSON object with a boolean `ok`; `ok:false` is the agent's
+/// error with its message. Returns the whole object of a successful reply.
+pub fn decode_reply(op: &'static str, line: &str) -> Result<serde_json::Value, AgentError> {
+    let malformed = |detail: String| AgentError::Malformed { op, detail };
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| malformed(format!("not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(malformed("not a JSON object".into()));
+    }
+    let status = Status::deserialize(&v).map_err(|e| malformed(format!("no valid `ok`: {e}")))?;
+    if !status.ok {
+        return Err(AgentError::Agent {
+            op,
+            message: status.error.unwrap_or_else(|| "unspecified error".into()),
+        });
+    }
+    Ok(v)
+}
+
+/// Decodes an operation's fields from a successful reply ([`decode_reply`]).
+pub fn reply_fields<T: serde::de::DeserializeOwned>(
+    v: &serde_json::Value,
+    op: &'static str,
+) -> Result<T, AgentError> {
+    T::deserialize(v).map_err(|e| AgentError::Malformed {
+        op,
+        detail: e.to_string(),
+    })
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -143,7 +307,7 @@ impl AgentClient {
         let stream = UnixStream::connect(uds_path).map_err(unreachable)?;
         let mut client = Self {
             stream,
-            buf: Vec::new(),
+            lines: LineBuffer::new(),
             timeout,
             broken: false,
         };
@@ -210,7 +374,7 @@ impl AgentClient {
             timeout_s,
         };
         let v = self.call(&req, Duration::from_secs(timeout_s))?;
-        let r: ExecReply = self.fields(v, "exec")?;
+        let r: ExecReply = self.fields(&v, "exec")?;
         Ok(ExecResult {
             exit_code: r.exit_code,
             stdout: r.stdout,
@@ -222,7 +386,7 @@ impl AgentClient {
     /// `timeout_s` seconds. Returns the frozen mount points.
     pub fn freeze(&mut self, timeout_s: u64) -> Result<Vec<String>, AgentError> {
         let reply = self.freeze_reply(timeout_s)?;
-        let r: FreezeReply = self.fields(serde_json::Value::Object(reply), "freeze")?;
+        let r: FreezeReply = self.fields(&serde_json::Value::Object(reply), "freeze")?;
         Ok(r.frozen)
     }
 
@@ -237,7 +401,7 @@ impl AgentClient {
             &Request::Freeze { timeout_s },
             Duration::from_secs(timeout_s),
         )?;
-        let _: FreezeReply = self.fields(v.clone(), "freeze")?;
+        let _: FreezeReply = self.fields(&v, "freeze")?;
         let mut map = match v {
             serde_json::Value::Object(map) => map,
             _ => serde_json::Map::new(),
@@ -260,16 +424,10 @@ impl AgentClient {
     /// Decodes an operation's fields from a successful reply.
     fn fields<T: serde::de::DeserializeOwned>(
         &mut self,
-        v: serde_json::Value,
+        v: &serde_json::Value,
         op: &'static str,
     ) -> Result<T, AgentError> {
-        serde_json::from_value(v).map_err(|e| {
-            self.broken = true;
-            AgentError::Malformed {
-                op,
-                detail: e.to_string(),
-            }
-        })
+        reply_fields(v, op).inspect_err(|_| self.broken = true)
     }
 
     /// Sends `req` and returns its successful reply; waits the client's timeout plus `extra`.
@@ -302,21 +460,7 @@ impl AgentClient {
         line.push(b'\n');
         self.write_all(&line, op, deadline)?;
         let reply = self.read_line(op, deadline, MAX_REPLY)?;
-        let malformed = |detail: String| AgentError::Malformed { op, detail };
-        let v: serde_json::Value =
-            serde_json::from_str(&reply).map_err(|e| malformed(format!("not JSON: {e}")))?;
-        if !v.is_object() {
-            return Err(malformed("not a JSON object".into()));
-        }
-        let status: Status = serde_json::from_value(v.clone())
-            .map_err(|e| malformed(format!("no valid `ok`: {e}")))?;
-        if !status.ok {
-            return Err(AgentError::Agent {
-                op,
-                message: status.error.unwrap_or_else(|| "unspecified error".into()),
-            });
-        }
-        Ok(v)
+        decode_reply(op, &reply)
     }
 
     fn write_all(
@@ -361,20 +505,15 @@ impl AgentClient {
         let started = Instant::now();
         let mut chunk = [0u8; 8192];
         loop {
-            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-                let rest = self.buf.split_off(nl + 1);
-                let mut line = std::mem::replace(&mut self.buf, rest);
-                line.truncate(nl);
-                return String::from_utf8(line).map_err(|_| AgentError::Malformed {
-                    op,
-                    detail: "reply is not UTF-8".into(),
-                });
-            }
-            if self.buf.len() > max {
-                return Err(AgentError::Malformed {
-                    op,
-                    detail: format!("reply longer than {max} bytes"),
-                });
+            match self.lines.next_line(max) {
+                Ok(Some(line)) => return Ok(line),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(AgentError::Malformed {
+                        op,
+                        detail: e.to_string(),
+                    })
+                }
             }
             let waited = deadline.saturating_duration_since(started);
             let left = remaining(deadline, op, waited)?;
@@ -388,7 +527,7 @@ impl AgentClient {
                         source: io::ErrorKind::UnexpectedEof.into(),
                     })
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.lines.push(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) => {
                     return Err(AgentError::Timeout { op, after: waited });
@@ -677,6 +816,120 @@ mod tests {
                 other => panic!("{reply}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_reply_arriving_in_small_reads_is_scanned_once() {
+        // A 16 MiB reply in 8 KiB reads: the old reader rescanned the whole buffer after every
+        // read (about 16 GiB of scanning); each byte must be looked at once.
+        let mut lines = LineBuffer::new();
+        let chunk = vec![b'x'; 8192];
+        let reads = MAX_REPLY / chunk.len();
+        for _ in 0..reads {
+            lines.push(&chunk);
+            assert_eq!(lines.next_line(MAX_REPLY), Ok(None));
+        }
+        lines.push(b"\n{\"ok\":true}\n");
+        let line = lines.next_line(MAX_REPLY).unwrap().unwrap();
+        assert_eq!(line.len(), MAX_REPLY);
+        assert_eq!(
+            lines.next_line(MAX_REPLY),
+            Ok(Some(r#"{"ok":true}"#.to_string()))
+        );
+        assert_eq!(lines.next_line(MAX_REPLY), Ok(None));
+        let pushed = (MAX_REPLY + 13) as u64;
+        assert!(
+            lines.bytes_examined() <= pushed,
+            "{} bytes examined for {pushed} received",
+            lines.bytes_examined()
+        );
+    }
+
+    #[test]
+    fn lines_split_anywhere_come_back_whole_and_in_order() {
+        let stream = b"{\"ok\":true}\n\n{\"ok\":false,\"error\":\"no\"}\npartial";
+        for cut in 1..stream.len() {
+            let mut lines = LineBuffer::new();
+            let mut got = Vec::new();
+            for piece in stream.chunks(cut) {
+                lines.push(piece);
+                while let Some(l) = lines.next_line(64).unwrap() {
+                    got.push(l);
+                }
+            }
+            assert_eq!(
+                got,
+                [r#"{"ok":true}"#, "", r#"{"ok":false,"error":"no"}"#],
+                "reads of {cut} bytes"
+            );
+            assert_eq!(lines.len(), b"partial".len());
+        }
+    }
+
+    #[test]
+    fn overlong_and_non_utf8_lines_are_refused() {
+        let mut lines = LineBuffer::new();
+        lines.push(&[b'a'; 65]);
+        assert_eq!(lines.next_line(64), Err(LineError::TooLong { max: 64 }));
+        let mut lines = LineBuffer::new();
+        lines.push(b"aaaa\n");
+        assert_eq!(lines.next_line(3), Err(LineError::TooLong { max: 3 }));
+        let mut lines = LineBuffer::new();
+        lines.push(b"\xff\xfe\n{}\n");
+        assert_eq!(lines.next_line(64), Err(LineError::NotUtf8));
+        assert_eq!(lines.next_line(64), Ok(Some("{}".into())));
+    }
+
+    #[test]
+    fn replies_decode_to_their_status() {
+        assert!(decode_reply("ping", r#"{"ok":true}"#).is_ok());
+        let e = decode_reply("ping", r#"{"ok":false,"error":"nope"}"#).unwrap_err();
+        assert!(matches!(e, AgentError::Agent { op: "ping", ref message } if message == "nope"));
+        let e = decode_reply("ping", r#"{"ok":false}"#).unwrap_err();
+        assert!(e.to_string().contains("unspecified error"), "{e}");
+        for bad in ["", "null", "[]", r#"{"ok":1}"#, r#"{"error":"x"}"#, "{"] {
+            assert!(
+                matches!(decode_reply("ping", bad), Err(AgentError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn call_slots_refuse_beyond_the_bound_and_come_back_when_dropped() {
+        let slots = CallSlots::new(2);
+        let a = slots.try_take().unwrap();
+        let b = slots.try_take().unwrap();
+        assert!(slots.try_take().is_none());
+        assert_eq!(slots.in_use(), 2);
+        drop(a);
+        let c = slots.try_take().unwrap();
+        assert!(slots.try_take().is_none());
+        drop((b, c));
+        assert_eq!(slots.in_use(), 0);
+    }
+
+    #[test]
+    fn call_slots_hold_under_contention() {
+        let slots = std::sync::Arc::new(CallSlots::new(3));
+        let peak = std::sync::Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (slots, peak) = (slots.clone(), peak.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2000 {
+                        if let Some(_s) = slots.try_take() {
+                            peak.fetch_max(slots.in_use(), Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(peak.load(Ordering::SeqCst) <= 3);
+        assert_eq!(slots.in_use(), 0);
     }
 
     #[test]
