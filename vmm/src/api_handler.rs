@@ -7,7 +7,9 @@
 //!    are answered there and then, so they are ordered with guest events.
 //! 3. Calls that talk to the guest agent (guest info, exec, shutdown) are checked against the
 //!    state in the loop, then run on a worker thread that owns the reply, so a slow guest never
-//!    holds up the loop, the vCPUs or other API clients.
+//!    holds up the loop, the vCPUs or other API clients. At most [`MAX_AGENT_CALLS`] run at
+//!    once (each holds a thread and a vsock connection); one more is refused at once with 503
+//!    `agent_unreachable` saying the agent is busy, rather than queued behind a slow guest.
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -20,13 +22,30 @@ use api::types::{
 };
 use api::{ApiCall, ApiError, ApiHandler, ApiReply, ApiRequest, ApiResponse, LifecycleAction};
 
-use crate::agent::{AgentClient, AgentError};
+use crate::agent::{AgentClient, AgentError, CallSlot, CallSlots};
 use crate::config::Kernel;
 use crate::runner::{LifecycleError, Machine, VmState};
 use crate::vm::VmEvent;
 
 /// How long to wait for the agent's handshake and short replies.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most API calls talking to the guest agent at once.
+pub const MAX_AGENT_CALLS: usize = 8;
+
+/// The API's agent calls in flight (one VMM per process).
+static AGENT_CALLS: CallSlots = CallSlots::new(MAX_AGENT_CALLS);
+
+/// A slot for one more agent call, or the 503 that says the agent is busy.
+fn agent_slot() -> Result<CallSlot<'static>, ApiError> {
+    AGENT_CALLS.try_take().ok_or_else(|| {
+        ApiError::agent_unreachable(format!(
+            "the guest agent is busy: {} calls to it are in flight, the most at once; try \
+             again when one has finished",
+            AGENT_CALLS.max()
+        ))
+    })
+}
 
 /// The handler the API server calls: forwards every call into the control loop.
 pub fn handler(events: Sender<VmEvent>) -> ApiHandler {
@@ -120,15 +139,24 @@ fn with_agent(
         )));
         return;
     };
+    let slot = match agent_slot() {
+        Ok(slot) => slot,
+        Err(e) => {
+            call_reply.send(Err(e));
+            return;
+        }
+    };
     let spawned = std::thread::Builder::new()
         .name("api-agent".into())
         .spawn(move || {
+            let _slot = slot;
             let reply = AgentClient::connect(&vsock.socket, AGENT_TIMEOUT)
                 .map_err(agent_error)
                 .and_then(|mut agent| work(&mut agent));
             call_reply.send(reply);
         });
     if let Err(e) = spawned {
+        // The closure, with the reply, is gone: the server answers the dropped call with a 500.
         log::error!("cannot start an agent worker thread: {e}");
     }
 }
@@ -143,10 +171,18 @@ fn shutdown(machine: &Machine, reply: api::Responder) {
         )));
         return;
     };
+    let slot = match agent_slot() {
+        Ok(slot) => slot,
+        Err(e) => {
+            reply.send(Err(e));
+            return;
+        }
+    };
     let events = machine.events();
     let spawned = std::thread::Builder::new()
         .name("api-shutdown".into())
         .spawn(move || {
+            let _slot = slot;
             let asked = AgentClient::connect(&vsock.socket, AGENT_TIMEOUT)
                 .and_then(|mut agent| agent.exec(&["poweroff".to_string()], 30));
             match asked {
