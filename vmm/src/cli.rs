@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::linux_kit::LinuxKernel;
+use crate::sandbox::{AccessPaths, SandboxConfig, SeccompMode};
 
 use crate::config::{
     parse_memory, ConfigError, ConsoleConfig, Kernel, VmConfig, DEFAULT_CMDLINE,
@@ -133,6 +134,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// System call filters: true (a forbidden call ends strata with a message naming it),
+    /// false (none) or log (forbidden calls are allowed and logged by the kernel's audit)
+    /// [default: true]
+    #[arg(long, value_name = "true|false|log")]
+    pub seccomp: Option<SeccompMode>,
+
+    /// A folder strata may read and write besides its VM's own files (Landlock): where
+    /// checkpoints are exported, or a checkpoint location set through the API. Repeatable
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_paths: Vec<PathBuf>,
+
     /// Read the VM's settings from a JSON file: an object whose keys are the long flags of
     /// `strata run` without their dashes, with the same values ("vcpus": 2, "memory": "1G",
     /// "disk": ["path=a.raw"], "no-reboot": true, ...). A flag given on the command line wins
@@ -180,9 +192,23 @@ pub struct RestoreArgs {
     /// Where the serial console goes: stdio, file=PATH (output only) or none [default: stdio]
     #[arg(long, value_name = "WHERE")]
     pub console: Option<String>,
+
+    /// System call filters: true, false or log, as for `strata run` [default: true]
+    #[arg(long, value_name = "true|false|log")]
+    pub seccomp: Option<SeccompMode>,
+
+    /// A folder strata may read and write besides its VM's own files (Landlock), as for
+    /// `strata run`. Repeatable
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_paths: Vec<PathBuf>,
 }
 
 impl RestoreArgs {
+    /// The sandbox of the restored VM `config`, which starts from the checkpoint folder `dir`.
+    pub fn sandbox(&self, config: &VmConfig, dir: &std::path::Path) -> SandboxConfig {
+        sandbox_config(self.seccomp, &self.allow_paths, config, Some(dir))
+    }
+
     /// What to restore and where the VM's store is: a store's checkpoint (its id, and the
     /// store, checked against `--state-dir`), or an export folder (the store is `--state-dir`,
     /// by default the folder `vm` inside the export).
@@ -269,6 +295,8 @@ struct ConfigFile {
     api_socket: Option<PathBuf>,
     checkpoint_type: Option<String>,
     state_dir: Option<PathBuf>,
+    seccomp: Option<String>,
+    allow_path: Option<Vec<PathBuf>>,
 }
 
 /// `"memory"`: a number of MiB or a size with a unit, as for --memory.
@@ -366,6 +394,16 @@ impl RunArgs {
                 .map_err(bad)?;
         }
         args.state_dir = args.state_dir.or(file.state_dir);
+        if args.seccomp.is_none() {
+            args.seccomp = file
+                .seccomp
+                .map(|m| choice("seccomp", &m))
+                .transpose()
+                .map_err(bad)?;
+        }
+        if args.allow_paths.is_empty() {
+            args.allow_paths = file.allow_path.unwrap_or_default();
+        }
         Ok(args)
     }
 
@@ -410,6 +448,35 @@ impl RunArgs {
                     .map(|d| absolute(d).display().to_string()),
             },
         })
+    }
+}
+
+impl RunArgs {
+    /// The sandbox of the VM `config` (these flags resolved with [`RunArgs::resolve`]; the
+    /// sandbox flags of `--config FILE` are read again here).
+    pub fn sandbox(&self, config: &VmConfig) -> Result<SandboxConfig, RunArgsError> {
+        let args = self.with_config_file()?;
+        Ok(sandbox_config(
+            args.seccomp,
+            &args.allow_paths,
+            config,
+            None,
+        ))
+    }
+}
+
+/// The sandbox for `config`: `--seccomp`, and Landlock on the VM's paths, `--allow-path`
+/// folders (made absolute) and the checkpoint folder a restore starts from.
+fn sandbox_config(
+    seccomp: Option<SeccompMode>,
+    allow: &[PathBuf],
+    config: &VmConfig,
+    checkpoint: Option<&std::path::Path>,
+) -> SandboxConfig {
+    let allow: Vec<PathBuf> = allow.iter().map(|p| absolute(p)).collect();
+    SandboxConfig {
+        seccomp: seccomp.unwrap_or_default(),
+        paths: AccessPaths::for_vm(config, &allow, checkpoint),
     }
 }
 
@@ -481,6 +548,31 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_is_on_by_default_and_takes_true_false_log() {
+        let config = run_args(&["run"]).to_config().unwrap();
+        let sandbox = run_args(&["run"]).sandbox(&config).unwrap();
+        assert_eq!(sandbox.seccomp, SeccompMode::On);
+        for (value, mode) in [
+            ("true", SeccompMode::On),
+            ("false", SeccompMode::Off),
+            ("log", SeccompMode::Log),
+        ] {
+            let args = run_args(&["run", "--seccomp", value, "--allow-path", "/x"]);
+            let sandbox = args.sandbox(&config).unwrap();
+            assert_eq!(sandbox.seccomp, mode);
+            assert!(sandbox.paths.full.contains(&PathBuf::from("/x")));
+        }
+        assert!(parse(&["run", "--seccomp", "maybe"]).is_err());
+        match parse(&["restore", "--checkpoint", "/c", "--seccomp", "false"])
+            .unwrap()
+            .command
+        {
+            Command::Restore(r) => assert_eq!(r.seccomp, Some(SeccompMode::Off)),
+            other => panic!("not a restore command: {other:?}"),
+        }
+    }
+
+    #[test]
     fn out_of_range_vcpus_are_config_errors() {
         for n in ["0", "33", "300"] {
             let args = run_args(&["run", "--vcpus", n]);
@@ -513,13 +605,16 @@ mod tests {
                 "linux-kernel": "test", "vcpus": 3, "memory": 96, "no-reboot": true,
                 "console": "none", "disk": ["path=/d0", "path=/d1,readonly=on"],
                 "vsock": "cid=3,socket=/v", "api-socket": "/api",
-                "checkpoint-type": "production-only", "state-dir": "/state"}"#,
+                "checkpoint-type": "production-only", "state-dir": "/state",
+                "seccomp": "log", "allow-path": ["/backups"]}"#,
             &[],
         )
         .unwrap();
         assert_eq!(args.guest, Some(GuestKind::Linux));
         assert_eq!(args.linux_kernel, Some(LinuxKernel::Test));
         assert_eq!(args.config, None);
+        assert_eq!(args.seccomp, Some(SeccompMode::Log));
+        assert_eq!(args.allow_paths, vec![PathBuf::from("/backups")]);
         let c = args.to_config().unwrap();
         assert_eq!(c.kernel, Kernel::File("/k".into()));
         assert_eq!(c.initrd, Some("/i".into()));

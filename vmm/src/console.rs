@@ -147,7 +147,10 @@ impl ConsoleOutput {
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("console-out".into())
-            .spawn(move || write_loop(&thread_shared, writer))?;
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::ThreadKind::Console);
+                write_loop(&thread_shared, writer)
+            })?;
         Ok(Self { shared })
     }
 
@@ -406,6 +409,7 @@ pub fn spawn_stdin(
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            crate::sandbox::enter(crate::sandbox::ThreadKind::Console);
             let mut stdin = io::stdin().lock();
             let mut buf = [0u8; 256];
             let mut escapes = Escapes::default();

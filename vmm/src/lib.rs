@@ -17,7 +17,8 @@
 //!   virtio devices;
 //! - [`api_handler`]: answering API calls in the control loop;
 //! - [`console`]: the host side of the serial console;
-//! - [`cli`]: the command line.
+//! - [`cli`]: the command line;
+//! - [`sandbox`]: seccomp filters per thread, Landlock, the open-file limit.
 
 pub mod agent;
 pub mod api_handler;
@@ -31,6 +32,7 @@ pub mod linux_kit;
 pub mod loader;
 pub mod memory;
 pub mod runner;
+pub mod sandbox;
 pub mod vcpu;
 pub mod vm;
 pub mod vstate;

@@ -28,6 +28,36 @@ fn default_sigpipe() {
     }
 }
 
+/// Sets up the sandbox (`vmm::sandbox`) of a VMM about to run `vm`, on the main thread before
+/// any other thread starts. The checkpoint location and the console file are created first:
+/// Landlock rules name existing paths, and the VMM creates both at start anyway.
+fn enter_sandbox(vm: &vmm::config::VmConfig, sandbox: &vmm::sandbox::SandboxConfig) -> bool {
+    if let Some(location) = &vm.checkpoint.location {
+        let _ = std::fs::create_dir_all(location);
+    }
+    if let vmm::config::ConsoleConfig::File(path) = &vm.console {
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path);
+    }
+    match vmm::sandbox::init(sandbox) {
+        Ok(status) => {
+            log::debug!("sandbox: {status:?}");
+            if status.landlock == vmm::sandbox::LandlockStatus::Unsupported {
+                log::warn!(
+                    "this kernel has no Landlock: strata runs without file access restrictions"
+                );
+            }
+            true
+        }
+        Err(e) => {
+            report(&e);
+            false
+        }
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
@@ -87,6 +117,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if !enter_sandbox(&config, &args.sandbox(&config, &dir)) {
+                return ExitCode::FAILURE;
+            }
             match runner::restore(&config, &from) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -110,6 +143,16 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let sandbox = match args.sandbox(&config) {
+                Ok(s) => s,
+                Err(e) => {
+                    report(&e);
+                    return ExitCode::from(2);
+                }
+            };
+            if !enter_sandbox(&config, &sandbox) {
+                return ExitCode::FAILURE;
+            }
             match runner::run(&config) {
                 Ok(Outcome::PowerOff) | Ok(Outcome::Reset) | Ok(Outcome::Quit) => ExitCode::SUCCESS,
                 Err(e @ runner::RunError::Config(_)) => {

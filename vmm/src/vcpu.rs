@@ -301,7 +301,10 @@ impl VcpuHandle {
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu.run(start))
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::ThreadKind::Vcpu);
+                vcpu.run(start)
+            })
             .map_err(|e| VcpuError::Spawn(index, e))?;
         Ok(Self {
             index,

@@ -157,7 +157,16 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic".to_string())
 }
 
+/// What every device thread calls first (see [`EventLoop::set_thread_start_hook`]).
+static THREAD_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
 impl EventLoop {
+    /// Sets the function every device thread calls before it serves its device (the VMM
+    /// installs the device threads' seccomp filter there). Only the first call counts.
+    pub fn set_thread_start_hook(hook: fn()) {
+        let _ = THREAD_START.set(hook);
+    }
+
     /// Starts a thread named `name` serving `device` and its `mailbox`; if the thread ever
     /// ends on its own, `on_failure` hears why.
     pub fn start<D>(
@@ -193,6 +202,7 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                THREAD_START.get().inspect(|hook| hook());
                 let gate = thread_gate;
                 let result = catch_unwind(AssertUnwindSafe(|| loop {
                     if *gate.lock() == State::Stopping {
