@@ -1,4 +1,8 @@
 //! Guest RAM: its layout around the 32-bit MMIO hole and its allocation.
+//!
+//! Every mapping of guest RAM, anonymous or from a checkpoint's memory file, is marked
+//! `MADV_DONTDUMP`: a core dump of the VMM must not carry the guest's memory (its secrets,
+//! and gigabytes).
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -18,6 +22,17 @@ pub enum MemoryError {
         /// What failed.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// Guest RAM cannot be kept out of core dumps.
+    #[error("cannot mark guest memory at {addr:#x} ({len} bytes) MADV_DONTDUMP")]
+    DontDump {
+        /// The guest address of the region.
+        addr: u64,
+        /// Its length.
+        len: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// A checkpoint's memory file cannot become guest memory.
     #[error("memory file {path}: {reason}")]
@@ -82,7 +97,29 @@ pub fn from_checkpoint(
             .ok_or_else(|| bad("a region wraps the address space".into()))?;
         out.push(region);
     }
-    GuestMemory::from_regions(out).map_err(|e| bad(format!("{e}")))
+    let memory = GuestMemory::from_regions(out).map_err(|e| bad(format!("{e}")))?;
+    exclude_from_core_dumps(&memory)?;
+    Ok(memory)
+}
+
+/// Marks every region of `memory` `MADV_DONTDUMP`.
+fn exclude_from_core_dumps(memory: &GuestMemory) -> Result<(), MemoryError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in memory.iter() {
+        let len = region.len();
+        let size = usize::try_from(len).unwrap_or(usize::MAX);
+        // SAFETY: the range is exactly one live mapping that `memory` owns; MADV_DONTDUMP
+        // changes only whether it goes into a core dump, not its contents or protection.
+        let r = unsafe { libc::madvise(region.as_ptr().cast(), size, libc::MADV_DONTDUMP) };
+        if r != 0 {
+            return Err(MemoryError::DontDump {
+                addr: region.start_addr().0,
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Allocates `size` bytes of zeroed guest RAM.
@@ -91,10 +128,12 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
         .into_iter()
         .map(|(start, len)| (start, len as usize))
         .collect();
-    GuestMemory::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
+    let memory = GuestMemory::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
         mib: size >> 20,
         source,
-    })
+    })?;
+    exclude_from_core_dumps(&memory)?;
+    Ok(memory)
 }
 
 #[cfg(test)]
@@ -117,6 +156,38 @@ mod tests {
                 (GuestAddress(MMIO_HOLE_END), (4 << 30) - MMIO_HOLE_START)
             ]
         );
+    }
+
+    /// The `VmFlags` of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut in_mapping = false;
+        for line in smaps.lines() {
+            if line
+                .split_whitespace()
+                .next()
+                .is_some_and(|r| r.contains('-'))
+                && !line.starts_with("VmFlags")
+            {
+                in_mapping = line.starts_with(&start);
+            } else if in_mapping {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    #[test]
+    fn guest_ram_is_left_out_of_core_dumps() {
+        use vm_memory::GuestMemoryRegion;
+        let mem = create(16 << 20).unwrap();
+        for region in mem.iter() {
+            let flags = vm_flags(region.as_ptr() as usize);
+            assert!(flags.split(' ').any(|f| f == "dd"), "VmFlags: {flags}");
+        }
     }
 
     #[test]
