@@ -5,6 +5,7 @@
 //! - [`legacy`]: the 8250 serial port (COM1), the i8042 controller (only its CPU-reset line),
 //!   the ACPI power-management registers of a hardware-reduced platform (sleep control/status and
 //!   the reset register) and the pvpanic port;
+//! - [`ratelimit`]: the per-call-site limit on log lines a guest can trigger;
 //! - [`virtio`]: the virtio-mmio transport, the virtio-blk and virtio-vsock devices, the queue
 //!   service they share and their pausable event loop threads (its module docs give the
 //!   threading and ownership model).
@@ -15,6 +16,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod ratelimit;
 pub mod virtio;
 
 use std::sync::Arc;

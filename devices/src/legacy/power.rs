@@ -47,7 +47,10 @@ impl BusDevice for AcpiPm {
         if value & SLP_EN != 0 && sleep_type == SLEEP_TYPE_S5 {
             (self.events)(GuestEvent::PowerOff);
         } else if value & SLP_EN != 0 {
-            log::warn!("guest asked for unsupported sleep type {sleep_type}; ignored");
+            crate::rate_limited!(
+                log::Level::Warn,
+                "guest asked for unsupported sleep type {sleep_type}; ignored"
+            );
         }
     }
 }

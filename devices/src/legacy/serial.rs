@@ -28,7 +28,10 @@ impl SerialEvents for SpaceEvents {
     fn tx_lost_byte(&self) {}
     fn in_buffer_empty(&self) {
         if let Err(e) = self.0.write(1) {
-            log::warn!("serial: cannot signal free input space: {e}");
+            crate::rate_limited!(
+                log::Level::Warn,
+                "serial: cannot signal free input space: {e}"
+            );
         }
     }
 }
@@ -85,7 +88,7 @@ impl Serial {
         match self.uart.enqueue_raw_bytes(&bytes[..room]) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("serial: input lost: {e:?}");
+                crate::rate_limited!(log::Level::Warn, "serial: input lost: {e:?}");
                 room
             }
         }

@@ -266,7 +266,8 @@ impl MmioTransport {
         {
             self.resetting = None;
         } else {
-            log::warn!(
+            crate::rate_limited!(
+                log::Level::Warn,
                 "virtio-mmio: device type {} was not reset within {:?} (its thread is busy \
                  in the backend, paused or gone); the reset completes when the thread gets to \
                  it, Status reads DEVICE_NEEDS_RESET until then",
@@ -312,7 +313,7 @@ impl MmioTransport {
             if accepted & status::FEATURES_OK == 0 {
                 accepted &= !status::DRIVER_OK;
             } else if let Err(e) = self.activate() {
-                log::warn!("virtio-mmio: activation failed: {e}");
+                crate::rate_limited!(log::Level::Warn, "virtio-mmio: activation failed: {e}");
                 self.refuse();
             }
         }

@@ -149,7 +149,7 @@ impl Interrupt {
     pub fn trigger(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.irq.write(1) {
-            log::warn!("virtio: cannot raise interrupt: {e}");
+            crate::rate_limited!(log::Level::Warn, "virtio: cannot raise interrupt: {e}");
         }
     }
 
@@ -281,7 +281,10 @@ impl Mailbox {
 
     fn wake(&self) {
         if let Err(e) = self.evt.write(1) {
-            log::warn!("virtio: cannot wake the device thread: {e}");
+            crate::rate_limited!(
+                log::Level::Warn,
+                "virtio: cannot wake the device thread: {e}"
+            );
         }
     }
 
@@ -370,7 +373,7 @@ impl Mailbox {
                 Some(Command::Activate(a)) => {
                     let interrupt = a.interrupt.clone();
                     if let Err(e) = device.activate(a.mem, a.interrupt, a.queues, a.features) {
-                        log::warn!("virtio: activation failed: {e}");
+                        crate::rate_limited!(log::Level::Warn, "virtio: activation failed: {e}");
                         interrupt.set_needs_reset();
                     }
                 }

@@ -177,7 +177,8 @@ impl Block {
             }
             Ok(_) => {}
             Err(e) => {
-                log::warn!(
+                crate::rate_limited!(
+                    log::Level::Warn,
                     "virtio-blk {}: queue broken, device needs reset: {e}",
                     id_text(&self.id)
                 );

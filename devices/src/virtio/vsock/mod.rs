@@ -33,8 +33,15 @@
 //!
 //! Choices where the spec is silent: the socket file at `PATH` is replaced if it is a stale
 //! socket (anything else at `PATH` is an error) and is left in place when the device goes
-//! away; the handshake timeout is 5 s; at most [`MAX_CONNECTIONS`] connections and
-//! [`MAX_PENDING_CLIENTS`] clients mid-handshake exist at once.
+//! away; the handshake timeout is 5 s; at most [`MAX_PENDING_CLIENTS`] clients mid-handshake
+//! and [`Vsock::max_connections`] connections exist at once. That bound is read from the
+//! open-file limit when the device is created ([`connection_bound`]: what the limit leaves
+//! after [`FD_RESERVE`] descriptors for the rest of the VMM and the pending clients, at most
+//! [`MAX_CONNECTIONS`]), so a guest or host clients opening connections are refused (a guest
+//! REQUEST gets an RST, a host client is closed after its `CONNECT` line) before the VMM runs
+//! out of descriptors. Should `accept` still fail for want of descriptors, the listener is
+//! left unwatched until the next timer tick rather than spinning the loop. Log lines the guest
+//! or host clients can trigger are rate-limited ([`crate::ratelimit`]).
 
 pub mod conn;
 pub mod packet;
@@ -88,10 +95,15 @@ pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 /// `struct virtio_vsock_event` id: the transport was reset (virtio 1.2, 5.10.6.7).
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
-/// Most connections at once (each holds a host file descriptor).
+/// Most connections at once (each holds a host file descriptor and up to [`CONN_BUF_SIZE`] of
+/// buffers), however high the open-file limit is; a lower limit lowers the bound
+/// ([`connection_bound`]).
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Most host clients that have not finished the handshake.
 pub const MAX_PENDING_CLIENTS: usize = 64;
+/// File descriptors the connection bound leaves to the rest of the VMM (disks, eventfds,
+/// vCPUs, API connections, checkpoint files) besides the pending clients.
+pub const FD_RESERVE: u64 = 256;
 /// Default time a host client has to send `CONNECT`, and the guest to answer the REQUEST.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// RSTs queued for the guest (for packets without a connection) beyond which more are dropped.
@@ -147,6 +159,11 @@ pub struct Vsock {
     next_local_port: u32,
     /// Restored from a snapshot: tell the guest its connections are gone once it is active.
     transport_reset_due: bool,
+    /// Most connections at once ([`connection_bound`] of the open-file limit at creation).
+    max_connections: usize,
+    /// `accept` failed for want of descriptors: the listener is not watched until the next
+    /// timer tick, so that a listener that stays readable does not spin the loop.
+    listener_paused: bool,
 }
 
 /// What the loop watches on a host socket.
@@ -165,6 +182,33 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// The process's soft limit on open files (`RLIMIT_NOFILE`), `None` if it cannot be read;
+/// no limit reads as `u64::MAX`.
+pub fn open_file_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which lives across the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc != 0 {
+        return None;
+    }
+    Some(if lim.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        lim.rlim_cur
+    })
+}
+
+/// The most connections a device may hold under an open-file limit of `limit`: what is left
+/// after [`FD_RESERVE`] and [`MAX_PENDING_CLIENTS`], at most [`MAX_CONNECTIONS`]. Each
+/// connection holds one descriptor, so the device can never be the one that exhausts them.
+pub fn connection_bound(limit: u64) -> usize {
+    let left = limit.saturating_sub(FD_RESERVE + MAX_PENDING_CLIENTS as u64);
+    usize::try_from(left).map_or(MAX_CONNECTIONS, |l| l.min(MAX_CONNECTIONS))
 }
 
 /// Makes `fd` non-blocking: a timer disarmed earlier in the same epoll batch must not block
@@ -211,6 +255,15 @@ impl Vsock {
         let queue_evts = (0..3)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
+        let limit = open_file_limit();
+        let max_connections = limit.map_or(MAX_CONNECTIONS, connection_bound);
+        if max_connections < MAX_CONNECTIONS {
+            log::warn!(
+                "virtio-vsock: at most {max_connections} connections, as the open-file limit is \
+                 {} (raise `ulimit -n` for more)",
+                limit.unwrap_or_default()
+            );
+        }
         Ok(Self {
             cid,
             uds_path,
@@ -228,6 +281,8 @@ impl Vsock {
             dead: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
             transport_reset_due: false,
+            max_connections,
+            listener_paused: false,
         })
     }
 
@@ -257,6 +312,18 @@ impl Vsock {
         self.conns.len()
     }
 
+    /// Most connections at once: beyond it a guest REQUEST gets an RST and a host client is
+    /// closed after its `CONNECT` line.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Lowers (or raises, up to the bound of the open-file limit) the most connections at once.
+    pub fn set_max_connections(&mut self, n: usize) {
+        let ceiling = open_file_limit().map_or(MAX_CONNECTIONS, connection_bound);
+        self.max_connections = n.min(ceiling);
+    }
+
     /// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue and drops every connection
     /// (their host sockets are closed). Used after restoring a VM: the guest's connections
     /// cannot survive. Returns whether the event reached the guest (false when the device is
@@ -281,7 +348,10 @@ impl Vsock {
                 }
             }
             if !delivered {
-                log::warn!("virtio-vsock: no event buffer for TRANSPORT_RESET");
+                crate::rate_limited!(
+                    log::Level::Warn,
+                    "virtio-vsock: no event buffer for TRANSPORT_RESET"
+                );
             }
             self.active = Some(a);
         }
@@ -291,7 +361,10 @@ impl Vsock {
 
     /// The guest broke queue `index`: stop serving and ask for a reset (virtio 1.2, 2.1.2).
     fn break_queue(&mut self, a: &mut Active, index: usize, e: &QueueError) {
-        log::warn!("virtio-vsock: queue {index} broken, device needs reset: {e}");
+        crate::rate_limited!(
+            log::Level::Warn,
+            "virtio-vsock: queue {index} broken, device needs reset: {e}"
+        );
         a.broken = true;
         a.interrupt.set_needs_reset();
         self.drop_all();
@@ -357,6 +430,7 @@ impl Vsock {
     /// Arms the timer while someone waits on a handshake, disarms it otherwise.
     fn update_timer(&mut self) {
         let waiting = !self.pending.is_empty()
+            || self.listener_paused
             || self
                 .conns
                 .values()
@@ -365,7 +439,10 @@ impl Vsock {
             let tick = (self.handshake_timeout / 4).max(Duration::from_millis(10));
             match self.timer.reset(tick, Some(tick)) {
                 Ok(()) => self.timer_armed = true,
-                Err(e) => log::warn!("virtio-vsock: cannot arm the handshake timer: {e}"),
+                Err(e) => crate::rate_limited!(
+                    log::Level::Warn,
+                    "virtio-vsock: cannot arm the handshake timer: {e}"
+                ),
             }
         } else if !waiting && self.timer_armed {
             let _ = self.timer.clear();
@@ -403,6 +480,20 @@ impl Vsock {
         }
     }
 
+    /// Watches the listener again after [`Self::accept`] paused it.
+    fn resume_listener(&mut self, ops: &mut EventOps) {
+        if self.listener_paused {
+            self.listener_paused = false;
+            if let Err(e) = ops.add(Events::new_raw(self.listener.as_raw_fd(), EventSet::IN)) {
+                crate::rate_limited!(
+                    log::Level::Error,
+                    "virtio-vsock: cannot watch {}: {e}",
+                    self.uds_path.display()
+                );
+            }
+        }
+    }
+
     /// Accepts host clients.
     fn accept(&mut self, ops: &mut EventOps) {
         loop {
@@ -411,7 +502,18 @@ impl Vsock {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    log::warn!("virtio-vsock: accept on {}: {e}", self.uds_path.display());
+                    crate::rate_limited!(
+                        log::Level::Warn,
+                        "virtio-vsock: accept on {}: {e}",
+                        self.uds_path.display()
+                    );
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        // The client stays in the backlog and the listener readable: stop
+                        // watching it until the next timer tick instead of spinning.
+                        let _ =
+                            ops.remove(Events::new_raw(self.listener.as_raw_fd(), EventSet::IN));
+                        self.listener_paused = true;
+                    }
                     return;
                 }
             };
@@ -419,7 +521,10 @@ impl Vsock {
                 continue; // dropping closes it
             }
             if let Err(e) = ops.add(Events::new(&stream, socket_events())) {
-                log::warn!("virtio-vsock: cannot watch a host client: {e}");
+                crate::rate_limited!(
+                    log::Level::Warn,
+                    "virtio-vsock: cannot watch a host client: {e}"
+                );
                 continue;
             }
             let fd = stream.as_raw_fd();
@@ -475,7 +580,20 @@ impl Vsock {
     }
 
     fn can_connect(&self) -> bool {
-        self.active.as_ref().is_some_and(|a| !a.broken) && self.conns.len() < MAX_CONNECTIONS
+        self.active.as_ref().is_some_and(|a| !a.broken) && !self.at_bound()
+    }
+
+    /// Whether the device holds as many connections as it may; then one more is refused.
+    fn at_bound(&self) -> bool {
+        let full = self.conns.len() >= self.max_connections;
+        if full {
+            crate::rate_limited!(
+                log::Level::Warn,
+                "virtio-vsock: {} connections, the most this device keeps; refusing more",
+                self.conns.len()
+            );
+        }
+        full
     }
 
     /// A local port no connection uses.
@@ -589,6 +707,7 @@ impl MutEventSubscriber for Vsock {
         } else if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
             self.expire();
+            self.resume_listener(ops);
         } else if fd == self.listener.as_raw_fd() {
             self.accept(ops);
         } else if self.pending.contains_key(&fd) {

@@ -517,3 +517,77 @@ fn a_restored_device_tells_the_guest_its_connections_are_gone_once_active() {
     let id: u32 = mem.read_obj(GuestAddress(0x10_0000)).unwrap();
     assert_eq!(id, EVENT_TRANSPORT_RESET);
 }
+
+#[test]
+fn the_connection_bound_stays_below_the_open_file_limit() {
+    // The common default soft limit: the device alone can no longer use up the descriptors.
+    assert_eq!(connection_bound(1024), 1024 - 256 - 64);
+    assert!(connection_bound(1024) < 1024);
+    // A raised limit gives the full bound, no limit too.
+    assert_eq!(connection_bound(1 << 20), MAX_CONNECTIONS);
+    assert_eq!(connection_bound(u64::MAX), MAX_CONNECTIONS);
+    // A limit below the reserve leaves no connection rather than underflowing.
+    assert_eq!(connection_bound(100), 0);
+    // The device reads the limit it was created under.
+    let dir = tempfile::tempdir().unwrap();
+    let v = Vsock::new(3, dir.path().join("s")).unwrap();
+    let limit = open_file_limit().unwrap();
+    assert_eq!(v.max_connections(), connection_bound(limit));
+}
+
+#[test]
+fn guest_connects_beyond_the_bound_get_rst_and_leave_the_others_alone() {
+    let mut h = harness();
+    h.dev.lock().unwrap().set_max_connections(2);
+    let listener = UnixListener::bind(uds::port_path(&h.path, 1234)).unwrap();
+    for guest_port in [5000, 5001] {
+        h.send(ghdr(op::REQUEST, guest_port, 1234), &[]);
+        let (p, _) = h.recv();
+        assert_eq!((p.op, p.dst_port), (op::RESPONSE, guest_port));
+    }
+    h.send(ghdr(op::REQUEST, 5002, 1234), &[]);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.src_port, p.dst_port), (op::RST, 1234, 5002));
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 2);
+    // The two that got in still carry data.
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    h.send(ghdr(op::RW, 5000, 1234), b"still here");
+    assert_eq!(read_n(&mut s, 10), b"still here");
+    // One closes: the next REQUEST gets in.
+    h.send(ghdr(op::RST, 5001, 1234), &[]);
+    h.send(ghdr(op::REQUEST, 5003, 1234), &[]);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.dst_port), (op::RESPONSE, 5003));
+}
+
+#[test]
+fn host_clients_beyond_the_bound_are_closed_without_reaching_the_guest() {
+    let mut h = harness();
+    h.dev.lock().unwrap().set_max_connections(1);
+    let (mut first, local) = h.host_connect(52, 64 * 1024);
+    let mut extra = h.client();
+    extra.write_all(b"CONNECT 52\n").unwrap();
+    assert!(closed(&mut extra), "a client beyond the bound was kept");
+    // No REQUEST went to the guest for it, and the first connection still works.
+    first.write_all(b"ping\n").unwrap();
+    let (p, data) = h.recv();
+    assert_eq!(
+        (p.op, p.src_port, data.as_slice()),
+        (op::RW, local, &b"ping\n"[..])
+    );
+    assert_eq!(h.dev.lock().unwrap().connection_count(), 1);
+}
+
+#[test]
+fn the_bound_cannot_be_raised_past_the_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = Vsock::new(3, dir.path().join("s")).unwrap();
+    v.set_max_connections(usize::MAX);
+    assert_eq!(
+        v.max_connections(),
+        connection_bound(open_file_limit().unwrap())
+    );
+    v.set_max_connections(5);
+    assert_eq!(v.max_connections(), 5);
+}

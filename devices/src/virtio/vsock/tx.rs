@@ -5,9 +5,7 @@ use std::os::fd::AsRawFd;
 
 use super::conn::{self, Connection, State};
 use super::packet::{self, op, Header, HDR_LEN, TYPE_STREAM};
-use super::{
-    socket_events, uds, Key, Vsock, BUDGET, HOST_CID, MAX_CONNECTIONS, MAX_PKT_LEN, TX_QUEUE,
-};
+use super::{socket_events, uds, Key, Vsock, BUDGET, HOST_CID, MAX_PKT_LEN, TX_QUEUE};
 use crate::virtio::queue::{Handled, Served};
 use crate::virtio::GuestMemory;
 use event_manager::{EventOps, Events};
@@ -121,7 +119,7 @@ impl Vsock {
 
     /// The guest connects to host port `key.0`: connect to `PATH_<port>`.
     fn guest_connect(&mut self, key: Key, h: Header, ops: &mut EventOps) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.at_bound() {
             self.queue_rst(key);
             return;
         }
@@ -135,7 +133,11 @@ impl Vsock {
             }
         };
         if let Err(e) = ops.add(Events::new(&stream, socket_events())) {
-            log::warn!("virtio-vsock: cannot watch {}: {e}", path.display());
+            crate::rate_limited!(
+                log::Level::Warn,
+                "virtio-vsock: cannot watch {}: {e}",
+                path.display()
+            );
             self.queue_rst(key);
             return;
         }
