@@ -182,7 +182,6 @@ mod tests {
 
     #[test]
     fn guest_ram_is_left_out_of_core_dumps() {
-        use vm_memory::GuestMemoryRegion;
         let mem = create(16 << 20).unwrap();
         for region in mem.iter() {
             let flags = vm_flags(region.as_ptr() as usize);
