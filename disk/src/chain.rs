@@ -12,14 +12,14 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{DiskError, Result};
 use crate::format::{self, Entry, Header, ParentRef, SUBCLUSTERS};
 use crate::layer::{self, read_full, sub_bits, Format, Layer};
 use crate::merge::MergeJob;
+use crate::parent::ParentPolicy;
 use crate::sys;
 
 /// Deepest chain accepted (guards against cycles and absurd files).
@@ -245,8 +245,19 @@ enum Piece {
 impl Chain {
     /// Opens the chain whose top is `path` (a raw file or a layer). Writable opens lock the top
     /// exclusively and every backing file shared; read-only opens lock all shared. Reads each
-    /// layer's header and L1 table, nothing else.
+    /// layer's header and L1 table, nothing else. Each parent must be a regular file in its
+    /// child's directory or below ([`Chain::open_with`] allows more).
     pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Chain> {
+        Self::open_with(path, opts, &ParentPolicy::default())
+    }
+
+    /// [`Chain::open`], with parents also allowed where `parents` says (the caller's choice,
+    /// never the files').
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        opts: OpenOptions,
+        parents: &ParentPolicy,
+    ) -> Result<Chain> {
         let path = path.as_ref();
         let mut layers = vec![Layer::open(path, !opts.read_only, opts.format)?];
         let mut ids = std::collections::HashSet::new();
@@ -266,13 +277,12 @@ impl Chain {
                 ParentRef::Layer { path, .. } => (path.clone(), Format::Strata),
                 ParentRef::Raw { path, .. } => (path.clone(), Format::Raw),
             };
-            let ppath = layer::resolve_parent(&child.path, &recorded);
-            let parent = match Layer::open(&ppath, false, Some(fmt)) {
+            let parent = match Layer::open_parent(&child.path, &recorded, fmt, parents) {
                 Ok(p) => p,
-                Err(DiskError::Io { source, .. }) => {
+                Err(DiskError::Io { source, path, .. }) => {
                     return Err(DiskError::ParentMissing {
                         path: child.path.clone(),
-                        parent: ppath,
+                        parent: path,
                         source,
                     })
                 }
@@ -908,20 +918,33 @@ pub fn create_empty(path: impl AsRef<Path>, size: u64, opts: CreateOptions) -> R
 }
 
 /// Creates a new layer at `new_path` over `parent_path` (a raw image or a layer; the parent's
-/// own chain must open). The new layer records the parent's identity.
+/// own chain must open). The new layer records the parent's identity, and its path relative
+/// to the new layer's directory; a parent outside that directory is refused
+/// ([`create_layer_with`] allows more).
 pub fn create_layer(parent_path: impl AsRef<Path>, new_path: impl AsRef<Path>) -> Result<()> {
+    create_layer_with(parent_path, new_path, &ParentPolicy::default())
+}
+
+/// [`create_layer`], with parents (the new layer's and those of the parent's chain) also
+/// allowed where `parents` says.
+pub fn create_layer_with(
+    parent_path: impl AsRef<Path>,
+    new_path: impl AsRef<Path>,
+    parents: &ParentPolicy,
+) -> Result<()> {
     let (parent_path, new_path) = (parent_path.as_ref(), new_path.as_ref());
     if new_path.exists() {
         return Err(DiskError::Exists {
             path: new_path.to_path_buf(),
         });
     }
-    let parent = Chain::open(
+    let parent = Chain::open_with(
         parent_path,
         OpenOptions {
             read_only: true,
             format: None,
         },
+        parents,
     )?;
     let top = &parent.layers[parent.layers.len() - 1];
     let size = top.virtual_size();
@@ -932,46 +955,15 @@ pub fn create_layer(parent_path: impl AsRef<Path>, new_path: impl AsRef<Path>) -
         });
     }
     // The new file does not exist yet: record the path relative to its future directory.
-    let pref = top.as_parent_ref(new_path)?;
+    let pref = top.parent_ref_for(new_path, Some(parents))?;
     let h = Header::new(parent.cluster_bits, size, pref);
     write_new_layer(new_path, h)
 }
 
-/// Writes a new layer file whole under a temporary name, syncs it and renames it into place.
+/// Writes a new layer file whole, unnamed or under a temporary name, syncs it and links it
+/// into place (never over an existing file; a crash leaves nothing that blocks a later create).
 fn write_new_layer(path: &Path, h: Header) -> Result<()> {
-    if path.exists() {
-        return Err(DiskError::Exists {
-            path: path.to_path_buf(),
-        });
-    }
-    let tmp = tmp_path(path);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(DiskError::io(&tmp, "create"))?;
-    let res = (|| {
-        f.write_all_at(&h.encode(), 0)
-            .map_err(DiskError::io(&tmp, "write header"))?;
-        f.set_len(h.data_offset)
-            .map_err(DiskError::io(&tmp, "set length"))?;
-        f.sync_all().map_err(DiskError::io(&tmp, "fsync"))?;
-        std::fs::rename(&tmp, path).map_err(DiskError::io(path, "rename into place"))?;
-        sys::sync_dir(path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
-}
-
-/// `dir/.name.tmp`: where a file is built before it is renamed into place.
-pub(crate) fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
+    crate::file::create_whole(path, &h.encode(), h.data_offset)
 }
 
 #[cfg(test)]

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use thiserror::Error;
 
-use crate::chain::{create_empty, create_layer, CreateOptions};
+use crate::chain::{create_empty, create_layer_with, CreateOptions};
 use crate::error::DiskError;
 use crate::merge::MergeDirection;
 use crate::ops::{self, ConvertFormat, MapKind};
+use crate::parent::ParentPolicy;
 use crate::progress::Progress;
 
 /// The `strata disk` subcommands.
@@ -34,6 +35,11 @@ pub enum DiskCommand {
         /// Cluster size of a new empty disk (4K to 2M, a power of two) [default: 64K].
         #[arg(long, value_name = "SIZE", conflicts_with = "parent")]
         cluster_size: Option<String>,
+        /// Let the new layer (and the layers of PARENT's chain) name parents outside their own
+        /// directory: the new layer then records PARENT's absolute path (only for files you
+        /// trust).
+        #[arg(long)]
+        allow_parent_outside: bool,
     },
     /// Show the chain: its files, sizes and allocation.
     Info {
@@ -42,6 +48,10 @@ pub enum DiskCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Let layers name parents outside their own directory (only for files you trust: a
+        /// crafted layer could otherwise name any file on this host as its parent).
+        #[arg(long)]
+        allow_parent_outside: bool,
     },
     /// Check a chain for corruption and leaked clusters (exit status 1 on corruption).
     Check {
@@ -53,6 +63,10 @@ pub enum DiskCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Let layers name parents outside their own directory (only for files you trust: a
+        /// crafted layer could otherwise name any file on this host as its parent).
+        #[arg(long)]
+        allow_parent_outside: bool,
     },
     /// Show which layer holds each range of the disk.
     Map {
@@ -61,6 +75,10 @@ pub enum DiskCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Let layers name parents outside their own directory (only for files you trust: a
+        /// crafted layer could otherwise name any file on this host as its parent).
+        #[arg(long)]
+        allow_parent_outside: bool,
     },
     /// Fold a layer into its parent (default) or into its child, and delete it.
     Merge {
@@ -73,6 +91,10 @@ pub enum DiskCommand {
         /// are re-pointed as needed.
         #[arg(long, value_name = "TOP")]
         top: Option<PathBuf>,
+        /// Let layers name parents outside their own directory (only for files you trust: a
+        /// crafted layer could otherwise name any file on this host as its parent).
+        #[arg(long)]
+        allow_parent_outside: bool,
     },
     /// Flatten a chain into a new sparse raw image or a single-layer Strata image.
     Convert {
@@ -83,6 +105,10 @@ pub enum DiskCommand {
         /// Output format.
         #[arg(long, value_enum, default_value = "raw")]
         format: ConvertFormat,
+        /// Let layers name parents outside their own directory (only for files you trust: a
+        /// crafted layer could otherwise name any file on this host as its parent).
+        #[arg(long)]
+        allow_parent_outside: bool,
     },
     /// Show the clusters changed between an older layer and a newer one of its chain.
     Changes {
@@ -93,6 +119,10 @@ pub enum DiskCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Let layers name parents outside their own directory (only for files you trust: a
+        /// crafted layer could otherwise name any file on this host as its parent).
+        #[arg(long)]
+        allow_parent_outside: bool,
     },
 }
 
@@ -158,6 +188,15 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The parent policy `--allow-parent-outside` asks for.
+fn policy(allow_parent_outside: bool) -> ParentPolicy {
+    if allow_parent_outside {
+        ParentPolicy::anywhere()
+    } else {
+        ParentPolicy::confined()
+    }
+}
+
 /// Runs one `strata disk` command, printing its output.
 pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
     match cmd {
@@ -166,9 +205,10 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
             size,
             parent,
             cluster_size,
+            allow_parent_outside,
         } => {
             if let Some(parent) = parent {
-                create_layer(&parent, &path)?;
+                create_layer_with(&parent, &path, &policy(allow_parent_outside))?;
                 println!("created {} over {}", path.display(), parent.display());
             } else {
                 let size = parse_size(size.as_deref().unwrap_or_default())?;
@@ -186,8 +226,12 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
                 println!("created {} ({})", path.display(), human(size));
             }
         }
-        DiskCommand::Info { path, json } => {
-            let info = ops::info(&path)?;
+        DiskCommand::Info {
+            path,
+            json,
+            allow_parent_outside,
+        } => {
+            let info = ops::info_with(&path, &policy(allow_parent_outside))?;
             if json {
                 return print_json(&info);
             }
@@ -223,8 +267,13 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
                 );
             }
         }
-        DiskCommand::Check { path, repair, json } => {
-            let r = ops::check(&path, repair)?;
+        DiskCommand::Check {
+            path,
+            repair,
+            json,
+            allow_parent_outside,
+        } => {
+            let r = ops::check_with(&path, repair, &policy(allow_parent_outside))?;
             if json {
                 print_json(&r)?;
             } else {
@@ -260,8 +309,12 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
                 return Err(CliError::Corrupt(path));
             }
         }
-        DiskCommand::Map { path, json } => {
-            let m = ops::map(&path)?;
+        DiskCommand::Map {
+            path,
+            json,
+            allow_parent_outside,
+        } => {
+            let m = ops::map_with(&path, &policy(allow_parent_outside))?;
             if json {
                 return print_json(&m);
             }
@@ -290,6 +343,7 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
             path,
             into_child,
             top,
+            allow_parent_outside,
         } => {
             let dir = if into_child {
                 MergeDirection::IntoChild
@@ -303,7 +357,13 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
                 )));
             }
             let mut p = Progress::new("merging");
-            let res = crate::merge::merge(&path, top.as_deref(), dir, &mut |d, t| p.update(d, t));
+            let res = ops::merge_with(
+                &path,
+                top.as_deref(),
+                dir,
+                &policy(allow_parent_outside),
+                &mut |d, t| p.update(d, t),
+            );
             p.finish();
             res?;
             println!(
@@ -312,15 +372,31 @@ pub fn run(cmd: DiskCommand) -> Result<(), CliError> {
                 if into_child { "child" } else { "parent" }
             );
         }
-        DiskCommand::Convert { path, out, format } => {
+        DiskCommand::Convert {
+            path,
+            out,
+            format,
+            allow_parent_outside,
+        } => {
             let mut p = Progress::new("converting");
-            let res = ops::convert(&path, &out, format, &mut |d, t| p.update(d, t));
+            let res = ops::convert_with(
+                &path,
+                &out,
+                format,
+                &policy(allow_parent_outside),
+                &mut |d, t| p.update(d, t),
+            );
             p.finish();
             res?;
             println!("wrote {}", out.display());
         }
-        DiskCommand::Changes { older, newer, json } => {
-            let m = ops::changed_clusters(&older, &newer)?;
+        DiskCommand::Changes {
+            older,
+            newer,
+            json,
+            allow_parent_outside,
+        } => {
+            let m = ops::changed_clusters_with(&older, &newer, &policy(allow_parent_outside))?;
             if json {
                 return print_json(&m);
             }

@@ -80,6 +80,48 @@ pub enum DiskError {
         /// What differs.
         reason: String,
     },
+    /// The parent a layer names cannot be one: not a regular file (a FIFO, a device), or not
+    /// a usable path.
+    #[error("{}: parent {} refused: it {reason}", path.display(), parent.display())]
+    ParentRefused {
+        /// The child layer.
+        path: PathBuf,
+        /// The parent path as resolved.
+        parent: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The parent a layer names is outside every directory the caller allows (the layer's own
+    /// directory and below, plus [`crate::ParentPolicy`]'s).
+    #[error("{}: parent {} refused: it {reason}", path.display(), parent.display())]
+    ParentOutside {
+        /// The child layer.
+        path: PathBuf,
+        /// The parent path as resolved.
+        parent: PathBuf,
+        /// Where it leads and how to opt in.
+        reason: String,
+    },
+    /// A file given as a disk is not a regular file.
+    #[error("{}: is {kind}, not a regular file", path.display())]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// An earlier `fdatasync` of this file failed: what was written before it may be lost, so
+    /// the chain refuses every later write and flush until it is reopened.
+    #[error(
+        "{}: an earlier fdatasync failed ({first}), so data written before it may never have          reached the disk; this chain refuses further writes and flushes until it is reopened",
+        path.display()
+    )]
+    Poisoned {
+        /// The file.
+        path: PathBuf,
+        /// The first failure.
+        first: String,
+    },
     /// A parent/child pair or chain that cannot be formed.
     #[error("{}: {reason}", path.display())]
     BadChain {

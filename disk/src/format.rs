@@ -106,6 +106,9 @@ pub enum ParentRef {
         size: u64,
         /// Its mtime (seconds, nanoseconds).
         mtime: (i64, u32),
+        /// Its inode number, recorded when a merge into it starts ([`FLAG_FOLDING`]): the
+        /// identity checked while the merge changes its content and mtime. 0 otherwise.
+        fold_ino: u64,
     },
 }
 
@@ -219,7 +222,13 @@ impl Header {
                 b[112..128].copy_from_slice(data_id);
                 (1, path.as_str())
             }
-            ParentRef::Raw { path, size, mtime } => {
+            ParentRef::Raw {
+                path,
+                size,
+                mtime,
+                fold_ino,
+            } => {
+                put64(&mut b, 96, *fold_ino);
                 put64(&mut b, 112, mtime.0 as u64);
                 put64(&mut b, 120, u64::from(mtime.1));
                 put64(&mut b, 128, *size);
@@ -278,7 +287,12 @@ impl Header {
             return bad("l1_entries", get64(b, 40));
         }
         let alloc_end = get64(b, 400);
-        if alloc_end < data_offset >> cluster_bits || alloc_end > MAX_HOST_CLUSTER + 1 {
+        // Every host cluster below the mark must have a file offset (an off_t): with 2 MiB
+        // clusters, 2^46 clusters would be 2^67 bytes, and `host * cluster_size` would wrap.
+        if alloc_end < data_offset >> cluster_bits
+            || alloc_end > MAX_HOST_CLUSTER + 1
+            || alloc_end > max_alloc_end(cluster_bits)
+        {
             return bad("alloc_end", alloc_end);
         }
         if b[408..508].iter().any(|&x| x != 0) {
@@ -316,10 +330,15 @@ impl Header {
                 if nsec >= 1_000_000_000 {
                     return bad("parent_mtime_nsec", nsec);
                 }
+                let fold_ino = get64(b, 96);
+                if get64(b, 104) != 0 || (fold_ino != 0) != (flags & FLAG_FOLDING != 0) {
+                    return bad("parent_fold_ino", fold_ino);
+                }
                 ParentRef::Raw {
                     path,
                     size: get64(b, 128),
                     mtime: (get64(b, 112) as i64, nsec as u32),
+                    fold_ino,
                 }
             }
             _ => return bad("parent_kind", u64::from(kind)),
@@ -336,6 +355,36 @@ impl Header {
             parent,
         })
     }
+}
+
+/// The largest allocation mark for a cluster size: every host cluster below it has a file
+/// offset that fits an `off_t` (`alloc_end << cluster_bits <= i64::MAX`).
+pub fn max_alloc_end(cluster_bits: u32) -> u64 {
+    (i64::MAX as u64) >> cluster_bits
+}
+
+/// The `data_id` a merge gives the parent it folds a layer into: derived from the parent's
+/// `data_id` the folding layer recorded and the folding layer's own `layer_id`, so that the
+/// folding layer (and only a layer that recorded that `data_id`) can tell that the parent
+/// changed because of *this* merge, while every other child of the parent refuses it. Never
+/// equal to `parent_data_id`.
+pub fn folding_data_id(parent_data_id: &[u8; 16], folding_layer_id: &[u8; 16]) -> [u8; 16] {
+    const CRC64: Crc<u64> = Crc::<u64>::new(&crc::CRC_64_XZ);
+    let half = |tag: &[u8]| {
+        let mut d = CRC64.digest();
+        d.update(b"strata-folding");
+        d.update(tag);
+        d.update(parent_data_id);
+        d.update(folding_layer_id);
+        d.finalize().to_le_bytes()
+    };
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&half(b"0"));
+    id[8..].copy_from_slice(&half(b"1"));
+    if id == *parent_data_id {
+        id[0] ^= 1;
+    }
+    id
 }
 
 /// Sub-clusters per cluster: each L2 entry has a 16-bit allocation and a 16-bit zero bitmap.
@@ -539,6 +588,7 @@ mod tests {
                 path: "/abs/base.img".into(),
                 size: 512,
                 mtime: (1_700_000_000, 5),
+                fold_ino: 0,
             },
         );
         assert_eq!(Header::parse(&raw.encode()).unwrap(), raw);

@@ -4,16 +4,19 @@
 //! prescribes. Clean L2 tables live in the chain's bounded cache, not here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{DiskError, Result};
+use crate::file::DiskFile;
 use crate::format::{
     self, l1_decode, l1_encode, Entry, Header, ParentRef, HEADER_SIZE, L1_ENTRY_SIZE, L1_OFFSET,
     L2_ENTRY_SIZE, MAGIC,
 };
+use crate::parent::{self, ParentPolicy};
 use crate::sys;
 
 /// The unit in which changed parts of an existing L2 table are written.
@@ -80,7 +83,7 @@ pub(crate) struct Alloc {
 pub(crate) struct Layer {
     /// Path as resolved (relative paths are relative to the process's cwd).
     pub path: PathBuf,
-    pub file: File,
+    pub file: DiskFile,
     /// `None` for a raw file.
     pub header: Option<Header>,
     /// Size in bytes of a raw file (its virtual size is this rounded up to 512).
@@ -91,6 +94,10 @@ pub(crate) struct Layer {
     pub alloc: Option<Alloc>,
     /// Bytes this process wrote to the file (data, tables, header): for write amplification.
     pub bytes_written: u64,
+    /// The first `fdatasync` failure: once set, every write and flush fails until the file is
+    /// opened again (after a failed sync the kernel may have dropped the dirty pages, and a
+    /// retried sync would succeed without them).
+    pub poisoned: Option<String>,
 }
 
 /// Reads the first bytes of a file and tells whether it starts with the Strata magic.
@@ -113,14 +120,24 @@ impl Layer {
     /// kind; `None` detects it (magic or a `.strata` name means Strata). Reads the header and
     /// the L1 table only: the cost does not depend on the virtual size beyond 8 bytes per L1
     /// entry read (one per 256 MiB with 64 KiB clusters), nor on the data held.
+    /// The file must be a regular file (a FIFO or device is refused, and never blocks the open).
     pub fn open(path: &Path, writable: bool, format: Option<Format>) -> Result<Layer> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(DiskError::io(path, "open"))?;
+        let file = parent::open_regular(path, writable)?;
         sys::lock(&file, path, writable)?;
         Self::from_file(path, file, writable, format)
+    }
+
+    /// Opens, read-only and with a shared lock, the parent `recorded` in the header of the
+    /// layer at `child`, if `policy` lets it name that file (see [`crate::parent`]).
+    pub fn open_parent(
+        child: &Path,
+        recorded: &str,
+        format: Format,
+        policy: &ParentPolicy,
+    ) -> Result<Layer> {
+        let (path, file) = parent::open_parent(child, recorded, policy)?;
+        sys::lock(&file, &path, false)?;
+        Self::from_file(&path, file, false, Some(format))
     }
 
     fn from_file(path: &Path, file: File, writable: bool, format: Option<Format>) -> Result<Layer> {
@@ -131,13 +148,14 @@ impl Layer {
         };
         let mut layer = Layer {
             path: path.to_path_buf(),
-            file,
+            file: DiskFile::from(file),
             header: None,
             raw_len: len,
             writable,
             l1: BTreeMap::new(),
             alloc: None,
             bytes_written: 0,
+            poisoned: None,
         };
         if !strata {
             return Ok(layer);
@@ -166,28 +184,31 @@ impl Layer {
     }
 
     /// Reads and validates the L1 table: check bits, tables inside the data area, below the
-    /// allocation mark and inside the file.
+    /// allocation mark and inside the file. Memory: the entries that name a table (the L1 is
+    /// read in bounded chunks, and holes of a sparse file are skipped, not read), and at most
+    /// one table per cluster the file has.
     fn read_l1(&self, h: &Header, len: u64) -> Result<BTreeMap<u64, u64>> {
-        let n = h.l1_entries();
-        let mut bytes = vec![0u8; (n * L1_ENTRY_SIZE) as usize];
-        read_full(&self.file, &mut bytes, L1_OFFSET)
-            .map_err(DiskError::io(&self.path, "read L1 table"))?;
         let cs = h.cluster_size();
         let first = h.data_offset / cs;
         let mut l1 = BTreeMap::new();
-        for (i, c) in bytes.chunks_exact(8).enumerate() {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            let v = u64::from_le_bytes(a);
-            if v == 0 {
-                continue;
-            }
-            let host = l1_decode(i as u64, v).map_err(|source| DiskError::Format {
+        for_each_l1_raw(&self.file, &self.path, h.l1_entries(), &mut |i, v| {
+            let host = l1_decode(i, v).map_err(|source| DiskError::Format {
                 path: self.path.clone(),
                 source,
             })?;
             self.check_host(h, first, len, host, || format!("L2 table {i}"))?;
-            l1.insert(i as u64, host);
+            l1.insert(i, host);
+            Ok(())
+        })?;
+        if l1.len() as u64 > len / cs {
+            return Err(DiskError::CorruptTable {
+                path: self.path.clone(),
+                reason: format!(
+                    "the L1 table names {} L2 tables, more than the file's {} clusters",
+                    l1.len(),
+                    len / cs
+                ),
+            });
         }
         Ok(l1)
     }
@@ -211,11 +232,16 @@ impl Layer {
                 ),
             });
         }
-        if (host + 1) * cs > len {
+        // host < alloc_end <= max_alloc_end: no overflow, but say so in the arithmetic too.
+        let need = host
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(cs))
+            .unwrap_or(u64::MAX);
+        if need > len {
             return Err(DiskError::Truncated {
                 path: self.path.clone(),
                 what: format!("{} at host cluster {host}", what()),
-                need: (host + 1) * cs,
+                need,
                 len,
             });
         }
@@ -343,23 +369,34 @@ impl Layer {
         Ok(())
     }
 
-    /// Reopens this file read-write with an exclusive lock (for a merge that writes it).
+    /// Reopens this file read-write with an exclusive lock (for a merge that writes it). The
+    /// path must still lead to the same file (device and inode) this chain opened and checked.
     pub fn upgrade_exclusive(&mut self, need_write: bool) -> Result<()> {
         if self.writable {
             return Ok(());
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(need_write)
-            .open(&self.path)
-            .map_err(DiskError::io(&self.path, "open"))?;
+        let file = parent::open_regular(&self.path, need_write)?;
+        let (a, b) = (
+            file.metadata().map_err(DiskError::io(&self.path, "stat"))?,
+            self.file
+                .metadata()
+                .map_err(DiskError::io(&self.path, "stat"))?,
+        );
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            return Err(DiskError::BadChain {
+                path: self.path.clone(),
+                reason: "was replaced by another file while the chain was open".into(),
+            });
+        }
         // Our own shared lock would conflict with the exclusive one on a new descriptor.
         sys::unlock(&self.file);
         if let Err(e) = sys::lock(&file, &self.path, true) {
             let _ = sys::lock(&self.file, &self.path, false);
             return Err(e);
         }
-        self.file = file;
+        let faults = self.file.faults();
+        self.file = DiskFile::from(file);
+        self.file.set_faults(faults);
         self.writable = need_write;
         if need_write && self.header.is_some() && self.alloc.is_none() {
             self.make_alloc()?;
@@ -499,17 +536,17 @@ impl Layer {
         let Some(a) = &mut self.alloc else {
             return Ok(());
         };
-        let limit = format::MAX_HOST_CLUSTER + 1;
+        let limit = (format::MAX_HOST_CLUSTER + 1).min(format::max_alloc_end(h.cluster_bits));
         if a.end >= limit {
             return Err(DiskError::Invalid(format!(
                 "{}: file is full",
                 self.path.display()
             )));
         }
-        let cap = (a.first + cap_clusters).min(limit);
+        let cap = a.first.saturating_add(cap_clusters).min(limit);
         if a.prealloc && a.end < cap {
-            let step = (a.end * cs / 8).clamp(PREALLOC_MIN, PREALLOC_MAX) / cs;
-            let target = (a.end + step.max(want)).min(cap);
+            let step = (a.end.saturating_mul(cs) / 8).clamp(PREALLOC_MIN, PREALLOC_MAX) / cs;
+            let target = a.end.saturating_add(step.max(want)).min(cap);
             match sys::preallocate(&self.file, a.end * cs, (target - a.end) * cs) {
                 Ok(()) => {
                     a.end = target;
@@ -530,7 +567,7 @@ impl Layer {
                 }
             }
         }
-        a.end = (a.end + want).min(limit);
+        a.end = a.end.saturating_add(want).min(limit);
         // Whole clusters, so that a cluster holding only some sub-clusters is inside the file.
         let len = a.end * cs;
         if self.file_len()? < len {
@@ -569,8 +606,20 @@ impl Layer {
         Ok(())
     }
 
+    /// Fails if an earlier sync of this file failed.
+    pub fn check_poisoned(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(first) => Err(DiskError::Poisoned {
+                path: self.path.clone(),
+                first: first.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Writes `buf` at `off` (counted in [`Layer::bytes_written`]).
     pub fn pwrite(&mut self, buf: &[u8], off: u64, what: &'static str) -> Result<()> {
+        self.check_poisoned()?;
         self.file
             .write_all_at(buf, off)
             .map_err(DiskError::io(&self.path, what))?;
@@ -587,10 +636,13 @@ impl Layer {
         Ok(())
     }
 
-    fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(DiskError::io(&self.path, "fdatasync"))
+    /// `fdatasync`; a failure poisons the layer (see [`Layer::poisoned`]).
+    fn sync(&mut self) -> Result<()> {
+        self.check_poisoned()?;
+        self.file.sync_data().map_err(|e| {
+            self.poisoned = Some(e.to_string());
+            DiskError::io(&self.path, "fdatasync")(e)
+        })
     }
 
     /// Makes everything written so far durable (FORMAT.md, "Crash consistency"):
@@ -605,6 +657,7 @@ impl Layer {
         if !self.writable {
             return Ok(Vec::new());
         }
+        self.check_poisoned()?;
         let Some(h) = self.header.clone() else {
             // A raw file: its data is its metadata.
             self.sync()?;
@@ -693,9 +746,20 @@ impl Layer {
         Ok(())
     }
 
-    /// The reference a child of this layer records.
+    /// The reference a child of this layer records (its path relative to the child's
+    /// directory when it is in it or below, else absolute).
     pub fn as_parent_ref(&self, child_path: &Path) -> Result<ParentRef> {
-        let path = relative_parent_path(&self.path, child_path)?;
+        self.parent_ref_for(child_path, None)
+    }
+
+    /// [`Layer::as_parent_ref`]; with `policy`, refuses a parent outside the child's directory
+    /// that the policy does not allow (so no layer is made that would not open).
+    pub fn parent_ref_for(
+        &self,
+        child_path: &Path,
+        policy: Option<&ParentPolicy>,
+    ) -> Result<ParentRef> {
+        let path = parent::reference(&self.path, child_path, policy)?;
         Ok(match &self.header {
             Some(h) => ParentRef::Layer {
                 path,
@@ -706,8 +770,44 @@ impl Layer {
                 path,
                 size: self.file_len()?,
                 mtime: self.mtime()?,
+                fold_ino: 0,
             },
         })
+    }
+
+    /// The inode number of the file.
+    pub fn ino(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(DiskError::io(&self.path, "stat"))?
+            .ino())
+    }
+
+    /// This layer's header as it must be when a merge of it into `parent` starts: `FOLDING`
+    /// set, and for a raw parent its inode recorded (the identity checked while the merge
+    /// changes the parent's content and mtime). `None` for a raw layer.
+    pub fn folding_header(&self, parent: &Layer) -> Result<Option<Header>> {
+        let Some(mut h) = self.header.clone() else {
+            return Ok(None);
+        };
+        h.flags |= format::FLAG_FOLDING;
+        if let ParentRef::Raw { fold_ino, .. } = &mut h.parent {
+            *fold_ino = parent.ino()?;
+        }
+        Ok(Some(h))
+    }
+
+    /// The `data_id` a merge of this layer gives its (layer) parent: the one this layer
+    /// accepts while `FOLDING` ([`format::folding_data_id`]).
+    pub fn folded_parent_data_id(&self) -> Option<[u8; 16]> {
+        match &self.header.as_ref()?.parent {
+            ParentRef::Layer { data_id, .. } => Some(format::folding_data_id(
+                data_id,
+                &self.header.as_ref()?.layer_id,
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -739,44 +839,70 @@ pub(crate) fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<
     Ok(done)
 }
 
-/// The parent path to record in a child: the bare file name when both are in one directory,
-/// otherwise the parent's absolute path.
-pub(crate) fn relative_parent_path(parent: &Path, child: &Path) -> Result<String> {
-    let pabs = std::fs::canonicalize(parent).map_err(DiskError::io(parent, "resolve path"))?;
-    let cdir = match child.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let cdir = std::fs::canonicalize(&cdir).map_err(DiskError::io(&cdir, "resolve path"))?;
-    let s = if pabs.parent() == Some(cdir.as_path()) {
-        pabs.file_name().map(|n| n.to_string_lossy().into_owned())
-    } else {
-        Some(pabs.to_string_lossy().into_owned())
-    };
-    let s = s.unwrap_or_default();
-    if s.is_empty() || s.len() > format::MAX_PARENT_PATH {
-        return Err(DiskError::BadChain {
-            path: child.to_path_buf(),
-            reason: format!(
-                "parent path {} is longer than {} bytes",
-                pabs.display(),
-                format::MAX_PARENT_PATH
-            ),
-        });
+/// Calls `f(index, raw)` for every non-zero entry of the L1 table of `n` entries, reading it in
+/// chunks of at most 64 KiB and skipping the holes of a sparse file (`SEEK_DATA`), so that a
+/// huge, mostly empty table costs neither memory nor reads.
+pub(crate) fn for_each_l1_raw(
+    file: &File,
+    path: &Path,
+    n: u64,
+    f: &mut dyn FnMut(u64, u64) -> Result<()>,
+) -> Result<()> {
+    const CHUNK: u64 = 64 << 10;
+    let end = L1_OFFSET + n * L1_ENTRY_SIZE;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = L1_OFFSET;
+    while pos < end {
+        // Skip a hole: the next byte of data at or after `pos`, aligned down to an entry.
+        let Some(data) = next_data(file, pos) else {
+            return Ok(());
+        };
+        if data >= end {
+            return Ok(());
+        }
+        if data > pos {
+            pos = data - (data - L1_OFFSET) % L1_ENTRY_SIZE;
+        }
+        let len = (end - pos).min(CHUNK) as usize;
+        let got =
+            read_full(file, &mut buf[..len], pos).map_err(DiskError::io(path, "read L1 table"))?;
+        if got < len {
+            return Err(DiskError::Truncated {
+                path: path.to_path_buf(),
+                what: "the L1 table".into(),
+                need: end,
+                len: pos + got as u64,
+            });
+        }
+        for (k, c) in buf[..len].chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            let v = u64::from_le_bytes(a);
+            if v != 0 {
+                f((pos - L1_OFFSET) / L1_ENTRY_SIZE + k as u64, v)?;
+            }
+        }
+        pos += len as u64;
     }
-    Ok(s)
+    Ok(())
 }
 
-/// Resolves a recorded parent path against the child's directory.
-pub(crate) fn resolve_parent(child: &Path, recorded: &str) -> PathBuf {
-    let p = Path::new(recorded);
-    if p.is_absolute() {
-        return p.to_path_buf();
+/// The offset of the first byte of data at or after `pos` (`lseek(SEEK_DATA)`): `None` when
+/// only a hole follows; `pos` itself when the file system cannot tell.
+fn next_data(file: &File, pos: u64) -> Option<u64> {
+    let Ok(off) = i64::try_from(pos) else {
+        return None;
+    };
+    // SAFETY: lseek on a descriptor we own; all I/O on it is positional, so moving its offset
+    // affects nothing.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => None,
+            _ => Some(pos),
+        };
     }
-    match child.parent() {
-        Some(d) => d.join(p),
-        None => p.to_path_buf(),
-    }
+    Some((r as u64).max(pos))
 }
 
 /// Checks that `parent` is the file `child` was created on, unchanged (FORMAT.md, "Parent
@@ -785,6 +911,8 @@ pub(crate) fn verify_parent(child: &Layer, parent: &Layer) -> Result<()> {
     let Some(ch) = &child.header else {
         return Ok(());
     };
+    // FOLDING does not switch the check off: it widens it to the one identity the merge
+    // gives the parent (FORMAT.md, "Parent identity").
     let folding = ch.flags & format::FLAG_FOLDING != 0;
     let changed = |reason: String| DiskError::ParentChanged {
         path: child.path.clone(),
@@ -805,7 +933,8 @@ pub(crate) fn verify_parent(child: &Layer, parent: &Layer) -> Result<()> {
                     format::id_hex(layer_id)
                 )));
             }
-            if ph.data_id != *data_id && !folding {
+            let merged = folding && ph.data_id == format::folding_data_id(data_id, &ch.layer_id);
+            if ph.data_id != *data_id && !merged {
                 return Err(changed(
                     "was modified after this layer was created on it".into(),
                 ));
@@ -814,12 +943,30 @@ pub(crate) fn verify_parent(child: &Layer, parent: &Layer) -> Result<()> {
                 return Err(changed("has a different cluster size".into()));
             }
         }
-        (ParentRef::Raw { size, mtime, .. }, None) => {
+        (
+            ParentRef::Raw {
+                size,
+                mtime,
+                fold_ino,
+                ..
+            },
+            None,
+        ) => {
             let len = parent.file_len()?;
             if len != *size {
                 return Err(changed(format!("has size {len}, expected {size}")));
             }
-            if parent.mtime()? != *mtime && !folding {
+            if folding {
+                // A merge into it was interrupted: its content and mtime changed, its inode
+                // did not.
+                let ino = parent.ino()?;
+                if ino != *fold_ino {
+                    return Err(changed(format!(
+                        "is another file than the one an interrupted merge was writing \
+                         (inode {ino}, expected {fold_ino})"
+                    )));
+                }
+            } else if parent.mtime()? != *mtime {
                 return Err(changed(
                     "was modified after this layer was created on it (its mtime differs)".into(),
                 ));

@@ -20,18 +20,23 @@
 //!
 //! Choices where the design is silent: a file is a Strata layer if it starts with the magic
 //! `STRATADK` or its name ends in `.strata` (so a layer with a damaged magic is reported, not
-//! mistaken for a raw image); anything else is a raw image. Parents are recorded by the bare
-//! file name when parent and child share a directory, otherwise by absolute path.
+//! mistaken for a raw image); anything else is a raw image. Parents are recorded by their path
+//! relative to the child's directory when they are in it or below (the bare file name when
+//! both share a directory), otherwise by absolute path; and a parent outside the child's
+//! directory opens only when the caller allows it ([`ParentPolicy`], [`parent`]).
 
 pub mod chain;
 pub mod cli;
 mod error;
+#[doc(hidden)]
+pub mod file;
 pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod layer;
 pub mod merge;
 pub mod ops;
+pub mod parent;
 mod progress;
 mod sys;
 #[cfg(test)]
@@ -39,7 +44,8 @@ mod sys;
 mod test_seed;
 
 pub use chain::{
-    create_empty, create_layer, CacheLimits, Chain, CreateOptions, OpenOptions, Source,
+    create_empty, create_layer, create_layer_with, CacheLimits, Chain, CreateOptions, OpenOptions,
+    Source,
 };
 pub use error::{error_chain, DiskError, Result};
 pub use layer::Format;
@@ -47,3 +53,4 @@ pub use merge::{merge, MergeDirection, MergeProgress};
 pub use ops::{
     changed_clusters, check, convert, info, map, ChainInfo, ChangeMap, CheckReport, MapRange,
 };
+pub use parent::ParentPolicy;

@@ -116,14 +116,16 @@ impl Chain {
             }
         }
         if dir == MergeDirection::IntoParent {
-            // Intent: the source accepts its parent changing under it ...
-            if let Some(mut h) = self.layers[src].header.clone() {
-                h.flags |= format::FLAG_FOLDING;
+            // Intent: the source accepts its parent changing under it (FOLDING, with the
+            // parent's identity during the merge recorded) ...
+            if let Some(h) = self.layers[src].folding_header(&self.layers[dst])? {
                 self.layers[src].write_header(h)?;
             }
             // ... and no other child of the parent will accept the parent any more.
             if let Some(mut h) = self.layers[dst].header.clone() {
-                h.data_id = format::random_id();
+                h.data_id = self.layers[src]
+                    .folded_parent_data_id()
+                    .unwrap_or_else(format::random_id);
                 self.layers[dst].write_header(h)?;
             }
         }

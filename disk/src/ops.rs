@@ -6,10 +6,18 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::chain::{create_empty, tmp_path, Chain, CreateOptions, OpenOptions, Source};
+use crate::chain::{create_empty, Chain, CreateOptions, OpenOptions, Source};
 use crate::error::{error_chain, DiskError, Result};
-use crate::format::{self, Entry, ParentRef, L1_ENTRY_SIZE, L1_OFFSET};
+use crate::file::unique_tmp_path;
+use crate::format::{self, Entry, ParentRef};
 use crate::layer::{self, read_full, sub_bits, Format, Layer};
+use crate::merge::MergeDirection;
+use crate::parent::ParentPolicy;
+
+const RO: OpenOptions = OpenOptions {
+    read_only: true,
+    format: None,
+};
 
 /// One file of a chain, as `info` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -55,14 +63,12 @@ pub struct ChainInfo {
 
 /// Describes the chain whose top is `path`.
 pub fn info(path: &Path) -> Result<ChainInfo> {
-    let chain = Chain::open(
-        path,
-        OpenOptions {
-            read_only: true,
-            format: None,
-        },
-    )?;
-    chain.info()
+    info_with(path, &ParentPolicy::default())
+}
+
+/// [`info`], with parents also allowed where `parents` says.
+pub fn info_with(path: &Path, parents: &ParentPolicy) -> Result<ChainInfo> {
+    Chain::open_with(path, RO, parents)?.info()
 }
 
 impl Chain {
@@ -258,14 +264,12 @@ pub struct MapRange {
 
 /// Maps the chain whose top is `path`.
 pub fn map(path: &Path) -> Result<Vec<MapRange>> {
-    Chain::open(
-        path,
-        OpenOptions {
-            read_only: true,
-            format: None,
-        },
-    )?
-    .map()
+    map_with(path, &ParentPolicy::default())
+}
+
+/// [`map`], with parents also allowed where `parents` says.
+pub fn map_with(path: &Path, parents: &ParentPolicy) -> Result<Vec<MapRange>> {
+    Chain::open_with(path, RO, parents)?.map()
 }
 
 /// One changed range.
@@ -293,13 +297,16 @@ pub struct ChangeMap {
 /// The clusters changed from layer `older` to layer `newer`, where `older` is in `newer`'s
 /// chain (opened read-only).
 pub fn changed_clusters(older: &Path, newer: &Path) -> Result<ChangeMap> {
-    let chain = Chain::open(
-        newer,
-        OpenOptions {
-            read_only: true,
-            format: None,
-        },
-    )?;
+    changed_clusters_with(older, newer, &ParentPolicy::default())
+}
+
+/// [`changed_clusters`], with parents also allowed where `parents` says.
+pub fn changed_clusters_with(
+    older: &Path,
+    newer: &Path,
+    parents: &ParentPolicy,
+) -> Result<ChangeMap> {
+    let chain = Chain::open_with(newer, RO, parents)?;
     let o = chain
         .layer_index(older)
         .ok_or_else(|| DiskError::BadChain {
@@ -343,31 +350,50 @@ impl CheckReport {
 /// Checks the chain whose top is `path`: every header, every table entry, every parent link,
 /// and the clusters no entry references. With `repair`, the top file's leaked clusters are
 /// given back (trailing ones truncated, others hole-punched); corruption is never "repaired"
-/// by dropping data.
+/// by dropping data. A parent outside its child's directory is not followed (a warning says
+/// so; [`check_with`] follows it where allowed).
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
+    check_with(path, repair, &ParentPolicy::default())
+}
+
+/// [`check`], with parents also followed where `parents` allows.
+pub fn check_with(path: &Path, repair: bool, parents: &ParentPolicy) -> Result<CheckReport> {
     let mut report = CheckReport::default();
-    let mut cur = path.to_path_buf();
-    let mut fmt = None;
+    let mut next: Option<(String, Format)> = None;
     let mut child: Option<Layer> = None;
     for depth in 0..crate::chain::MAX_DEPTH {
+        let writable = repair && depth == 0;
+        let opened = match (&child, &next) {
+            (Some(ch), Some((recorded, f))) => Layer::open_parent(&ch.path, recorded, *f, parents)
+                .map_err(|e| match e {
+                    DiskError::Io { source, path, .. } => DiskError::ParentMissing {
+                        path: ch.path.clone(),
+                        parent: path,
+                        source,
+                    },
+                    e => e,
+                }),
+            _ => Layer::open(path, writable, None),
+        };
+        let shown = match (&child, &next) {
+            (Some(ch), Some((recorded, _))) => crate::parent::resolve_parent(&ch.path, recorded),
+            _ => path.to_path_buf(),
+        };
         let mut fc = FileCheck {
-            path: cur.clone(),
+            path: shown,
             ..FileCheck::default()
         };
-        let writable = repair && depth == 0;
-        let l = match Layer::open(&cur, writable, fmt) {
+        let l = match opened {
             Ok(l) => l,
+            Err(e @ DiskError::ParentOutside { .. }) => {
+                // Not corruption: a file this check was not allowed to open.
+                fc.warnings
+                    .push(format!("{}; not followed, so not checked", error_chain(&e)));
+                report.files.push(fc);
+                return Ok(report);
+            }
             Err(e) => {
-                if let (Some(ch), DiskError::Io { source, .. }) = (&child, &e) {
-                    let e = DiskError::ParentMissing {
-                        path: ch.path.clone(),
-                        parent: cur.clone(),
-                        source: std::io::Error::new(source.kind(), source.to_string()),
-                    };
-                    fc.errors.push(error_chain(&e));
-                } else {
-                    fc.errors.push(error_chain(&e));
-                }
+                fc.errors.push(error_chain(&e));
                 report.files.push(fc);
                 return Ok(report);
             }
@@ -388,13 +414,11 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
         }
         scan_table(&l, &h, &mut fc, writable)?;
         report.files.push(fc);
-        let (recorded, f) = match &h.parent {
+        next = Some(match &h.parent {
             ParentRef::None => return Ok(report),
             ParentRef::Layer { path, .. } => (path.clone(), Format::Strata),
             ParentRef::Raw { path, .. } => (path.clone(), Format::Raw),
-        };
-        cur = layer::resolve_parent(&l.path, &recorded);
-        fmt = Some(f);
+        });
         child = Some(l);
     }
     Ok(report)
@@ -421,7 +445,11 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
                 "{what} is at host cluster {hc}, past the allocation mark {}",
                 h.alloc_end
             ))
-        } else if (hc + 1) * cs > len {
+        } else if hc
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(cs))
+            .is_none_or(|end| end > len)
+        {
             Some(format!(
                 "{what}: host cluster {hc} is beyond the end of the file (truncated)"
             ))
@@ -432,17 +460,18 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
         }
     };
     let n1 = h.l1_entries();
-    let mut l1 = vec![0u8; (n1 * L1_ENTRY_SIZE) as usize];
-    let got = read_full(&l.file, &mut l1, L1_OFFSET).map_err(DiskError::io(&l.path, "read"))?;
-    if got < l1.len() {
-        note(fc, "L1 table is truncated".into());
+    // The L1 entries that name a table, read in bounded chunks (holes skipped).
+    let mut l1 = Vec::new();
+    let walked = layer::for_each_l1_raw(&l.file, &l.path, n1, &mut |i, raw| {
+        l1.push((i, raw));
+        Ok(())
+    });
+    if let Err(e) = walked {
+        note(fc, error_chain(&e));
     }
     let mut table = vec![0u8; cs as usize];
-    for i in 0..n1 {
-        let at = (i * L1_ENTRY_SIZE) as usize;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&l1[at..at + 8]);
-        let host = match format::l1_decode(i, u64::from_le_bytes(a)) {
+    for (i, raw) in l1 {
+        let host = match format::l1_decode(i, raw) {
             Ok(0) => continue,
             Ok(hc) => hc,
             Err(e) => {
@@ -454,6 +483,7 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
             note(fc, m);
             continue;
         }
+        // `place` checked that the whole table is inside the file.
         let n =
             read_full(&l.file, &mut table, host * cs).map_err(DiskError::io(&l.path, "read"))?;
         if n < table.len() {
@@ -487,19 +517,21 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
             bad - 20
         ));
     }
-    let end = len.div_ceil(cs);
-    let leaked: Vec<u64> = (first..end).filter(|c| !used.contains(c)).collect();
-    fc.leaked_clusters = leaked.len() as u64;
-    if repair && fc.errors.is_empty() && !leaked.is_empty() {
-        let last_used = used
-            .iter()
-            .copied()
-            .max()
-            .map_or(first, |m| m + 1)
-            .max(first);
-        for &c in leaked.iter().filter(|&&c| c < last_used) {
-            crate::sys::punch_hole(&l.file, c * cs, cs)
-                .map_err(DiskError::io(&l.path, "punch hole"))?;
+    // Every used cluster is in first..end (`place` checked): the leaked ones are the rest,
+    // counted and punched as runs between used ones (never one by one up to a huge end).
+    let end = len.div_ceil(cs).max(first);
+    fc.leaked_clusters = (end - first).saturating_sub(used.len() as u64);
+    if repair && fc.errors.is_empty() && fc.leaked_clusters > 0 {
+        let mut in_use: Vec<u64> = used.iter().copied().collect();
+        in_use.sort_unstable();
+        let last_used = in_use.last().map_or(first, |m| m + 1).max(first);
+        let mut gap = first;
+        for &c in &in_use {
+            if c > gap {
+                crate::sys::punch_hole(&l.file, gap * cs, (c - gap) * cs)
+                    .map_err(DiskError::io(&l.path, "punch hole"))?;
+            }
+            gap = c + 1;
         }
         l.file
             .set_len(last_used * cs)
@@ -520,6 +552,28 @@ fn scan_table(l: &Layer, h: &format::Header, fc: &mut FileCheck, repair: bool) -
     Ok(())
 }
 
+/// Merges the layer at `layer` of the chain whose top is `top` (the layer itself when `None`),
+/// like [`crate::merge()`], with parents also allowed where `parents` says. A merge writes only
+/// files of the chain it opened, so it never writes outside the directories `parents` allows.
+pub fn merge_with(
+    layer: &Path,
+    top: Option<&Path>,
+    dir: MergeDirection,
+    parents: &ParentPolicy,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let top = top.unwrap_or(layer);
+    let mut chain = Chain::open_with(top, OpenOptions::default(), parents)?;
+    let idx = chain
+        .layer_index(layer)
+        .ok_or_else(|| DiskError::BadChain {
+            path: top.to_path_buf(),
+            reason: format!("{} is not in this chain", layer.display()),
+        })?;
+    chain.merge(idx, dir, progress)?;
+    chain.flush()
+}
+
 /// Output format of [`convert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -538,22 +592,37 @@ pub fn convert(
     fmt: ConvertFormat,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
-    if out.exists() {
+    convert_with(src, out, fmt, &ParentPolicy::default(), progress)
+}
+
+/// [`convert`], with parents also allowed where `parents` says. The output is built under a
+/// temporary name of its own (so neither a crashed nor a concurrent convert gets in the way)
+/// and hard-linked into place, never over an existing file.
+pub fn convert_with(
+    src: &Path,
+    out: &Path,
+    fmt: ConvertFormat,
+    parents: &ParentPolicy,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    if out.symlink_metadata().is_ok() {
         return Err(DiskError::Exists {
             path: out.to_path_buf(),
         });
     }
-    let chain = Chain::open(
-        src,
-        OpenOptions {
-            read_only: true,
-            format: None,
-        },
-    )?;
-    let tmp = tmp_path(out);
-    let _ = std::fs::remove_file(&tmp);
+    let chain = Chain::open_with(src, RO, parents)?;
+    let tmp = unique_tmp_path(out);
     let res = convert_into(&chain, &tmp, fmt, progress).and_then(|()| {
-        std::fs::rename(&tmp, out).map_err(DiskError::io(out, "rename into place"))?;
+        std::fs::hard_link(&tmp, out).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                DiskError::Exists {
+                    path: out.to_path_buf(),
+                }
+            } else {
+                DiskError::io(out, "link into place")(e)
+            }
+        })?;
+        let _ = std::fs::remove_file(&tmp);
         crate::sys::sync_dir(out)
     });
     if res.is_err() {

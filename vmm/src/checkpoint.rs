@@ -267,6 +267,19 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// The folder holding `p`.
+fn dir_of(p: &Path) -> Option<PathBuf> {
+    p.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+}
+
+/// The parents a store chain of disk record `d` may name besides the store's own layers: the
+/// files in its launch disk's folder (recorded by the store itself, never read from a layer).
+fn chain_parents(d: &DiskRecord) -> disk::ParentPolicy {
+    disk::ParentPolicy::with_dirs(dir_of(&absolute(&d.launch)))
+}
+
 impl SavedMachine {
     /// What `config` describes.
     pub fn of(config: &VmConfig) -> Self {
@@ -563,10 +576,15 @@ impl Machine {
     }
 
     /// The configuration a boot or restore uses: the disks are the active layers.
+    /// The folders of the launch disks become folders the disks' chains may name parents in
+    /// (`device_manager::trust_parent_dirs`): the store's first layers name the launch disks.
     pub fn boot_config(&self) -> VmConfig {
         let mut config = self.config.clone();
+        let launch = config.disks.iter().map(|d| absolute(&d.path));
+        crate::device_manager::trust_parent_dirs(launch.filter_map(|p| dir_of(&p)));
         if let Some(store) = &self.store {
             for (d, r) in config.disks.iter_mut().zip(store.active()) {
+                crate::device_manager::trust_parent_dirs(dir_of(&r.launch));
                 d.path = r.top(store.location());
             }
         }
@@ -741,7 +759,7 @@ impl Machine {
         for (path, d) in switch.iter().zip(&current) {
             let Some(path) = path else { continue };
             let parent = d.top(store.location());
-            if let Err(source) = disk::create_layer(&parent, path) {
+            if let Err(source) = disk::create_layer_with(&parent, path, &chain_parents(d)) {
                 for p in &made {
                     let _ = std::fs::remove_file(p);
                 }
@@ -963,7 +981,7 @@ impl Machine {
             };
             if same(&top, &base) {
                 // Nothing above: no changes.
-                let size = disk::ops::info(&top)
+                let size = disk::ops::info_with(&top, &chain_parents(d))
                     .map(|i| i.virtual_size)
                     .map_err(|source| CheckpointError::Layer {
                         path: top.clone(),
@@ -978,20 +996,22 @@ impl Machine {
                 });
                 continue;
             }
-            let map = disk::ops::changed_clusters(&base, &top).map_err(|source| match source {
-                disk::DiskError::BadChain { .. } => CheckpointError::Incompatible {
-                    id: id.into(),
-                    reason: format!(
-                        "checkpoint {} is not on its branch below it (disk {i})",
-                        since.unwrap_or("-")
-                    ),
+            let map = disk::ops::changed_clusters_with(&base, &top, &chain_parents(d)).map_err(
+                |source| match source {
+                    disk::DiskError::BadChain { .. } => CheckpointError::Incompatible {
+                        id: id.into(),
+                        reason: format!(
+                            "checkpoint {} is not on its branch below it (disk {i})",
+                            since.unwrap_or("-")
+                        ),
+                    },
+                    source => CheckpointError::Layer {
+                        path: top.clone(),
+                        parent: base.clone(),
+                        source: Box::new(source),
+                    },
                 },
-                source => CheckpointError::Layer {
-                    path: top.clone(),
-                    parent: base.clone(),
-                    source: Box::new(source),
-                },
-            })?;
+            )?;
             out.push(map);
         }
         Ok(out)
@@ -1045,7 +1065,7 @@ impl Machine {
             let layer = store.new_layer_path(d.index, &format!("{id}-{tag}"))?;
             let path = layer.resolve(&location);
             let parent = d.top(&location);
-            if let Err(source) = disk::create_layer(&parent, &path) {
+            if let Err(source) = disk::create_layer_with(&parent, &path, &chain_parents(d)) {
                 for p in &made {
                     let _ = std::fs::remove_file(p);
                 }
@@ -1369,7 +1389,7 @@ impl ExportJob {
             .disks
             .iter()
             .map(|d| {
-                disk::ops::info(&d.top(&self.location))
+                disk::ops::info_with(&d.top(&self.location), &chain_parents(d))
                     .map(|i| i.virtual_size)
                     .unwrap_or(0)
             })
@@ -1383,9 +1403,13 @@ impl ExportJob {
             let src = d.top(&self.location);
             let name = export_disk_name(d.index, self.format);
             let out = tmp.join(&name);
-            disk::ops::convert(&src, &out, self.format, &mut |done, _| {
-                progress(base + done, total)
-            })
+            disk::ops::convert_with(
+                &src,
+                &out,
+                self.format,
+                &chain_parents(d),
+                &mut |done, _| progress(base + done, total),
+            )
             .map_err(|source| CheckpointError::Layer {
                 path: out.clone(),
                 parent: src.clone(),

@@ -494,16 +494,46 @@ impl VirtioDevices {
     }
 }
 
+/// Folders whose files the chains of this process's disks may name as parents, besides each
+/// layer's own folder (and below): the folders of the launch disks, because a checkpoint
+/// store's first layer sits above the user's launch disk, which lives anywhere. Filled by
+/// [`trust_parent_dirs`] from the launch disks the VMM was given and its store recorded, never
+/// from what a disk file says.
+static PARENT_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Lets the chains this process opens for its disks name parents in `dirs` (added to those
+/// trusted before).
+pub fn trust_parent_dirs(dirs: impl IntoIterator<Item = PathBuf>) {
+    let mut known = PARENT_DIRS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for d in dirs {
+        if !known.contains(&d) {
+            known.push(d);
+        }
+    }
+}
+
+/// The parent policy of the disks this process opens ([`trust_parent_dirs`]).
+pub fn disk_parent_policy() -> disk::ParentPolicy {
+    let known = PARENT_DIRS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    disk::ParentPolicy::with_dirs(known.iter().cloned())
+}
+
 /// Opens a disk image (raw, or the top layer of a Strata chain) as a block backend. The
 /// `disk` crate locks it: a second VMM opening the same writable chain gets an error naming
-/// the process that holds it.
+/// the process that holds it. Parents outside each layer's folder are followed only into the
+/// folders [`trust_parent_dirs`] named.
 fn open_disk(disk: &DiskConfig) -> Result<ChainBackend, DeviceError> {
-    let chain = disk::Chain::open(
+    let chain = disk::Chain::open_with(
         &disk.path,
         disk::OpenOptions {
             read_only: disk.read_only,
             format: None,
         },
+        &disk_parent_policy(),
     )?;
     let size = chain.virtual_size();
     if size % 512 != 0 {
