@@ -196,8 +196,9 @@ pub struct Platform {
     caps_probe: Mutex<Option<CapsProbe>>,
 }
 
-/// The background probe of [`StateCaps`].
-type CapsProbe = std::thread::JoinHandle<Result<Arc<StateCaps>, VcpuStateError>>;
+/// The answer of the background probe of [`StateCaps`] (sent before its scratch VM is torn
+/// down).
+type CapsProbe = std::sync::mpsc::Receiver<Result<Arc<StateCaps>, VcpuStateError>>;
 
 impl Platform {
     /// Opens KVM, checks its capabilities and creates the console UART writing to `console`.
@@ -229,16 +230,31 @@ impl Platform {
             })?;
         let probe = {
             let cpuid = supported_cpuid.clone();
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name("kvm-probe".into())
                 .spawn(move || {
-                    let kvm = Kvm::new().map_err(|source| VcpuStateError::Kvm {
-                        what: "opening /dev/kvm (probe)",
-                        source,
-                    })?;
-                    StateCaps::get(&kvm, &cpuid)
+                    crate::sandbox::enter(crate::sandbox::ThreadKind::Probe);
+                    let kvm = match Kvm::new() {
+                        Ok(kvm) => kvm,
+                        Err(source) => {
+                            let _ = tx.send(Err(VcpuStateError::Kvm {
+                                what: "opening /dev/kvm (probe)",
+                                source,
+                            }));
+                            return;
+                        }
+                    };
+                    let sent = tx.clone();
+                    let publish = move |caps: &Arc<StateCaps>| {
+                        let _ = sent.send(Ok(caps.clone()));
+                    };
+                    if let Err(e) = StateCaps::get_then(&kvm, &cpuid, publish) {
+                        let _ = tx.send(Err(e));
+                    }
                 })
                 .ok()
+                .map(|_| rx)
         };
         Ok(Self {
             kvm,
@@ -276,7 +292,7 @@ impl Platform {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(Ok(Ok(caps))) = probe.map(std::thread::JoinHandle::join) {
+        if let Some(Ok(Ok(caps))) = probe.map(|rx| rx.recv()) {
             return Ok(caps);
         }
         Ok(StateCaps::get(&self.kvm, &self.supported_cpuid)?)
