@@ -211,8 +211,18 @@ fn violate(kind: &str, mode: &str, dir: &Path, wait: Duration) -> (Option<ExitSt
     }
     let vsock = format!("cid=3,socket={}", uds.display());
     let disk_arg = format!("path={}", disk.display());
+    let api = dir.join(format!("{kind}-{mode}.api"));
     let mut s = Strata::spawn(
-        &["--seccomp", mode, "--vsock", &vsock, "--disk", &disk_arg],
+        &[
+            "--seccomp",
+            mode,
+            "--vsock",
+            &vsock,
+            "--disk",
+            &disk_arg,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
         &[("STRATA_TEST_SECCOMP_VIOLATE", kind)],
     );
     let status = s.wait_exit(wait);
@@ -228,6 +238,7 @@ fn a_forbidden_system_call_stops_the_vmm_with_a_message_naming_it() {
         ("device", "virtio-"),
         ("console", "console-"),
         ("probe", "kvm-probe"),
+        ("api", "api-start"),
         ("control", "strata"),
     ] {
         let (status, stderr) = violate(kind, "true", dir.path(), Duration::from_secs(30));
@@ -348,4 +359,83 @@ fn landlock_keeps_the_vmm_to_its_vms_paths() {
     let allow = outside.path().to_str().unwrap();
     let r = probe_open(&secret, &["--state-dir", state_arg, "--allow-path", allow]);
     assert_eq!(r, "ok", "opening {} under --allow-path", secret.display());
+}
+
+/// `strata ctl --api-socket SOCK ARGS`: exit code and stdout + stderr.
+fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(strata_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn exports_go_only_beneath_the_state_dir_and_allow_path_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let allowed = dir.path().join("backups");
+    std::fs::create_dir(&allowed).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut s = Strata::spawn(
+        &[
+            "--console",
+            "none",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--checkpoint-type",
+            "standard",
+            "--allow-path",
+            allowed.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctl(&sock, &["vm", "status"]).0 != Some(0) {
+        assert!(Instant::now() < deadline, "no API: {}", s.collected);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out) = ctl(&sock, &["--json", "checkpoint", "create", "--name", "c"]);
+    assert_eq!(code, Some(0), "create: {out}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Outside: refused before anything is written, saying what to do.
+    let refused = outside.path().join("export");
+    let (code, out) = ctl(
+        &sock,
+        &["checkpoint", "export", &id, refused.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(1), "export outside: {out}");
+    assert!(out.contains("--allow-path"), "export outside: {out}");
+    assert!(!refused.exists());
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+
+    // Beneath --allow-path and the state dir: written.
+    for dest in [allowed.join("export"), state.join("export")] {
+        let (code, out) = ctl(
+            &sock,
+            &["checkpoint", "export", &id, dest.to_str().unwrap()],
+        );
+        assert_eq!(code, Some(0), "export to {}: {out}", dest.display());
+        assert!(dest.join("manifest.json").exists(), "{}", dest.display());
+    }
+    assert!(
+        s.wait_exit(Duration::from_millis(1)).is_none(),
+        "{}",
+        s.collected
+    );
 }

@@ -150,6 +150,7 @@ fn with_agent(
         .name("api-agent".into())
         .spawn(move || {
             let _slot = slot;
+            crate::sandbox::enter(crate::sandbox::ThreadKind::Agent);
             let reply = AgentClient::connect(&vsock.socket, AGENT_TIMEOUT)
                 .map_err(agent_error)
                 .and_then(|mut agent| work(&mut agent));
@@ -183,6 +184,7 @@ fn shutdown(machine: &Machine, reply: api::Responder) {
         .name("api-shutdown".into())
         .spawn(move || {
             let _slot = slot;
+            crate::sandbox::enter(crate::sandbox::ThreadKind::Agent);
             let asked = AgentClient::connect(&vsock.socket, AGENT_TIMEOUT)
                 .and_then(|mut agent| agent.exec(&["poweroff".to_string()], 30));
             match asked {
@@ -294,6 +296,11 @@ fn export(
         )));
         return;
     }
+    let destination = std::path::Path::new(&request.destination);
+    if let Err(why) = crate::sandbox::check_export_destination(destination) {
+        reply.send(Err(ApiError::bad_request(why)));
+        return;
+    }
     let format = match request.disk_format {
         api::types::DiskFormat::Raw => disk::ops::ConvertFormat::Raw,
         api::types::DiskFormat::Strata => disk::ops::ConvertFormat::Strata,
@@ -322,6 +329,7 @@ fn export(
     let spawned = std::thread::Builder::new()
         .name("export".into())
         .spawn(move || {
+            crate::sandbox::enter(crate::sandbox::ThreadKind::Export);
             let result = job.run(&mut |done, total| {
                 set(Some(Progress {
                     operation: api::types::PROGRESS_EXPORT.to_string(),

@@ -337,7 +337,7 @@ fn launch(config: &VmConfig, how: Launch<'_>) -> Result<Outcome, RunError> {
 
     // The server lives as long as this function: dropping it removes the socket.
     let _server = match &config.api_socket {
-        Some(path) => Some(api::ApiServer::start(
+        Some(path) => Some(crate::sandbox::start_api_server(
             path,
             crate::api_handler::handler(events.clone()),
         )?),

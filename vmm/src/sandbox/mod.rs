@@ -17,7 +17,8 @@
 //!    inherited by threads and processes a filtered thread creates, and filters stack (the
 //!    strictest answer wins), so the main thread's filter is the union of what every thread
 //!    needs and each thread's own filter narrows it down. The forked checkpoint memory writer
-//!    inherits the main thread's filter.
+//!    inherits the main thread's filter. The API server thread is spawned inside the `api`
+//!    crate: [`start_api_server`] starts it from a thread that entered [`ThreadKind::Api`].
 //!
 //! With `--seccomp true` (the default) a forbidden system call raises `SIGSYS`
 //! (`SECCOMP_RET_TRAP`); the handler writes `strata: seccomp: thread 'vcpu0' (vcpu) made a
@@ -72,14 +73,13 @@ pub enum ThreadKind {
     Vcpu,
     /// A device's event loop (virtio-blk, virtio-vsock): queues, disk I/O, vsock sockets.
     Device,
-    /// The API server thread (HTTP over the Unix socket).
+    /// The API server thread (HTTP over the Unix socket), started by
+    /// [`start_api_server`].
     Api,
     /// The console's input and output threads.
     Console,
     /// A thread that talks to the guest agent through the vsock socket.
     Agent,
-    /// A thread reading one vsock host connection.
-    VsockConn,
     /// The checkpoint export worker: reads a checkpoint, writes the export folder.
     Export,
     /// The background KVM capability probe (a scratch VM built and torn down).
@@ -88,14 +88,13 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Device,
         ThreadKind::Api,
         ThreadKind::Console,
         ThreadKind::Agent,
-        ThreadKind::VsockConn,
         ThreadKind::Export,
         ThreadKind::Probe,
     ];
@@ -109,7 +108,6 @@ impl ThreadKind {
             ThreadKind::Api => "api",
             ThreadKind::Console => "console",
             ThreadKind::Agent => "agent",
-            ThreadKind::VsockConn => "vsock-conn",
             ThreadKind::Export => "export",
             ThreadKind::Probe => "probe",
         }
@@ -192,6 +190,37 @@ struct Installed {
 
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
+/// The folders Landlock lets the VMM write anywhere beneath, once it is enforced.
+static WRITABLE: OnceLock<Vec<PathBuf>> = OnceLock::new();
+
+/// Checks that an export to `destination` can be written under Landlock: the export is
+/// written beside it and renamed into place, so it must lie beneath the checkpoint location
+/// or an `--allow-path` folder. Without Landlock anything passes. The error says what to do.
+pub fn check_export_destination(destination: &std::path::Path) -> Result<(), String> {
+    let Some(writable) = WRITABLE.get() else {
+        return Ok(());
+    };
+    let parent = destination.parent().unwrap_or(destination);
+    let parent = parent
+        .canonicalize()
+        .unwrap_or_else(|_| parent.to_path_buf());
+    if writable.iter().any(|w| parent.starts_with(w)) {
+        return Ok(());
+    }
+    let folders: Vec<String> = writable.iter().map(|w| w.display().to_string()).collect();
+    Err(format!(
+        "cannot export to {}: this VMM may write only beneath its checkpoint location and its \
+         --allow-path folders ({}); start it with --allow-path {} to export there",
+        destination.display(),
+        if folders.is_empty() {
+            "none".to_string()
+        } else {
+            folders.join(", ")
+        },
+        parent.display()
+    ))
+}
+
 /// What [`init`] set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxStatus {
@@ -238,6 +267,15 @@ pub fn init(config: &SandboxConfig) -> Result<SandboxStatus, SandboxError> {
         .map_err(|_| SandboxError::AlreadySetUp)?;
 
     let landlock = paths::restrict(&config.paths)?;
+    if landlock != LandlockStatus::Unsupported {
+        let writable = config
+            .paths
+            .full
+            .iter()
+            .filter_map(|p| p.canonicalize().ok())
+            .collect();
+        let _ = WRITABLE.set(writable);
+    }
     if let Some(path) = std::env::var_os("STRATA_TEST_LANDLOCK_OPEN") {
         let result = match std::fs::File::open(&path) {
             Ok(_) => "ok".to_string(),
@@ -279,6 +317,28 @@ fn try_enter(kind: ThreadKind) -> Result<(), SandboxError> {
 /// The function the devices crate calls first thing on every device thread.
 fn enter_device_thread() {
     enter(ThreadKind::Device);
+}
+
+/// Starts the API server (`api::ApiServer::start`) from a short-lived thread under the
+/// [`ThreadKind::Api`] filter, so that the server thread it spawns inherits that filter rather
+/// than the main thread's.
+pub fn start_api_server(
+    path: &std::path::Path,
+    handler: api::ApiHandler,
+) -> Result<api::ApiServer, api::ServerError> {
+    std::thread::scope(|scope| {
+        let starter = std::thread::Builder::new()
+            .name("api-start".into())
+            .spawn_scoped(scope, move || {
+                enter(ThreadKind::Api);
+                api::ApiServer::start(path, handler)
+            })
+            .map_err(api::ServerError::Thread)?;
+        match starter.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (vsock connections, disk layers and API

@@ -98,8 +98,31 @@ const DEVICE: &[c_long] = &[
     libc::SYS_getpeername,
 ];
 
-/// What the API server thread adds: its tokio reactor and the clients' connections.
+/// What the API server thread adds: its tokio reactor and the clients' connections, and what
+/// starting it takes (binding the socket in a private folder and renaming it into place,
+/// building the reactor, spawning the thread).
 const API: &[c_long] = &[
+    libc::SYS_socket,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_connect,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rmdir,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_chmod,
+    libc::SYS_fchmodat,
+    libc::SYS_umask,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_clone,
+    libc::SYS_clone3,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
@@ -132,21 +155,6 @@ const AGENT: &[c_long] = &[
     libc::SYS_setsockopt,
     libc::SYS_poll,
     libc::SYS_ppoll,
-];
-
-/// What a vsock connection reader adds: its socket and the device's eventfds.
-const VSOCK_CONN: &[c_long] = &[
-    libc::SYS_read,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
 ];
 
 /// Files: what the export worker and the main thread (checkpoints, disks, stores) do.
@@ -275,7 +283,6 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             allow(API);
             allow(CONSOLE);
             allow(AGENT);
-            allow(VSOCK_CONN);
             allow(FILES);
             allow(CONTROL);
         }
@@ -284,7 +291,6 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         ThreadKind::Api => allow(API),
         ThreadKind::Console => allow(CONSOLE),
         ThreadKind::Agent => allow(AGENT),
-        ThreadKind::VsockConn => allow(VSOCK_CONN),
         ThreadKind::Export => allow(FILES),
         ThreadKind::Probe => allow(&[libc::SYS_openat]),
     }
@@ -319,13 +325,13 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         ThreadKind::Vcpu | ThreadKind::Probe => {
             map.insert(libc::SYS_ioctl, vec![kvm]);
         }
-        ThreadKind::Device | ThreadKind::Api | ThreadKind::Agent | ThreadKind::VsockConn => {
+        ThreadKind::Device | ThreadKind::Api | ThreadKind::Agent => {
             map.insert(libc::SYS_ioctl, vec![fionbio]);
         }
         ThreadKind::Control | ThreadKind::Console | ThreadKind::Export => {}
     }
-    // Agent threads open Unix stream sockets only.
-    if kind == ThreadKind::Agent {
+    // Agent and API threads open Unix sockets only.
+    if matches!(kind, ThreadKind::Agent | ThreadKind::Api) {
         map.insert(libc::SYS_socket, any_of(0, [libc::AF_UNIX as u64])?);
     }
     Ok(map)
@@ -358,7 +364,6 @@ fn opens_no_files(kind: ThreadKind) -> bool {
             | ThreadKind::Api
             | ThreadKind::Console
             | ThreadKind::Agent
-            | ThreadKind::VsockConn
     )
 }
 
