@@ -45,6 +45,7 @@ fn valid_header(rng: &mut Rng) -> [u8; HEADER_SIZE] {
         .map(|_| char::from(b'a' + rng.below(26) as u8))
         .collect();
     let id = |rng: &mut Rng| -> [u8; 16] { rng.bytes(16).try_into().unwrap() };
+    let folding = rng.one_in(4);
     let parent = match rng.below(3) {
         0 => ParentRef::None,
         1 => ParentRef::Layer {
@@ -56,13 +57,15 @@ fn valid_header(rng: &mut Rng) -> [u8; HEADER_SIZE] {
             path,
             size: rng.next(),
             mtime: (rng.next() as i64, rng.below(1_000_000_000) as u32),
+            // A folding layer records its raw parent's inode (never 0); others record none.
+            fold_ino: if folding { 1 + rng.below(u64::MAX - 1) } else { 0 },
         },
     };
     let mut h = Header::new(bits, size, parent);
     h.layer_id = id(rng);
     h.data_id = id(rng);
     h.generation = rng.next();
-    h.flags = if rng.one_in(4) { FLAG_FOLDING } else { 0 };
+    h.flags = if folding { FLAG_FOLDING } else { 0 };
     h.encode()
 }
 
