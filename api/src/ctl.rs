@@ -7,6 +7,12 @@
 //! keeps asking until the agent answers, also while the socket does not exist yet, so a script
 //! can start `strata run` in the background and wait.
 //!
+//! `checkpoint changes --export DIR` writes an incremental backup: just the changed blocks, in
+//! sparse raw files beside the map (`changes.json`). The API has no call that reads a
+//! checkpoint's disk data, so the VMM exports the checkpoint whole into a hidden folder inside
+//! DIR first and the changed extents are copied out of that on this side; DIR must be on a file
+//! system both reach (the API socket is local anyway).
+//!
 //! `checkpoint delete` and `checkpoint export` can take minutes. While one runs, and only when
 //! stderr is a terminal, a progress bar on stderr shows the `progress` that `GET
 //! /v1/checkpoints` reports, asked on a second connection every 200 ms; otherwise nothing
@@ -132,7 +138,7 @@ pub enum CheckpointCommand {
         format: DiskFormat,
     },
     /// The blocks of each disk written up to a checkpoint since another (or since the launch
-    /// disks)
+    /// disks); with --export, also a copy of just those blocks (an incremental backup)
     Changes {
         /// The checkpoint the changes lead up to
         #[arg(value_name = "ID")]
@@ -140,6 +146,15 @@ pub enum CheckpointCommand {
         /// The checkpoint they start from [default: the VM's launch disks]
         #[arg(long, value_name = "ID")]
         since: Option<String>,
+        /// Also write the changed blocks into this folder (new or empty; made absolute):
+        /// `changes.json` (the map, as --json prints it) and `disk0.raw`, `disk1.raw`, ... of
+        /// the disks' full size, sparse, holding the data of the changed extents and holes
+        /// elsewhere. Copying each extent of `changes.json` from them onto the `--since`
+        /// checkpoint's raw export gives this checkpoint's. The VMM first exports the
+        /// checkpoint into a hidden folder inside DIR (removed at the end), so DIR must be
+        /// where the VMM can write and this command can read
+        #[arg(long, value_name = "DIR")]
+        export: Option<PathBuf>,
     },
 }
 
@@ -222,6 +237,8 @@ enum CtlError {
     },
     #[error("export folder {} is not valid UTF-8", .0.display())]
     NotUtf8(PathBuf),
+    #[error("cannot write the changed blocks to {path}: {reason}")]
+    ChangesExport { path: PathBuf, reason: String },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
 }
@@ -411,11 +428,152 @@ fn checkpoint(client: &Client, cmd: &CheckpointCommand, out: &mut Output) -> Res
             })?;
             out.export(&info)
         }
-        CheckpointCommand::Changes { id, since } => {
+        CheckpointCommand::Changes { id, since, export } => {
             let changes = client.checkpoint_changes(id, since.as_deref())?;
-            out.changes(&changes)
+            let Some(dir) = export else {
+                return out.changes(&changes);
+            };
+            let target = out.progress.take();
+            let written = export_changes(client, target, id, &changes, dir)?;
+            if out.json {
+                return out.print_json(&changes);
+            }
+            out.line(&format_changes(&changes))?;
+            out.line(&format_changes_export(&written))
         }
     }
+}
+
+/// The hidden folder inside a `checkpoint changes --export` folder that the VMM exports the
+/// checkpoint into; removed once the changed blocks are copied out of it.
+const CHANGES_FULL_EXPORT: &str = ".checkpoint";
+/// The map file of a `checkpoint changes --export` folder.
+const CHANGES_MAP_FILE: &str = "changes.json";
+
+/// What `checkpoint changes --export` wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChangesExport {
+    /// The folder.
+    dir: PathBuf,
+    /// The map, `changes.json`.
+    map: PathBuf,
+    /// The disk files, in `--disk` order.
+    disks: Vec<PathBuf>,
+    /// Bytes of changed data copied.
+    bytes: u64,
+}
+
+/// `checkpoint changes --export DIR`: the VMM exports checkpoint `id` (raw) into a hidden
+/// folder inside `dir`; the changed extents of `changes` are copied out of it into sparse
+/// `diskN.raw` files; the map is written as `changes.json`; the hidden folder is removed
+/// whatever happened.
+fn export_changes(
+    client: &Client,
+    target: Option<ProgressDrawTarget>,
+    id: &str,
+    changes: &ChangesInfo,
+    dir: &std::path::Path,
+) -> Result<ChangesExport, CtlError> {
+    let dir = std::path::absolute(dir).map_err(|source| CtlError::Destination {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let fail = |reason: String| CtlError::ChangesExport {
+        path: dir.clone(),
+        reason,
+    };
+    match std::fs::read_dir(&dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(fail("it exists and is not an empty folder".into()));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir).map_err(|e| fail(format!("create it: {e}")))?;
+        }
+        Err(e) => return Err(fail(format!("read it: {e}"))),
+    }
+    let full = dir.join(CHANGES_FULL_EXPORT);
+    let destination = full
+        .clone()
+        .into_os_string()
+        .into_string()
+        .map_err(|raw| CtlError::NotUtf8(raw.into()))?;
+    let request = ExportCheckpoint {
+        destination,
+        disk_format: DiskFormat::Raw,
+    };
+    let result = with_progress(client, target, PROGRESS_EXPORT, id, || {
+        client.export_checkpoint(id, &request)
+    })
+    .map_err(CtlError::from)
+    .and_then(|info| copy_changed_extents(changes, &info, &dir).map_err(fail));
+    // Best effort: the copy is in the disk files by now, or it failed and says why.
+    let _ = std::fs::remove_dir_all(&full);
+    result
+}
+
+/// Copies the extents of `changes` out of the raw disks of `export` into new sparse files in
+/// `dir`, then writes the map; everything fsynced.
+fn copy_changed_extents(
+    changes: &ChangesInfo,
+    export: &ExportInfo,
+    dir: &std::path::Path,
+) -> Result<ChangesExport, String> {
+    use std::os::unix::fs::FileExt;
+    if export.disks.len() != changes.disks.len() {
+        return Err(format!(
+            "the export of {} has {} disks, the changes {}",
+            export.id,
+            export.disks.len(),
+            changes.disks.len()
+        ));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut disks = Vec::new();
+    let mut bytes = 0u64;
+    for (d, src) in changes.disks.iter().zip(&export.disks) {
+        let out = dir.join(format!("disk{}.raw", d.index));
+        let from = std::fs::File::open(src).map_err(|e| format!("open {src}: {e}"))?;
+        let to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&out)
+            .map_err(|e| format!("create {}: {e}", out.display()))?;
+        let write_err = |e: std::io::Error| format!("write {}: {e}", out.display());
+        to.set_len(d.virtual_size).map_err(write_err)?;
+        for e in &d.extents {
+            let end = e.offset.saturating_add(e.length).min(d.virtual_size);
+            let mut off = e.offset;
+            while off < end {
+                let n = usize::try_from(end - off).map_or(buf.len(), |n| n.min(buf.len()));
+                let chunk = &mut buf[..n];
+                from.read_exact_at(chunk, off)
+                    .map_err(|e| format!("read {src} at {off}: {e}"))?;
+                to.write_all_at(chunk, off).map_err(write_err)?;
+                off += n as u64;
+                bytes += n as u64;
+            }
+        }
+        to.sync_all().map_err(write_err)?;
+        disks.push(out);
+    }
+    let map = dir.join(CHANGES_MAP_FILE);
+    let text = serde_json::to_vec_pretty(changes).map_err(|e| format!("encode the map: {e}"))?;
+    let file = std::fs::File::create(&map).map_err(|e| format!("create {}: {e}", map.display()))?;
+    (&file)
+        .write_all(&text)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("write {}: {e}", map.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("sync the folder: {e}"))?;
+    Ok(ChangesExport {
+        dir: dir.to_path_buf(),
+        map,
+        disks,
+        bytes,
+    })
 }
 
 /// How often a long call's progress is asked for.
@@ -989,6 +1147,19 @@ fn format_export(info: &ExportInfo) -> String {
     key_values(&rows)
 }
 
+/// `checkpoint changes --export` for people: what was written, after the changes.
+fn format_changes_export(written: &ChangesExport) -> String {
+    let mut rows = vec![
+        ("exported to".to_owned(), written.dir.display().to_string()),
+        ("map".to_owned(), written.map.display().to_string()),
+    ];
+    for (i, disk) in written.disks.iter().enumerate() {
+        rows.push((format!("disk {i}"), disk.display().to_string()));
+    }
+    rows.push(("written".to_owned(), format_size_exact(written.bytes)));
+    key_values(&rows)
+}
+
 /// `checkpoint changes` for people: per disk, a summary line and its extents as a table of
 /// byte offsets and lengths; the total at the end.
 fn format_changes(changes: &ChangesInfo) -> String {
@@ -1454,8 +1625,21 @@ mod tests {
         assert!(parse(&["checkpoint", "export", "ck-1", "/o", "--format", "qcow2"]).is_err());
         let a = parse(&["checkpoint", "changes", "b", "--since", "a"]).unwrap();
         match a.command {
-            CtlCommand::Checkpoint(CheckpointCommand::Changes { id, since }) => {
-                assert_eq!((id.as_str(), since.as_deref()), ("b", Some("a")));
+            CtlCommand::Checkpoint(CheckpointCommand::Changes { id, since, export }) => {
+                assert_eq!(
+                    (id.as_str(), since.as_deref(), export),
+                    ("b", Some("a"), None)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let a = parse(&["checkpoint", "changes", "b", "--export", "/inc"]).unwrap();
+        match a.command {
+            CtlCommand::Checkpoint(CheckpointCommand::Changes { id, since, export }) => {
+                assert_eq!(
+                    (id.as_str(), since.as_deref(), export),
+                    ("b", None, Some("/inc".into()))
+                );
             }
             other => panic!("{other:?}"),
         }

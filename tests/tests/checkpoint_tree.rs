@@ -1096,7 +1096,8 @@ fn check_changes(
     sock: &Path,
     older: Option<(&Taken, &[Vec<u8>])>,
     newer: (&Taken, &[Vec<u8>]),
-    zero: &[Vec<u8>],
+    launch: &[Vec<u8>],
+    incremental: &Path,
 ) -> Result<u64, String> {
     let since = older.map(|(t, _)| t.info.id.as_str());
     let what = format!(
@@ -1126,7 +1127,7 @@ fn check_changes(
     if !text.contains("total:") {
         return Err(format!("{what}: ctl checkpoint changes prints {text}"));
     }
-    let base = older.map_or(zero, |(_, img)| img);
+    let base = older.map_or(launch, |(_, img)| img);
     let rebuilt = apply_changes(&changes, base, newer.1);
     for (n, (got, want)) in rebuilt.iter().zip(newer.1).enumerate() {
         if got != want {
@@ -1137,6 +1138,63 @@ fn check_changes(
                 changes.disks[n].extents
             ));
         }
+    }
+    // The incremental export of just those blocks (ctl --export): its map is the API's, and
+    // its extents copied onto the older export give the newer one too.
+    let inc = incremental.join(format!(
+        "{}-since-{}",
+        newer.0.name,
+        older.map_or("launch", |(t, _)| t.name)
+    ));
+    let mut args = vec!["checkpoint", "changes", newer.0.info.id.as_str()];
+    if let Some(s) = since {
+        args.extend(["--since", s]);
+    }
+    args.extend(["--export", inc.to_str().unwrap()]);
+    let text = ctl(sock, &args);
+    let map: ChangesInfo = serde_json::from_slice(
+        &std::fs::read(inc.join("changes.json"))
+            .map_err(|e| format!("{what}: ctl --export wrote no changes.json: {e}\n{text}"))?,
+    )
+    .map_err(|e| format!("{what}: changes.json: {e}"))?;
+    if map != changes {
+        return Err(format!(
+            "{what}: ctl --export's changes.json {map:?} is not the API's {changes:?}"
+        ));
+    }
+    let files: Vec<Vec<u8>> = (0..changes.disks.len())
+        .map(|n| std::fs::read(inc.join(format!("disk{n}.raw"))))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{what}: ctl --export's disk files: {e}\n{text}"))?;
+    let rebuilt = apply_changes(&changes, base, &files);
+    for (n, (got, want)) in rebuilt.iter().zip(newer.1).enumerate() {
+        if got != want {
+            return Err(format!(
+                "{what}: disk {n}: the older export with ctl --export's blocks copied in is not \
+                 the newer export: {}",
+                first_difference(got, want),
+            ));
+        }
+        use std::os::unix::fs::MetadataExt;
+        let d = &changes.disks[n];
+        let allocated = std::fs::metadata(inc.join(format!("disk{n}.raw")))
+            .unwrap()
+            .blocks()
+            * 512;
+        if allocated > d.changed_bytes() + 4096 * d.extents.len() as u64 {
+            return Err(format!(
+                "{what}: disk {n}: ctl --export's file holds {allocated} bytes for {} changed",
+                d.changed_bytes()
+            ));
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(&inc)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "changes.json" && !n.starts_with("disk"))
+        .collect();
+    if !left.is_empty() {
+        return Err(format!("{what}: ctl --export left {left:?} behind"));
     }
     Ok(changes.changed_bytes())
 }
@@ -1284,7 +1342,9 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
     }
 
     // Changed blocks along each branch, then across the branches (collected, asserted last).
-    let zero = vec![vec![0u8; DISK_SIZE as usize]; 2];
+    // Without `since` the changes are those after the launch disks, which the first
+    // checkpoint froze as they were then (what the guest had written before it).
+    let launch: Vec<Vec<u8>> = s.disks.iter().map(|p| std::fs::read(p).unwrap()).collect();
     let along = [
         (None, (&p0, &images[0])),
         (Some((&p0, &images[0])), (&s1t, &images[1])),
@@ -1295,9 +1355,16 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
     ];
     for (older, newer) in along {
         let older = older.map(|(t, i): (&Taken, &Vec<Vec<u8>>)| (t, i.as_slice()));
-        let changed = check_changes(&c, &s.sock, older, (newer.0, newer.1), &zero)
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(changed > 0 && changed < 2 * DISK_SIZE, "{changed}");
+        let changed = check_changes(
+            &c,
+            &s.sock,
+            older,
+            (newer.0, newer.1),
+            &launch,
+            &s.path("incremental"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(changed < 2 * DISK_SIZE, "{changed}");
     }
     let across: Vec<String> = [
         ((&p2, &images[2]), (&p3, &images[3])),
@@ -1305,12 +1372,19 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
     ]
     .into_iter()
     .filter_map(|(o, n)| {
-        check_changes(&c, &s.sock, Some((o.0, o.1)), (n.0, n.1), &zero)
-            .err()
-            .map(|e| {
-                eprintln!("ACROSS BRANCHES: {e}");
-                e
-            })
+        check_changes(
+            &c,
+            &s.sock,
+            Some((o.0, o.1)),
+            (n.0, n.1),
+            &launch,
+            &s.path("incremental"),
+        )
+        .err()
+        .map(|e| {
+            eprintln!("ACROSS BRANCHES: {e}");
+            e
+        })
     })
     .collect();
     power_off(&mut vm, &c);
