@@ -58,7 +58,11 @@ fn valid_header(rng: &mut Rng) -> [u8; HEADER_SIZE] {
             size: rng.next(),
             mtime: (rng.next() as i64, rng.below(1_000_000_000) as u32),
             // A folding layer records its raw parent's inode (never 0); others record none.
-            fold_ino: if folding { 1 + rng.below(u64::MAX - 1) } else { 0 },
+            fold_ino: if folding {
+                1 + rng.below(u64::MAX - 1)
+            } else {
+                0
+            },
         },
     };
     let mut h = Header::new(bits, size, parent);
