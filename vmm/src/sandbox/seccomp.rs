@@ -430,18 +430,19 @@ pub(super) fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Compiled, S
     Ok(Compiled { programs })
 }
 
+/// The kind of a thread that did not enter a sandbox itself (it runs under the filters of the
+/// thread that created it).
+const INHERITED: u8 = u8::MAX;
+
 thread_local! {
-    /// The calling thread's name and kind, for the SIGSYS handler (plain TLS: no allocation
-    /// or lock when read).
-    static THREAD: std::cell::Cell<([u8; 16], u8)> = const { std::cell::Cell::new(([0; 16], 0)) };
+    /// The calling thread's kind, for the SIGSYS handler (plain TLS: no allocation or lock
+    /// when read).
+    static KIND: std::cell::Cell<u8> = const { std::cell::Cell::new(INHERITED) };
 }
 
-/// Records the calling thread's name and kind for the SIGSYS handler.
+/// Records the calling thread's kind for the SIGSYS handler.
 pub(super) fn remember_thread(kind: ThreadKind) {
-    let mut name = [0u8; 16];
-    // SAFETY: PR_GET_NAME writes at most 16 bytes (with its NUL) into the buffer.
-    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
-    THREAD.with(|t| t.set((name, kind as u8)));
+    KIND.with(|k| k.set(kind as u8));
 }
 
 /// The test hook's forbidden call: `personality` (a query, harmless where it is allowed).
@@ -502,9 +503,11 @@ fn violation_message(name: &[u8], kind: u8, nr: i64) -> Message {
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     m.push(&name[..end]);
     m.push(b"' (");
-    let kind_name = ThreadKind::ALL
-        .get(usize::from(kind))
-        .map_or("?", |k| k.name());
+    let kind_name = match ThreadKind::ALL.get(usize::from(kind)) {
+        Some(k) => k.name(),
+        None if kind == INHERITED => "under the filters of the thread that started it",
+        None => "?",
+    };
     m.push(kind_name.as_bytes());
     m.push(b") made a forbidden system call: ");
     match super::syscalls::name(nr) {
@@ -523,7 +526,10 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler; SigsysInfo
     // mirrors its x86_64 layout for SIGSYS.
     let nr = unsafe { (*(info as *const SigsysInfo)).syscall };
-    let (name, kind) = THREAD.with(|t| t.get());
+    let kind = KIND.with(|k| k.get());
+    let mut name = [0u8; 16];
+    // SAFETY: PR_GET_NAME (allowed by every filter) writes at most 16 bytes, NUL included.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
     let m = violation_message(&name, kind, i64::from(nr));
     let mut written = 0;
     while written < m.len {
@@ -609,6 +615,12 @@ mod tests {
         let text = std::str::from_utf8(&m.buf[..m.len]).unwrap();
         assert!(
             text.contains("(?) made a forbidden system call: unknown (9999)"),
+            "{text}"
+        );
+        let m = violation_message(&name, INHERITED, libc::SYS_ptrace);
+        let text = std::str::from_utf8(&m.buf[..m.len]).unwrap();
+        assert!(
+            text.contains("(under the filters of the thread that started it) made a"),
             "{text}"
         );
     }
