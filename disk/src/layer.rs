@@ -353,7 +353,10 @@ impl Layer {
         let cs = h.cluster_size();
         let first = h.data_offset / cs;
         let next = h.alloc_end.max(first);
-        let end = self.file_len()?.div_ceil(cs).max(next);
+        // The tail a huge sparse file seems to have ends where host numbers would stop
+        // fitting an entry (46 bits) or an off_t.
+        let limit = (format::MAX_HOST_CLUSTER + 1).min(format::max_alloc_end(h.cluster_bits));
+        let end = self.file_len()?.div_ceil(cs).max(next).min(limit);
         self.alloc = Some(Alloc {
             dirty: BTreeMap::new(),
             free: BTreeSet::new(),

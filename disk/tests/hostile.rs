@@ -651,3 +651,26 @@ fn a_crashed_create_never_blocks_the_next_one() {
     create_layer(&p, &layer).unwrap();
     assert_eq!(Chain::open(&layer, ro()).unwrap().depth(), 2);
 }
+
+#[test]
+fn a_merge_refuses_a_parent_replaced_while_the_chain_was_open() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.strata");
+    create_empty(&base, 1 << 20, CreateOptions::default()).unwrap();
+    let top = d.path().join("top.strata");
+    create_layer(&base, &top).unwrap();
+    let mut c = Chain::open(&top, OpenOptions::default()).unwrap();
+    c.write_at(0, &[6u8; 4096]).unwrap();
+    // Another file takes the parent's name (the open chain still holds the old one).
+    let other = d.path().join("other.strata");
+    create_empty(&other, 1 << 20, CreateOptions::default()).unwrap();
+    let before = std::fs::read(&other).unwrap();
+    std::fs::rename(&other, &base).unwrap();
+    let e = error_chain(&c.begin_merge(1, MergeDirection::IntoParent).unwrap_err());
+    assert!(
+        e.contains("base.strata") && e.contains("replaced by another file"),
+        "{e}"
+    );
+    drop(c);
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+}
