@@ -327,6 +327,24 @@ fn exercise(flag: &str, dir: &Path) {
             let status = vm.wait_exit(EXIT_TIMEOUT);
             assert_eq!(status.code(), Some(0), "--no-reboot: {}", vm.stderr());
         }
+        "--seccomp" => {
+            // The main thread is filtered with true and log, not with false.
+            for (mode, seccomp) in [("true", "2"), ("log", "2"), ("false", "0")] {
+                let args = ["--seccomp", mode, "--memory", "64M"];
+                let vm = boot(&args, 1);
+                let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+                let field = status.lines().find_map(|l| l.strip_prefix("Seccomp:"));
+                assert_eq!(field.map(str::trim), Some(seccomp), "--seccomp {mode}");
+                poweroff(vm, &args);
+            }
+        }
+        "--allow-path" => {
+            let allowed = dir.join("allowed");
+            std::fs::create_dir(&allowed).unwrap();
+            let allowed_arg = allowed.display().to_string();
+            let args = ["--allow-path", &allowed_arg, "--memory", "64M"];
+            poweroff(boot(&args, 1), &args);
+        }
         other => panic!(
             "`strata run --help` lists {other}, but tests/tests/cli.rs has no valid value for \
              it: add a case to `exercise`"
