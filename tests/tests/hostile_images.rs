@@ -403,3 +403,55 @@ fn strata_run_refuses_a_crafted_disk_naming_it() {
     }
     eprintln!("{}", table.join("\n"));
 }
+
+#[test]
+fn strata_run_follows_a_parent_outside_the_disks_folder_only_into_an_allowed_path() {
+    strata_tests::require_kvm();
+    let d = tempfile::tempdir().unwrap();
+    let images = d.path().join("images");
+    let vm = d.path().join("vm");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::create_dir(&vm).unwrap();
+    let base = images.join("base.raw");
+    std::fs::write(&base, vec![3u8; 1 << 20]).unwrap();
+    let top = vm.join("top.strata");
+    let r = strata(
+        &args(&[
+            &"disk",
+            &"create",
+            &top,
+            &"--parent",
+            &base,
+            &"--allow-parent-outside",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let disk = format!("path={}", top.display());
+    let r = strata(
+        &args(&[
+            &"run",
+            &"--memory",
+            &"64M",
+            &"--console",
+            &"none",
+            &"--disk",
+            &disk,
+        ]),
+        Duration::from_secs(60),
+    );
+    assert_ne!(r.code, Some(0));
+    assert!(
+        r.stderr.contains("top.strata") && r.stderr.contains("outside"),
+        "{}",
+        r.stderr
+    );
+    // The user's --allow-path folder is one the chain may lead into.
+    let allow = images.display().to_string();
+    let mut guest =
+        strata_tests::Vm::start(&["--memory", "64M", "--disk", &disk, "--allow-path", &allow]);
+    guest.wait_ready();
+    assert!(guest.line("blk 0 info").starts_with("2048 rw"));
+    guest.send("poweroff\n");
+    assert!(guest.wait_exit(Duration::from_secs(30)).success());
+}

@@ -141,7 +141,8 @@ pub struct RunArgs {
     pub seccomp: Option<SeccompMode>,
 
     /// A folder strata may read and write besides its VM's own files (Landlock): where
-    /// checkpoints are exported, or a checkpoint location set through the API. Repeatable
+    /// checkpoints are exported, or a checkpoint location set through the API; the disks'
+    /// layers may also name parents in it. Repeatable
     #[arg(long = "allow-path", value_name = "DIR")]
     pub allow_paths: Vec<PathBuf>,
 
@@ -474,6 +475,8 @@ fn sandbox_config(
     checkpoint: Option<&std::path::Path>,
 ) -> SandboxConfig {
     let allow: Vec<PathBuf> = allow.iter().map(|p| absolute(p)).collect();
+    // The user trusts these folders: a disk chain may leave its layers' folders into them.
+    crate::device_manager::trust_parent_dirs(allow.iter().cloned());
     SandboxConfig {
         seccomp: seccomp.unwrap_or_default(),
         paths: AccessPaths::for_vm(config, &allow, checkpoint),
