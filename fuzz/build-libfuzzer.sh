@@ -12,5 +12,8 @@ export RUSTFLAGS="-Cpasses=sancov-module \
  -Cllvm-args=-sanitizer-coverage-pc-table \
  -Cllvm-args=-sanitizer-coverage-trace-compares \
  --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
-exec cargo build --release -p strata-fuzz --features libfuzzer --bins \
+# Every fuzz_targets/<name>.rs (not fuzz-random, which has no libFuzzer to link against).
+bins=()
+for f in fuzz/fuzz_targets/*.rs; do bins+=(--bin "$(basename "$f" .rs)"); done
+exec cargo build --release -p strata-fuzz --features libfuzzer "${bins[@]}" \
   --target x86_64-unknown-linux-gnu --target-dir target/fuzz-stable "$@"
