@@ -60,8 +60,10 @@ const COMMON: &[c_long] = &[
 /// type), and the eventfds and channels of the devices whose registers it writes.
 const VCPU: &[c_long] = &[libc::SYS_read];
 
-/// What a device event loop adds: epoll, disk I/O on open files, vsock sockets.
+/// What a device event loop adds: epoll, disk I/O on open files, vsock sockets (`socket` is
+/// limited to `AF_UNIX` below).
 const DEVICE: &[c_long] = &[
+    libc::SYS_socket,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
@@ -330,8 +332,12 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         }
         ThreadKind::Control | ThreadKind::Console | ThreadKind::Export => {}
     }
-    // Agent and API threads open Unix sockets only.
-    if matches!(kind, ThreadKind::Agent | ThreadKind::Api) {
+    // Agent and API threads open Unix sockets only, and so does the vsock device (a guest's
+    // connection to host port P connects to `<socket>_P`).
+    if matches!(
+        kind,
+        ThreadKind::Agent | ThreadKind::Api | ThreadKind::Device
+    ) {
         map.insert(libc::SYS_socket, any_of(0, [libc::AF_UNIX as u64])?);
     }
     Ok(map)
@@ -623,6 +629,24 @@ mod tests {
             text.contains("(under the filters of the thread that started it) made a"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_device_thread_may_connect_to_a_unix_socket_and_open_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s_1234");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let c = compile(ThreadKind::Device, SeccompMode::On).unwrap();
+        std::thread::spawn(move || {
+            c.apply(ThreadKind::Device).unwrap();
+            // What the vsock device does for a guest's connection to host port 1234.
+            std::os::unix::net::UnixStream::connect(&path).unwrap();
+            let err = std::fs::File::open(&path).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+        })
+        .join()
+        .unwrap();
+        drop(listener);
     }
 
     #[test]
