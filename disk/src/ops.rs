@@ -202,16 +202,19 @@ impl Chain {
         {
             ranges.push((0, size));
         } else {
-            let mut subs: Vec<u64> = Vec::new();
+            // One 16-bit mask per cluster any of those layers holds (not one word per
+            // sub-cluster): memory stays a fraction of the tables read.
+            let mut masks: std::collections::BTreeMap<u64, u16> = Default::default();
             for li in older + 1..=newer {
                 self.layers[li].for_each_entry(&mut |c, e| {
-                    subs.extend(sub_bits(e.alloc | e.zero).map(|s| c * 16 + s));
+                    *masks.entry(c).or_default() |= e.alloc | e.zero;
                     Ok(())
                 })?;
             }
-            subs.sort_unstable();
-            subs.dedup();
-            for sub in subs {
+            for sub in masks
+                .into_iter()
+                .flat_map(|(c, m)| sub_bits(m).map(move |s| c * 16 + s))
+            {
                 let off = sub * ss;
                 if off >= size {
                     continue;
