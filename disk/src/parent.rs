@@ -71,7 +71,8 @@ impl ParentPolicy {
 }
 
 const HINT: &str = "a layer may name only a file in its own directory or below; if you trust \
-                    this chain, pass --allow-parent-outside";
+                    this chain, pass --allow-parent-outside (strata disk) or --allow-path with \
+                    the parent's folder (strata run)";
 
 /// What kind of non-regular file `ft` is, for an error message.
 fn kind_of(ft: std::fs::FileType) -> &'static str {
