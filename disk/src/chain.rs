@@ -791,7 +791,7 @@ impl Chain {
         let top = self.layers.len() - 1;
         let pref = self.layers[top].as_parent_ref(new_path)?;
         let h = Header::new(self.cluster_bits, self.virtual_size, pref);
-        write_new_layer(new_path, h)?;
+        write_new_layer(new_path, h, true)?;
         let new = Layer::open(new_path, true, Some(Format::Strata))?;
         let old = &mut self.layers[top];
         let _ = old.trim_tail();
@@ -914,7 +914,7 @@ pub fn create_empty(path: impl AsRef<Path>, size: u64, opts: CreateOptions) -> R
             "cluster size 2^{bits} is outside 4 KiB..2 MiB"
         )));
     }
-    write_new_layer(path, Header::new(bits, size, ParentRef::None))
+    write_new_layer(path, Header::new(bits, size, ParentRef::None), true)
 }
 
 /// Creates a new layer at `new_path` over `parent_path` (a raw image or a layer; the parent's
@@ -932,7 +932,26 @@ pub fn create_layer_with(
     new_path: impl AsRef<Path>,
     parents: &ParentPolicy,
 ) -> Result<()> {
-    let (parent_path, new_path) = (parent_path.as_ref(), new_path.as_ref());
+    create_layer_as(parent_path.as_ref(), new_path.as_ref(), parents, true)
+}
+
+/// [`create_layer_with`] without syncing the new file or its directory: the caller makes it
+/// durable with [`crate::file::sync_created`] before recording it anywhere (the VMM does that
+/// off a restore's critical path, holding the guest's disk I/O until then).
+pub fn create_layer_unsynced(
+    parent_path: impl AsRef<Path>,
+    new_path: impl AsRef<Path>,
+    parents: &ParentPolicy,
+) -> Result<()> {
+    create_layer_as(parent_path.as_ref(), new_path.as_ref(), parents, false)
+}
+
+fn create_layer_as(
+    parent_path: &Path,
+    new_path: &Path,
+    parents: &ParentPolicy,
+    durable: bool,
+) -> Result<()> {
     if new_path.exists() {
         return Err(DiskError::Exists {
             path: new_path.to_path_buf(),
@@ -957,13 +976,14 @@ pub fn create_layer_with(
     // The new file does not exist yet: record the path relative to its future directory.
     let pref = top.parent_ref_for(new_path, Some(parents))?;
     let h = Header::new(parent.cluster_bits, size, pref);
-    write_new_layer(new_path, h)
+    write_new_layer(new_path, h, durable)
 }
 
-/// Writes a new layer file whole, unnamed or under a temporary name, syncs it and links it
-/// into place (never over an existing file; a crash leaves nothing that blocks a later create).
-fn write_new_layer(path: &Path, h: Header) -> Result<()> {
-    crate::file::create_whole(path, &h.encode(), h.data_offset)
+/// Writes a new layer file whole, unnamed or under a temporary name, syncs it (if `durable`)
+/// and links it into place (never over an existing file; a crash leaves nothing that blocks a
+/// later create).
+fn write_new_layer(path: &Path, h: Header, durable: bool) -> Result<()> {
+    crate::file::create_whole(path, &h.encode(), h.data_offset, durable)
 }
 
 #[cfg(test)]

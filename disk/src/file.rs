@@ -224,8 +224,9 @@ pub(crate) fn unique_tmp_path(path: &Path) -> PathBuf {
 /// then linked into place; where `O_TMPFILE` or the link by `/proc/self/fd` is unavailable,
 /// built under a unique temporary name (so that a crashed create never blocks the next) and
 /// hard-linked into place. Either way an existing `path` is never replaced ("already exists"),
-/// and the directory is synced.
-pub(crate) fn create_whole(path: &Path, head: &[u8], len: u64) -> Result<()> {
+/// and the directory is synced. Without `durable` neither the file nor its directory is synced
+/// (the caller makes both durable later with [`sync_created`], before anything refers to it).
+pub(crate) fn create_whole(path: &Path, head: &[u8], len: u64, durable: bool) -> Result<()> {
     if path.symlink_metadata().is_ok() {
         return Err(DiskError::Exists {
             path: path.to_path_buf(),
@@ -235,7 +236,17 @@ pub(crate) fn create_whole(path: &Path, head: &[u8], len: u64) -> Result<()> {
         f.write_all_at(head, 0)
             .map_err(DiskError::io(shown, "write header"))?;
         f.set_len(len).map_err(DiskError::io(shown, "set length"))?;
-        f.sync_all().map_err(DiskError::io(shown, "fsync"))
+        if durable {
+            f.sync_all().map_err(DiskError::io(shown, "fsync"))?;
+        }
+        Ok(())
+    };
+    let sync_dir = |path: &Path| {
+        if durable {
+            crate::sys::sync_dir(path)
+        } else {
+            Ok(())
+        }
     };
     let exists = |e: io::Error| {
         if e.kind() == io::ErrorKind::AlreadyExists {
@@ -250,7 +261,7 @@ pub(crate) fn create_whole(path: &Path, head: &[u8], len: u64) -> Result<()> {
         fill(&f, path)?;
         let proc_path = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
         match link(&proc_path, path, libc::AT_SYMLINK_FOLLOW) {
-            Ok(()) => return crate::sys::sync_dir(path),
+            Ok(()) => return sync_dir(path),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists(e)),
             // No /proc: fall back to a named temporary file below.
             Err(_) => {}
@@ -264,9 +275,17 @@ pub(crate) fn create_whole(path: &Path, head: &[u8], len: u64) -> Result<()> {
         .map_err(DiskError::io(&tmp, "create"))?;
     let res = fill(&f, &tmp)
         .and_then(|()| link(&tmp, path, 0).map_err(exists))
-        .and_then(|()| crate::sys::sync_dir(path));
+        .and_then(|()| sync_dir(path));
     let _ = std::fs::remove_file(&tmp);
     res
+}
+
+/// Makes a file made by [`create_whole`] without `durable` durable: its data, then its
+/// directory entry.
+pub fn sync_created(path: &Path) -> Result<()> {
+    let f = File::open(path).map_err(DiskError::io(path, "open"))?;
+    f.sync_all().map_err(DiskError::io(path, "fsync"))?;
+    crate::sys::sync_dir(path)
 }
 
 /// An unnamed file in `path`'s directory, or `None` where the file system cannot make one.

@@ -44,10 +44,11 @@ mod sys;
 mod test_seed;
 
 pub use chain::{
-    create_empty, create_layer, create_layer_with, CacheLimits, Chain, CreateOptions, OpenOptions,
-    Source,
+    create_empty, create_layer, create_layer_unsynced, create_layer_with, CacheLimits, Chain,
+    CreateOptions, OpenOptions, Source,
 };
 pub use error::{error_chain, DiskError, Result};
+pub use file::sync_created;
 pub use layer::Format;
 pub use merge::{merge, MergeDirection, MergeProgress};
 pub use ops::{

@@ -297,7 +297,18 @@ pub struct Store {
     location: PathBuf,
     record: StoreRecord,
     report: OpenReport,
+    /// A record being made durable on another thread ([`Store::set_current_deferred`]).
+    pending: Option<std::thread::JoinHandle<Result<()>>>,
     _lock: File,
+}
+
+impl Drop for Store {
+    /// Waits for a record being made durable (the process may be about to exit).
+    fn drop(&mut self) {
+        if let Err(e) = self.settle() {
+            eprintln!("strata: {e}");
+        }
+    }
 }
 
 impl Store {
@@ -333,6 +344,7 @@ impl Store {
             location: location.to_path_buf(),
             record,
             report: OpenReport::default(),
+            pending: None,
             _lock: lock,
         };
         store.recover()?;
@@ -396,6 +408,7 @@ impl Store {
     /// active layers are recorded: the layers of the state it discarded go. Does nothing
     /// when a manifest cannot be read (it might refer to a layer). Returns what was removed.
     pub fn remove_unused_layers(&mut self) -> Result<Vec<PathBuf>> {
+        self.settle()?;
         let (manifests, unreadable) = self.scan();
         if !unreadable.is_empty() {
             return Ok(Vec::new());
@@ -567,6 +580,83 @@ impl Store {
     /// Records `current` as the current checkpoint and `active` as the layers the VM writes
     /// (as applying a checkpoint does, once its new layers exist and are fsynced), atomically.
     pub fn set_current(&mut self, current: Option<&str>, active: Vec<DiskRecord>) -> Result<()> {
+        self.settle()?;
+        let record = self.next_record(current, active)?;
+        fsutil::sync_dir(&self.location.join(LAYERS_DIR))?;
+        record.save(&self.location.join(STORE_FILE))?;
+        self.record = record;
+        Ok(())
+    }
+
+    /// [`Store::set_current`] off the caller's thread, for new active layers `created` that
+    /// are not yet durable (`disk::create_layer_unsynced`): another thread syncs each of them,
+    /// the layers folder, then writes the record, and calls `done` with the outcome. The
+    /// record is this store's at once (what [`Store::active`] and the listings show); every
+    /// later change of the store waits for the write first ([`Store::settle`]), so records
+    /// reach the disk in order.
+    ///
+    /// The caller must not let anything depend on the new layers being recorded (a guest
+    /// must not see a write to them complete) before `done` says so: until then a crash
+    /// leaves the previous record, and the new layers are unreferenced files the next
+    /// [`Store::open`] removes.
+    pub fn set_current_deferred(
+        &mut self,
+        current: Option<&str>,
+        active: Vec<DiskRecord>,
+        created: Vec<PathBuf>,
+        done: impl FnOnce(&Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        self.settle()?;
+        let record = self.next_record(current, active)?;
+        let path = self.location.join(STORE_FILE);
+        let layers = self.location.join(LAYERS_DIR);
+        let to_write = record.clone();
+        let job = move || {
+            let result = (|| {
+                for f in &created {
+                    File::open(f).at(f, "open")?.sync_all().at(f, "fsync")?;
+                }
+                fsutil::sync_dir(&layers)?;
+                to_write.save(&path)
+            })();
+            done(&result);
+            result
+        };
+        let handle = std::thread::Builder::new()
+            .name("store-record".into())
+            .spawn(job)
+            .at(
+                &self.location,
+                "start the thread that writes the store record",
+            )?;
+        self.pending = Some(handle);
+        self.record = record;
+        Ok(())
+    }
+
+    /// Waits for a record being made durable by [`Store::set_current_deferred`]. If writing
+    /// it failed, the store takes back the record on disk and the error says why.
+    pub fn settle(&mut self) -> Result<()> {
+        let Some(job) = self.pending.take() else {
+            return Ok(());
+        };
+        let path = self.location.join(STORE_FILE);
+        let result = job.join().unwrap_or_else(|_| {
+            Err(Error::invalid(
+                &path,
+                "the thread writing the store record panicked",
+            ))
+        });
+        if result.is_err() {
+            if let Ok(Some(on_disk)) = StoreRecord::load(&path) {
+                self.record = on_disk;
+            }
+        }
+        result
+    }
+
+    /// The record with `current` and `active`, checked against the store.
+    fn next_record(&self, current: Option<&str>, active: Vec<DiskRecord>) -> Result<StoreRecord> {
         let path = self.location.join(STORE_FILE);
         if let Some(c) = current {
             self.get(c)?;
@@ -582,16 +672,12 @@ impl Store {
                 }
             }
         }
-        fsutil::sync_dir(&self.location.join(LAYERS_DIR))?;
-        let record = StoreRecord {
+        Ok(StoreRecord {
             format_version: STORE_VERSION,
             sequence: self.record.sequence,
             current: current.map(Into::into),
             active,
-        };
-        record.save(&path)?;
-        self.record = record;
-        Ok(())
+        })
     }
 
     /// Starts a checkpoint named `name`: a new id and its temporary folder.
@@ -632,6 +718,7 @@ impl Store {
         mut pending: PendingCheckpoint,
         info: CommitInfo,
     ) -> Result<Manifest> {
+        self.settle()?;
         let mpath = pending.dir.join(MANIFEST_FILE);
         for d in info.disks.iter().chain(&info.active_after) {
             if let Some(l) = &d.layer {
@@ -684,6 +771,7 @@ impl Store {
     /// Records `m` as current with its active layers (store.json, atomically): the second half
     /// of [`Store::commit`] after [`Store::commit_folder`].
     pub fn adopt(&mut self, m: &Manifest) -> Result<()> {
+        self.settle()?;
         let record = StoreRecord {
             format_version: STORE_VERSION,
             sequence: m.sequence,
@@ -707,6 +795,7 @@ impl Store {
     /// changes nothing they hold), a crash after it leaves the temporary folder and unused
     /// layers that the next [`Store::open`] removes. Returns the layer files removed.
     pub fn delete(&mut self, id: &str) -> Result<Vec<PathBuf>> {
+        self.settle()?;
         let m = self.get(id)?;
         let all = self.list()?;
         for mut child in all.into_iter().filter(|c| c.parent.as_deref() == Some(id)) {

@@ -534,6 +534,7 @@ impl Machine {
     /// set through the API must have been made by the user (a mistyped path then fails here
     /// instead of creating folders anywhere).
     pub fn store(&mut self) -> Result<&mut Store, CheckpointError> {
+        self.settle_held()?;
         let location = self.location().ok_or(CheckpointError::NoLocation)?;
         if !location.is_dir() {
             return Err(CheckpointError::ForeignStore {
@@ -558,6 +559,36 @@ impl Machine {
             self.store = Some(store);
         }
         self.store.as_mut().ok_or(CheckpointError::NoLocation)
+    }
+
+    /// Once the new active layers of an apply are recorded durably (the store's deferred
+    /// write, [`Store::set_current_deferred`]), lets the VM's disks run and removes the
+    /// layers of the discarded state. If recording them failed the VM cannot go on (a crash
+    /// would lose what the guest writes to them): it is stopped, with the reason. Called when
+    /// the write reports back ([`VmEvent::LayersRecorded`]) and before anything else touches
+    /// the store.
+    pub(crate) fn settle_held(&mut self) -> Result<(), CheckpointError> {
+        let Some(id) = self.held.take() else {
+            return Ok(());
+        };
+        let settled = match self.store.as_mut() {
+            Some(store) => store.settle(),
+            None => Ok(()),
+        };
+        if let Err(e) = settled {
+            self.halt(&format!(
+                "applying checkpoint {id} failed: its new layers could not be recorded: {}",
+                crate::error_line(&e)
+            ));
+            return Err(e.into());
+        }
+        if let Some(vm) = &self.vm {
+            if let Err(e) = vm.virtio_devices().resume_disks() {
+                log::error!("applying checkpoint {id}: the disks cannot run: {e}");
+            }
+        }
+        self.remove_discarded_layers(&id);
+        Ok(())
     }
 
     /// Like [`Machine::store`] for calls that only read: `None` when the location is set but
@@ -1056,6 +1087,10 @@ impl Machine {
         let mut after = Vec::with_capacity(m.disks.len());
         let mut made: Vec<PathBuf> = Vec::new();
         let read_only: Vec<bool> = self.config.disks.iter().map(|d| d.read_only).collect();
+        // A standard apply makes its new layers durable and records them off its critical
+        // path, holding the new VM's disks until then; a production apply leaves the VM off.
+        let deferred = prepared.is_some();
+        let (next_generation, events) = (self.generation + 1, self.events.clone());
         let store = self.store()?;
         for (d, ro) in m.disks.iter().zip(read_only) {
             if ro {
@@ -1065,7 +1100,12 @@ impl Machine {
             let layer = store.new_layer_path(d.index, &format!("{id}-{tag}"))?;
             let path = layer.resolve(&location);
             let parent = d.top(&location);
-            if let Err(source) = disk::create_layer_with(&parent, &path, &chain_parents(d)) {
+            let created = if deferred {
+                disk::create_layer_unsynced(&parent, &path, &chain_parents(d))
+            } else {
+                disk::create_layer_with(&parent, &path, &chain_parents(d))
+            };
+            if let Err(source) = created {
                 for p in &made {
                     let _ = std::fs::remove_file(p);
                 }
@@ -1086,19 +1126,32 @@ impl Machine {
         }
         crash_point("apply-layers");
         let current = in_store.then_some(id);
-        if let Err(e) = store.set_current(current, after) {
+        let recorded = if deferred {
+            let done = move |r: &snapshot::Result<()>| {
+                if r.is_ok() {
+                    crash_point("apply-recorded");
+                }
+                let _ = events.send(crate::vm::VmEvent::LayersRecorded(next_generation));
+            };
+            store.set_current_deferred(current, after, made.clone(), done)
+        } else {
+            store.set_current(current, after)
+        };
+        if let Err(e) = recorded {
             for p in &made {
                 let _ = std::fs::remove_file(p);
             }
             self.last_exit = Some(format!("applying checkpoint {id} failed: {e}"));
             return Err(e.into());
         }
-        crash_point("apply-recorded");
         let Some((saved, mfile)) = prepared else {
+            crash_point("apply-recorded");
             self.last_exit = Some(format!("applied production checkpoint {id}"));
             self.remove_discarded_layers(id);
             return Ok(());
         };
+        // From here on the disks are held until the record is durable.
+        self.held = Some(id.to_string());
         let result = (|| {
             let memory =
                 crate::memory::from_checkpoint(&mfile, self.config.memory).map_err(|source| {
@@ -1115,14 +1168,12 @@ impl Machine {
                     id: id.into(),
                     source,
                 })?;
-            if let Err(e) = vm.resume() {
+            if let Err(e) = vm.resume_holding_disks() {
                 vm.shutdown();
                 return Err(CheckpointError::Pause(e));
             }
             Ok(vm)
         })();
-        // The layers of the discarded state go once the VM runs (off its critical path).
-        self.remove_discarded_layers(id);
         match result {
             Ok(vm) => {
                 self.vm = Some(vm);

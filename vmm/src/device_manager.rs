@@ -370,6 +370,17 @@ impl VirtioDevices {
         result
     }
 
+    /// Lets every device thread but the disks' run again.
+    pub fn resume_except_disks(&self) -> Result<(), LoopError> {
+        let mut result = Ok(());
+        for s in self.slots.iter().filter(|s| s.kind() != DeviceKind::Block) {
+            if let Err(e) = s.event_loop.resume() {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
     /// Lets every device thread run again.
     pub fn resume(&self) -> Result<(), LoopError> {
         let mut result = Ok(());

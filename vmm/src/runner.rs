@@ -138,6 +138,9 @@ pub struct Machine {
     pub last_exit: Option<String>,
     /// The checkpoint settings (`GET/PUT /v1/vm/checkpoint-config`).
     pub checkpoint_config: api::types::CheckpointConfig,
+    /// The checkpoint just applied while its new active layers are being recorded: the VM's
+    /// disks are held until then (`Machine::settle_held`).
+    pub(crate) held: Option<String>,
 }
 
 impl Machine {
@@ -154,6 +157,7 @@ impl Machine {
             progress: Default::default(),
             last_exit: None,
             checkpoint_config: config.checkpoint.clone(),
+            held: None,
         }
     }
 
@@ -196,6 +200,9 @@ impl Machine {
     /// Cold-boots the guest from its kernel and disks.
     pub fn start(&mut self) -> Result<(), LifecycleError> {
         self.require("start", &[VmState::Off])?;
+        if let Err(e) = self.settle_held() {
+            log::error!("{}", crate::error_line(&e));
+        }
         self.generation += 1;
         let events = crate::vm::EventTx::new(&self.events, self.generation);
         self.vm = Some(Vm::boot(&self.platform, &self.boot_config(), &events)?);
@@ -218,7 +225,11 @@ impl Machine {
     pub fn resume(&mut self) -> Result<(), LifecycleError> {
         self.require("resume", &[VmState::Paused])?;
         if let Some(vm) = &self.vm {
-            vm.resume()?;
+            if self.held.is_some() {
+                vm.resume_holding_disks()?;
+            } else {
+                vm.resume()?;
+            }
         }
         self.paused = false;
         Ok(())
@@ -289,7 +300,10 @@ fn classify(event: &VmEvent) -> Option<GuestOutcome> {
             },
         ) => GuestOutcome::Failed(why.clone()),
         VmEvent::DeviceFailed(_, f) => GuestOutcome::Failed(f.to_string()),
-        VmEvent::Quit | VmEvent::Api(_) | VmEvent::AwaitPowerOff(_) => return None,
+        VmEvent::Quit
+        | VmEvent::Api(_)
+        | VmEvent::AwaitPowerOff(_)
+        | VmEvent::LayersRecorded(_) => return None,
     })
 }
 
@@ -450,6 +464,14 @@ fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Out
             VmEvent::Api(call) => {
                 crate::api_handler::answer(machine, call);
                 shutdowns.settle(machine);
+                continue;
+            }
+            VmEvent::LayersRecorded(generation) => {
+                if generation == machine.generation {
+                    if let Err(e) = machine.settle_held() {
+                        log::error!("{}", crate::error_line(&e));
+                    }
+                }
                 continue;
             }
             VmEvent::AwaitPowerOff(reply) => {

@@ -62,6 +62,9 @@ pub enum VmEvent {
     AwaitPowerOff(api::Responder),
     /// A device thread of VM generation `.0` died; the VM cannot go on.
     DeviceFailed(u64, devices::virtio::DeviceFailure),
+    /// The new active layers VM generation `.0` runs on were recorded durably, or recording
+    /// them failed: its disks, held until then, may run (see `Machine::settle_held`).
+    LayersRecorded(u64),
 }
 
 impl VmEvent {
@@ -70,7 +73,10 @@ impl VmEvent {
     /// told apart from those of the one that runs.
     pub fn generation(&self) -> Option<u64> {
         match self {
-            Self::Guest(g, _) | Self::Vcpu(g, _) | Self::DeviceFailed(g, _) => Some(*g),
+            Self::Guest(g, _)
+            | Self::Vcpu(g, _)
+            | Self::DeviceFailed(g, _)
+            | Self::LayersRecorded(g) => Some(*g),
             Self::Quit | Self::Api(_) | Self::AwaitPowerOff(_) => None,
         }
     }
@@ -632,7 +638,22 @@ impl Vm {
     /// Lets the device threads, then every vCPU, run again. If a vCPU cannot be resumed, the
     /// VM is paused again (devices too) and the error says which vCPU and why.
     pub fn resume(&self) -> Result<(), PauseError> {
-        self.virtio.resume()?;
+        self.resume_inner(false)
+    }
+
+    /// [`Vm::resume`], except the disks' device threads, which stay paused until
+    /// [`VirtioDevices::resume_disks`]: the guest runs, and its disk requests wait (for new
+    /// layers to become durable, say).
+    pub fn resume_holding_disks(&self) -> Result<(), PauseError> {
+        self.resume_inner(true)
+    }
+
+    fn resume_inner(&self, hold_disks: bool) -> Result<(), PauseError> {
+        if hold_disks {
+            self.virtio.resume_except_disks()?;
+        } else {
+            self.virtio.resume()?;
+        }
         let replies = ask_all(&self.vcpus, |_| VcpuRequest::Resume);
         let mut failure = None;
         for (v, reply) in self.vcpus.iter().zip(replies) {

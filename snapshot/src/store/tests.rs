@@ -511,3 +511,85 @@ fn deleting_a_checkpoint_nothing_runs_on_frees_its_layers_and_a_crash_mid_delete
     assert!(store.get(&c.id).is_err());
     assert!(store.check().is_clean(), "{:?}", store.check());
 }
+
+#[test]
+fn a_deferred_record_is_the_store_s_at_once_reaches_the_disk_in_order_and_a_failure_takes_it_back()
+{
+    let d = tempfile::tempdir().unwrap();
+    let loc = d.path().join("s");
+    let mut store = Store::open(&loc).unwrap();
+    let a = take(&mut store, "a", true, false);
+    let new_active = |store: &Store, tag: &str| -> (Vec<DiskRecord>, Vec<PathBuf>) {
+        let mut files = Vec::new();
+        let recs = store
+            .active()
+            .iter()
+            .map(|r| {
+                let layer = store.new_layer_path(r.index, tag).unwrap();
+                let path = layer.resolve(store.location());
+                std::fs::write(&path, b"layer").unwrap();
+                files.push(path);
+                DiskRecord {
+                    index: r.index,
+                    layer: Some(layer),
+                    below: r.store_layers().cloned().collect(),
+                    launch: r.launch.clone(),
+                }
+            })
+            .collect();
+        (recs, files)
+    };
+
+    // Written on another thread; `done` hears the outcome; the store shows it at once.
+    let (active, files) = new_active(&store, "x");
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .set_current_deferred(Some(&a.id), active.clone(), files, move |r| {
+            tx.send(r.is_ok()).unwrap();
+        })
+        .unwrap();
+    assert_eq!(store.active(), &active[..]);
+    assert!(rx.recv().unwrap());
+    store.settle().unwrap();
+    let on_disk = StoreRecord::load(&loc.join(STORE_FILE)).unwrap().unwrap();
+    assert_eq!(on_disk.active, active);
+
+    // A later change waits for the deferred write: the second record is the one on disk.
+    let (first, files) = new_active(&store, "y");
+    store
+        .set_current_deferred(Some(&a.id), first, files, |_| ())
+        .unwrap();
+    let (second, _) = new_active(&store, "z");
+    store.set_current(Some(&a.id), second.clone()).unwrap();
+    let on_disk = StoreRecord::load(&loc.join(STORE_FILE)).unwrap().unwrap();
+    assert_eq!(on_disk.active, second);
+
+    // A new layer that cannot be synced (gone): the record is not written, `done` hears the
+    // error, and the store takes back the record on disk.
+    let (third, files) = new_active(&store, "w");
+    for f in &files {
+        std::fs::remove_file(f).unwrap();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = store.set_current_deferred(Some(&a.id), third.clone(), files, move |r| {
+        tx.send(r.is_ok()).unwrap();
+    });
+    // The layers are checked to exist up front: refused before anything changes.
+    assert!(err.is_err());
+    assert!(rx.try_recv().is_err());
+    assert_eq!(store.active(), &second[..]);
+    let (fourth, mut files) = new_active(&store, "v");
+    files.push(loc.join("layers").join("gone.strata"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .set_current_deferred(Some(&a.id), fourth.clone(), files, move |r| {
+            tx.send(r.is_ok()).unwrap();
+        })
+        .unwrap();
+    assert!(!rx.recv().unwrap());
+    let err = store.settle().unwrap_err().to_string();
+    assert!(err.contains("gone.strata"), "{err}");
+    assert_eq!(store.active(), &second[..]);
+    let on_disk = StoreRecord::load(&loc.join(STORE_FILE)).unwrap().unwrap();
+    assert_eq!(on_disk.active, second);
+}
