@@ -10,6 +10,9 @@ shift $(( $# >= 2 ? 2 : 1 ))
 bin="target/fuzz-stable/x86_64-unknown-linux-gnu/release/$target"
 [ -x "$bin" ] || { echo "no $bin: run fuzz/build-libfuzzer.sh first" >&2; exit 2; }
 mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
-exec nice -n 19 "$bin" "fuzz/corpus/$target" \
+# Seeds (fuzz/seeds/TARGET, checked in) are read as a second corpus; new inputs go to the first.
+seeds=()
+[ -d "fuzz/seeds/$target" ] && seeds=("fuzz/seeds/$target")
+exec nice -n 19 "$bin" "fuzz/corpus/$target" "${seeds[@]}" \
   -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
   -artifact_prefix="fuzz/artifacts/$target/" -print_final_stats=1 "$@"

@@ -20,10 +20,19 @@ fn smoke(name: &str) {
     println!("{name}: seed = {seed} (replay with STRATA_TEST_SEED={seed})");
     let mut rng = Rng::new(seed);
     let started = Instant::now();
+    let seeds = seeds(name);
     let mut last = Vec::new();
     for case in 0..target.smoke_inputs {
-        // Half fresh inputs, half mutations of the one before (they reach further).
-        let input = if case % 2 == 1 && !last.is_empty() {
+        // The seeds as they are first, then half fresh inputs, half mutations of the one before
+        // or of a seed (they reach further).
+        let input = if let Some(seed) = seeds.get(case) {
+            seed.clone()
+        } else if case % 4 == 2 && !seeds.is_empty() {
+            let mut v = seeds[rng.below(seeds.len())].clone();
+            let max = v.len() + 64;
+            rng.mutate(&mut v, max);
+            v
+        } else if case % 2 == 1 && !last.is_empty() {
             let mut v = last.clone();
             rng.mutate(&mut v, target.max_len);
             v
@@ -54,6 +63,52 @@ fn smoke(name: &str) {
         "{name}: {} inputs took {took:?}, over the {BUDGET:?} budget",
         target.smoke_inputs
     );
+}
+
+/// The inputs in `fuzz/seeds/<target>/`, if any.
+fn seeds(name: &str) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(name);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+}
+
+#[test]
+fn snapshot_seeds_pass_the_restore_checks() {
+    // The seed is a real checkpoint's state: it must get through the decoding and the checks,
+    // or the target would stop at the first field and fuzz nothing behind it.
+    let seeds = seeds("snapshot_state");
+    let saved = seeds
+        .iter()
+        .find_map(|s| serde_json::from_slice::<vmm::checkpoint::SavedVm>(s).ok())
+        .expect("a SavedVm seed");
+    let config = saved.machine.to_config(&host());
+    let caps = vmm::vstate::vcpu::StateCaps {
+        msrs: saved.vm.vcpus[0].msrs.iter().map(|m| m.index).collect(),
+        xsave_size: 4096,
+        refused_msrs: Vec::new(),
+    };
+    saved.vm.check(&config, &caps).unwrap();
+}
+
+fn host() -> vmm::config::VmConfig {
+    vmm::config::VmConfig {
+        kernel: vmm::config::Kernel::TestGuest,
+        initrd: None,
+        cmdline: String::new(),
+        vcpus: 1,
+        memory: 64 << 20,
+        reboot: false,
+        console: vmm::config::ConsoleConfig::None,
+        disks: Vec::new(),
+        vsock: None,
+        api_socket: None,
+        checkpoint: Default::default(),
+    }
 }
 
 #[test]

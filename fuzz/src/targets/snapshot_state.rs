@@ -5,6 +5,10 @@
 //! [`devices::virtio::queue::restore_queue`]), and `manifest.json`
 //! ([`snapshot::manifest::Manifest::from_json`]).
 //!
+//! An input that starts with `{` is taken as JSON as it is (a state payload and a manifest),
+//! so that the seeds in `fuzz/seeds/snapshot_state/` (a real standard checkpoint's payload and
+//! manifest) and their mutations reach the checks behind the decoding.
+//!
 //! Checked: nothing panics; a payload wrapped by the encoder decodes to itself; a container
 //! longer than the cap is refused.
 
@@ -18,6 +22,52 @@ use vm_memory::GuestAddress;
 const CAP: u64 = 4096;
 /// Guest memory the saved queues are checked against.
 const MEM_SIZE: usize = 1 << 20;
+/// The MSRs this project's KVM saves (those of the seed checkpoint), taken as the host's.
+const MSRS: [u32; 43] = [
+    0x174,
+    0x175,
+    0x176,
+    0xc000_0081,
+    0xc000_0083,
+    0xc000_0102,
+    0xc000_0084,
+    0xc000_0082,
+    0x10,
+    0x277,
+    0xc001_0117,
+    0x3a,
+    0x48,
+    0x122,
+    0x1d9,
+    0x1db,
+    0x1dc,
+    0x1dd,
+    0x1de,
+    0x12,
+    0x11,
+    0x4b56_4d01,
+    0x4b56_4d00,
+    0x4b56_4d02,
+    0x4b56_4d03,
+    0x4b56_4d04,
+    0x4b56_4d06,
+    0x4b56_4d07,
+    0x3b,
+    0x6e0,
+    0x10a,
+    0x345,
+    0x1a0,
+    0x17a,
+    0x17b,
+    0x34,
+    0xce,
+    0x140,
+    0xc001_011f,
+    0x1fc,
+    0x8b,
+    0xc001_0015,
+    0x4b56_4d05,
+];
 
 #[derive(Arbitrary, Debug)]
 enum Input {
@@ -51,9 +101,9 @@ fn payload(bytes: &[u8]) {
     };
     let config = saved.machine.to_config(&host_config());
     let caps = vmm::vstate::vcpu::StateCaps {
-        msrs: vec![0x10, 0x1b, 0x174, 0x175, 0x176, 0xc000_0080, 0xc000_0081],
+        msrs: MSRS.to_vec(),
         xsave_size: 4096,
-        refused_msrs: vec![0x10a],
+        refused_msrs: Vec::new(),
     };
     let _ = saved.vm.check(&config, &caps);
     let Ok(mem) = devices::virtio::GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else {
@@ -68,6 +118,11 @@ fn payload(bytes: &[u8]) {
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
+    if data.first() == Some(&b'{') {
+        payload(data);
+        let _ = snapshot::manifest::Manifest::from_json(Path::new("manifest.json"), data);
+        return;
+    }
     let Ok(input) = Input::arbitrary_take_rest(Unstructured::new(data)) else {
         return;
     };
