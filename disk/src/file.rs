@@ -3,7 +3,7 @@
 //! The file a layer is read and written through: a `std::fs::File` with an optional fault
 //! injector, so tests can make `fdatasync` (and writes) fail the way a dying disk does.
 //!
-//! [`DiskFile`] dereferences to the `File` for everything else (reads, `flock`, `stat`);
+//! `DiskFile` dereferences to the `File` for everything else (reads, `flock`, `stat`);
 //! `write_all_at`, `sync_data` and `sync_all` are its own methods, so every write and sync the
 //! library makes passes the injector. Without an injector they cost one branch.
 //!
@@ -280,7 +280,7 @@ pub(crate) fn create_whole(path: &Path, head: &[u8], len: u64, durable: bool) ->
     res
 }
 
-/// Makes a file made by [`create_whole`] without `durable` durable: its data, then its
+/// Makes a file made by `create_whole` without `durable` durable: its data, then its
 /// directory entry.
 pub fn sync_created(path: &Path) -> Result<()> {
     let f = File::open(path).map_err(DiskError::io(path, "open"))?;
