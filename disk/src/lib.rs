@@ -2,7 +2,7 @@
 //! with copy-on-write, flush, layer creation, merge, convert, check/repair and changed-cluster
 //! maps. This crate knows nothing of KVM or virtio; it is tested on temporary files.
 //!
-//! - [`format`]: the bytes of a layer file (header, L1 entries, extended L2 entries); `FORMAT.md`
+//! - [`format`](mod@format): the bytes of a layer file (header, L1 entries, extended L2 entries); `FORMAT.md`
 //!   beside `Cargo.toml` is the normative description, including the crash-consistency and
 //!   merge protocols.
 //! - [`Chain`]: an open chain (a raw base or a layer under any number of layers), the object a
