@@ -150,9 +150,11 @@ fn ext4_disk(dir: &Path) -> PathBuf {
     path
 }
 
-/// Flattens the disk chain whose top is `top` into the raw file `out`.
+/// Flattens the disk chain whose top is `top` into the raw file `out` (the store's first layer
+/// names the launch disk, which lives outside the store: trusted here).
 fn flatten(top: &Path, out: &Path) {
-    disk::convert(top, out, disk::ops::ConvertFormat::Raw, &mut |_, _| {})
+    let anywhere = disk::ParentPolicy::anywhere();
+    disk::ops::convert_with(top, out, disk::ops::ConvertFormat::Raw, &anywhere, &mut |_, _| {})
         .unwrap_or_else(|e| panic!("flatten {}: {e}", top.display()));
 }
 

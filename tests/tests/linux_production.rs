@@ -216,13 +216,14 @@ fn superblock(image: &Path) -> (String, String) {
     (field("Filesystem features:"), field("Filesystem state:"))
 }
 
-/// `strata disk convert SRC OUT --format raw`, which must succeed.
+/// `strata disk convert SRC OUT --format raw --allow-parent-outside` (the store's first layer
+/// names the launch disk, outside the store), which must succeed.
 fn convert_to_raw(src: &Path, out: &Path) {
     let o = Command::new(strata_bin())
         .args(["disk", "convert"])
         .arg(src)
         .arg(out)
-        .args(["--format", "raw"])
+        .args(["--format", "raw", "--allow-parent-outside"])
         .stdin(Stdio::null())
         .output()
         .expect("run strata disk convert");
