@@ -591,3 +591,75 @@ fn the_bound_cannot_be_raised_past_the_open_file_limit() {
     v.set_max_connections(5);
     assert_eq!(v.max_connections(), 5);
 }
+
+/// CPU time this process used so far (all threads), without opening a file.
+fn process_cpu_time() -> Duration {
+    // SAFETY: all-zero is a valid rusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into `usage`, which outlives the call.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) }, 0);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Runs `test` alone in a child process (it changes process-wide limits), with `env` set.
+fn in_child_process(test: &str, env: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(env, "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{test} failed in its child process:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "{test} did not run in its child process"
+    );
+}
+
+#[test]
+fn running_out_of_descriptors_pauses_the_listener_instead_of_spinning() {
+    const CHILD: &str = "STRATA_VSOCK_EMFILE_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        in_child_process(
+            "virtio::vsock::tests::running_out_of_descriptors_pauses_the_listener_instead_of_spinning",
+            CHILD,
+        );
+        return;
+    }
+    // A short handshake timeout: the timer that resumes the listener ticks every 100 ms.
+    let mut h = harness_with(Duration::from_millis(400));
+    // Use up every descriptor but one, which the client's socket takes: the device's accept
+    // then fails with EMFILE while the client waits in the backlog.
+    let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    let lim = libc::rlimit {
+        rlim_cur: open_now + 16,
+        rlim_max: open_now + 16,
+    };
+    // SAFETY: setrlimit reads one rlimit that outlives the call.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let mut filler = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        filler.push(f);
+    }
+    filler.pop();
+    let mut c = h.client();
+    c.write_all(b"CONNECT 52\n").unwrap();
+    // Only the device thread has anything to do while this one sleeps.
+    let before = process_cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = process_cpu_time() - before;
+    // A loop spinning on the readable listener burns the whole second.
+    assert!(
+        spent < Duration::from_millis(300),
+        "the device thread used {spent:?} of 1 s while out of descriptors"
+    );
+    // Descriptors come back: the client is accepted and its REQUEST reaches the guest.
+    drop(filler);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.dst_port), (op::REQUEST, 52));
+}
