@@ -271,3 +271,49 @@ fn agent_calls_beyond_the_bound_are_refused_as_busy_and_the_rest_complete() {
         .unwrap();
     assert_eq!(r.stdout.trim_end(), "after");
 }
+
+/// Log lines a call site writes per window (`devices::ratelimit`).
+const LOG_LINES_PER_WINDOW: usize = 10;
+/// The window.
+const LOG_WINDOW: Duration = Duration::from_secs(5);
+
+#[test]
+fn a_guest_breaking_a_queue_over_and_over_does_not_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d0.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    let mut vm = Vm::start(&["--memory", "64M", "--disk", &disk_arg]);
+    vm.wait_ready();
+    // Each round breaks the queue (a warning from the device) and resets the device.
+    let rounds = 40;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        vm.command("hostile blk 0 avail-idx").ok();
+        vm.command("blk 0 reset").ok();
+    }
+    let took = started.elapsed();
+    assert_eq!(vm.line("echo still here"), "still here");
+    // strata's stderr is complete once it exited.
+    vm.send("poweroff\n");
+    assert!(vm.wait_exit(Duration::from_secs(60)).success());
+    let stderr = vm.stderr();
+    let warnings = stderr.matches("queue broken").count();
+    println!("{warnings} warnings for {rounds} broken queues in {took:?}");
+    let windows = (took.as_secs_f64() / LOG_WINDOW.as_secs_f64()).ceil() as usize + 1;
+    assert!(warnings > 0, "no warning at all:\n{stderr}");
+    assert!(
+        warnings <= LOG_LINES_PER_WINDOW * windows,
+        "{warnings} warnings for {rounds} broken queues in {took:?}:\n{stderr}"
+    );
+    if took < LOG_WINDOW {
+        assert!(
+            warnings < rounds,
+            "{warnings} warnings for {rounds} broken queues"
+        );
+    }
+    // What was held back is counted the next time the site writes.
+    if warnings < rounds && took >= LOG_WINDOW {
+        assert!(stderr.contains("similar messages suppressed"), "{stderr}");
+    }
+}
