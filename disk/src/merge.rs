@@ -17,7 +17,7 @@ use crate::layer::{read_full, sub_bits};
 use crate::sys;
 
 /// Which way a merge folds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MergeDirection {
     /// Copy the layer's clusters into its parent, re-point its child (if any) to the parent,
@@ -48,6 +48,9 @@ pub(crate) struct MergeJob {
     work: BTreeSet<u64>,
     done: u64,
     total: u64,
+    /// Leave the merged layer's file in place at the commit (the caller unlinks it once
+    /// nothing refers to it any more).
+    keep_file: bool,
 }
 
 impl MergeJob {
@@ -68,6 +71,18 @@ impl Chain {
     /// the merge needs (failing with "in use" if another chain shares those files) and writes
     /// the merge's intent (FORMAT.md, "Merge").
     pub fn begin_merge(&mut self, layer: usize, dir: MergeDirection) -> Result<()> {
+        self.begin_merge_as(layer, dir, false)
+    }
+
+    /// [`Chain::begin_merge`], except that the commit leaves the merged layer's file in place,
+    /// out of the chain (no layer names it any more): for a caller whose own records still
+    /// name the file, which unlinks it once they no longer do (a crash in between leaves a
+    /// file that still reads as it did).
+    pub fn begin_merge_keeping_file(&mut self, layer: usize, dir: MergeDirection) -> Result<()> {
+        self.begin_merge_as(layer, dir, true)
+    }
+
+    fn begin_merge_as(&mut self, layer: usize, dir: MergeDirection, keep_file: bool) -> Result<()> {
         if self.is_read_only() {
             return Err(DiskError::ReadOnly {
                 path: self.top_path().to_path_buf(),
@@ -147,6 +162,7 @@ impl Chain {
             work,
             done: 0,
             total,
+            keep_file,
         });
         Ok(())
     }
@@ -163,7 +179,7 @@ impl Chain {
             .copied()
             .take(max_clusters.max(1) as usize)
             .collect();
-        let (src, dst, dir) = (job.src, job.dst, job.dir);
+        let (src, dst, dir, keep_file) = (job.src, job.dst, job.dir, job.keep_file);
         for c in batch {
             match dir {
                 MergeDirection::IntoParent => self.fold_cluster(src, dst, c)?,
@@ -180,7 +196,7 @@ impl Chain {
             None => (0, 0, true),
         };
         if empty {
-            self.commit_merge(src, dst, dir)?;
+            self.commit_merge(src, dst, dir, keep_file)?;
             self.merge = None;
         }
         Ok(MergeProgress {
@@ -364,7 +380,13 @@ impl Chain {
         Ok(())
     }
 
-    fn commit_merge(&mut self, src: usize, dst: usize, dir: MergeDirection) -> Result<()> {
+    fn commit_merge(
+        &mut self,
+        src: usize,
+        dst: usize,
+        dir: MergeDirection,
+        keep_file: bool,
+    ) -> Result<()> {
         // 1. Everything copied is durable (data, then tables).
         self.flush()?;
         let top = self.layers.len() - 1;
@@ -388,7 +410,7 @@ impl Chain {
         }
         // 3. The old layer goes (a raw base is the user's file: it is left, unreferenced).
         let gone = self.layers.remove(src);
-        if gone.header.is_some() {
+        if gone.header.is_some() && !keep_file {
             std::fs::remove_file(&gone.path)
                 .map_err(DiskError::io(&gone.path, "delete merged layer"))?;
             sys::sync_dir(&gone.path)?;

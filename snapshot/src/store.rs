@@ -819,6 +819,34 @@ impl Store {
         self.remove_unused_layers()
     }
 
+    /// Applies `edit` to every disk record of the store: each checkpoint's (`disks` and
+    /// `active_after`) and the active ones; writes each manifest `edit` changed (atomically),
+    /// then the store record if it changed. For a merge that took a layer out of the chains:
+    /// a crash part way leaves some records naming the old layer, which still exists and reads
+    /// the same until the edit is finished (the caller journals it and redoes it on start).
+    pub fn edit_disk_records(&mut self, edit: impl Fn(&mut DiskRecord) -> bool) -> Result<()> {
+        self.settle()?;
+        for mut m in self.list()? {
+            let mut changed = false;
+            for d in m.disks.iter_mut().chain(m.active_after.iter_mut()) {
+                changed |= edit(d);
+            }
+            if changed {
+                m.save(&self.checkpoint_dir(&m.id).join(MANIFEST_FILE))?;
+            }
+        }
+        let mut record = self.record.clone();
+        let mut changed = false;
+        for d in record.active.iter_mut() {
+            changed |= edit(d);
+        }
+        if changed {
+            record.save(&self.location.join(STORE_FILE))?;
+            self.record = record;
+        }
+        Ok(())
+    }
+
     /// Checks the whole store: every manifest loads; every file a checkpoint refers to exists
     /// with its recorded size and checksum (state file, memory file and its region checksums,
     /// disk layers, launch disks); parent links resolve without cycles; the record's current

@@ -29,7 +29,9 @@ struct Run {
     max_rss_kib: u64,
 }
 
-/// Runs `strata ARGS`, killing it after `timeout`; the child's peak RSS comes from `wait4`.
+/// Runs `strata ARGS`, killing it after `timeout`; the child's peak RSS comes from `wait4`
+/// (which reaps it, so `Child::wait` is not used).
+#[allow(clippy::zombie_processes)]
 fn strata(args: &[OsString], timeout: Duration) -> Run {
     let mut child = Command::new(strata_bin())
         .args(args)

@@ -47,6 +47,7 @@
 //! the checkpoint's disks; `start` cold-boots from them.
 
 pub mod capture;
+pub mod fold;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -124,6 +125,15 @@ pub enum CheckpointError {
         path: PathBuf,
         /// Its parent.
         parent: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<disk::DiskError>,
+    },
+    /// A merge of a deleted checkpoint's layer failed.
+    #[error("cannot fold the layer {path} into its neighbour")]
+    Fold {
+        /// The layer (or chain) it was at.
+        path: PathBuf,
         /// Why.
         #[source]
         source: Box<disk::DiskError>,
@@ -547,7 +557,16 @@ impl Machine {
         let reopen = self.store.as_ref().is_none_or(|s| s.location() != location);
         if reopen {
             self.store = None;
-            let store = Store::open(&location)?;
+            let mut store = Store::open(&location)?;
+            match fold::recover(&mut store) {
+                Ok(Some(what)) => log::warn!("checkpoint store {}: {what}", location.display()),
+                Ok(None) => {}
+                Err(e) => log::error!(
+                    "checkpoint store {}: an interrupted fold: {}",
+                    location.display(),
+                    crate::error_line(&e)
+                ),
+            }
             let report = store.opened();
             if !report.is_clean() {
                 log::warn!(
@@ -937,11 +956,16 @@ impl Machine {
         self.apply_manifest(&m, &dir, true)
     }
 
-    /// Deletes checkpoint `id`, anywhere in the tree (`Store::delete`): its folder goes and
-    /// its disk layers go once no other chain runs through them; the running VM, its disks
-    /// and every other checkpoint read the same. A layer that other chains still need stays
-    /// as a hidden layer: folding it into its only child (to shorten the chains) is not done
-    /// yet.
+    /// Deletes checkpoint `id`, anywhere in the tree (`Store::delete`): its folder goes, then
+    /// the layers no chain stands on any more are folded away ([`fold`]): a hidden layer with
+    /// one child merges with it (the cheaper way; a hidden launch disk takes its child in, so
+    /// deleting every checkpoint leaves the VM's own disk files holding the current content),
+    /// online in the running disk's chain where it runs through them. The running VM, its
+    /// disks and every other checkpoint read the same. A hidden layer shared by two or more
+    /// branches stays until only one is left. Returns the files removed.
+    ///
+    /// The delete is done once the folder is gone: a fold that fails is logged and runs again
+    /// on the next delete (the chains read the same either way).
     pub fn delete_checkpoint(&mut self, id: &str) -> Result<Vec<PathBuf>, CheckpointError> {
         let exporting = self
             .progress
@@ -955,7 +979,55 @@ impl Machine {
                 state: "exporting it",
             });
         }
-        Ok(self.store()?.delete(id)?)
+        let mut gone = self.store()?.delete(id)?;
+        if let Err(e) = self.fold_hidden_layers(id, &mut gone) {
+            log::warn!(
+                "deleting checkpoint {id}: folding its layers stopped: {}; the chains read the \
+                 same and the fold runs again on the next delete",
+                crate::error_line(&e)
+            );
+        }
+        Ok(gone)
+    }
+
+    /// Folds every hidden layer that has one child ([`fold::next_fold`]) until none is left,
+    /// adding the files removed to `gone`; progress (bytes) shows as a merge of `id`.
+    fn fold_hidden_layers(
+        &mut self,
+        id: &str,
+        gone: &mut Vec<PathBuf>,
+    ) -> Result<(), CheckpointError> {
+        let progress = self.progress.clone();
+        // Each fold takes a layer out, so this ends; the bound is a guard.
+        for _ in 0..4096 {
+            let store = self.store()?;
+            let Some(f) = fold::next_fold(store)? else {
+                break;
+            };
+            let location = store.location().to_path_buf();
+            let from = match &f.from {
+                fold::Node::Layer(l) => Some(l.resolve(&location)),
+                fold::Node::Launch(_) => None,
+            };
+            log::info!("folding {f:?}");
+            let store = self.store.as_mut().ok_or(CheckpointError::NoLocation)?;
+            let mut report = |done: u64, total: u64| {
+                let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                *p = Some(api::types::Progress {
+                    checkpoint: id.to_string(),
+                    operation: api::types::PROGRESS_MERGE.into(),
+                    done,
+                    total,
+                });
+            };
+            let result = fold::run(store, self.vm.as_ref(), &f, &mut report);
+            *progress.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            result?;
+            gone.extend(from);
+            let removed = self.store()?.remove_unused_layers()?;
+            gone.extend(removed);
+        }
+        Ok(())
     }
 
     /// Reverts: applies the checkpoint the VM runs from (the most recent one on its branch);

@@ -467,6 +467,22 @@ impl VirtioDevices {
         Ok(())
     }
 
+    /// Runs `f` on the open chain of disk `index` (its `--disk` position) under the device's
+    /// lock, between two of the guest's requests; `None` if there is no such disk or it has no
+    /// chain.
+    pub fn with_disk_chain<R>(
+        &self,
+        index: u32,
+        f: impl FnOnce(&mut disk::Chain) -> R,
+    ) -> Option<R> {
+        let disk = self.slots.iter().find_map(|s| match &s.device {
+            DeviceHandle::Block(d) if s.index == index => Some(d),
+            _ => None,
+        })?;
+        let mut disk = lock(disk);
+        disk.chain_mut().map(f)
+    }
+
     /// Takes off the layers [`Self::switch_disks`] put on (`Some` entries), newest disk first;
     /// for a checkpoint that failed after its disks switched. Nothing may have been written.
     pub fn unswitch_disks(&self, layers: &[Option<PathBuf>]) -> Result<(), DeviceError> {

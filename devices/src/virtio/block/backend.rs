@@ -37,6 +37,10 @@ pub trait BlockBackend: Send {
     fn top_path(&self) -> Option<std::path::PathBuf> {
         None
     }
+    /// The open chain, for work on its layers between requests (a checkpoint's merge).
+    fn chain_mut(&mut self) -> Option<&mut disk::Chain> {
+        None
+    }
 }
 
 /// A disk opened by the `disk` crate: a raw image or a Strata chain, locked against other
@@ -91,5 +95,9 @@ impl BlockBackend for ChainBackend {
 
     fn top_path(&self) -> Option<std::path::PathBuf> {
         Some(self.chain.top_path().to_path_buf())
+    }
+
+    fn chain_mut(&mut self) -> Option<&mut disk::Chain> {
+        Some(&mut self.chain)
     }
 }

@@ -226,6 +226,12 @@ impl Block {
         self.backend.top_path()
     }
 
+    /// The disk's open chain, if its backend has one: the caller holds the device's lock, so
+    /// it works between two of the guest's requests (a merge step of a checkpoint delete).
+    pub fn chain_mut(&mut self) -> Option<&mut disk::Chain> {
+        self.backend.chain_mut()
+    }
+
     /// Whether the guest cannot write it.
     pub fn is_read_only(&self) -> bool {
         self.read_only

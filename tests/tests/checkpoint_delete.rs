@@ -1,0 +1,348 @@
+//! Deleting checkpoints by merging (issue #15): a tree of six checkpoints of both kinds on two
+//! branches of a running test guest with two disks; deletes in an order that covers one with two
+//! children, a leaf, one in the middle, the root, the one the VM stands on, and the last. After
+//! each delete every remaining checkpoint's disks hash (host side, `strata disk convert` of its
+//! chain) as they did when it was taken, the running guest reads what it wrote, and the
+//! checkpoint location takes less space; once every checkpoint is gone the VM's own launch disk
+//! files hold the current content and the location holds no layer.
+//!
+//! Guest code is slow on this machine's KVM (PVM): disks are small and every timeout is a hang
+//! guard.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use api::types::{ApplyCheckpoint, CheckpointType, CreateCheckpoint, VmState};
+use api::Client;
+use resources::pattern::{fnv1a64_update, sector_fill, FNV_OFFSET, SECTOR_SIZE};
+use strata_tests::{api_client, strata_bin, Vm};
+
+const MIB: u64 = 1 << 20;
+const DISK_SIZE: u64 = 4 * MIB;
+const DISKS: usize = 2;
+
+/// The host's model of what the guest wrote.
+#[derive(Clone)]
+struct Model(Vec<Vec<u8>>);
+
+impl Model {
+    fn new() -> Model {
+        Model(vec![vec![0; DISK_SIZE as usize]; DISKS])
+    }
+
+    fn write(&mut self, n: usize, sector: u64, count: u64, seed: u64) {
+        let mut buf = [0u8; SECTOR_SIZE];
+        for s in sector..sector + count {
+            sector_fill(seed, s, &mut buf);
+            let at = s as usize * SECTOR_SIZE;
+            self.0[n][at..at + SECTOR_SIZE].copy_from_slice(&buf);
+        }
+    }
+
+    fn hash(&self, n: usize, sector: u64, count: u64) -> String {
+        let (a, b) = (
+            sector as usize * SECTOR_SIZE,
+            (sector + count) as usize * SECTOR_SIZE,
+        );
+        format!("{:016x}", fnv1a64_update(FNV_OFFSET, &self.0[n][a..b]))
+    }
+
+    fn whole(&self, n: usize) -> u64 {
+        fnv1a64_update(FNV_OFFSET, &self.0[n])
+    }
+}
+
+struct Guest {
+    vm: Vm,
+    api: Client,
+    model: Model,
+    /// Every region written so far, per disk: read back after each delete.
+    regions: Vec<(usize, u64, u64)>,
+    next_seed: u64,
+}
+
+impl Guest {
+    /// Writes `count` sectors at `sector` of disk `n` (a fresh seed) and flushes.
+    fn write(&mut self, n: usize, sector: u64, count: u64) {
+        let seed = self.next_seed;
+        self.next_seed += 1;
+        self.vm
+            .line_ok(&format!("blk {n} write {sector} {count} {seed}"));
+        self.vm.line_ok(&format!("blk {n} flush"));
+        self.model.write(n, sector, count, seed);
+        self.regions.push((n, sector, count));
+    }
+
+    /// The guest reads every region written so far as the model says.
+    fn reads_back(&mut self, when: &str) {
+        for &(n, sector, count) in &self.regions.clone() {
+            let got = self.vm.line(&format!("blk {n} read {sector} {count}"));
+            assert_eq!(
+                got,
+                self.model.hash(n, sector, count),
+                "{when}: the guest reads disk {n} sectors {sector}+{count} wrong"
+            );
+        }
+    }
+
+    fn take(&mut self, name: &str, kind: CheckpointType) -> String {
+        let info = self
+            .api
+            .create_checkpoint(&CreateCheckpoint {
+                name: Some(name.into()),
+                kind: Some(kind),
+            })
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        info.id
+    }
+}
+
+trait LineOk {
+    fn line_ok(&mut self, cmd: &str);
+}
+
+impl LineOk for Vm {
+    fn line_ok(&mut self, cmd: &str) {
+        let out = self.command(cmd).ok();
+        assert!(out.is_empty(), "{cmd}: {out:?}");
+    }
+}
+
+/// Content hash of every disk of checkpoint `id`, from `strata disk convert` of its chains.
+fn checkpoint_hashes(api: &Client, id: &str, scratch: &Path) -> Vec<u64> {
+    let info = api.checkpoint(id).unwrap();
+    assert_eq!(info.disks.len(), DISKS, "{info:?}");
+    info.disks
+        .iter()
+        .enumerate()
+        .map(|(i, top)| {
+            let out = scratch.join(format!("flat-{id}-{i}.raw"));
+            let _ = std::fs::remove_file(&out);
+            let o = Command::new(strata_bin())
+                .args([
+                    "disk",
+                    "convert",
+                    "--allow-parent-outside",
+                    "--format",
+                    "raw",
+                ])
+                .arg(top)
+                .arg(&out)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "strata disk convert {top}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let bytes = std::fs::read(&out).unwrap();
+            std::fs::remove_file(&out).unwrap();
+            assert_eq!(bytes.len() as u64, DISK_SIZE);
+            fnv1a64_update(FNV_OFFSET, &bytes)
+        })
+        .collect()
+}
+
+/// Bytes allocated under `dir`.
+fn usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let md = e.metadata().unwrap();
+        total += md.blocks() * 512;
+        if md.is_dir() {
+            total += usage(&e.path());
+        }
+    }
+    total
+}
+
+fn layer_files(state: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(state.join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest_and_ends_in_the_launch_disks(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let sock = dir.path().join("api.sock");
+    let vsock = dir.path().join("v.sock");
+    let launch: Vec<PathBuf> = (0..DISKS)
+        .map(|i| {
+            let p = dir.path().join(format!("launch{i}.raw"));
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(DISK_SIZE)
+                .unwrap();
+            p
+        })
+        .collect();
+    let mut args = vec![
+        "--vcpus".to_string(),
+        "2".into(),
+        "--memory".into(),
+        "64M".into(),
+        "--api-socket".into(),
+        sock.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--vsock".into(),
+        format!("cid=3,socket={}", vsock.display()),
+    ];
+    for d in &launch {
+        args.push("--disk".into());
+        args.push(format!("path={}", d.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vm::start(&args);
+    assert_eq!(vm.wait_ready(), 2);
+    let api = api_client(&sock);
+    let mut g = Guest {
+        vm,
+        api,
+        model: Model::new(),
+        regions: Vec::new(),
+        next_seed: 100,
+    };
+
+    // The tree: c1 ─ c2 ┬ c3
+    //                   └ c4 ─ c5 ─ c6 ─ Now
+    let mut hashes: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut name = BTreeMap::new();
+    g.write(0, 0, 64);
+    g.write(1, 100, 32);
+    let c1 = g.take("c1", CheckpointType::Standard);
+    g.write(0, 32, 64);
+    g.write(1, 2000, 64);
+    let c2 = g.take("c2", CheckpointType::Production);
+    let at_c2 = (g.model.clone(), g.regions.clone());
+    g.write(0, 500, 128);
+    g.write(1, 0, 16);
+    let c3 = g.take("c3", CheckpointType::Standard);
+    // The second branch: back to c2, diverge.
+    let vm_after = g
+        .api
+        .apply_checkpoint(
+            &c2,
+            &ApplyCheckpoint {
+                save_current: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        vm_after.state,
+        VmState::Off,
+        "a production apply leaves the VM off"
+    );
+    g.api.lifecycle(api::LifecycleAction::Start).unwrap();
+    g.vm.wait_ready();
+    (g.model, g.regions) = at_c2;
+    g.reads_back("after applying c2 and starting");
+    g.write(0, 1000, 256);
+    g.write(1, 3000, 8);
+    let c4 = g.take("c4", CheckpointType::Production);
+    g.write(0, 40, 8);
+    g.write(1, 4000, 256);
+    let c5 = g.take("c5", CheckpointType::Standard);
+    g.write(0, 6000, 64);
+    g.write(1, 120, 64);
+    let c6 = g.take("c6", CheckpointType::Standard);
+    // The current state, after the last checkpoint.
+    g.write(0, 7000, 100);
+    g.write(1, 5000, 100);
+    for (id, n) in [
+        (&c1, "c1"),
+        (&c2, "c2"),
+        (&c3, "c3"),
+        (&c4, "c4"),
+        (&c5, "c5"),
+        (&c6, "c6"),
+    ] {
+        hashes.insert(id.clone(), checkpoint_hashes(&g.api, id, dir.path()));
+        name.insert(id.clone(), n);
+    }
+    let list = g.api.checkpoints().unwrap();
+    assert_eq!(list.checkpoints.len(), 6);
+    assert_eq!(list.current.as_deref(), Some(c6.as_str()));
+    g.reads_back("before any delete");
+
+    // Deletes: two children, leaf, middle, root, current, last.
+    let order = [&c2, &c3, &c5, &c1, &c6, &c4];
+    let mut remaining: Vec<String> = hashes.keys().cloned().collect();
+    let mut before = usage(&state);
+    for id in order {
+        let what = format!("after deleting {} ({id})", name[id]);
+        g.api
+            .delete_checkpoint(id)
+            .unwrap_or_else(|e| panic!("delete {}: {e}", name[id]));
+        remaining.retain(|r| r != id);
+        let list = g.api.checkpoints().unwrap();
+        let mut listed: Vec<String> = list.checkpoints.iter().map(|c| c.id.clone()).collect();
+        listed.sort();
+        let mut want = remaining.clone();
+        want.sort();
+        assert_eq!(listed, want, "{what}: the list");
+        for r in &remaining {
+            assert_eq!(
+                checkpoint_hashes(&g.api, r, dir.path()),
+                hashes[r],
+                "{what}: checkpoint {} no longer holds its disks",
+                name[r]
+            );
+        }
+        g.reads_back(&what);
+        let now = usage(&state);
+        eprintln!(
+            "{what}: {} checkpoints, location {} KiB (was {} KiB), layers {:?}",
+            remaining.len(),
+            now / 1024,
+            before / 1024,
+            layer_files(&state)
+        );
+        assert!(
+            now < before,
+            "{what}: the location did not shrink ({before} -> {now})"
+        );
+        // Folding keeps chains short: per disk, a layer for each remaining checkpoint but
+        // the one on the launch disk, the active layer, and (after the first delete) the layer
+        // c2 froze, kept while c3's and c4's branches share it.
+        let per_disk = layer_files(&state).len() / DISKS;
+        let shared = usize::from(id == &c2);
+        assert!(
+            per_disk <= remaining.len() + 1 + shared,
+            "{what}: {per_disk} layers per disk for {} checkpoints: {:?}",
+            remaining.len(),
+            layer_files(&state)
+        );
+        before = now;
+    }
+
+    // Every checkpoint gone: the launch disks hold the current content, no layer is left.
+    assert!(layer_files(&state).is_empty(), "{:?}", layer_files(&state));
+    g.vm.line_ok("blk 0 flush");
+    g.vm.line_ok("blk 1 flush");
+    for (n, path) in launch.iter().enumerate() {
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(
+            fnv1a64_update(FNV_OFFSET, &bytes),
+            g.model.whole(n),
+            "launch disk {n} does not hold the current content"
+        );
+    }
+    // The guest keeps writing to its own disk files.
+    g.write(0, 7500, 8);
+    g.reads_back("after every delete");
+    let bytes = std::fs::read(&launch[0]).unwrap();
+    assert_eq!(fnv1a64_update(FNV_OFFSET, &bytes), g.model.whole(0));
+    g.api.lifecycle(api::LifecycleAction::Stop).unwrap();
+}

@@ -1,0 +1,525 @@
+//! Deleting by merging: after a checkpoint is deleted, the disk layers no checkpoint and no
+//! running disk stands on any more ("hidden" layers) are folded away, so chains get shorter and
+//! the space comes back, without one byte of any remaining checkpoint's disks, or of what the
+//! running guest reads, changing.
+//!
+//! The layers of one disk form a tree: the launch disk at the root, every checkpoint's and the
+//! active chain a path from it (`DiskRecord`: launch, `below`, `layer`). A layer is *hidden*
+//! when it is the top of no chain. A hidden layer with one child is folded:
+//!
+//! - a hidden launch disk takes its only child in (into parent): deleting every checkpoint
+//!   leaves the VM's own disk files holding the current content, as Hyper-V's merge does;
+//! - a hidden store layer H with child K folds whichever way copies less: H into K (K keeps
+//!   what it holds and gains what it read through H), or K into H (H gains what K holds and
+//!   takes K's place in the records); the allocated sizes decide.
+//!
+//! A hidden layer with two or more children stays, shared, until all but one of its children's
+//! branches are deleted ([`hidden_layers`] names them for the listing).
+//!
+//! **Journal.** `fold.json` in the location names the fold before any byte is copied. The
+//! disk crate's merge is crash-safe on its own (FORMAT.md, "Merge": every cluster it copies is
+//! still overridden, or was read through, until the one header write that switches the
+//! chain); it leaves the folded layer's file in place ([`disk::Chain::begin_merge_keeping_file`]).
+//! Then every record naming that layer is rewritten ([`Store::edit_disk_records`]), then the file
+//! is unlinked, then the journal goes. On start ([`recover`]) a journal whose switch is on disk
+//! is finished (records rewritten, file unlinked); one whose switch is not is dropped (the
+//! chains read as before; the fold runs again on the next delete). No file a record names is
+//! unlinked before the records stop naming it.
+//!
+//! **Online.** When the running VM's chain of that disk runs through the layers, the merge runs
+//! in the device's own chain, a bounded step at a time under the device's lock, so the guest's
+//! requests go on between steps and a write into a layer being folded re-queues its cluster
+//! (the disk crate's merge); otherwise it runs on a chain of its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use disk::{Chain, MergeDirection, OpenOptions};
+use serde::{Deserialize, Serialize};
+use snapshot::manifest::{DiskRecord, StorePath};
+use snapshot::store::Store;
+
+use super::{allocated, chain_parents, CheckpointError};
+use crate::vm::Vm;
+
+/// The journal of a fold in progress, in the checkpoint location.
+pub const FOLD_JOURNAL: &str = "fold.json";
+
+/// Clusters a merge step copies under the device's lock (64 KiB clusters: 4 MiB).
+const STEP_CLUSTERS: u64 = 64;
+
+/// A layer of a disk's tree.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Node {
+    /// The launch disk given to `--disk` (the root).
+    Launch(PathBuf),
+    /// A layer in the store.
+    Layer(StorePath),
+}
+
+impl Node {
+    fn path(&self, location: &Path) -> PathBuf {
+        match self {
+            Node::Launch(p) => p.clone(),
+            Node::Layer(l) => l.resolve(location),
+        }
+    }
+}
+
+/// The chain of a record, bottom (the launch disk) first.
+fn chain_of(r: &DiskRecord) -> Vec<Node> {
+    let mut c = vec![Node::Launch(r.launch.clone())];
+    c.extend(r.below.iter().rev().cloned().map(Node::Layer));
+    c.extend(r.layer.iter().cloned().map(Node::Layer));
+    c
+}
+
+/// `chain` (bottom first) back into the record's fields.
+fn set_chain(r: &mut DiskRecord, chain: &[Node]) {
+    let layers: Vec<StorePath> = chain
+        .iter()
+        .filter_map(|n| match n {
+            Node::Layer(l) => Some(l.clone()),
+            Node::Launch(_) => None,
+        })
+        .collect();
+    r.layer = layers.last().cloned();
+    r.below = layers.iter().rev().skip(1).cloned().collect();
+}
+
+/// One fold: layer `from` merges in direction `dir` into `into` and leaves every chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fold {
+    /// The disk (`--disk` position).
+    pub index: u32,
+    /// The layer that goes.
+    pub from: Node,
+    /// The layer that takes its data (its parent or its only child).
+    pub into: Node,
+    /// `into-parent` when `into` is `from`'s parent, `into-child` when its child.
+    pub dir: MergeDirection,
+}
+
+/// Every chain the store keeps: each checkpoint's disks and the active ones. (A manifest's
+/// `active_after` is what was active right after it was taken: history once the store record
+/// has adopted it, as the store's own clean-up counts it.)
+fn all_records(store: &Store) -> Result<Vec<DiskRecord>, CheckpointError> {
+    let mut all: Vec<DiskRecord> = Vec::new();
+    for m in store.list()? {
+        all.extend(m.disks);
+    }
+    all.extend(store.active().iter().cloned());
+    Ok(all)
+}
+
+/// The tree of disk `index`: each layer's children, and the tops of chains.
+struct Tree {
+    children: BTreeMap<Node, BTreeSet<Node>>,
+    tops: BTreeSet<Node>,
+    nodes: BTreeSet<Node>,
+}
+
+fn tree(records: &[DiskRecord], index: u32) -> Tree {
+    let mut t = Tree {
+        children: BTreeMap::new(),
+        tops: BTreeSet::new(),
+        nodes: BTreeSet::new(),
+    };
+    for r in records.iter().filter(|r| r.index == index) {
+        let c = chain_of(r);
+        for w in c.windows(2) {
+            t.children
+                .entry(w[0].clone())
+                .or_default()
+                .insert(w[1].clone());
+        }
+        t.nodes.extend(c.iter().cloned());
+        if let Some(top) = c.last() {
+            t.tops.insert(top.clone());
+        }
+    }
+    t
+}
+
+/// The hidden layers of every disk that other chains still share (two or more children):
+/// kept until only one of their branches is left.
+pub fn hidden_layers(store: &Store) -> Result<Vec<(u32, PathBuf, usize)>, CheckpointError> {
+    let records = all_records(store)?;
+    let indexes: BTreeSet<u32> = records.iter().map(|r| r.index).collect();
+    let mut out = Vec::new();
+    for i in indexes {
+        let t = tree(&records, i);
+        for n in &t.nodes {
+            let kids = t.children.get(n).map_or(0, BTreeSet::len);
+            if !t.tops.contains(n) && kids >= 2 {
+                out.push((i, n.path(store.location()), kids));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The next fold the store's records call for, if any.
+pub fn next_fold(store: &Store) -> Result<Option<Fold>, CheckpointError> {
+    let records = all_records(store)?;
+    let indexes: BTreeSet<u32> = records.iter().map(|r| r.index).collect();
+    let location = store.location();
+    for index in indexes {
+        let t = tree(&records, index);
+        for n in &t.nodes {
+            if t.tops.contains(n) {
+                continue;
+            }
+            let Some(kids) = t.children.get(n) else {
+                continue;
+            };
+            let [child] = kids.iter().collect::<Vec<_>>()[..] else {
+                continue;
+            };
+            let parent_stays = matches!(n, Node::Launch(_))
+                || allocated(&n.path(location)) > allocated(&child.path(location));
+            let fold = if parent_stays {
+                Fold {
+                    index,
+                    from: child.clone(),
+                    into: n.clone(),
+                    dir: MergeDirection::IntoParent,
+                }
+            } else {
+                Fold {
+                    index,
+                    from: n.clone(),
+                    into: child.clone(),
+                    dir: MergeDirection::IntoChild,
+                }
+            };
+            return Ok(Some(fold));
+        }
+    }
+    Ok(None)
+}
+
+/// The chain top a fold opens offline: the child of the two.
+fn child_of(f: &Fold) -> &Node {
+    match f.dir {
+        MergeDirection::IntoParent => &f.from,
+        MergeDirection::IntoChild => &f.into,
+    }
+}
+
+fn write_journal(location: &Path, f: &Fold) -> Result<(), CheckpointError> {
+    let path = location.join(FOLD_JOURNAL);
+    let bytes = serde_json::to_vec_pretty(f).map_err(|source| snapshot::Error::Encode {
+        path: path.clone(),
+        source,
+    })?;
+    snapshot::fsutil::write_atomic(&path, &bytes)?;
+    Ok(())
+}
+
+fn remove_journal(location: &Path) -> Result<(), CheckpointError> {
+    let path = location.join(FOLD_JOURNAL);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(snapshot::fsutil::sync_dir(location)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(snapshot::Error::io(&path, "remove", e).into()),
+    }
+}
+
+/// Takes `f.from` out of every record of its disk, then unlinks it (a store layer; a launch
+/// disk never goes) and drops the journal.
+fn finish(store: &mut Store, f: &Fold) -> Result<(), CheckpointError> {
+    let location = store.location().to_path_buf();
+    store.edit_disk_records(|r| {
+        if r.index != f.index {
+            return false;
+        }
+        let chain = chain_of(r);
+        if !chain.contains(&f.from) {
+            return false;
+        }
+        let kept: Vec<Node> = chain.into_iter().filter(|n| *n != f.from).collect();
+        set_chain(r, &kept);
+        true
+    })?;
+    if let Node::Layer(l) = &f.from {
+        let path = l.resolve(&location);
+        match std::fs::remove_file(&path) {
+            Ok(()) => snapshot::fsutil::sync_dir(&snapshot::fsutil::parent_of(&path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(snapshot::Error::io(&path, "remove folded layer", e).into()),
+        }
+    }
+    remove_journal(&location)
+}
+
+/// A record of disk `index` whose chain runs through `from` past it (so its on-disk chain
+/// shows whether the merge's switch was made).
+fn record_through(records: &[DiskRecord], f: &Fold) -> Option<DiskRecord> {
+    records
+        .iter()
+        .filter(|r| r.index == f.index)
+        .find(|r| {
+            let c = chain_of(r);
+            c.contains(&f.from) && c.last() != Some(&f.from)
+        })
+        .cloned()
+}
+
+/// On opening the store: finishes a fold whose switch reached the disk, or drops one whose
+/// switch did not (the chains read as before it). Returns what it did, for the log.
+pub fn recover(store: &mut Store) -> Result<Option<String>, CheckpointError> {
+    let location = store.location().to_path_buf();
+    let path = location.join(FOLD_JOURNAL);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(snapshot::Error::io(&path, "read", e).into()),
+    };
+    let Ok(f) = serde_json::from_slice::<Fold>(&bytes) else {
+        // A journal that does not parse was never acted on (it is written atomically).
+        remove_journal(&location)?;
+        return Ok(Some(format!(
+            "dropped the unreadable fold journal {}",
+            path.display()
+        )));
+    };
+    let from = f.from.path(&location);
+    let records = all_records(store)?;
+    let switched = if !from.exists() {
+        // Unlinked: only after the records stopped naming it.
+        true
+    } else if let Some(r) = record_through(&records, &f) {
+        let top = r.top(&location);
+        let on_disk = disk::ops::info_with(&top, &chain_parents(&r)).map_err(|source| {
+            CheckpointError::Fold {
+                path: top.clone(),
+                source: Box::new(source),
+            }
+        })?;
+        !on_disk.layers.iter().any(|l| same_file(&l.path, &from))
+    } else {
+        // `from` is a chain's top: the switch is the records' rewrite itself.
+        false
+    };
+    if switched {
+        finish(store, &f)?;
+        Ok(Some(format!(
+            "finished folding {} into {}",
+            from.display(),
+            f.into.path(&location).display()
+        )))
+    } else {
+        remove_journal(&location)?;
+        Ok(Some(format!(
+            "undid the interrupted fold of {} (the chains read as before; it runs again on \
+             the next delete)",
+            from.display()
+        )))
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Runs fold `f`: journal, merge (in the running VM's chain of that disk if it runs through
+/// the layers, else on a chain of its own), records, unlink, journal gone. `progress` hears
+/// (done, total) bytes.
+pub fn run(
+    store: &mut Store,
+    vm: Option<&Vm>,
+    f: &Fold,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), CheckpointError> {
+    let location = store.location().to_path_buf();
+    let from = f.from.path(&location);
+    let records = all_records(store)?;
+    let active = store.active().iter().find(|r| r.index == f.index).cloned();
+    write_journal(&location, f)?;
+    super::crash_point("fold-journaled");
+    let fold_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: disk::DiskError| CheckpointError::Fold {
+            path,
+            source: Box::new(source),
+        }
+    };
+    let online = vm.is_some()
+        && active
+            .as_ref()
+            .is_some_and(|a| chain_of(a).contains(&f.from));
+    if online {
+        let vm = vm.ok_or(CheckpointError::NoLocation)?;
+        let devices = vm.virtio_devices();
+        let begun = devices
+            .with_disk_chain(f.index, |c| {
+                let i = c
+                    .layer_index(&from)
+                    .ok_or_else(|| disk::DiskError::BadChain {
+                        path: c.top_path().to_path_buf(),
+                        reason: format!("{} is not in the running disk's chain", from.display()),
+                    })?;
+                c.begin_merge_keeping_file(i, f.dir)
+            })
+            .ok_or_else(|| {
+                CheckpointError::Unsupported(format!("disk {} has no chain", f.index))
+            })?;
+        begun.map_err(fold_err(&from))?;
+        let cs = devices
+            .with_disk_chain(f.index, |c| c.cluster_size())
+            .unwrap_or(1);
+        // Each step runs with the disks paused (the request being served finishes first), so
+        // the step that switches the chain is followed by the records' rewrite before the
+        // guest's next request: when `from` is the top the guest writes, its next write lands
+        // in `into`, which the records must name first.
+        let no_chain = || CheckpointError::Unsupported(format!("disk {} has no chain", f.index));
+        let mut steps = 0u64;
+        loop {
+            devices
+                .pause_disks()
+                .map_err(|e| CheckpointError::Unsupported(format!("pausing the disks: {e}")))?;
+            let step = devices.with_disk_chain(f.index, |c| c.merge_step(STEP_CLUSTERS));
+            let outcome = match step {
+                None => Err(no_chain()),
+                Some(Err(e)) => {
+                    devices.with_disk_chain(f.index, Chain::abort_merge);
+                    Err(fold_err(&from)(e))
+                }
+                Some(Ok(p)) if p.finished => {
+                    super::crash_point("fold-switched");
+                    finish(store, f).map(|()| Some(p))
+                }
+                Some(Ok(p)) => Ok(Some(p)),
+            };
+            if let Err(e) = devices.resume_disks() {
+                log::error!(
+                    "folding {}: the disks cannot run again: {e}",
+                    from.display()
+                );
+            }
+            let p = outcome?.ok_or_else(no_chain)?;
+            progress(p.done * cs, p.total * cs);
+            if p.finished {
+                super::crash_point("fold-finished");
+                return Ok(());
+            }
+            steps += 1;
+            if steps == 2 {
+                super::crash_point("fold-copying");
+            }
+        }
+    } else {
+        let child = child_of(f).path(&location);
+        let holder = record_through(&records, f)
+            .or_else(|| {
+                records
+                    .iter()
+                    .find(|r| r.index == f.index && chain_of(r).contains(child_of(f)))
+                    .cloned()
+            })
+            .ok_or_else(|| {
+                CheckpointError::Unsupported(format!(
+                    "no chain of disk {} runs through {}",
+                    f.index,
+                    from.display()
+                ))
+            })?;
+        let mut chain = Chain::open_with(&child, OpenOptions::default(), &chain_parents(&holder))
+            .map_err(fold_err(&child))?;
+        let i = chain
+            .layer_index(&from)
+            .ok_or_else(|| disk::DiskError::BadChain {
+                path: child.clone(),
+                reason: format!("{} is not in its chain", from.display()),
+            })
+            .map_err(fold_err(&child))?;
+        chain
+            .begin_merge_keeping_file(i, f.dir)
+            .map_err(fold_err(&from))?;
+        let mut steps = 0u64;
+        loop {
+            let p = chain
+                .merge_step(STEP_CLUSTERS * 4)
+                .map_err(fold_err(&from))?;
+            progress(
+                p.done * chain.cluster_size(),
+                p.total * chain.cluster_size(),
+            );
+            if p.finished {
+                break;
+            }
+            steps += 1;
+            if steps == 2 {
+                super::crash_point("fold-copying");
+            }
+        }
+        chain.flush().map_err(fold_err(&child))?;
+    }
+    super::crash_point("fold-switched");
+    finish(store, f)?;
+    super::crash_point("fold-finished");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(index: u32, layers: &[&str]) -> DiskRecord {
+        let mut r = DiskRecord {
+            index,
+            layer: None,
+            below: Vec::new(),
+            launch: PathBuf::from("/d/launch.raw"),
+        };
+        let mut chain = vec![Node::Launch(r.launch.clone())];
+        chain.extend(
+            layers
+                .iter()
+                .map(|l| Node::Layer(StorePath::new(format!("layers/{l}")).unwrap())),
+        );
+        set_chain(&mut r, &chain);
+        r
+    }
+
+    #[test]
+    fn records_round_trip_through_their_chain() {
+        let r = rec(0, &["a", "b", "c"]);
+        assert_eq!(r.layer.as_ref().unwrap().as_str(), "layers/c");
+        assert_eq!(
+            r.below.iter().map(StorePath::as_str).collect::<Vec<_>>(),
+            ["layers/b", "layers/a"]
+        );
+        let mut r2 = r.clone();
+        set_chain(&mut r2, &chain_of(&r));
+        assert_eq!(r, r2);
+        let mut launch_only = r.clone();
+        set_chain(&mut launch_only, &chain_of(&r)[..1]);
+        assert_eq!(launch_only.layer, None);
+        assert!(launch_only.below.is_empty());
+    }
+
+    #[test]
+    fn hidden_layers_with_one_child_fold_and_shared_ones_stay() {
+        // Launch ─ a ─ b (checkpoint) ─ c (active)
+        //            └ x (checkpoint)
+        let records = vec![
+            rec(0, &["a", "b"]),
+            rec(0, &["a", "b", "c"]),
+            rec(0, &["a", "x"]),
+        ];
+        let t = tree(&records, 0);
+        let a = Node::Layer(StorePath::new("layers/a".to_string()).unwrap());
+        assert_eq!(t.children[&a].len(), 2);
+        assert!(!t.tops.contains(&a));
+        // The launch disk is hidden with one child (a): it takes a in.
+        let launch = Node::Launch("/d/launch.raw".into());
+        assert_eq!(t.children[&launch].len(), 1);
+    }
+}
