@@ -154,8 +154,14 @@ fn ext4_disk(dir: &Path) -> PathBuf {
 /// names the launch disk, which lives outside the store: trusted here).
 fn flatten(top: &Path, out: &Path) {
     let anywhere = disk::ParentPolicy::anywhere();
-    disk::ops::convert_with(top, out, disk::ops::ConvertFormat::Raw, &anywhere, &mut |_, _| {})
-        .unwrap_or_else(|e| panic!("flatten {}: {e}", top.display()));
+    disk::ops::convert_with(
+        top,
+        out,
+        disk::ops::ConvertFormat::Raw,
+        &anywhere,
+        &mut |_, _| {},
+    )
+    .unwrap_or_else(|e| panic!("flatten {}: {e}", top.display()));
 }
 
 /// Runs an e2fsprogs tool; returns its status and output.
