@@ -1,5 +1,7 @@
 //! The VMM's sandbox (issue #16) end to end with the test guest: every thread of a running
-//! `strata` is under a seccomp filter with `no_new_privs`; a thread that makes a forbidden
+//! `strata` is under a seccomp filter with `no_new_privs` (on `kvm_pvm` hosts, this project's
+//! machines, but the vCPU threads, which cannot carry one there without hanging a Linux
+//! guest's user space: `vmm/src/sandbox/mod.rs`); a thread that makes a forbidden
 //! system call stops the VMM with a message naming the call and the thread; `--seccomp log`
 //! and `--seccomp false` let it through; with Landlock the VMM cannot open a file outside its
 //! VM's paths, but can open those and the `--allow-path` folders.
@@ -42,7 +44,7 @@ fn thread_status(pid: u32) -> BTreeMap<u32, (String, String, String)> {
 }
 
 #[test]
-fn every_thread_of_a_running_vmm_is_filtered_with_no_new_privs() {
+fn every_thread_of_a_running_vmm_is_filtered_with_no_new_privs_but_vcpus_on_pvm() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
@@ -100,10 +102,19 @@ fn every_thread_of_a_running_vmm_is_filtered_with_no_new_privs() {
         names.iter().any(|n| n.starts_with("virtio-vsock")),
         "no vsock device thread among {names:?}"
     );
+    // On kvm_pvm (this project's machines) the vCPU threads, the thread that starts them and
+    // the KVM worker a vCPU starts cannot carry a filter: it would hang a Linux guest's user
+    // space (see vmm/src/sandbox/mod.rs).
+    let pvm = vmm::linux_kit::is_pvm();
     for (tid, (name, seccomp, nnp)) in &threads {
+        let want = if pvm && (name.starts_with("vcpu") || name.starts_with("kvm-nx")) {
+            "0"
+        } else {
+            "2"
+        };
         assert_eq!(
-            seccomp, "2",
-            "thread {tid} ({name}) is not filtered: {threads:?}"
+            seccomp, want,
+            "thread {tid} ({name}): Seccomp {seccomp}, expected {want} (pvm: {pvm}): {threads:?}"
         );
         assert_eq!(
             nnp, "1",
@@ -232,15 +243,26 @@ fn violate(kind: &str, mode: &str, dir: &Path, wait: Duration) -> (Option<ExitSt
 #[test]
 fn a_forbidden_system_call_stops_the_vmm_with_a_message_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    // The kind, and how the names of its threads start.
-    for (kind, thread) in [
-        ("vcpu", "vcpu"),
+    // The kind, and how the names of its threads start. vCPU threads carry no filter on
+    // kvm_pvm (see the first test): there their forbidden call goes through.
+    let mut kinds = vec![];
+    if vmm::linux_kit::is_pvm() {
+        let (status, stderr) = violate("vcpu", "true", dir.path(), Duration::from_secs(8));
+        assert!(
+            status.is_none(),
+            "pvm: a vCPU's call stopped strata: {stderr}"
+        );
+    } else {
+        kinds.push(("vcpu", "vcpu"));
+    }
+    kinds.extend([
         ("device", "virtio-"),
         ("console", "console-"),
         ("probe", "kvm-probe"),
         ("api", "api-start"),
         ("control", "strata"),
-    ] {
+    ]);
+    for (kind, thread) in kinds {
         let (status, stderr) = violate(kind, "true", dir.path(), Duration::from_secs(30));
         eprintln!("{kind}: {status:?}\n{stderr}");
         let status = status.unwrap_or_else(|| panic!("{kind}: strata did not stop: {stderr}"));
@@ -270,8 +292,8 @@ fn a_forbidden_system_call_stops_the_vmm_with_a_message_naming_it() {
 fn seccomp_log_and_false_let_the_forbidden_call_through() {
     let dir = tempfile::tempdir().unwrap();
     for mode in ["log", "false"] {
-        // The vCPU threads start within a second or two of the process.
-        let (status, stderr) = violate("vcpu", mode, dir.path(), Duration::from_secs(8));
+        // The device threads start within a second or two of the process.
+        let (status, stderr) = violate("device", mode, dir.path(), Duration::from_secs(8));
         assert!(
             status.is_none(),
             "--seccomp {mode}: strata stopped ({status:?}): {stderr}"
@@ -318,14 +340,17 @@ fn probe_open(path: &Path, args: &[&str]) -> String {
         s.collected
     );
     // Let the line end.
-    s.wait_stderr("\n", Duration::from_secs(5));
-    let line = s
-        .collected
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap()
-        .to_string();
-    line
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rest = s.collected.split_once(&prefix).map_or("", |(_, r)| r);
+        if let Some((answer, _)) = rest.split_once('\n') {
+            return answer.to_string();
+        }
+        assert!(Instant::now() < deadline, "probe line cut: {}", s.collected);
+        if let Ok(more) = s.stderr.recv_timeout(Duration::from_millis(100)) {
+            s.collected.push_str(&more);
+        }
+    }
 }
 
 #[test]

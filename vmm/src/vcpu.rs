@@ -299,12 +299,7 @@ impl VcpuHandle {
         } else {
             State::Running
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                crate::sandbox::enter(crate::sandbox::ThreadKind::Vcpu);
-                vcpu.run(start)
-            })
+        let thread = crate::sandbox::spawn_vcpu(format!("vcpu{index}"), move || vcpu.run(start))
             .map_err(|e| VcpuError::Spawn(index, e))?;
         Ok(Self {
             index,

@@ -19,6 +19,9 @@
 //!    needs and each thread's own filter narrows it down. The forked checkpoint memory writer
 //!    inherits the main thread's filter. The API server thread is spawned inside the `api`
 //!    crate: [`start_api_server`] starts it from a thread that entered [`ThreadKind::Api`].
+//! 3. On `kvm_pvm` hosts the vCPU threads carry no filter ([`vcpus_unfiltered`]: a filter on
+//!    them hangs a Linux guest's user space there); they are started by an unfiltered spawner
+//!    thread made before the main thread's filter ([`spawn_vcpu`]). Landlock still applies.
 //!
 //! With `--seccomp true` (the default) a forbidden system call raises `SIGSYS`
 //! (`SECCOMP_RET_TRAP`); the handler writes `strata: seccomp: thread 'vcpu0' (vcpu) made a
@@ -44,6 +47,7 @@ mod seccomp;
 mod syscalls;
 
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::sync::OnceLock;
 
 pub use paths::{AccessPaths, LandlockStatus};
@@ -163,6 +167,9 @@ pub enum SandboxError {
     /// The `SIGSYS` handler cannot be installed.
     #[error("cannot install the SIGSYS handler")]
     Signal(#[source] std::io::Error),
+    /// The unfiltered vCPU spawner thread cannot be started.
+    #[error("cannot start the vCPU spawner thread")]
+    Spawner(#[source] std::io::Error),
     /// The sandbox was set up twice.
     #[error("the sandbox is already set up")]
     AlreadySetUp,
@@ -189,6 +196,65 @@ struct Installed {
 }
 
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
+
+/// A thread to start, run by the vCPU spawner.
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// On PVM hosts, the unfiltered thread that starts the vCPU threads (see [`spawn_vcpu`]).
+static VCPU_SPAWNER: OnceLock<mpsc::Sender<SpawnJob>> = OnceLock::new();
+
+/// Whether vCPU threads run without a seccomp filter on this host: on `kvm_pvm` (this
+/// project's test machines), a guest's own system calls enter the host through its syscall
+/// entry, and a seccomp filter on the vCPU thread — any filter, even one that allows
+/// everything — leaves a Linux guest's user space hung at its first system call. The test
+/// guest, which has no user space, runs fine either way; on hardware KVM vCPUs are filtered.
+pub fn vcpus_unfiltered() -> bool {
+    VCPU_SPAWNER.get().is_some()
+}
+
+/// Starts a vCPU thread named `name` running `f` under the [`ThreadKind::Vcpu`] filter, or,
+/// where vCPU threads cannot be filtered ([`vcpus_unfiltered`]), from the unfiltered spawner
+/// thread so that it inherits no filter either.
+pub fn spawn_vcpu<F, T>(name: String, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let builder = std::thread::Builder::new().name(name);
+    let Some(spawner) = VCPU_SPAWNER.get() else {
+        return builder.spawn(move || {
+            enter(ThreadKind::Vcpu);
+            f()
+        });
+    };
+    let gone = || std::io::Error::other("the vCPU spawner thread has stopped");
+    let (tx, rx) = mpsc::channel();
+    let job: SpawnJob = Box::new(move || {
+        let _ = tx.send(builder.spawn(f));
+    });
+    spawner.send(job).map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
+
+/// Starts the vCPU spawner (before the main thread is filtered, so it and the threads it
+/// starts carry no filter).
+fn start_vcpu_spawner() -> Result<(), SandboxError> {
+    let (tx, rx) = mpsc::channel::<SpawnJob>();
+    std::thread::Builder::new()
+        .name("vcpu-spawner".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })
+        .map_err(SandboxError::Spawner)?;
+    let _ = VCPU_SPAWNER.set(tx);
+    log::warn!(
+        "kvm_pvm: the vCPU threads run without a seccomp filter (a filter on them hangs the \
+         guest's user space on PVM); every other thread is filtered"
+    );
+    Ok(())
+}
 
 /// The folders Landlock lets the VMM write anywhere beneath, once it is enforced.
 static WRITABLE: OnceLock<Vec<PathBuf>> = OnceLock::new();
@@ -267,6 +333,9 @@ pub fn init(config: &SandboxConfig) -> Result<SandboxStatus, SandboxError> {
         .map_err(|_| SandboxError::AlreadySetUp)?;
 
     let landlock = paths::restrict(&config.paths)?;
+    if config.seccomp != SeccompMode::Off && crate::linux_kit::is_pvm() {
+        start_vcpu_spawner()?;
+    }
     if landlock != LandlockStatus::Unsupported {
         let writable = config
             .paths
