@@ -50,7 +50,7 @@ const GUARD: Duration = Duration::from_secs(120);
 /// Hang guard for the VMM to die after a crash point or a kill.
 const EXIT_GUARD: Duration = Duration::from_secs(30);
 /// Each test disk: 1 MiB.
-const DISK_SECTORS: usize = 2048;
+const DISK_SECTORS: usize = 16384;
 /// The part of each disk the tests write, and read back in blocks of [`READ_BLOCK`] sectors.
 const REGION: u64 = 256;
 /// Sectors per read when checking a disk against its model.
@@ -1204,4 +1204,153 @@ fn without_a_crash_a_create_and_apply_leave_a_store_that_checks_clean() {
             check_store(&env, &mut g, Some(&id), "after a create and an apply", f);
         }
     });
+}
+
+// ------------------------------------------------------------------------------------------
+// Delete by merging (issue #15).
+
+/// Content hash of every disk of checkpoint `id`: `strata disk convert` of its chains.
+fn checkpoint_hashes(env: &Env, id: &str) -> Result<Vec<u64>, String> {
+    let info = env
+        .client()
+        .checkpoint(id)
+        .map_err(|e| format!("GET checkpoint {id}: {e}"))?;
+    let mut out = Vec::new();
+    for (i, top) in info.disks.iter().enumerate() {
+        let flat = env.state.with_file_name(format!("flat-{id}-{i}.raw"));
+        let _ = std::fs::remove_file(&flat);
+        let o = Command::new(strata_bin())
+            .args([
+                "disk",
+                "convert",
+                "--allow-parent-outside",
+                "--format",
+                "raw",
+            ])
+            .arg(top)
+            .arg(&flat)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("run strata disk convert: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "strata disk convert {top}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        let bytes = std::fs::read(&flat).map_err(|e| format!("read {}: {e}", flat.display()))?;
+        let _ = std::fs::remove_file(&flat);
+        out.push(fnv1a64_update(FNV_OFFSET, &bytes));
+    }
+    Ok(out)
+}
+
+/// Layer files in the location.
+fn layer_count(env: &Env) -> usize {
+    std::fs::read_dir(env.state.join(snapshot::store::LAYERS_DIR))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// One delete crash point: checkpoints C1, C2, C3 with 3 MiB written between C1 and C2 and
+/// 4 MiB between C2 and C3 on both disks; deleting C2 folds its frozen layer (3 MiB, the
+/// smaller) into C3's, online (the running chains run through both), in steps of 1 MiB:
+/// `fold-copying` lands after two steps, mid-copy; `fold-switched` right after the chain's
+/// switch, before the records name the new chain. After the restart: C1 and C3 listed and
+/// hashing as when taken, the acknowledged data there, no fold journal, a clean store; then
+/// deleting C1 folds everything C3 and the VM need down into the launch disks.
+fn delete_point(point: &str, f: &mut Findings) {
+    let env = Env::new(128);
+    let mut m = Model::new();
+    let mut g = env.run(Some(point));
+    let c = env.client();
+    for disk in 0..2 {
+        write_flush(&mut g, &mut m, disk, 0, 16, 30 + disk as u64);
+    }
+    let c1 = create(&c, "c1").expect("create c1").id;
+    for disk in 0..2 {
+        write_flush(&mut g, &mut m, disk, 0, 6144, 40 + disk as u64);
+    }
+    let c2 = create(&c, "c2").expect("create c2").id;
+    for disk in 0..2 {
+        write_flush(&mut g, &mut m, disk, 4096, 8192, 50 + disk as u64);
+    }
+    let c3 = create(&c, "c3").expect("create c3").id;
+    for disk in 0..2 {
+        write_flush(&mut g, &mut m, disk, 64, 32, 60 + disk as u64);
+    }
+    let h1 = checkpoint_hashes(&env, &c1).expect("hash c1");
+    let h3 = checkpoint_hashes(&env, &c3).expect("hash c3");
+    let layers_before = layer_count(&env);
+    let c2_ = c2.clone();
+    let deleter = in_thread(&env, move |c| c.delete_checkpoint(&c2_));
+    let pid = g.pid();
+    check_crashed(&mut g, point, f);
+    drop(g);
+    let mut g = restart(&env, pid, f);
+    let result = join_answer(deleter, f);
+    f.expect(result.is_err(), || {
+        format!("the delete that should crash at {point} answered {result:?}")
+    });
+    // The delete committed (its folder went before the fold began): C1 and C3 remain, whole.
+    let expect_ids = vec![c1.clone(), c3.clone()];
+    check_restarted(&env, &mut g, &mut m, &expect_ids, Some(&c3), f);
+    f.expect(
+        !env.state.join(vmm::checkpoint::fold::FOLD_JOURNAL).exists(),
+        || {
+            format!(
+                "after the restart the fold journal is still there: {}",
+                env.listing()
+            )
+        },
+    );
+    for (id, want) in [(&c1, &h1), (&c3, &h3)] {
+        let got = checkpoint_hashes(&env, id);
+        f.expect(got.as_ref() == Ok(want), || {
+            format!("after the restart checkpoint {id} hashes {got:?}, taken as {want:?}")
+        });
+    }
+    let layers_now = layer_count(&env);
+    f.expect(layers_now <= layers_before, || {
+        format!("after the restart {layers_now} layer files, {layers_before} before the delete")
+    });
+    // A finished fold took C2's layer out; an interrupted one left the chains as they were.
+    let folded = matches!(point, "fold-switched" | "fold-finished");
+    if folded {
+        f.expect(layers_now < layers_before, || {
+            format!(
+                "after a crash at {point} (the switch was made) {layers_now} layer files, \
+                 {layers_before} before: C2's layer was not taken out"
+            )
+        });
+    }
+    // The next delete finishes the job: everything C3 and the VM need folds down.
+    match env.client().delete_checkpoint(&c1) {
+        Ok(list) => f.expect(ids(&list) == vec![c3.clone()], || {
+            format!("after deleting {c1} the list is {:?}", ids(&list))
+        }),
+        Err(e) => f.add(format!("deleting {c1} after the restart: {e}")),
+    }
+    let got = checkpoint_hashes(&env, &c3);
+    f.expect(got.as_ref() == Ok(&h3), || {
+        format!("after deleting {c1} checkpoint {c3} hashes {got:?}, taken as {h3:?}")
+    });
+    check_disks(&mut g, &m, "after the second delete", f);
+    let layers_end = layer_count(&env);
+    f.expect(layers_end <= 4, || {
+        format!(
+            "after deleting {c1} (C3 on one layer per disk, the VM above it) {layers_end} layer \
+             files: {}",
+            env.listing()
+        )
+    });
+    check_store(&env, &mut g, Some(&c3), "after the second delete", f);
+}
+
+#[test]
+fn crash_at_each_step_of_a_delete_s_merge_leaves_every_checkpoint_and_the_disks_reading_the_same() {
+    run_points(
+        &["fold-copying", "fold-switched", "fold-finished"],
+        delete_point,
+    );
 }

@@ -45,8 +45,8 @@ use crate::vm::Vm;
 /// The journal of a fold in progress, in the checkpoint location.
 pub const FOLD_JOURNAL: &str = "fold.json";
 
-/// Clusters a merge step copies under the device's lock (64 KiB clusters: 4 MiB).
-const STEP_CLUSTERS: u64 = 64;
+/// Clusters a merge step copies with the disks paused (64 KiB clusters: 1 MiB, a few ms).
+const STEP_CLUSTERS: u64 = 16;
 
 /// A layer of a disk's tree.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
