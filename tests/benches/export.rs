@@ -121,12 +121,17 @@ fn bench_size(mib: u64, runs: usize) -> Row {
     write_data_disk(&launch, mib);
     let sock = dir.path().join("api.sock");
     let state = dir.path().join("state");
+    // Where the exports go: the VMM may write there (`--allow-path`).
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
     let mut child: Child = Command::new(strata_bin())
         .arg("run")
         .args(["--memory", "64M", "--console", "none", "--api-socket"])
         .arg(&sock)
         .arg("--state-dir")
         .arg(&state)
+        .arg("--allow-path")
+        .arg(&out)
         .arg("--disk")
         .arg(format!("path={}", launch.display()))
         .stdin(Stdio::null())
@@ -153,7 +158,7 @@ fn bench_size(mib: u64, runs: usize) -> Row {
     let rate = |d: Duration| mib as f64 / d.as_secs_f64();
     for run in 0..runs {
         for format in [DiskFormat::Raw, DiskFormat::Strata] {
-            let dest = dir.path().join(format!("export-{run}-{format}"));
+            let dest = out.join(format!("export-{run}-{format}"));
             let t = Instant::now();
             let e = c
                 .export_checkpoint(

@@ -263,6 +263,8 @@ fn start(vm: &mut Vm, c: &Client) {
 
 struct Setup {
     dir: tempfile::TempDir,
+    /// Where exports go: the VMM may write there (`--allow-path`).
+    out: PathBuf,
     state: PathBuf,
     sock: PathBuf,
     vsock: PathBuf,
@@ -283,7 +285,10 @@ impl Setup {
                 p
             })
             .collect();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
         Setup {
+            out,
             state: dir.path().join("state"),
             sock: dir.path().join("api.sock"),
             vsock: dir.path().join("v.sock"),
@@ -292,8 +297,8 @@ impl Setup {
         }
     }
 
-    /// Boots `strata run`: 2 vCPUs, 64 MiB, the disks, vsock, the API socket and the
-    /// checkpoint location; the default checkpoint type (production). Waits for the guest,
+    /// Boots `strata run`: 2 vCPUs, 64 MiB, the disks, vsock, the API socket, the checkpoint
+    /// location and the export folder; the default checkpoint type (production). Waits for the guest,
     /// the API and the agent.
     fn boot(&self) -> (Vm, Client) {
         let mut args = vec![
@@ -307,6 +312,8 @@ impl Setup {
             self.state.display().to_string(),
             "--vsock".into(),
             format!("cid=3,socket={}", self.vsock.display()),
+            "--allow-path".into(),
+            self.out.display().to_string(),
         ];
         for d in &self.disks {
             args.push("--disk".into());
@@ -1274,7 +1281,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
     }
 
     // Exports: every checkpoint raw through the API; S1 also through ctl, P3 also as strata.
-    let exports = s.path("exports");
+    let exports = s.out.join("exports");
     std::fs::create_dir(&exports).unwrap();
     let mut images: Vec<Vec<Vec<u8>>> = Vec::new();
     for t in [&p0, &s1t, &p2, &p3] {
@@ -1328,7 +1335,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
         v.sort();
         v
     };
-    let (before, parent_before) = (listing(&exports), listing(&scratch));
+    let (before, parent_before) = (listing(&exports), listing(&s.out));
     let e = c
         .export_checkpoint(
             &p2.info.id,
@@ -1348,7 +1355,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
         "a refused export wrote into the folder"
     );
     assert_eq!(
-        listing(&scratch),
+        listing(&s.out),
         parent_before,
         "a refused export left files beside it"
     );
@@ -1422,7 +1429,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
             older,
             (newer.0, newer.1),
             &launch,
-            &s.path("incremental"),
+            &s.out.join("incremental"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(changed < 2 * DISK_SIZE, "{changed}");
@@ -1446,7 +1453,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
             Some((o.0, o.1)),
             (n.0, n.1),
             &launch,
-            &s.path("incremental"),
+            &s.out.join("incremental"),
         )
         .err()
         .map(|e| {
@@ -1568,7 +1575,7 @@ fn export_reports_progress_in_the_api_and_ctl_and_its_throughput_is_measured() {
     let info = take_production(&c, "big");
 
     // The API: poll the list while the export runs on another thread.
-    let dest = s.path("export-api");
+    let dest = s.out.join("export-api");
     let poll = api_client(&s.sock);
     let started = Instant::now();
     let (id, d2, sock) = (info.id.clone(), dest.clone(), s.sock.clone());
@@ -1616,7 +1623,7 @@ fn export_reports_progress_in_the_api_and_ctl_and_its_throughput_is_measured() {
     qemu_img_identical(&launch, Path::new(&exported.disks[0])).unwrap_or_else(|e| panic!("{e}"));
 
     // strata ctl on a terminal (script gives it one): a progress bar.
-    let ctl_dest = s.path("export-ctl");
+    let ctl_dest = s.out.join("export-ctl");
     let command = format!(
         "{} ctl --api-socket {} checkpoint export {} {}",
         strata_bin().display(),
