@@ -346,3 +346,102 @@ fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest
     assert_eq!(fnv1a64_update(FNV_OFFSET, &bytes), g.model.whole(0));
     g.api.lifecycle(api::LifecycleAction::Stop).unwrap();
 }
+
+/// The records of the guest's `log` at the start of `bytes` (a disk image): how many parse,
+/// in sequence, from sector 0.
+fn log_records(bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    for (k, sector) in bytes.chunks_exact(SECTOR_SIZE).enumerate() {
+        let Ok(buf) = <&[u8; SECTOR_SIZE]>::try_from(sector) else {
+            break;
+        };
+        match resources::pattern::log_record_parse(buf) {
+            Some((seq, _)) if seq == k as u64 => n += 1,
+            _ => break,
+        }
+    }
+    n
+}
+
+#[test]
+fn merges_finish_while_the_guest_keeps_writing_and_keep_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let sock = dir.path().join("api.sock");
+    let launch: Vec<PathBuf> = (0..DISKS)
+        .map(|i| {
+            let p = dir.path().join(format!("launch{i}.raw"));
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(DISK_SIZE)
+                .unwrap();
+            p
+        })
+        .collect();
+    let mut args = vec![
+        "--vcpus".to_string(),
+        "2".into(),
+        "--memory".into(),
+        "64M".into(),
+        "--api-socket".into(),
+        sock.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--checkpoint-type".into(),
+        "standard".into(),
+    ];
+    for d in &launch {
+        args.push("--disk".into());
+        args.push(format!("path={}", d.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vm::start(&args);
+    vm.wait_ready();
+    let api = api_client(&sock);
+    let mut g = Guest {
+        vm,
+        api,
+        model: Model::new(),
+        regions: Vec::new(),
+        next_seed: 7,
+    };
+    // Disk 0 holds data written between checkpoints; disk 1 the guest's log, written all along.
+    g.write(0, 0, 2048);
+    g.vm.line_ok("log start 1");
+    let c1 = g.take("c1", CheckpointType::Standard);
+    g.write(0, 1024, 2048);
+    let c2 = g.take("c2", CheckpointType::Standard);
+    g.write(0, 4000, 64);
+    let h2 = checkpoint_hashes(&g.api, &c2, dir.path());
+    // The log keeps writing (one record per guest loop) while both deletes merge online:
+    // c1 (the launch disks take the layer above them in), then c2 (the launch disks take the
+    // active layers in, which the log writes meanwhile).
+    let during = g.vm.line("log verify 1");
+    g.api.delete_checkpoint(&c1).unwrap();
+    assert_eq!(checkpoint_hashes(&g.api, &c2, dir.path())[0], h2[0]);
+    g.api.delete_checkpoint(&c2).unwrap();
+    g.reads_back("after both deletes");
+    let after: u64 = g.vm.line("log verify 1").parse().unwrap();
+    g.vm.line_ok("log stop");
+    let total: u64 = g.vm.line("log verify 1").parse().unwrap();
+    let during: u64 = during.parse().unwrap();
+    eprintln!("log records: {during} before the deletes, {after} after, {total} at the stop");
+    assert!(
+        after > during && total >= after,
+        "the log did not grow across the merges: {during} -> {after} -> {total}"
+    );
+    // Everything, the log included, is in the VM's own disk files now.
+    assert!(std::fs::read_dir(state.join("layers"))
+        .unwrap()
+        .next()
+        .is_none());
+    g.vm.line_ok("blk 1 flush");
+    let on_disk = log_records(&std::fs::read(&launch[1]).unwrap());
+    assert_eq!(
+        on_disk, total,
+        "launch disk 1 holds {on_disk} log records, the guest wrote {total}"
+    );
+    let bytes = std::fs::read(&launch[0]).unwrap();
+    assert_eq!(fnv1a64_update(FNV_OFFSET, &bytes), g.model.whole(0));
+    g.api.lifecycle(api::LifecycleAction::Stop).unwrap();
+}
