@@ -1689,6 +1689,101 @@ mod tests {
     }
 
     #[test]
+    fn changes_export_copies_just_the_changed_extents_sparse_and_writes_the_map() {
+        use crate::types::{DiskChanges, Extent};
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A "full export" of two disks: every byte non-zero and position-dependent.
+        let size: u64 = 4 << 20;
+        let full: Vec<Vec<u8>> = (0..2u8)
+            .map(|d| {
+                (0..size)
+                    .map(|i| (i % 251) as u8 ^ d.wrapping_mul(77) | 1)
+                    .collect()
+            })
+            .collect();
+        let src: Vec<String> = full
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                let p = dir.path().join(format!("full{i}.raw"));
+                std::fs::write(&p, bytes).unwrap();
+                p.display().to_string()
+            })
+            .collect();
+        let extent = |offset, length| Extent { offset, length };
+        let changes = ChangesInfo {
+            id: "b".into(),
+            since: Some("a".into()),
+            disks: vec![
+                DiskChanges {
+                    index: 0,
+                    virtual_size: size,
+                    granularity: 4096,
+                    // One over a 1 MiB copy boundary, one at the very end.
+                    extents: vec![
+                        extent(4096, 8192),
+                        extent(1040384, 2 << 20),
+                        extent(size - 4096, 4096),
+                    ],
+                },
+                DiskChanges {
+                    index: 1,
+                    virtual_size: size,
+                    granularity: 4096,
+                    extents: vec![],
+                },
+            ],
+        };
+        let export = ExportInfo {
+            id: "b".into(),
+            destination: dir.path().display().to_string(),
+            disks: src,
+            state: None,
+            memory: None,
+            bytes: 0,
+        };
+        let out = dir.path().join("inc");
+        std::fs::create_dir(&out).unwrap();
+        let written = copy_changed_extents(&changes, &export, &out).unwrap();
+        assert_eq!(written.bytes, changes.changed_bytes());
+        assert_eq!(
+            written.disks,
+            [out.join("disk0.raw"), out.join("disk1.raw")]
+        );
+        let map: ChangesInfo =
+            serde_json::from_slice(&std::fs::read(out.join(CHANGES_MAP_FILE)).unwrap()).unwrap();
+        assert_eq!(map, changes);
+        for (d, full) in changes.disks.iter().zip(&full) {
+            let path = out.join(format!("disk{}.raw", d.index));
+            let got = std::fs::read(&path).unwrap();
+            assert_eq!(got.len() as u64, size);
+            let mut want = vec![0u8; size as usize];
+            for e in &d.extents {
+                let r = e.offset as usize..(e.offset + e.length) as usize;
+                want[r.clone()].copy_from_slice(&full[r]);
+            }
+            assert!(got == want, "disk {}", d.index);
+            // Sparse: only the extents take space (give or take a block per extent).
+            let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+            assert!(
+                allocated <= d.changed_bytes() + 4096 * d.extents.len() as u64,
+                "disk {}: {allocated} bytes allocated for {} changed",
+                d.index,
+                d.changed_bytes()
+            );
+        }
+        // A disk count that does not match is refused.
+        let one = ExportInfo {
+            disks: export.disks[..1].to_vec(),
+            ..export
+        };
+        let again = dir.path().join("again");
+        std::fs::create_dir(&again).unwrap();
+        assert!(copy_changed_extents(&changes, &one, &again).is_err());
+    }
+
+    #[test]
     fn export_text_names_every_file_written() {
         let info = ExportInfo {
             id: "a".into(),
