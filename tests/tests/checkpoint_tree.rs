@@ -877,19 +877,15 @@ fn a_tree_of_both_kinds_on_two_branches_with_apply_save_current_and_revert() {
         &b2,
         "two branches",
     );
-    assert_ctl_tree(
-        &s.sock,
-        &[
-            row(false, "", &a.info.id),
-            row(false, "├─ ", &p1.id),
-            row(false, "│  └─ ", &s2.info.id),
-            row(false, "└─ ", &b1.info.id),
-            row(true, "   └─ ", &b2.id),
-            row(false, "      └─ ", "Now"),
-        ],
-        &names,
-        "two branches, the VM on B2",
-    );
+    let tree_at_b2 = [
+        row(false, "", &a.info.id),
+        row(false, "├─ ", &p1.id),
+        row(false, "│  └─ ", &s2.info.id),
+        row(false, "└─ ", &b1.info.id),
+        row(true, "   └─ ", &b2.id),
+        row(false, "      └─ ", "Now"),
+    ];
+    assert_ctl_tree(&s.sock, &tree_at_b2, &names, "two branches, the VM on B2");
 
     // Revert (strata ctl) to B2, a production checkpoint: the writes since go, the VM is off.
     disk_write(&mut vm, &mut models, 0, (700, 16), 7);
@@ -904,6 +900,8 @@ fn a_tree_of_both_kinds_on_two_branches_with_apply_save_current_and_revert() {
             && out.contains(&b2.id),
         "ctl checkpoint revert's output: {out}"
     );
+    // Off on B2's disks: Now is still under B2, and nothing was taken.
+    assert_ctl_tree(&s.sock, &tree_at_b2, &names, "reverted to B2, the VM off");
     start(&mut vm, &c);
     models = b2_models.clone();
     assert_guest_disks(&mut vm, &models, "after reverting to B2 and start");
