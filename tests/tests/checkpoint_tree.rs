@@ -745,8 +745,10 @@ fn ctl_tree(sock: &Path) -> Vec<TreeRow> {
         header.trim_start().starts_with("ID"),
         "no header in checkpoint list:\n{text}"
     );
+    // Table rows start with the current marker `* ` or two blanks; lines after the table (a
+    // running operation, shared layers) do not.
     lines
-        .filter(|l| !l.trim().is_empty())
+        .filter(|l| (l.starts_with("* ") || l.starts_with("  ")) && !l.trim().is_empty())
         .map(|l| {
             let marked = l.starts_with("* ");
             let rest = l.get(2..).unwrap_or_else(|| panic!("short row {l:?}"));
