@@ -1124,6 +1124,13 @@ fn format_checkpoint_tree(list: &CheckpointList) -> String {
             }
             line.trim_end().to_owned()
         })
+        .chain(list.shared_layers.iter().map(|l| {
+            format!(
+                "shared layer of disk {} ({} branches run through it; it folds into the last \
+                 one left): {}",
+                l.disk, l.branches, l.path
+            )
+        }))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -1447,6 +1454,7 @@ mod tests {
             checkpoints: vec![info("a", false), info("ck-22", true)],
             current: Some("ck-22".into()),
             progress: None,
+            shared_layers: Vec::new(),
         };
         let text = format_checkpoint_list(&list);
         let lines: Vec<&str> = text.lines().collect();
@@ -1501,6 +1509,7 @@ mod tests {
             ],
             current: Some("e".into()),
             progress: None,
+            shared_layers: Vec::new(),
         };
         assert_eq!(
             tree(&list),
@@ -1521,6 +1530,7 @@ mod tests {
             checkpoints: vec![info("a", true), child("b", "a")],
             current: Some("a".into()),
             progress: None,
+            shared_layers: Vec::new(),
         };
         assert_eq!(tree(&list), ["* a", "  ├─ b", "  └─ Now"]);
         // Without a current checkpoint, Now is a root of its own, last.
@@ -1528,6 +1538,7 @@ mod tests {
             checkpoints: vec![info("a", false), child("b", "a")],
             current: None,
             progress: None,
+            shared_layers: Vec::new(),
         };
         assert_eq!(tree(&list), ["  a", "  └─ b", "  Now"]);
     }
@@ -1538,6 +1549,7 @@ mod tests {
             checkpoints: vec![child("a", "b"), child("b", "a"), child("s", "s")],
             current: Some("a".into()),
             progress: None,
+            shared_layers: Vec::new(),
         };
         assert_eq!(tree(&list), ["  s", "* a", "  ├─ b", "  └─ Now"]);
     }
@@ -1553,6 +1565,7 @@ mod tests {
                 done: 1 << 30,
                 total: 3 << 30,
             }),
+            shared_layers: Vec::new(),
         };
         let text = format_checkpoint_list(&list);
         assert!(

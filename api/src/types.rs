@@ -495,6 +495,23 @@ pub struct CheckpointList {
     /// answered while one runs, so a client can poll it for progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// Disk layers that no checkpoint stands on any more but two or more branches of the tree
+    /// still share (left by a delete): each folds into its last branch once the others are
+    /// deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_layers: Vec<SharedLayer>,
+}
+
+/// A hidden disk layer kept for the branches that share it ([`CheckpointList::shared_layers`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedLayer {
+    /// The disk (its `--disk` position).
+    pub disk: u32,
+    /// The layer file.
+    pub path: String,
+    /// How many branches run through it.
+    pub branches: u32,
 }
 
 /// Whether the guest agent answered (`GuestInfo::agent`).
@@ -767,6 +784,7 @@ mod tests {
                 done: 1,
                 total: 2,
             }),
+            shared_layers: Vec::new(),
         };
         let v = serde_json::to_value(&list).unwrap();
         assert_eq!(v["progress"]["operation"], "merge");

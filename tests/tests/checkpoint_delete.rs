@@ -292,6 +292,23 @@ fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest
         let mut want = remaining.clone();
         want.sort();
         assert_eq!(listed, want, "{what}: the list");
+        // c2's frozen layer is shared by c3's and c4's branches once c2 is gone, and says so
+        // in the list, until c3 goes too.
+        let shared: Vec<(u32, u32)> = list
+            .shared_layers
+            .iter()
+            .map(|l| (l.disk, l.branches))
+            .collect();
+        let want_shared = if id == &c2 {
+            vec![(0, 2), (1, 2)]
+        } else {
+            vec![]
+        };
+        assert_eq!(
+            shared, want_shared,
+            "{what}: shared layers {:?}",
+            list.shared_layers
+        );
         for r in &remaining {
             assert_eq!(
                 checkpoint_hashes(&g.api, r, dir.path()),

@@ -261,6 +261,15 @@ fn list_checkpoints(machine: &mut Machine) -> Result<CheckpointList, ApiError> {
         .list()
         .map_err(|e| crate::checkpoint::CheckpointError::from(e).to_api())?;
     let current = store.current().map(str::to_string);
+    let shared_layers = crate::checkpoint::fold::hidden_layers(store)
+        .map_err(|e| e.to_api())?
+        .into_iter()
+        .map(|(disk, path, branches)| api::types::SharedLayer {
+            disk,
+            path: path.display().to_string(),
+            branches: u32::try_from(branches).unwrap_or(u32::MAX),
+        })
+        .collect();
     let checkpoints = all
         .iter()
         .map(|m| checkpoint_info(machine, m))
@@ -274,6 +283,7 @@ fn list_checkpoints(machine: &mut Machine) -> Result<CheckpointList, ApiError> {
         checkpoints,
         current,
         progress,
+        shared_layers,
     })
 }
 
