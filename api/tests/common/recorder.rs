@@ -193,6 +193,7 @@ pub fn checkpoint_list() -> CheckpointList {
         checkpoints: vec![older, checkpoint_info()],
         current: Some("ck-2".into()),
         progress: None,
+        shared_layers: Vec::new(),
     }
 }
 
