@@ -306,11 +306,6 @@ fn export(
         )));
         return;
     }
-    let destination = std::path::Path::new(&request.destination);
-    if let Err(why) = crate::sandbox::check_export_destination(destination) {
-        reply.send(Err(ApiError::bad_request(why)));
-        return;
-    }
     let format = match request.disk_format {
         api::types::DiskFormat::Raw => disk::ops::ConvertFormat::Raw,
         api::types::DiskFormat::Strata => disk::ops::ConvertFormat::Strata,
@@ -326,6 +321,13 @@ fn export(
             return;
         }
     };
+    // After the checkpoint is found (404 first), before anything is written.
+    if let Err(why) = crate::sandbox::check_export_destination(std::path::Path::new(
+        &request.destination,
+    )) {
+        reply.send(Err(ApiError::bad_request(why)));
+        return;
+    }
     let progress = machine.progress.clone();
     let on_spawn_failure = machine.progress.clone();
     let set = move |p: Option<Progress>| *progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
