@@ -170,13 +170,13 @@ fn layer_files(state: &Path) -> Vec<PathBuf> {
     v
 }
 
-#[test]
-fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest_and_ends_in_the_launch_disks(
-) {
+/// Boots the test guest with two zeroed raw launch disks, an API socket, a checkpoint
+/// location and `extra` arguments (`v.sock` in them means a file in the test's folder); returns
+/// the folder, the location, the launch disks and the guest.
+fn boot(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<PathBuf>, Guest) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let sock = dir.path().join("api.sock");
-    let vsock = dir.path().join("v.sock");
     let launch: Vec<PathBuf> = (0..DISKS)
         .map(|i| {
             let p = dir.path().join(format!("launch{i}.raw"));
@@ -196,9 +196,13 @@ fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest
         sock.display().to_string(),
         "--state-dir".into(),
         state.display().to_string(),
-        "--vsock".into(),
-        format!("cid=3,socket={}", vsock.display()),
     ];
+    let folder = dir.path().display().to_string();
+    args.extend(
+        extra
+            .iter()
+            .map(|a| a.replace("v.sock", &format!("{folder}/v.sock"))),
+    );
     for d in &launch {
         args.push("--disk".into());
         args.push(format!("path={}", d.display()));
@@ -206,14 +210,20 @@ fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Vm::start(&args);
     assert_eq!(vm.wait_ready(), 2);
-    let api = api_client(&sock);
-    let mut g = Guest {
+    let g = Guest {
         vm,
-        api,
+        api: api_client(&sock),
         model: Model::new(),
         regions: Vec::new(),
         next_seed: 100,
     };
+    (dir, state, launch, g)
+}
+
+#[test]
+fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest_and_ends_in_the_launch_disks(
+) {
+    let (dir, state, launch, mut g) = boot(&["--vsock", "cid=3,socket=v.sock"]);
 
     // The tree: c1 ─ c2 ┬ c3
     //                   └ c4 ─ c5 ─ c6 ─ Now
@@ -382,46 +392,7 @@ fn log_records(bytes: &[u8]) -> u64 {
 
 #[test]
 fn merges_finish_while_the_guest_keeps_writing_and_keep_every_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let sock = dir.path().join("api.sock");
-    let launch: Vec<PathBuf> = (0..DISKS)
-        .map(|i| {
-            let p = dir.path().join(format!("launch{i}.raw"));
-            std::fs::File::create(&p)
-                .unwrap()
-                .set_len(DISK_SIZE)
-                .unwrap();
-            p
-        })
-        .collect();
-    let mut args = vec![
-        "--vcpus".to_string(),
-        "2".into(),
-        "--memory".into(),
-        "64M".into(),
-        "--api-socket".into(),
-        sock.display().to_string(),
-        "--state-dir".into(),
-        state.display().to_string(),
-        "--checkpoint-type".into(),
-        "standard".into(),
-    ];
-    for d in &launch {
-        args.push("--disk".into());
-        args.push(format!("path={}", d.display()));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut vm = Vm::start(&args);
-    vm.wait_ready();
-    let api = api_client(&sock);
-    let mut g = Guest {
-        vm,
-        api,
-        model: Model::new(),
-        regions: Vec::new(),
-        next_seed: 7,
-    };
+    let (dir, state, launch, mut g) = boot(&["--checkpoint-type", "standard"]);
     // Disk 0 holds data written between checkpoints; disk 1 the guest's log, written all along.
     g.write(0, 0, 2048);
     g.vm.line_ok("log start 1");

@@ -1065,56 +1065,52 @@ impl Machine {
         let older = since.map(|s| store.get(s)).transpose()?;
         let mut out = Vec::new();
         for (i, d) in newer.disks.iter().enumerate() {
-            let top = d.top(&location);
-            let base = match &older {
-                Some(o) => o.disks.get(i).map(|od| od.top(&location)).ok_or_else(|| {
-                    CheckpointError::Incompatible {
-                        id: id.into(),
-                        reason: format!("checkpoint {} has no disk {i}", o.id),
+            let od = match &older {
+                Some(o) => Some(
+                    o.disks
+                        .get(i)
+                        .ok_or_else(|| CheckpointError::Incompatible {
+                            id: id.into(),
+                            reason: format!("checkpoint {} has no disk {i}", o.id),
+                        })?,
+                ),
+                None => None,
+            };
+            // The nearest layer both chains run through: the older one's top when it is on
+            // the newer one's branch below it; else where the two branches part. The changes
+            // are what either side holds above it.
+            let mine = fold::chain_of(d);
+            let shared = match od {
+                Some(od) => {
+                    let theirs = fold::chain_of(od);
+                    let n = mine.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+                    if n == 0 {
+                        return Err(CheckpointError::Incompatible {
+                            id: id.into(),
+                            reason: format!(
+                                "checkpoint {} has another launch disk {i}",
+                                since.unwrap_or("-")
+                            ),
+                        });
                     }
-                })?,
-                None => d.launch.clone(),
-            };
-            let same = |a: &Path, b: &Path| {
-                use std::os::unix::fs::MetadataExt;
-                match (std::fs::metadata(a), std::fs::metadata(b)) {
-                    (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-                    _ => false,
+                    Some((n, theirs))
                 }
+                None => None,
             };
-            if same(&top, &base) {
-                // Nothing above: no changes.
-                let size = disk::ops::info_with(&top, &chain_parents(d))
-                    .map(|i| i.virtual_size)
-                    .map_err(|source| CheckpointError::Layer {
-                        path: top.clone(),
-                        parent: base.clone(),
-                        source: Box::new(source),
-                    })?;
-                out.push(disk::ops::ChangeMap {
-                    cluster_size: 4096,
-                    virtual_size: size,
-                    changed_bytes: 0,
-                    ranges: Vec::new(),
-                });
-                continue;
+            let (common, other_top) = match &shared {
+                Some((n, theirs)) => (
+                    mine[n - 1].path(&location),
+                    theirs.last().map(|t| t.path(&location)),
+                ),
+                None => (d.launch.clone(), None),
+            };
+            let top = d.top(&location);
+            let parents = chain_parents(d);
+            let mut map = changes_above(&common, &top, &parents)?;
+            if let Some(other) = other_top {
+                let theirs = changes_above(&common, &other, &parents)?;
+                map = union_changes(map, theirs);
             }
-            let map = disk::ops::changed_clusters_with(&base, &top, &chain_parents(d)).map_err(
-                |source| match source {
-                    disk::DiskError::BadChain { .. } => CheckpointError::Incompatible {
-                        id: id.into(),
-                        reason: format!(
-                            "checkpoint {} is not on its branch below it (disk {i})",
-                            since.unwrap_or("-")
-                        ),
-                    },
-                    source => CheckpointError::Layer {
-                        path: top.clone(),
-                        parent: base.clone(),
-                        source: Box::new(source),
-                    },
-                },
-            )?;
             out.push(map);
         }
         Ok(out)
@@ -1330,6 +1326,61 @@ impl Machine {
         })?;
         let mfile = MemoryFile::open(&dir.join(MEMORY_FILE), record)?;
         Ok((saved, mfile))
+    }
+}
+
+/// The sub-clusters layers above `base` in the chain of `top` hold (none when `top` is
+/// `base`).
+fn changes_above(
+    base: &Path,
+    top: &Path,
+    parents: &disk::ParentPolicy,
+) -> Result<disk::ops::ChangeMap, CheckpointError> {
+    let layer_err = |source| CheckpointError::Layer {
+        path: top.to_path_buf(),
+        parent: base.to_path_buf(),
+        source: Box::new(source),
+    };
+    if fold::same_file(base, top) {
+        let info = disk::ops::info_with(top, parents).map_err(layer_err)?;
+        return Ok(disk::ops::ChangeMap {
+            cluster_size: info.subcluster_size,
+            virtual_size: info.virtual_size,
+            changed_bytes: 0,
+            ranges: Vec::new(),
+        });
+    }
+    disk::ops::changed_clusters_with(base, top, parents).map_err(layer_err)
+}
+
+/// The union of two change maps of one disk: ranges sorted and coalesced.
+fn union_changes(a: disk::ops::ChangeMap, b: disk::ops::ChangeMap) -> disk::ops::ChangeMap {
+    let mut all: Vec<(u64, u64)> = a
+        .ranges
+        .iter()
+        .chain(&b.ranges)
+        .map(|r| (r.offset, r.offset + r.length))
+        .collect();
+    all.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in all {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let ranges: Vec<disk::ops::ChangedRange> = merged
+        .into_iter()
+        .map(|(offset, end)| disk::ops::ChangedRange {
+            offset,
+            length: end - offset,
+        })
+        .collect();
+    disk::ops::ChangeMap {
+        cluster_size: a.cluster_size.min(b.cluster_size).max(1),
+        virtual_size: a.virtual_size.max(b.virtual_size),
+        changed_bytes: ranges.iter().map(|r| r.length).sum(),
+        ranges,
     }
 }
 

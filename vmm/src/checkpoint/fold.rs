@@ -59,7 +59,8 @@ pub enum Node {
 }
 
 impl Node {
-    fn path(&self, location: &Path) -> PathBuf {
+    /// The file.
+    pub(crate) fn path(&self, location: &Path) -> PathBuf {
         match self {
             Node::Launch(p) => p.clone(),
             Node::Layer(l) => l.resolve(location),
@@ -68,7 +69,7 @@ impl Node {
 }
 
 /// The chain of a record, bottom (the launch disk) first.
-fn chain_of(r: &DiskRecord) -> Vec<Node> {
+pub(crate) fn chain_of(r: &DiskRecord) -> Vec<Node> {
     let mut c = vec![Node::Launch(r.launch.clone())];
     c.extend(r.below.iter().rev().cloned().map(Node::Layer));
     c.extend(r.layer.iter().cloned().map(Node::Layer));
@@ -320,7 +321,8 @@ pub fn recover(store: &mut Store) -> Result<Option<String>, CheckpointError> {
     }
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+/// Whether `a` and `b` are one file.
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
