@@ -1305,7 +1305,7 @@ impl Machine {
             })?;
         let caps = self
             .platform
-            .state_caps()
+            .restore_check_caps()
             .map_err(|e| CheckpointError::Restore {
                 id: id.clone(),
                 source: crate::vm::RestoreError::Build(e),

@@ -290,6 +290,12 @@ impl Platform {
         }
     }
 
+    /// What a restore checks a state against before anything changes, without waiting for the
+    /// probe ([`StateCaps::for_restore_check`]).
+    pub fn restore_check_caps(&self) -> Result<Arc<StateCaps>, VmError> {
+        Ok(StateCaps::for_restore_check(&self.kvm)?)
+    }
+
     /// What this KVM can save and restore of a vCPU (probed once per process: the result of
     /// the background probe started by [`Platform::new`], or a probe now).
     pub fn state_caps(&self) -> Result<Arc<StateCaps>, VmError> {

@@ -217,8 +217,10 @@ impl Vm {
         state: &VmSnapshotState,
         events: &super::EventTx,
     ) -> Result<Self, RestoreError> {
-        let caps = platform.state_caps().map_err(RestoreError::Build)?;
-        state.check(config, &caps)?;
+        // The cheap check first; the one against the probe's result once the VM is built (the
+        // probe runs meanwhile: on PVM both take ~10 ms).
+        let cheap = platform.restore_check_caps().map_err(RestoreError::Build)?;
+        state.check(config, &cheap)?;
         let fd = create_vm(platform, config, &memory).map_err(RestoreError::Build)?;
         let virtio = device_manager::restore(
             &fd,
@@ -233,6 +235,8 @@ impl Vm {
             e => RestoreError::Build(VmError::Devices(e)),
         })?;
         let vcpus = create_vcpus(&fd, config).map_err(RestoreError::Build)?;
+        let caps = platform.state_caps().map_err(RestoreError::Build)?;
+        state.check(config, &caps)?;
         // Before the vCPUs: their LAPICs are set against the restored irqchip.
         state.vm.restore(&fd).map_err(RestoreError::Vm)?;
         let parts = Parts {

@@ -159,6 +159,24 @@ impl StateCaps {
         Ok(caps)
     }
 
+    /// What a restore may check a state against without a scratch VM: the probe's result if
+    /// it is in, else every MSR KVM lists (a listed MSR the probe would refuse then fails the
+    /// restore itself, `KVM_SET_MSRS` naming it) and the XSAVE size. On PVM a scratch VM takes
+    /// ~10 ms to build; a restore does not wait for it.
+    pub fn for_restore_check(kvm: &Kvm) -> Result<Arc<StateCaps>, VcpuStateError> {
+        if let Some(caps) = CAPS.get() {
+            return Ok(caps.clone());
+        }
+        let listed = kvm
+            .get_msr_index_list()
+            .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
+        Ok(Arc::new(StateCaps {
+            msrs: listed.as_slice().to_vec(),
+            xsave_size: xsave_size(kvm),
+            refused_msrs: Vec::new(),
+        }))
+    }
+
     /// Probes a scratch VM: reads each listed MSR alone and writes the value back; keeps the
     /// ones KVM takes both ways (on PVM 0x10a, IA32_ARCH_CAPABILITIES, reads but is refused).
     pub fn probe(kvm: &Kvm, cpuid: &CpuId) -> Result<StateCaps, VcpuStateError> {
@@ -182,11 +200,7 @@ impl StateCaps {
         vcpu.set_cpuid2(cpuid)
             .map_err(ioctl("KVM_SET_CPUID2 (probe)"))?;
         let (msrs, refused_msrs) = probe_msrs(&vcpu, listed.as_slice());
-        let xsave2 = kvm.check_extension_int(Cap::Xsave2);
-        let xsave_size = usize::try_from(xsave2)
-            .ok()
-            .filter(|&s| s > XSAVE_LEGACY_SIZE)
-            .unwrap_or(XSAVE_LEGACY_SIZE);
+        let xsave_size = xsave_size(kvm);
         let caps = StateCaps {
             msrs,
             xsave_size,
@@ -194,6 +208,15 @@ impl StateCaps {
         };
         Ok((caps, (vcpu, vm)))
     }
+}
+
+/// The size of this KVM's XSAVE region in bytes.
+fn xsave_size(kvm: &Kvm) -> usize {
+    let xsave2 = kvm.check_extension_int(Cap::Xsave2);
+    usize::try_from(xsave2)
+        .ok()
+        .filter(|&s| s > XSAVE_LEGACY_SIZE)
+        .unwrap_or(XSAVE_LEGACY_SIZE)
 }
 
 /// Splits `listed` into the MSRs `vcpu` reads and writes back and the ones it refuses.
