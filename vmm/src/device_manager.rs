@@ -370,6 +370,14 @@ impl VirtioDevices {
         result
     }
 
+    /// Whether every disk's device thread is parked (the VM is paused, or its disks are held).
+    pub fn disks_paused(&self) -> bool {
+        self.slots
+            .iter()
+            .filter(|s| s.kind() == DeviceKind::Block)
+            .all(|s| s.event_loop.is_paused())
+    }
+
     /// Lets every device thread but the disks' run again.
     pub fn resume_except_disks(&self) -> Result<(), LoopError> {
         let mut result = Ok(());

@@ -381,6 +381,8 @@ pub fn run(
         // guest's next request: when `from` is the top the guest writes, its next write lands
         // in `into`, which the records must name first.
         let no_chain = || CheckpointError::Unsupported(format!("disk {} has no chain", f.index));
+        // A paused VM's disks stay paused after each step.
+        let was_paused = devices.disks_paused();
         let mut steps = 0u64;
         loop {
             devices
@@ -399,11 +401,13 @@ pub fn run(
                 }
                 Some(Ok(p)) => Ok(Some(p)),
             };
-            if let Err(e) = devices.resume_disks() {
-                log::error!(
-                    "folding {}: the disks cannot run again: {e}",
-                    from.display()
-                );
+            if !was_paused {
+                if let Err(e) = devices.resume_disks() {
+                    log::error!(
+                        "folding {}: the disks cannot run again: {e}",
+                        from.display()
+                    );
+                }
             }
             let p = outcome?.ok_or_else(no_chain)?;
             progress(p.done * cs, p.total * cs);
