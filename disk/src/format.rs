@@ -587,7 +587,10 @@ mod tests {
         let mut b = [0u8; 16];
         let c = check16(index, &b[..14]);
         b[14..16].copy_from_slice(&c.to_le_bytes());
-        assert!(c != 0, "the check value of zero fields at {index} is not zero");
+        assert!(
+            c != 0,
+            "the check value of zero fields at {index} is not zero"
+        );
         assert!(Entry::decode(index, &b).is_err());
         assert_eq!(Entry::decode(index, &[0u8; 16]).unwrap(), Entry::EMPTY);
     }

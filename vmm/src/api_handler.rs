@@ -322,9 +322,9 @@ fn export(
         }
     };
     // After the checkpoint is found (404 first), before anything is written.
-    if let Err(why) = crate::sandbox::check_export_destination(std::path::Path::new(
-        &request.destination,
-    )) {
+    if let Err(why) =
+        crate::sandbox::check_export_destination(std::path::Path::new(&request.destination))
+    {
         reply.send(Err(ApiError::bad_request(why)));
         return;
     }
