@@ -454,10 +454,16 @@ pub fn answer(machine: &mut Machine, call: ApiCall) {
             } else {
                 machine.apply_checkpoint(&id)
             };
-            applied.map_err(|e| e.to_api()).and_then(|()| vm(machine))
+            // The VM already runs (its disks held); the answer waits until the new layers
+            // are recorded, so an apply answered OK survives a crash of the VMM.
+            applied
+                .and_then(|()| machine.settle_held())
+                .map_err(|e| e.to_api())
+                .and_then(|()| vm(machine))
         }
         ApiRequest::RevertCheckpoint => machine
             .revert()
+            .and_then(|()| machine.settle_held())
             .map_err(|e| e.to_api())
             .and_then(|()| vm(machine)),
         ApiRequest::DeleteCheckpoint(id) => match machine.delete_checkpoint(&id) {
