@@ -352,12 +352,14 @@ pub fn run(
             source: Box::new(source),
         }
     };
-    let online = vm.is_some()
-        && active
+    let no_chain = || CheckpointError::Unsupported(format!("disk {} has no chain", f.index));
+    // Online when the running disk's chain runs through the layers.
+    let online = vm.filter(|_| {
+        active
             .as_ref()
-            .is_some_and(|a| chain_of(a).contains(&f.from));
-    if online {
-        let vm = vm.ok_or(CheckpointError::NoLocation)?;
+            .is_some_and(|a| chain_of(a).contains(&f.from))
+    });
+    if let Some(vm) = online {
         let devices = vm.virtio_devices();
         let begun = devices
             .with_disk_chain(f.index, |c| {
@@ -369,9 +371,7 @@ pub fn run(
                     })?;
                 c.begin_merge_keeping_file(i, f.dir)
             })
-            .ok_or_else(|| {
-                CheckpointError::Unsupported(format!("disk {} has no chain", f.index))
-            })?;
+            .ok_or_else(no_chain)?;
         begun.map_err(fold_err(&from))?;
         let cs = devices
             .with_disk_chain(f.index, |c| c.cluster_size())
@@ -380,7 +380,6 @@ pub fn run(
         // the step that switches the chain is followed by the records' rewrite before the
         // guest's next request: when `from` is the top the guest writes, its next write lands
         // in `into`, which the records must name first.
-        let no_chain = || CheckpointError::Unsupported(format!("disk {} has no chain", f.index));
         // A paused VM's disks stay paused after each step.
         let was_paused = devices.disks_paused();
         let mut steps = 0u64;
@@ -422,13 +421,10 @@ pub fn run(
         }
     } else {
         let child = child_of(f).path(&location);
-        let holder = record_through(&records, f)
-            .or_else(|| {
-                records
-                    .iter()
-                    .find(|r| r.index == f.index && chain_of(r).contains(child_of(f)))
-                    .cloned()
-            })
+        // A record whose chain holds both layers, for the folders its parents may be in.
+        let holder = records
+            .iter()
+            .find(|r| r.index == f.index && chain_of(r).contains(child_of(f)))
             .ok_or_else(|| {
                 CheckpointError::Unsupported(format!(
                     "no chain of disk {} runs through {}",
@@ -436,7 +432,7 @@ pub fn run(
                     from.display()
                 ))
             })?;
-        let mut chain = Chain::open_with(&child, OpenOptions::default(), &chain_parents(&holder))
+        let mut chain = Chain::open_with(&child, OpenOptions::default(), &chain_parents(holder))
             .map_err(fold_err(&child))?;
         let i = chain
             .layer_index(&from)
