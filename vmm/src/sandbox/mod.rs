@@ -227,6 +227,14 @@ where
             f()
         });
     };
+    // Said once, when a VM's vCPUs start (not before a bad argument's one-line error).
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        log::warn!(
+            "kvm_pvm: the vCPU threads run without a seccomp filter (a filter on them hangs the \
+             guest's user space on PVM); every other thread is filtered"
+        )
+    });
     let gone = || std::io::Error::other("the vCPU spawner thread has stopped");
     let (tx, rx) = mpsc::channel();
     let job: SpawnJob = Box::new(move || {
@@ -249,10 +257,6 @@ fn start_vcpu_spawner() -> Result<(), SandboxError> {
         })
         .map_err(SandboxError::Spawner)?;
     let _ = VCPU_SPAWNER.set(tx);
-    log::warn!(
-        "kvm_pvm: the vCPU threads run without a seccomp filter (a filter on them hangs the \
-         guest's user space on PVM); every other thread is filtered"
-    );
     Ok(())
 }
 
