@@ -159,6 +159,8 @@ pub enum ErrorCode {
     Internal,
     /// 503: the guest agent cannot be reached or did not answer in time.
     AgentUnreachable,
+    /// 503: the server holds its bound of connections; sent before the request is read.
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -172,6 +174,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Internal => "internal",
             ErrorCode::AgentUnreachable => "agent_unreachable",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 
@@ -184,7 +187,7 @@ impl ErrorCode {
             ErrorCode::InvalidState => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::Internal => 500,
-            ErrorCode::AgentUnreachable => 503,
+            ErrorCode::AgentUnreachable | ErrorCode::TooManyConnections => 503,
         }
     }
 }

@@ -901,7 +901,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::InvalidState => StatusCode::CONFLICT,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorCode::AgentUnreachable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::AgentUnreachable | ErrorCode::TooManyConnections => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     }
 }
 
@@ -946,7 +948,11 @@ mod tests {
             .unwrap();
         assert_eq!(declared, body.len());
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(v["error"]["code"], "too_many_connections");
+        assert_eq!(
+            v["error"]["code"],
+            ErrorCode::TooManyConnections.as_str(),
+            "the prebuilt refusal names the error code the spec lists"
+        );
     }
 
     /// Sends `GET /v1/vm/checkpoint-config` on `s` and returns the whole answer, or the

@@ -137,6 +137,7 @@ fn error_codes_in_spec_are_the_servers() {
         PayloadTooLarge,
         Internal,
         AgentUnreachable,
+        TooManyConnections,
     ]
     .iter()
     .map(|c| c.as_str().to_owned())
