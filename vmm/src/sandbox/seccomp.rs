@@ -215,11 +215,9 @@ const FILES: &[c_long] = &[
     libc::SYS_dup3,
 ];
 
-/// What only the main thread does (besides everything its children do): build VMs, spawn
-/// threads, fork the memory writer, bind sockets, terminal modes.
+/// What only the main thread does (besides everything its children do, which it allows too:
+/// see [`rules`]): build VMs, fork the memory writer, wait for it, terminal modes.
 const CONTROL: &[c_long] = &[
-    libc::SYS_clone,
-    libc::SYS_clone3,
     libc::SYS_set_tid_address,
     libc::SYS_wait4,
     libc::SYS_waitid,
@@ -228,31 +226,7 @@ const CONTROL: &[c_long] = &[
     libc::SYS_getppid,
     libc::SYS_close_range,
     libc::SYS_pipe2,
-    libc::SYS_socket,
     libc::SYS_socketpair,
-    libc::SYS_bind,
-    libc::SYS_listen,
-    libc::SYS_accept4,
-    libc::SYS_connect,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
-    libc::SYS_getsockname,
-    libc::SYS_getpeername,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_eventfd2,
-    libc::SYS_timerfd_create,
-    libc::SYS_timerfd_settime,
-    libc::SYS_timerfd_gettime,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
     libc::SYS_prlimit64,
     libc::SYS_getrlimit,
     libc::SYS_sysinfo,
