@@ -13,7 +13,7 @@
 //! and of 32 layers (wall time and peak RSS of a child process, measured with `wait4`), a new
 //! layer put on top of an open 1 TiB × 32 chain, and the write amplification of random 4 KiB
 //! writes into a fresh layer above a fully written base (bytes the process wrote to the layer
-//! file, and blocks the file occupies, per guest byte). These run at full size in smoke mode
+//! file, and blocks the file gains, per guest byte). These run at full size in smoke mode
 //! too: they cost next to nothing.
 //!
 //! `cargo test` runs this bench too (it is a test target), without the `--bench` flag that
@@ -86,6 +86,16 @@ fn scale() -> u64 {
         1
     } else {
         64
+    }
+}
+
+/// Repetitions of each throughput case (each on fresh images): the figure is their median,
+/// since one run of a write case swings with the page cache's writeback.
+fn reps() -> usize {
+    if scale() == 1 {
+        5
+    } else {
+        1
     }
 }
 
@@ -184,10 +194,10 @@ fn make_base(path: &Path) {
     std::fs::write(path, data).unwrap();
 }
 
-fn strata_chain(dir: &Path, base: &Path, depth: usize) -> PathBuf {
+fn strata_chain(dir: &Path, base: &Path, depth: usize, rep: usize) -> PathBuf {
     let mut top = base.to_path_buf();
     for i in 0..depth {
-        let next = dir.join(format!("s{depth}-{i}.strata"));
+        let next = dir.join(format!("s{depth}-{rep}-{i}.strata"));
         create_layer(&top, &next).unwrap();
         top = next;
     }
@@ -209,11 +219,11 @@ fn qcow2_over(backing: &Path, backing_fmt: &str, out: &Path) {
     ]);
 }
 
-fn qcow2_chain(dir: &Path, base: &Path, depth: usize) -> PathBuf {
+fn qcow2_chain(dir: &Path, base: &Path, depth: usize, rep: usize) -> PathBuf {
     let mut top = base.to_path_buf();
     let mut fmt = "raw";
     for i in 0..depth {
-        let next = dir.join(format!("q{depth}-{i}.qcow2"));
+        let next = dir.join(format!("q{depth}-{rep}-{i}.qcow2"));
         qcow2_over(&top, fmt, &next);
         top = next;
         fmt = "qcow2";
@@ -221,14 +231,22 @@ fn qcow2_chain(dir: &Path, base: &Path, depth: usize) -> PathBuf {
     top
 }
 
-fn row(name: &str, t: Test, secs: f64) -> (f64, f64) {
-    let mb = (t.size * t.count) as f64 / secs / 1e6;
-    let iops = t.count as f64 / secs;
+fn mbps(t: Test, secs: f64) -> f64 {
+    (t.size * t.count) as f64 / secs / 1e6
+}
+
+/// Prints the median (with the range) of one case's runs in MB/s and IOPS; returns the median.
+fn row(name: &str, t: Test, mut mb: Vec<f64>) -> f64 {
+    mb.sort_by(f64::total_cmp);
+    let med = mb[mb.len() / 2];
+    let iops = med * 1e6 / t.size as f64;
     println!(
-        "  {name:<16} {:<14} {mb:>10.1} MB/s {iops:>10.0} IOPS",
-        t.name
+        "  {name:<16} {:<14} {med:>10.1} MB/s {iops:>10.0} IOPS   ({:.0}-{:.0})",
+        t.name,
+        mb[0],
+        mb[mb.len() - 1]
     );
-    (mb, iops)
+    med
 }
 
 /// Child: `info PATH` runs `disk::info`, `open PATH` opens the chain writable and reads 4 KiB;
@@ -377,6 +395,7 @@ fn v2_cases(dir: &Path, base: &Path, tops: &[(PathBuf, PathBuf)]) {
     );
     let sl = dir.join("wa.strata");
     create_layer(base, &sl).unwrap();
+    let b0 = std::fs::metadata(&sl).unwrap().blocks() * 512;
     let mut c = Chain::open(&sl, OpenOptions::default()).unwrap();
     let before = c.bytes_written(1);
     let buf = vec![0x5au8; 4096];
@@ -388,11 +407,11 @@ fn v2_cases(dir: &Path, base: &Path, tops: &[(PathBuf, PathBuf)]) {
     c.flush().unwrap();
     let written = c.bytes_written(1) - before;
     drop(c);
-    let blocks = std::fs::metadata(&sl).unwrap().blocks() * 512;
+    let b1 = std::fs::metadata(&sl).unwrap().blocks() * 512;
     println!(
-        "  strata: {:.3} bytes written to the layer per guest byte ({:.3} in blocks the file occupies after close)",
+        "  strata: {:.3} bytes written to the layer per guest byte; {:.3} (blocks the file gained per guest byte)",
         written as f64 / guest as f64,
-        blocks as f64 / guest as f64
+        (b1 - b0) as f64 / guest as f64
     );
     for (name, opts) in [
         ("qcow2", "cluster_size=64k"),
@@ -461,38 +480,44 @@ fn main() {
     // (label, results per test in MB/s)
     let mut results: Vec<(String, Vec<f64>)> = Vec::new();
     for depth in [0usize, 1, 32] {
-        // Raw (depth 0) gets its own copy since writes change it.
-        let raw_copy = dir.join(format!("raw-{depth}.raw"));
-        if depth == 0 {
-            std::fs::copy(&base, &raw_copy).unwrap();
+        let (label_s, label_q) = if depth == 0 {
+            ("strata raw".to_string(), "qemu raw".to_string())
+        } else {
+            (format!("strata d{depth}"), format!("qcow2 d{depth}"))
+        };
+        // runs[test] = (Strata MB/s, qemu MB/s) per repetition.
+        let mut runs = vec![Vec::new(); tests.len()];
+        for rep in 0..reps() {
+            // Fresh images each repetition, since the write cases change them.
+            let s_top = if depth == 0 {
+                let s = dir.join(format!("raw-s{rep}.raw"));
+                std::fs::copy(&base, &s).unwrap();
+                s
+            } else {
+                strata_chain(dir, &base, depth, rep)
+            };
+            let (q_top, q_fmt) = if depth == 0 {
+                let q = dir.join(format!("raw-q{rep}.raw"));
+                std::fs::copy(&base, &q).unwrap();
+                (q, "raw")
+            } else {
+                (qcow2_chain(dir, &base, depth, rep), "qcow2")
+            };
+            for (i, t) in tests.iter().enumerate() {
+                runs[i].push((
+                    mbps(*t, strata_run(&s_top, *t)),
+                    mbps(*t, qemu_run(&q_top, q_fmt, *t)),
+                ));
+            }
+            // The tops hold what was written: give the space and page cache back.
+            std::fs::remove_file(&s_top).unwrap();
+            std::fs::remove_file(&q_top).unwrap();
         }
-        let s_top = if depth == 0 {
-            raw_copy.clone()
-        } else {
-            strata_chain(dir, &base, depth)
-        };
-        let (q_top, q_fmt) = if depth == 0 {
-            let q = dir.join("raw-q.raw");
-            std::fs::copy(&base, &q).unwrap();
-            (q, "raw")
-        } else {
-            (qcow2_chain(dir, &base, depth), "qcow2")
-        };
-        let label_s = if depth == 0 {
-            "strata raw".to_string()
-        } else {
-            format!("strata d{depth}")
-        };
-        let label_q = if depth == 0 {
-            "qemu raw".to_string()
-        } else {
-            format!("qcow2 d{depth}")
-        };
-        println!("depth {depth}:");
+        println!("depth {depth} (median of {} runs, min-max):", reps());
         let (mut rs, mut rq) = (Vec::new(), Vec::new());
-        for t in tests {
-            rs.push(row(&label_s, t, strata_run(&s_top, t)).0);
-            rq.push(row(&label_q, t, qemu_run(&q_top, q_fmt, t)).0);
+        for (t, r) in tests.iter().zip(&runs) {
+            rs.push(row(&label_s, *t, r.iter().map(|x| x.0).collect()));
+            rq.push(row(&label_q, *t, r.iter().map(|x| x.1).collect()));
         }
         results.push((label_s, rs));
         results.push((label_q, rq));

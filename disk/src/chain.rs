@@ -883,7 +883,7 @@ impl Chain {
 
 impl Drop for Chain {
     fn drop(&mut self) {
-        // A clean close makes everything durable and gives unused preallocated space back;
+        // A clean close makes everything durable and truncates the unused tail;
         // errors here have no one to go to.
         if self.flush().is_ok() && !self.read_only {
             for l in self.layers.iter_mut().filter(|l| l.writable) {
@@ -1054,7 +1054,7 @@ mod tests {
     }
 
     #[test]
-    fn allocation_preallocates_and_a_clean_close_trims_the_tail() {
+    fn allocation_grows_the_file_by_a_sparse_step_and_a_clean_close_trims_the_tail() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.strata");
         create_empty(&p, 1 << 30, CreateOptions::default()).unwrap();
@@ -1064,8 +1064,16 @@ mod tests {
         c.write_at(0, &vec![3u8; 1 << 20]).unwrap();
         c.write_at((5 << 20) + 100, &[4u8; 10]).unwrap();
         c.flush().unwrap();
-        // The data area grew by a preallocated step, not by what was written.
+        // The data area grew by a step, not by what was written, and the step is a hole: the
+        // file occupies what was written (1 MiB, a 4 KiB block of the partial cluster, a table
+        // and the header's cluster), not the step nor the partial cluster's 64 KiB.
         assert!(file_len(&p) >= data_offset + (64 << 20), "{}", file_len(&p));
+        let occupied =
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&p).unwrap()) * 512;
+        assert!(
+            occupied < data_offset + (1 << 20) + 2 * 65_536,
+            "{occupied}"
+        );
         // Crash now: the file as it stands (page cache included) is what a reopen sees.
         let crashed = d.path().join("crashed.strata");
         std::fs::copy(&p, &crashed).unwrap();
@@ -1103,7 +1111,7 @@ mod tests {
     }
 
     #[test]
-    fn preallocation_stops_at_the_size_the_table_can_reference() {
+    fn growth_stops_at_the_size_the_table_can_reference() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.strata");
         create_empty(&p, 4 << 20, CreateOptions::default()).unwrap();

@@ -32,10 +32,10 @@ pub enum Format {
     Strata,
 }
 
-/// Smallest step by which the data area grows when the allocator runs out of space.
-const PREALLOC_MIN: u64 = 64 << 20;
+/// Smallest step by which the file grows when the allocator runs out of space.
+const GROW_MIN: u64 = 64 << 20;
 /// Largest step (growth is otherwise 1/8 of the file, so large files grow in proportion).
-const PREALLOC_MAX: u64 = 1 << 30;
+const GROW_MAX: u64 = 1 << 30;
 
 /// An L2 table changed since the last flush (pinned in memory until then).
 #[derive(Debug)]
@@ -52,7 +52,7 @@ pub(crate) struct DirtyTable {
 /// Host clusters `first..next` are referenced, in `free`, pending free, or lost holes left by
 /// earlier opens (FORMAT.md, "Free space"); `next..end` is the unused tail of the file: free,
 /// handed out in order once `free` is empty. When the tail runs out, the file grows by a large
-/// preallocated step.
+/// step (a hole).
 #[derive(Debug)]
 pub(crate) struct Alloc {
     /// L2 tables changed since the last flush, by L1 index.
@@ -70,9 +70,7 @@ pub(crate) struct Alloc {
     end: u64,
     /// First host cluster of the data area.
     first: u64,
-    /// Whether growth preallocates (cleared when the file system refuses `fallocate`).
-    prealloc: bool,
-    /// Whether this open handed out or preallocated tail space (so closing trims what is left).
+    /// Whether this open handed out or grew tail space (so closing trims what is left).
     used_tail: bool,
     /// Data written since the last flush.
     data_dirty: bool,
@@ -365,7 +363,6 @@ impl Layer {
             next,
             end,
             first,
-            prealloc: true,
             used_tail: false,
             data_dirty: false,
         });
@@ -525,10 +522,11 @@ impl Layer {
         }
     }
 
-    /// Extends the unused tail (called when it is empty) by at least one cluster: by a
-    /// preallocated step of max(64 MiB, 1/8 of the file), at most 1 GiB; without
-    /// preallocation (or when the file system refuses it) by `want` clusters that the data
-    /// writes then append.
+    /// Extends the unused tail (called when it is empty) by at least `want` clusters: the file
+    /// grows by a step of max(64 MiB, 1/8 of the file), at most 1 GiB, never past what the
+    /// tables can reference. The step is a hole (`ftruncate`), not preallocated: a host cluster
+    /// whose sub-clusters are only partly written then takes only the blocks written, so a
+    /// layer of scattered 4 KiB writes occupies what the guest wrote, not 16 times that.
     fn grow(&mut self, want: u64) -> Result<()> {
         let Some(h) = &self.header else {
             return Ok(());
@@ -536,7 +534,7 @@ impl Layer {
         let cs = h.cluster_size();
         // Data plus one table per L1 entry: never more is referenced at once.
         let cap_clusters = h.clusters() + h.l1_entries();
-        let Some(a) = &mut self.alloc else {
+        let Some(a) = &self.alloc else {
             return Ok(());
         };
         let limit = (format::MAX_HOST_CLUSTER + 1).min(format::max_alloc_end(h.cluster_bits));
@@ -547,43 +545,30 @@ impl Layer {
             )));
         }
         let cap = a.first.saturating_add(cap_clusters).min(limit);
-        if a.prealloc && a.end < cap {
-            let step = (a.end.saturating_mul(cs) / 8).clamp(PREALLOC_MIN, PREALLOC_MAX) / cs;
-            let target = a.end.saturating_add(step.max(want)).min(cap);
-            match sys::preallocate(&self.file, a.end * cs, (target - a.end) * cs) {
-                Ok(()) => {
-                    a.end = target;
-                    a.used_tail = true;
-                    return Ok(());
-                }
-                Err(_) => {
-                    a.prealloc = false;
-                    let len = self
-                        .file
-                        .metadata()
-                        .map_err(DiskError::io(&self.path, "stat"))?
-                        .len();
-                    a.end = a.end.max(len.div_ceil(cs));
-                    if a.next < a.end {
-                        return Ok(());
-                    }
-                }
-            }
+        let step = (a.end.saturating_mul(cs) / 8).clamp(GROW_MIN, GROW_MAX) / cs;
+        // Past the cap only by what the writes need (clusters freed but not yet reusable).
+        let target = if a.end < cap {
+            a.end.saturating_add(step.max(want)).min(cap)
+        } else {
+            a.end.saturating_add(want)
         }
-        a.end = a.end.saturating_add(want).min(limit);
+        .min(limit);
         // Whole clusters, so that a cluster holding only some sub-clusters is inside the file.
-        let len = a.end * cs;
-        if self.file_len()? < len {
+        if self.file_len()? < target * cs {
             self.file
-                .set_len(len)
+                .set_len(target * cs)
                 .map_err(DiskError::io(&self.path, "extend"))?;
+        }
+        if let Some(a) = &mut self.alloc {
+            a.end = target;
+            a.used_tail = true;
         }
         Ok(())
     }
 
     /// Gives the unused tail back to the file system by truncating the file after the last
     /// cluster handed out. Only after a successful flush (the allocation mark on disk is then
-    /// `next`), and only if this open preallocated or used the tail.
+    /// `next`), and only if this open grew or used the tail.
     pub fn trim_tail(&mut self) -> Result<()> {
         let cs = self.header.as_ref().map_or(1, |h| h.cluster_size());
         let mark = self.header.as_ref().map_or(0, |h| h.alloc_end);
@@ -826,6 +811,20 @@ fn encode_table(first: u64, entries: &[Entry]) -> Vec<u8> {
 /// Iterates the set bits of a sub-cluster mask.
 pub(crate) fn sub_bits(m: u16) -> impl Iterator<Item = u64> {
     bits(m)
+}
+
+/// The runs of adjacent set bits of a sub-cluster mask, as `(first, past the last)`.
+pub(crate) fn sub_runs(m: u16) -> impl Iterator<Item = (u64, u64)> {
+    let mut rest = u32::from(m);
+    std::iter::from_fn(move || {
+        if rest == 0 {
+            return None;
+        }
+        let s = rest.trailing_zeros();
+        let t = s + (rest >> s).trailing_ones();
+        rest &= !(((1u32 << (t - s)) - 1) << s);
+        Some((u64::from(s), u64::from(t)))
+    })
 }
 
 /// Reads as much as the file has, up to `buf.len()`; returns the count.

@@ -13,7 +13,7 @@ use std::path::Path;
 use crate::chain::{Chain, OpenOptions};
 use crate::error::{DiskError, Result};
 use crate::format::{self, ParentRef};
-use crate::layer::{read_full, sub_bits};
+use crate::layer::{read_full, sub_bits, sub_runs};
 use crate::sys;
 
 /// Which way a merge folds.
@@ -257,19 +257,9 @@ impl Chain {
     /// of layer `li`, one write per run of adjacent sub-clusters.
     fn write_subs(&mut self, li: usize, host: u64, mask: u16, buf: &[u8]) -> Result<()> {
         let (cs, ss) = (self.cluster_size(), self.subcluster_size());
-        let mut s = 0u64;
-        while s < 16 {
-            if mask & (1 << s) == 0 {
-                s += 1;
-                continue;
-            }
-            let mut t = s;
-            while t + 1 < 16 && mask & (1 << (t + 1)) != 0 {
-                t += 1;
-            }
-            let (a, b) = ((s * ss) as usize, ((t + 1) * ss) as usize);
+        for (s, t) in sub_runs(mask) {
+            let (a, b) = ((s * ss) as usize, (t * ss) as usize);
             self.layers[li].write_data(&buf[a..b], host * cs + s * ss)?;
-            s = t + 1;
         }
         Ok(())
     }
@@ -289,16 +279,18 @@ impl Chain {
             // Raw parent: write in place, clipped to the file's length.
             let l = &mut self.layers[dst];
             let raw_len = l.raw_len;
-            for s in sub_bits(e.alloc | e.zero) {
-                let start = c * cs + s * ss;
-                let end = (start + ss).min(raw_len);
-                if start >= end {
-                    continue;
-                }
-                if e.alloc & (1 << s) != 0 {
+            // One write per run of data sub-clusters, one hole per run of zero ones.
+            let clip = |s: u64, t: u64| (c * cs + s * ss, (c * cs + t * ss).min(raw_len));
+            for (s, t) in sub_runs(e.alloc) {
+                let (start, end) = clip(s, t);
+                if start < end {
                     let a = (s * ss) as usize;
                     l.write_data(&buf[a..a + (end - start) as usize], start)?;
-                } else {
+                }
+            }
+            for (s, t) in sub_runs(e.zero & !e.alloc) {
+                let (start, end) = clip(s, t);
+                if start < end {
                     sys::punch_hole(&l.file, start, end - start)
                         .map_err(DiskError::io(&l.path, "punch hole"))?;
                 }
@@ -420,7 +412,7 @@ impl Chain {
         let top = self.layers.len() - 1;
         for (i, l) in self.layers.iter_mut().enumerate() {
             if i != top && l.writable {
-                // Flushed above: its unused preallocated space can go back.
+                // Flushed above: its unused tail can go.
                 let _ = l.trim_tail();
                 let _ = sys::lock(&l.file, &l.path, false);
                 l.writable = false;
@@ -525,6 +517,24 @@ mod tests {
         drop(c);
         let c = Chain::open(d.path().join("l2.strata"), OpenOptions::default()).unwrap();
         assert_eq!(read_all(&c), data);
+    }
+
+    #[test]
+    fn sub_runs_are_the_runs_of_adjacent_set_bits() {
+        let runs = |m: u16| crate::layer::sub_runs(m).collect::<Vec<_>>();
+        assert_eq!(runs(0), vec![]);
+        assert_eq!(runs(0xffff), vec![(0, 16)]);
+        assert_eq!(runs(0b1000_0000_0000_0001), vec![(0, 1), (15, 16)]);
+        assert_eq!(runs(0b0111_0011_0000_1110), vec![(1, 4), (8, 10), (12, 15)]);
+        for m in 0..=u16::MAX {
+            let mut back = 0u16;
+            for (s, t) in crate::layer::sub_runs(m) {
+                for b in s..t {
+                    back |= 1 << b;
+                }
+            }
+            assert_eq!(back, m);
+        }
     }
 
     #[test]

@@ -84,22 +84,6 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     write_zeroes(file, offset, len)
 }
 
-/// Allocates blocks for a byte range (`fallocate` mode 0: the file grows to cover it, and the
-/// new range reads as zeroes). Unlike `posix_fallocate`, never falls back to writing zeroes: a
-/// file system that cannot preallocate returns an error, and the caller grows without it.
-pub(crate) fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    };
-    // SAFETY: fallocate takes a descriptor we own and plain integers.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, l) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Writes zeroes over a range with positional writes.
 pub(crate) fn write_zeroes(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
