@@ -44,6 +44,17 @@ pub struct CacheLimits {
     pub resolved_clusters: usize,
 }
 
+impl CacheLimits {
+    /// Limits for `l2_bytes` of L2 tables, the resolved-cluster cache scaled with it as in the
+    /// default (one resolved cluster per 256 bytes of tables: 16384 for 4 MiB).
+    pub fn for_l2_bytes(l2_bytes: usize) -> Self {
+        CacheLimits {
+            l2_bytes,
+            resolved_clusters: (l2_bytes / 256).max(16),
+        }
+    }
+}
+
 impl Default for CacheLimits {
     /// 4 MiB of L2 tables (16 GiB of disk at 64 KiB clusters) and 16384 resolved clusters
     /// (1 GiB of disk, about 2.5 MiB).

@@ -251,6 +251,9 @@ pub struct SavedDisk {
     pub path: PathBuf,
     /// Read-only.
     pub read_only: bool,
+    /// `l2-cache-size=`, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2_cache_size: Option<u64>,
 }
 
 /// The vsock device of [`SavedMachine`].
@@ -309,6 +312,7 @@ impl SavedMachine {
                 .map(|d| SavedDisk {
                     path: absolute(&d.path),
                     read_only: d.read_only,
+                    l2_cache_size: d.l2_cache_size,
                 })
                 .collect(),
             vsock: config.vsock.as_ref().map(|v| SavedVsock {
@@ -336,6 +340,7 @@ impl SavedMachine {
                 .map(|d| DiskConfig {
                     path: d.path.clone(),
                     read_only: d.read_only,
+                    l2_cache_size: d.l2_cache_size,
                 })
                 .collect(),
             vsock: self.vsock.as_ref().map(|v| VsockConfig {
@@ -1688,10 +1693,12 @@ mod tests {
                 DiskConfig {
                     path: "/images/a.raw".into(),
                     read_only: false,
+                    l2_cache_size: None,
                 },
                 DiskConfig {
                     path: "/images/b.raw".into(),
                     read_only: true,
+                    l2_cache_size: Some(1 << 20),
                 },
             ],
             vsock: Some(VsockConfig {

@@ -110,9 +110,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHERE")]
     pub console: Option<String>,
 
-    /// A virtio-blk disk: path=FILE[,readonly=on]; FILE is a raw image or the top layer of a
-    /// Strata chain. Repeat for more disks; the guest sees them in this order
-    #[arg(long = "disk", value_name = "path=FILE[,readonly=on]")]
+    /// A virtio-blk disk: path=FILE[,readonly=on][,l2-cache-size=SIZE]; FILE is a raw image or
+    /// the top layer of a Strata chain; l2-cache-size (64K to 1G, default 4M) bounds its chain's
+    /// metadata cache. Repeat for more disks; the guest sees them in this order
+    #[arg(
+        long = "disk",
+        value_name = "path=FILE[,readonly=on][,l2-cache-size=SIZE]"
+    )]
     pub disks: Vec<String>,
 
     /// A virtio-vsock device: cid=N,socket=PATH. Host programs connect to PATH and write

@@ -108,11 +108,17 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Whether the guest may write it.
     pub read_only: bool,
+    /// Bytes of L2 tables the chain keeps cached (`l2-cache-size=`); `None`: the disk crate's
+    /// default (4 MiB, which covers 16 GiB of disk with 64 KiB clusters).
+    pub l2_cache_size: Option<u64>,
 }
+
+/// The smallest and largest `l2-cache-size` (one 64 KiB table; 1 GiB covers 4 TiB).
+pub const L2_CACHE_SIZE_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
 
 impl std::str::FromStr for DiskConfig {
     type Err = ConfigError;
-    /// Parses `path=FILE[,readonly=on|off]`.
+    /// Parses `path=FILE[,readonly=on|off][,l2-cache-size=SIZE]`.
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let bad = |why: &str| ConfigError::BadDisk {
             value: s.to_string(),
@@ -120,6 +126,7 @@ impl std::str::FromStr for DiskConfig {
         };
         let mut path = None;
         let mut read_only = false;
+        let mut l2_cache_size = None;
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -134,12 +141,21 @@ impl std::str::FromStr for DiskConfig {
                         _ => return Err(bad("readonly takes on or off")),
                     }
                 }
+                "l2-cache-size" => {
+                    let n = disk::cli::parse_binary_size(value, 0)
+                        .filter(|n| L2_CACHE_SIZE_RANGE.contains(n))
+                        .ok_or_else(|| {
+                            bad("l2-cache-size takes a size from 64K to 1G (bytes, or with K, M, G)")
+                        })?;
+                    l2_cache_size = Some(n);
+                }
                 other => return Err(bad(&format!("unknown key '{other}'"))),
             }
         }
         Ok(Self {
             path: path.ok_or_else(|| bad("path= is required"))?,
             read_only,
+            l2_cache_size,
         })
     }
 }
@@ -325,14 +341,24 @@ mod tests {
             "path=/a.img".parse(),
             Ok(DiskConfig {
                 path: "/a.img".into(),
-                read_only: false
+                read_only: false,
+                l2_cache_size: None,
             })
         );
         assert_eq!(
             "path=/b,readonly=on".parse(),
             Ok(DiskConfig {
                 path: "/b".into(),
-                read_only: true
+                read_only: true,
+                l2_cache_size: None,
+            })
+        );
+        assert_eq!(
+            "path=/c,l2-cache-size=32M".parse(),
+            Ok(DiskConfig {
+                path: "/c".into(),
+                read_only: false,
+                l2_cache_size: Some(32 << 20),
             })
         );
         for bad in [
@@ -342,6 +368,10 @@ mod tests {
             "readonly=on",
             "path=/a,readonly=maybe",
             "path=/a,cache=none",
+            "path=/a,l2-cache-size=",
+            "path=/a,l2-cache-size=4K",
+            "path=/a,l2-cache-size=2G",
+            "path=/a,l2-cache-size=lots",
         ] {
             assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
         }

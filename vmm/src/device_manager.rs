@@ -562,7 +562,7 @@ pub fn disk_parent_policy() -> disk::ParentPolicy {
 /// the process that holds it. Parents outside each layer's folder are followed only into the
 /// folders [`trust_parent_dirs`] named.
 fn open_disk(disk: &DiskConfig) -> Result<ChainBackend, DeviceError> {
-    let chain = disk::Chain::open_with(
+    let mut chain = disk::Chain::open_with(
         &disk.path,
         disk::OpenOptions {
             read_only: disk.read_only,
@@ -570,6 +570,10 @@ fn open_disk(disk: &DiskConfig) -> Result<ChainBackend, DeviceError> {
         },
         &disk_parent_policy(),
     )?;
+    if let Some(bytes) = disk.l2_cache_size {
+        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        chain.set_cache_limits(disk::CacheLimits::for_l2_bytes(bytes));
+    }
     let size = chain.virtual_size();
     if size % 512 != 0 {
         return Err(DeviceError::DiskSize {
@@ -957,6 +961,7 @@ mod tests {
             .map(|i| DiskConfig {
                 path: PathBuf::from(format!("d{i}.raw")),
                 read_only: false,
+                l2_cache_size: None,
             })
             .collect();
         let vsock = VsockConfig {

@@ -184,10 +184,12 @@ mod tests {
                 DiskConfig {
                     path: "/d/a.raw".into(),
                     read_only: false,
+                    l2_cache_size: None,
                 },
                 DiskConfig {
                     path: "/e/b.raw".into(),
                     read_only: true,
+                    l2_cache_size: None,
                 },
             ],
             vsock: Some(VsockConfig {
