@@ -183,6 +183,7 @@ pub fn config_with_devices() -> (VmConfig, Files) {
         .map(|p| DiskConfig {
             path: p.clone(),
             read_only: false,
+            l2_cache_size: None,
         })
         .collect();
     c.vsock = Some(VsockConfig {
