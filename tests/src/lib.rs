@@ -356,3 +356,28 @@ impl Drop for Vm {
         let _ = self.child.wait();
     }
 }
+
+/// `Name`, `Seccomp` and `NoNewPrivs` of every thread of process `pid`, by thread id.
+pub fn thread_status(pid: u32) -> std::collections::BTreeMap<u32, (String, String, String)> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let entry = entry.unwrap();
+        let tid: u32 = entry.file_name().to_str().unwrap().parse().unwrap();
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.insert(
+            tid,
+            (field("Name:"), field("Seccomp:"), field("NoNewPrivs:")),
+        );
+    }
+    out
+}

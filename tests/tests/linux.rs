@@ -357,6 +357,31 @@ fn linux_test_kernel_end_to_end() {
     assert_eq!(KitStamp::of(&kit), stamp, "strata's use rebuilt the kit");
     assert_runs_the_kit(&mut sh, &kit);
 
+    // The sandbox with a Linux guest (vmm/src/sandbox/mod.rs): every thread has
+    // no_new_privs and a seccomp filter, except, on kvm_pvm, the vCPU threads, the thread that
+    // starts them and the KVM worker a vCPU starts (a filter there hangs the guest's user
+    // space, which has just run the kit's checks above).
+    let pvm = vmm::linux_kit::is_pvm();
+    let threads = strata_tests::thread_status(sh.vm.pid());
+    let vcpu = |n: &str| {
+        n.strip_prefix("vcpu")
+            .is_some_and(|i| i.parse::<u32>().is_ok())
+    };
+    assert_eq!(
+        threads.values().filter(|t| vcpu(&t.0)).count(),
+        2,
+        "{threads:?}"
+    );
+    for (tid, (name, seccomp, nnp)) in &threads {
+        let unfiltered = vcpu(name) || name == "vcpu-spawner" || name.starts_with("kvm-nx");
+        let want = if pvm && unfiltered { "0" } else { "2" };
+        assert_eq!(
+            seccomp, want,
+            "thread {tid} ({name}): Seccomp {seccomp}, expected {want} (pvm: {pvm}): {threads:?}"
+        );
+        assert_eq!(nnp, "1", "thread {tid} ({name}): {threads:?}");
+    }
+
     // Both vCPUs, from the MADT.
     let cpus = sh.ok("grep -c ^processor /proc/cpuinfo");
     assert_eq!(cpus, ["2"], "CPUs in /proc/cpuinfo");

@@ -1,7 +1,7 @@
 //! The VMM's sandbox (issue #16) end to end with the test guest: every thread of a running
-//! `strata` is under a seccomp filter with `no_new_privs` (on `kvm_pvm` hosts, this project's
-//! machines, but the vCPU threads, which cannot carry one there without hanging a Linux
-//! guest's user space: `vmm/src/sandbox/mod.rs`); a thread that makes a forbidden
+//! `strata` is under a seccomp filter with `no_new_privs`, the vCPU threads included (on
+//! `kvm_pvm` hosts a Linux guest's vCPUs cannot carry one: `vmm/src/sandbox/mod.rs` and
+//! `tests/tests/linux.rs`); a thread that makes a forbidden
 //! system call stops the VMM with a message naming the call and the thread; `--seccomp log`
 //! and `--seccomp false` let it through; with Landlock the VMM cannot open a file outside its
 //! VM's paths, but can open those and the `--allow-path` folders.
@@ -10,41 +10,15 @@
 //! (`STRATA_TEST_SECCOMP_VIOLATE`, `STRATA_TEST_LANDLOCK_OPEN`, see `vmm/src/sandbox/mod.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use strata_tests::{require_kvm, strata_bin, Vm};
-
-/// `Name`, `Seccomp` and `NoNewPrivs` of every thread of process `pid`, by thread id.
-fn thread_status(pid: u32) -> BTreeMap<u32, (String, String, String)> {
-    let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let entry = entry.unwrap();
-        let tid: u32 = entry.file_name().to_str().unwrap().parse().unwrap();
-        // A thread may end between the listing and the read.
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
-            continue;
-        };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        out.insert(
-            tid,
-            (field("Name:"), field("Seccomp:"), field("NoNewPrivs:")),
-        );
-    }
-    out
-}
+use strata_tests::{require_kvm, strata_bin, thread_status, Vm};
 
 #[test]
-fn every_thread_of_a_running_vmm_is_filtered_with_no_new_privs_but_vcpus_on_pvm() {
+fn every_thread_of_a_running_vmm_is_filtered_with_no_new_privs() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
@@ -106,19 +80,11 @@ fn every_thread_of_a_running_vmm_is_filtered_with_no_new_privs_but_vcpus_on_pvm(
         names.iter().any(|n| n.starts_with("virtio-vsock")),
         "no vsock device thread among {names:?}"
     );
-    // On kvm_pvm (this project's machines) the vCPU threads, the thread that starts them and
-    // the KVM worker a vCPU starts cannot carry a filter: it would hang a Linux guest's user
-    // space (see vmm/src/sandbox/mod.rs).
-    let pvm = vmm::linux_kit::is_pvm();
+    // The test guest has no user space, so its vCPUs are filtered on kvm_pvm too.
     for (tid, (name, seccomp, nnp)) in &threads {
-        let want = if pvm && (name.starts_with("vcpu") || name.starts_with("kvm-nx")) {
-            "0"
-        } else {
-            "2"
-        };
         assert_eq!(
-            seccomp, want,
-            "thread {tid} ({name}): Seccomp {seccomp}, expected {want} (pvm: {pvm}): {threads:?}"
+            seccomp, "2",
+            "thread {tid} ({name}) has no seccomp filter: {threads:?}"
         );
         assert_eq!(
             nnp, "1",
@@ -247,25 +213,15 @@ fn violate(kind: &str, mode: &str, dir: &Path, wait: Duration) -> (Option<ExitSt
 #[test]
 fn a_forbidden_system_call_stops_the_vmm_with_a_message_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    // The kind, and how the names of its threads start. vCPU threads carry no filter on
-    // kvm_pvm (see the first test): there their forbidden call goes through.
-    let mut kinds = vec![];
-    if vmm::linux_kit::is_pvm() {
-        let (status, stderr) = violate("vcpu", "true", dir.path(), Duration::from_secs(8));
-        assert!(
-            status.is_none(),
-            "pvm: a vCPU's call stopped strata: {stderr}"
-        );
-    } else {
-        kinds.push(("vcpu", "vcpu"));
-    }
-    kinds.extend([
+    // The kind, and how the names of its threads start.
+    let kinds = [
+        ("vcpu", "vcpu"),
         ("device", "virtio-"),
         ("console", "console-"),
         ("probe", "kvm-probe"),
         ("api", "api-start"),
         ("control", "strata"),
-    ]);
+    ];
     for (kind, thread) in kinds {
         let (status, stderr) = violate(kind, "true", dir.path(), Duration::from_secs(30));
         eprintln!("{kind}: {status:?}\n{stderr}");

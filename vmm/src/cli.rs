@@ -484,6 +484,7 @@ fn sandbox_config(
     SandboxConfig {
         seccomp: seccomp.unwrap_or_default(),
         paths: AccessPaths::for_vm(config, &allow, checkpoint),
+        guest_user_space: config.kernel != crate::config::Kernel::TestGuest,
     }
 }
 

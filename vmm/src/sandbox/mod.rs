@@ -19,9 +19,11 @@
 //!    needs and each thread's own filter narrows it down. The forked checkpoint memory writer
 //!    inherits the main thread's filter. The API server thread is spawned inside the `api`
 //!    crate: [`start_api_server`] starts it from a thread that entered [`ThreadKind::Api`].
-//! 3. On `kvm_pvm` hosts the vCPU threads carry no filter ([`vcpus_unfiltered`]: a filter on
-//!    them hangs a Linux guest's user space there); they are started by an unfiltered spawner
-//!    thread made before the main thread's filter ([`spawn_vcpu`]). Landlock still applies.
+//! 3. On `kvm_pvm` hosts the vCPU threads of a guest with a user space (any kernel but the
+//!    embedded test guest) carry no filter ([`vcpus_unfiltered`]: a filter on them hangs a
+//!    Linux guest's user space there); they are started by an unfiltered spawner thread made
+//!    before the main thread's filter ([`spawn_vcpu`]). Landlock still applies. The test
+//!    guest's vCPUs are filtered there too.
 //!
 //! With `--seccomp true` (the default) a forbidden system call raises `SIGSYS`
 //! (`SECCOMP_RET_TRAP`); the handler writes `strata: seccomp: thread 'vcpu0' (vcpu) made a
@@ -129,6 +131,10 @@ pub struct SandboxConfig {
     pub seccomp: SeccompMode,
     /// What Landlock lets the process open.
     pub paths: AccessPaths,
+    /// Whether the guest may run user space of its own (any kernel but the embedded test
+    /// guest, which runs in ring 0 only). On `kvm_pvm` such a guest's vCPU threads cannot be
+    /// filtered ([`vcpus_unfiltered`]).
+    pub guest_user_space: bool,
 }
 
 /// Errors setting up the sandbox.
@@ -203,11 +209,12 @@ type SpawnJob = Box<dyn FnOnce() + Send>;
 /// On PVM hosts, the unfiltered thread that starts the vCPU threads (see [`spawn_vcpu`]).
 static VCPU_SPAWNER: OnceLock<mpsc::Sender<SpawnJob>> = OnceLock::new();
 
-/// Whether vCPU threads run without a seccomp filter on this host: on `kvm_pvm` (this
+/// Whether vCPU threads run without a seccomp filter in this process: on `kvm_pvm` (this
 /// project's test machines), a guest's own system calls enter the host through its syscall
 /// entry, and a seccomp filter on the vCPU thread — any filter, even one that allows
-/// everything — leaves a Linux guest's user space hung at its first system call. The test
-/// guest, which has no user space, runs fine either way; on hardware KVM vCPUs are filtered.
+/// everything — leaves a Linux guest's user space hung at its first system call. So there
+/// the vCPUs of a guest that may run user space are unfiltered; the embedded test guest,
+/// which has no user space, is filtered, and on hardware KVM every vCPU is.
 pub fn vcpus_unfiltered() -> bool {
     VCPU_SPAWNER.get().is_some()
 }
@@ -337,7 +344,7 @@ pub fn init(config: &SandboxConfig) -> Result<SandboxStatus, SandboxError> {
         .map_err(|_| SandboxError::AlreadySetUp)?;
 
     let landlock = paths::restrict(&config.paths)?;
-    if config.seccomp != SeccompMode::Off && crate::linux_kit::is_pvm() {
+    if config.seccomp != SeccompMode::Off && config.guest_user_space && crate::linux_kit::is_pvm() {
         start_vcpu_spawner()?;
     }
     if landlock != LandlockStatus::Unsupported {
