@@ -6,6 +6,8 @@
 //! guest's console protocol (a command line in, output lines, then `ok` or `err <reason>`).
 //! The tests need `/dev/kvm`: without it they fail loudly rather than skip.
 
+pub mod checkpoint_setup;
+pub mod linux;
 pub mod schemathesis;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,1 @@
+//! Shared helpers of the Linux end-to-end tests (`tests/tests/linux*.rs`).
