@@ -24,51 +24,23 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use strata_tests::{vsock_connect, Vm};
-
-/// One Linux VM at a time: each is CPU-bound on PVM, and two at once on 2 cores take more
-/// than twice as long each, which only stretches every boot towards its hang guard.
-static ONE_LINUX_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Holds [`ONE_LINUX_VM`] for the rest of a test (a failed test does not block the others).
-fn one_linux_vm() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LINUX_VM.lock().unwrap_or_else(|p| p.into_inner())
-}
+use strata_tests::linux::{ext4_disk, kit, one_linux_vm, Shell, Timeouts};
+use strata_tests::vsock_connect;
 
 /// Boot to `strata-linux-ready`: ~25 s here, allow for a loaded CI machine.
 const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// One shell command on the console.
 const SHELL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The console shell's hang guards (its VMs run one at a time, see `one_linux_vm`).
+const TIMEOUTS: Timeouts = Timeouts {
+    boot: LINUX_BOOT_TIMEOUT,
+    shell_start: Duration::from_secs(60),
+    command: SHELL_TIMEOUT,
+};
 const AGENT_PORT: u32 = 52;
-
-/// Builds or finds the kit of `mode` (`test` or `stock`); fails the test when it cannot.
-fn kit(mode: &str) -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux-kit/build.sh");
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(script)
-        .arg(mode)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run the kit script");
-    assert!(
-        out.status.success(),
-        "the Linux kit script failed ({}): the Linux tests need the {mode} kit",
-        out.status
-    );
-    let dir = String::from_utf8(out.stdout).unwrap();
-    let dir = PathBuf::from(dir.lines().last().expect("the kit folder").trim());
-    for f in ["vmlinux", "initramfs.cpio", "cmdline.txt"] {
-        assert!(dir.join(f).exists(), "the kit {} has no {f}", dir.display());
-    }
-    eprintln!("linux kit: {} ({:?})", dir.display(), started.elapsed());
-    dir
-}
 
 /// The identity of a built kit: inode and modification time of its folder and of each file
 /// the script writes. Rebuilding it (the script builds into a temporary folder and renames it)
@@ -136,150 +108,6 @@ fn assert_kit_script_was_quiet(stderr: &str) {
     );
 }
 
-/// A 64 MiB raw disk with an empty ext4 file system, made on the host.
-fn ext4_disk(dir: &Path) -> PathBuf {
-    let path = dir.join("data.raw");
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(64 << 20).unwrap();
-    drop(f);
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "stratadata"])
-        .arg(&path)
-        .status()
-        .expect(
-            "cannot run mkfs.ext4: install Debian's e2fsprogs, and as root keep /usr/sbin on PATH",
-        );
-    assert!(status.success(), "mkfs.ext4 failed");
-    path
-}
-
-/// `strata run` with the Linux shell on its serial console, driven line by line through the
-/// harness's [`Vm`] (whose `command` speaks the test guest's protocol, not a shell's).
-struct Shell {
-    vm: Vm,
-    seq: u32,
-}
-
-impl Shell {
-    fn start(args: &[&str]) -> Self {
-        Shell {
-            vm: Vm::start(args),
-            seq: 0,
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.vm.send(text);
-    }
-
-    fn console(&self) -> String {
-        format!(
-            "console:\n{}\nstrata stderr:\n{}",
-            self.vm.transcript.join("\n"),
-            self.vm.stderr()
-        )
-    }
-
-    /// The next console line within `timeout`, or None.
-    fn try_line(&mut self, timeout: Duration) -> Option<String> {
-        self.vm.try_line(timeout)
-    }
-
-    /// Reads lines until one, trimmed, satisfies `pred`.
-    fn wait_for(&mut self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.try_line(left) {
-                Some(l) if pred(l.trim_end()) => return l.trim_end().to_string(),
-                Some(_) => {}
-                None => panic!("no {what} within {timeout:?}; {}", self.console()),
-            }
-        }
-    }
-
-    /// Runs `cmd` in the console shell and returns its output lines and exit status.
-    /// Keep `cmd` short: busybox's line editing redraws lines wider than the terminal. The end
-    /// marker is split by quotes so that the echo of the input never matches it.
-    fn run(&mut self, cmd: &str, timeout: Duration) -> (Vec<String>, i32) {
-        self.seq += 1;
-        let tag = format!("@E{}", self.seq);
-        let (head, tail) = tag.split_at(2);
-        let echoed = format!("{head}\"\"{tail}");
-        self.send(&format!("{cmd}; echo {echoed} $?\n"));
-        let mut lines = Vec::new();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(line) = self.try_line(left) else {
-                panic!(
-                    "`{cmd}` did not finish within {timeout:?}; {}",
-                    self.console()
-                )
-            };
-            let clean = line.trim_end();
-            if let Some(rest) = clean.strip_prefix(&format!("{tag} ")) {
-                let status = rest.trim().parse().unwrap_or(-1);
-                // Drop the echo of our input, stray readiness probes and kernel messages.
-                lines.retain(|l: &String| {
-                    !l.contains(&echoed) && !l.starts_with("@R") && !l.starts_with('[')
-                });
-                return (lines, status);
-            }
-            lines.push(clean.to_string());
-        }
-    }
-
-    /// Runs `cmd`, which must succeed; returns its output lines.
-    fn ok(&mut self, cmd: &str) -> Vec<String> {
-        let (out, status) = self.run(cmd, SHELL_TIMEOUT);
-        assert_eq!(
-            status,
-            0,
-            "`{cmd}` failed with {status}: {out:?}; {}",
-            self.console()
-        );
-        out
-    }
-
-    /// Waits until the shell answers (input sent while it starts may be lost).
-    fn wait_shell(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            self.seq += 1;
-            let tag = format!("@R{}", self.seq);
-            let (head, tail) = tag.split_at(2);
-            self.send(&format!("echo {head}\"\"{tail}\n"));
-            let until = Instant::now() + Duration::from_secs(3);
-            while let Some(l) = self.try_line(until.saturating_duration_since(Instant::now())) {
-                if l.trim_end() == tag {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the console shell does not answer; {}",
-                self.console()
-            );
-        }
-    }
-
-    /// Waits for the kit's ready line and a shell; returns how long the boot took from `since`.
-    fn wait_ready(&mut self, since: Instant) -> Duration {
-        self.wait_for(LINUX_BOOT_TIMEOUT, "strata-linux-ready", |l| {
-            l == "strata-linux-ready"
-        });
-        let took = since.elapsed();
-        self.wait_shell();
-        took
-    }
-
-    /// Waits for strata to exit.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        self.vm.wait_exit(timeout)
-    }
-}
-
 /// One JSON-lines connection to the guest agent.
 struct Agent {
     reader: BufReader<UnixStream>,
@@ -334,24 +162,28 @@ fn linux_test_kernel_end_to_end() {
     let kit = kit("test");
     let stamp = KitStamp::of(&kit);
     let tmp = tempfile::tempdir().unwrap();
-    let disk = ext4_disk(tmp.path());
+    let disk = tmp.path().join("data.raw");
+    ext4_disk(&disk, 64 << 20, "stratadata");
     let uds = tmp.path().join("vsock.sock");
 
     let started = Instant::now();
-    let mut sh = Shell::start(&[
-        "--guest",
-        "linux",
-        "--linux-kernel",
-        "test",
-        "--vcpus",
-        "2",
-        "--memory",
-        "256M",
-        "--disk",
-        &format!("path={}", disk.display()),
-        "--vsock",
-        &format!("cid=3,socket={}", uds.display()),
-    ]);
+    let mut sh = Shell::start(
+        &[
+            "--guest",
+            "linux",
+            "--linux-kernel",
+            "test",
+            "--vcpus",
+            "2",
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--vsock",
+            &format!("cid=3,socket={}", uds.display()),
+        ],
+        TIMEOUTS,
+    );
     let boot = sh.wait_ready(started);
     eprintln!("linux: strata-linux-ready {boot:?} after start");
     assert_eq!(KitStamp::of(&kit), stamp, "strata's use rebuilt the kit");
@@ -489,15 +321,18 @@ fn guest_linux_auto_boots_this_hosts_kit_from_the_cache() {
     let stamp = KitStamp::of(&kit);
 
     let started = Instant::now();
-    let mut sh = Shell::start(&[
-        "--guest",
-        "linux",
-        "--linux-kernel",
-        "auto",
-        "--no-reboot",
-        "--memory",
-        "256M",
-    ]);
+    let mut sh = Shell::start(
+        &[
+            "--guest",
+            "linux",
+            "--linux-kernel",
+            "auto",
+            "--no-reboot",
+            "--memory",
+            "256M",
+        ],
+        TIMEOUTS,
+    );
     let boot = sh.wait_ready(started);
     eprintln!("linux ({mode} kit through auto): strata-linux-ready {boot:?} after start");
     assert_eq!(KitStamp::of(&kit), stamp, "strata's use rebuilt the kit");

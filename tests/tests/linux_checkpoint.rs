@@ -53,11 +53,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use api::types::{ApplyCheckpoint, CreateCheckpoint, TakenType, VmState};
-use strata_tests::{api_client, Vm};
+use strata_tests::api_client;
+use strata_tests::linux::{e2fs, ext4_disk, file_hash, kit, Shell, Timeouts};
 
 /// Boot to `strata-linux-ready`: ~25-60 s on an idle machine; a hang guard generous enough
 /// for a machine whose 2 cores other VMs share (a boot took over 240 s with a load of 10).
@@ -82,9 +82,15 @@ const CLOCK_TOLERANCE_S: f64 = 5.0;
 /// The first console command after the apply (a hang guard: a guest whose clocksource jumped
 /// catches up its ticks at emulation speed before it answers).
 const APPLY_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+/// The console shell's hang guards.
+const TIMEOUTS: Timeouts = Timeouts {
+    boot: LINUX_BOOT_TIMEOUT,
+    shell_start: SHELL_START_TIMEOUT,
+    command: SHELL_TIMEOUT,
+};
 
 /// Reads the guest's CLOCK_BOOTTIME and marks the kernel log (two shell builtins, back to
-/// back), then prints the first and the mark's printk time (see `Shell::clocks`).
+/// back), then prints the first and the mark's printk time (see `clocks`).
 const CLOCKS_SCRIPT: [&str; 4] = [
     "read u r < /proc/uptime",
     "echo smark > /dev/kmsg",
@@ -108,48 +114,6 @@ const LOOP_SCRIPT: [&str; 11] = [
     "done",
 ];
 
-/// Builds or finds the kit of `mode`; fails the test when it cannot (as in `linux.rs`).
-fn kit(mode: &str) -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux-kit/build.sh");
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(script)
-        .arg(mode)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run the kit script");
-    assert!(
-        out.status.success(),
-        "the Linux kit script failed ({}): the Linux tests need the {mode} kit",
-        out.status
-    );
-    let dir = String::from_utf8(out.stdout).unwrap();
-    let dir = PathBuf::from(dir.lines().last().expect("the kit folder").trim());
-    for f in ["vmlinux", "initramfs.cpio", "cmdline.txt"] {
-        assert!(dir.join(f).exists(), "the kit {} has no {f}", dir.display());
-    }
-    eprintln!("linux kit: {} ({:?})", dir.display(), started.elapsed());
-    dir
-}
-
-/// A 64 MiB raw disk with an empty ext4 file system, made on the host (as in `linux.rs`).
-fn ext4_disk(dir: &Path) -> PathBuf {
-    let path = dir.join("data.raw");
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(64 << 20).unwrap();
-    drop(f);
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "stratadata"])
-        .arg(&path)
-        .status()
-        .expect(
-            "cannot run mkfs.ext4: install Debian's e2fsprogs, and as root keep /usr/sbin on PATH",
-        );
-    assert!(status.success(), "mkfs.ext4 failed");
-    path
-}
-
 /// Flattens the disk chain whose top is `top` into the raw file `out` (the store's first layer
 /// names the launch disk, which lives outside the store: trusted here).
 fn flatten(top: &Path, out: &Path) {
@@ -164,79 +128,11 @@ fn flatten(top: &Path, out: &Path) {
     .unwrap_or_else(|e| panic!("flatten {}: {e}", top.display()));
 }
 
-/// Runs an e2fsprogs tool; returns its status and output.
-fn e2fs(tool: &str, args: &[&str], image: &Path) -> (ExitStatus, String, String) {
-    let out = Command::new(tool)
-        .args(args)
-        .arg(image)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {tool} (Debian's e2fsprogs): {e}"));
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The lines of `/log` in the ext4 image `image` (read with debugfs).
 fn host_log(image: &Path) -> Vec<String> {
     let (status, out, err) = e2fs("debugfs", &["-R", "cat /log"], image);
     assert!(status.success(), "debugfs cat /log: {status}: {err}");
     out.lines().map(str::to_string).collect()
-}
-
-/// A hash of a file's content.
-fn file_hash(path: &Path) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    std::fs::read(path).unwrap().hash(&mut h);
-    h.finish()
-}
-
-/// strata's threads, for failure messages: name, state, CPU time (twice, 2 s apart: a vCPU
-/// that runs guest code gains), kernel wait channel.
-fn threads(pid: u32) -> String {
-    let sample = || -> Vec<(String, String, String, u64, String)> {
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return Vec::new();
-        };
-        let mut v: Vec<_> = dir
-            .flatten()
-            .map(|t| {
-                let p = t.path();
-                let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
-                let stat = read("stat");
-                let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-                let f: Vec<&str> = after.split_whitespace().collect();
-                let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-                    + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-                (
-                    t.file_name().to_string_lossy().into_owned(),
-                    read("comm").trim().to_string(),
-                    f.first().unwrap_or(&"?").to_string(),
-                    ticks,
-                    read("wchan"),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    let before = sample();
-    std::thread::sleep(Duration::from_secs(2));
-    let after = sample();
-    after
-        .iter()
-        .map(|(tid, comm, state, ticks, wchan)| {
-            let was = before.iter().find(|b| &b.0 == tid).map_or(0, |b| b.3);
-            format!(
-                "  {tid} {comm:16} {state} cpu {ticks} ticks (+{} in 2 s) wchan {wchan}",
-                ticks - was.min(*ticks)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// One line of the guest's log: `i GEN`.
@@ -303,245 +199,126 @@ fn check_log(log: &[Entry], gens: &[&str], what: &str) -> Vec<Option<u64>> {
         .collect()
 }
 
-/// `strata run` with the Linux shell on its serial console, driven line by line (as in
-/// `linux.rs`).
-struct Shell {
-    vm: Vm,
-    seq: u32,
-    /// Said first in failure messages, once set.
-    hint: String,
+/// Runs `cmd` (in /tmp), whose output must be `want` numbers, within `timeout`.
+fn numbers_within(sh: &mut Shell, cmd: &str, want: usize, timeout: Duration) -> Vec<u64> {
+    let (out, status) = sh.run(cmd, timeout);
+    let nums: Vec<u64> = out.iter().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(
+        status == 0 && nums.len() == want && out.len() == want,
+        "`{cmd}` gave {out:?} (status {status}), not {want} numbers; {}",
+        sh.console()
+    );
+    nums
 }
 
-impl Shell {
-    fn start(args: &[&str]) -> Self {
-        Shell {
-            vm: Vm::start(args),
-            seq: 0,
-            hint: String::new(),
+/// Runs `cmd` (in /tmp), whose output must be `want` numbers.
+fn numbers(sh: &mut Shell, cmd: &str, want: usize) -> Vec<u64> {
+    numbers_within(sh, cmd, want, SHELL_TIMEOUT)
+}
+
+/// The loop's count (the loop replaces the file by a rename: it is never seen empty).
+fn count(sh: &mut Shell) -> u64 {
+    numbers(sh, "cat count", 1)[0]
+}
+
+/// Waits until the count reaches `target`; returns it. Fails if it stops growing.
+fn wait_count(sh: &mut Shell, target: u64) -> u64 {
+    let mut last = (count(sh), Instant::now());
+    loop {
+        let c = count(sh);
+        if c >= target {
+            return c;
         }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.vm.send(text);
-    }
-
-    fn console(&self) -> String {
-        format!(
-            "{}console:\n{}\nstrata stderr:\n{}\nstrata threads:\n{}",
-            self.hint,
-            self.vm.transcript.join("\n"),
-            self.vm.stderr(),
-            threads(self.vm.pid())
-        )
-    }
-
-    fn try_line(&mut self, timeout: Duration) -> Option<String> {
-        self.vm.try_line(timeout)
-    }
-
-    /// Reads lines until one, trimmed, satisfies `pred`.
-    fn wait_for(&mut self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.try_line(left) {
-                Some(l) if pred(l.trim_end()) => return l.trim_end().to_string(),
-                Some(_) => {}
-                None => panic!("no {what} within {timeout:?}; {}", self.console()),
-            }
+        if c != last.0 {
+            last = (c, Instant::now());
         }
-    }
-
-    /// Runs `cmd` in the console shell and returns its output lines and exit status. The end
-    /// marker is split by quotes so that the echo of the input never matches it.
-    fn run(&mut self, cmd: &str, timeout: Duration) -> (Vec<String>, i32) {
-        self.seq += 1;
-        let tag = format!("@E{}", self.seq);
-        let (head, tail) = tag.split_at(2);
-        let echoed = format!("{head}\"\"{tail}");
-        self.send(&format!("{cmd}; echo {echoed} $?\n"));
-        let mut lines = Vec::new();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(line) = self.try_line(left) else {
-                panic!(
-                    "`{cmd}` did not finish within {timeout:?}; {}",
-                    self.console()
-                )
-            };
-            let clean = line.trim_end();
-            if let Some(rest) = clean.strip_prefix(&format!("{tag} ")) {
-                let status = rest.trim().parse().unwrap_or(-1);
-                // Drop the echo of our input, stray readiness probes and kernel messages.
-                lines.retain(|l: &String| {
-                    !l.contains(&echoed) && !l.starts_with("@R") && !l.starts_with('[')
-                });
-                return (lines, status);
-            }
-            lines.push(clean.to_string());
-        }
-    }
-
-    /// Runs `cmd`, which must succeed; returns its output lines.
-    fn ok(&mut self, cmd: &str) -> Vec<String> {
-        let (out, status) = self.run(cmd, SHELL_TIMEOUT);
-        assert_eq!(
-            status,
-            0,
-            "`{cmd}` failed with {status}: {out:?}; {}",
-            self.console()
-        );
-        out
-    }
-
-    /// Waits until the shell answers (input sent while it starts may be lost).
-    fn wait_shell(&mut self) {
-        let deadline = Instant::now() + SHELL_START_TIMEOUT;
-        loop {
-            self.seq += 1;
-            let tag = format!("@R{}", self.seq);
-            let (head, tail) = tag.split_at(2);
-            self.send(&format!("echo {head}\"\"{tail}\n"));
-            let until = Instant::now() + Duration::from_secs(3);
-            while let Some(l) = self.try_line(until.saturating_duration_since(Instant::now())) {
-                if l.trim_end() == tag {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the console shell does not answer; {}",
-                self.console()
-            );
-        }
-    }
-
-    /// Waits for the kit's ready line and a shell; returns how long the boot took.
-    fn wait_ready(&mut self, since: Instant) -> Duration {
-        self.wait_for(LINUX_BOOT_TIMEOUT, "strata-linux-ready", |l| {
-            l == "strata-linux-ready"
-        });
-        let took = since.elapsed();
-        self.wait_shell();
-        took
-    }
-
-    /// Runs `cmd` (in /tmp), whose output must be `want` numbers, within `timeout`.
-    fn numbers_within(&mut self, cmd: &str, want: usize, timeout: Duration) -> Vec<u64> {
-        let (out, status) = self.run(cmd, timeout);
-        let nums: Vec<u64> = out.iter().filter_map(|l| l.trim().parse().ok()).collect();
         assert!(
-            status == 0 && nums.len() == want && out.len() == want,
-            "`{cmd}` gave {out:?} (status {status}), not {want} numbers; {}",
-            self.console()
+            last.1.elapsed() < COUNT_STALL_TIMEOUT,
+            "the count stays at {c}, below {target}, for {COUNT_STALL_TIMEOUT:?}; {}",
+            sh.console()
         );
-        nums
+        std::thread::sleep(Duration::from_millis(500));
     }
+}
 
-    /// Runs `cmd` (in /tmp), whose output must be `want` numbers.
-    fn numbers(&mut self, cmd: &str, want: usize) -> Vec<u64> {
-        self.numbers_within(cmd, want, SHELL_TIMEOUT)
-    }
+/// Switches the loop's generation to `g`: the count before, then after (the file is
+/// replaced by a rename, so the loop reads the old or the new one whole). Short commands:
+/// a line wider than the terminal comes back garbled by busybox's line editing. The
+/// switch itself must answer within `timeout`.
+fn switch_generation(sh: &mut Shell, g: &str, timeout: Duration) -> (u64, u64) {
+    let n = numbers_within(
+        sh,
+        &format!("echo {g} > g2; cat count; mv g2 gen; cat count"),
+        2,
+        timeout,
+    );
+    (n[0], n[1])
+}
 
-    /// The loop's count (the loop replaces the file by a rename: it is never seen empty).
-    fn count(&mut self) -> u64 {
-        self.numbers("cat count", 1)[0]
+/// The guest's CLOCK_BOOTTIME (`/proc/uptime`, kept by its clocksource) and its printk
+/// clock (`sched_clock`), in seconds, read back to back.
+fn clocks(sh: &mut Shell) -> (f64, f64) {
+    let out = sh.ok("sh /tmp/ck.sh");
+    let uptime = out.iter().find_map(|l| l.trim().parse().ok());
+    // `<12>[  123.456789] smark`
+    let printk = out
+        .iter()
+        .find(|l| l.contains("smark"))
+        .and_then(|l| l.split_once('[')?.1.split_once(']'))
+        .and_then(|(t, _)| t.trim().parse().ok());
+    match (uptime, printk) {
+        (Some(u), Some(p)) => (u, p),
+        _ => panic!("cannot read the guest's clocks from {out:?}"),
     }
+}
 
-    /// Waits until the count reaches `target`; returns it. Fails if it stops growing.
-    fn wait_count(&mut self, target: u64) -> u64 {
-        let mut last = (self.count(), Instant::now());
-        loop {
-            let c = self.count();
-            if c >= target {
-                return c;
-            }
-            if c != last.0 {
-                last = (c, Instant::now());
-            }
-            assert!(
-                last.1.elapsed() < COUNT_STALL_TIMEOUT,
-                "the count stays at {c}, below {target}, for {COUNT_STALL_TIMEOUT:?}; {}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
+/// How many RCU stall reports the guest's kernel log holds.
+fn rcu_stalls(sh: &mut Shell) -> u64 {
+    let (out, _) = sh.run("dmesg | grep -c 'rcu: INFO'", SHELL_TIMEOUT);
+    out.iter()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("grep -c gave {out:?}"))
+}
 
-    /// Switches the loop's generation to `g`: the count before, then after (the file is
-    /// replaced by a rename, so the loop reads the old or the new one whole). Short commands:
-    /// a line wider than the terminal comes back garbled by busybox's line editing. The
-    /// switch itself must answer within `timeout`.
-    fn switch_generation(&mut self, g: &str, timeout: Duration) -> (u64, u64) {
-        let n = self.numbers_within(
-            &format!("echo {g} > g2; cat count; mv g2 gen; cat count"),
-            2,
-            timeout,
-        );
-        (n[0], n[1])
-    }
-
-    /// The guest's CLOCK_BOOTTIME (`/proc/uptime`, kept by its clocksource) and its printk
-    /// clock (`sched_clock`), in seconds, read back to back.
-    fn clocks(&mut self) -> (f64, f64) {
-        let out = self.ok("sh /tmp/ck.sh");
-        let uptime = out.iter().find_map(|l| l.trim().parse().ok());
-        // `<12>[  123.456789] smark`
-        let printk = out
-            .iter()
-            .find(|l| l.contains("smark"))
-            .and_then(|l| l.split_once('[')?.1.split_once(']'))
-            .and_then(|(t, _)| t.trim().parse().ok());
-        match (uptime, printk) {
-            (Some(u), Some(p)) => (u, p),
-            _ => panic!("cannot read the guest's clocks from {out:?}"),
-        }
-    }
-
-    /// How many RCU stall reports the guest's kernel log holds.
-    fn rcu_stalls(&mut self) -> u64 {
-        let (out, _) = self.run("dmesg | grep -c 'rcu: INFO'", SHELL_TIMEOUT);
-        out.iter()
-            .find_map(|l| l.trim().parse().ok())
-            .unwrap_or_else(|| panic!("grep -c gave {out:?}"))
-    }
-
-    /// The guest's log, parsed.
-    fn log(&mut self, what: &str) -> Vec<Entry> {
-        let lines = self.ok("cat /mnt/log");
-        parse_log(&lines, what)
-    }
+/// The guest's log, parsed.
+fn guest_log(sh: &mut Shell, what: &str) -> Vec<Entry> {
+    let lines = sh.ok("cat /mnt/log");
+    parse_log(&lines, what)
 }
 
 #[test]
 fn checkpoint_and_apply_a_counting_linux_guest() {
     let kit = kit("test");
     let tmp = tempfile::tempdir().unwrap();
-    let disk = ext4_disk(tmp.path());
+    let disk = tmp.path().join("data.raw");
+    ext4_disk(&disk, 64 << 20, "stratadata");
     let sock = tmp.path().join("api.sock");
     let state = tmp.path().join("state");
     std::fs::create_dir(&state).unwrap();
 
     let started = Instant::now();
-    let mut sh = Shell::start(&[
-        "--guest",
-        "linux",
-        "--linux-kernel",
-        "test",
-        "--vcpus",
-        "2",
-        "--memory",
-        "256M",
-        "--disk",
-        &format!("path={}", disk.display()),
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--checkpoint-type",
-        "standard",
-    ]);
+    let mut sh = Shell::start(
+        &[
+            "--guest",
+            "linux",
+            "--linux-kernel",
+            "test",
+            "--vcpus",
+            "2",
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--checkpoint-type",
+            "standard",
+        ],
+        TIMEOUTS,
+    )
+    .reporting_threads();
     let boot = sh.wait_ready(started);
     eprintln!(
         "linux checkpoint: kit {}: strata-linux-ready {boot:?} after start",
@@ -569,10 +346,10 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
     sh.ok("until [ -e count ]; do sleep 0.2; done");
 
     // 1. Let it run.
-    let c0 = sh.wait_count(5);
+    let c0 = wait_count(&mut sh, 5);
     let clocksource = sh.ok("cat /sys/devices/system/clocksource/*/current_*");
-    let stalls_before = sh.rcu_stalls();
-    let clocks_before = sh.clocks();
+    let stalls_before = rcu_stalls(&mut sh);
+    let clocks_before = clocks(&mut sh);
     let clocks_before_at = Instant::now();
     eprintln!(
         "linux checkpoint: count {c0} before the checkpoint; clocksource {clocksource:?}, \
@@ -595,7 +372,7 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
     );
 
     // 3. The timeline to be discarded: generation B.
-    let (b0, b1) = sh.switch_generation("B", SHELL_TIMEOUT);
+    let (b0, b1) = switch_generation(&mut sh, "B", SHELL_TIMEOUT);
     eprintln!("linux checkpoint: count {b0}..{b1} after the checkpoint (generation B)");
     assert!(c0 <= b0 && b0 <= b1, "c0 {c0}, b0 {b0}, b1 {b1}");
 
@@ -623,9 +400,9 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
     );
 
     // 4. The discarded timeline runs on and reaches the disk.
-    sh.wait_count(b1 + DISCARDED_ROUNDS);
+    wait_count(&mut sh, b1 + DISCARDED_ROUNDS);
     sh.ok("sync");
-    let before_apply = sh.log("the log before the apply");
+    let before_apply = guest_log(&mut sh, "the log before the apply");
     let starts = check_log(&before_apply, &["A", "B"], "the log before the apply");
     let first_b = starts[1].expect("B lines in the log before the apply");
     assert!(
@@ -633,7 +410,7 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
         "the first B line is {first_b}, not in [{b0}, {}]",
         b1 + 1
     );
-    let pre = sh.count();
+    let pre = count(&mut sh);
     eprintln!(
         "linux checkpoint: before the apply: count {pre}, log 1 A .. {} A, {first_b} B .. {} B",
         first_b - 1,
@@ -667,12 +444,12 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
          sender stays on the KVM_HC_SEND_IPI vmcall): is invariant TSC hidden from it? ",
         age.as_secs_f64()
     );
-    let (k0, k1) = sh.switch_generation("C", APPLY_ANSWER_TIMEOUT);
+    let (k0, k1) = switch_generation(&mut sh, "C", APPLY_ANSWER_TIMEOUT);
     sh.hint.clear();
     let answered = applied_at.elapsed();
-    let clocks_after = sh.clocks();
+    let clocks_after = clocks(&mut sh);
     let between_clock_reads = clocks_before_at.elapsed().as_secs_f64();
-    let stalls_after = sh.rcu_stalls();
+    let stalls_after = rcu_stalls(&mut sh);
     eprintln!(
         "linux checkpoint: count {k0}..{k1} right after the apply (generation C); the shell \
          answered {:.1} s after the apply; CLOCK_BOOTTIME and printk clock {clocks_after:?}; \
@@ -685,14 +462,14 @@ fn checkpoint_and_apply_a_counting_linux_guest() {
         "after the apply the count is {k0}: it should continue from the checkpoint's value \
          (at least {c0}, read before it) and be below {pre}, where the discarded timeline got"
     );
-    let later = sh.wait_count(k1 + 5);
+    let later = wait_count(&mut sh, k1 + 5);
     eprintln!("linux checkpoint: the count grows on after the apply: {later}");
 
     // Stop the loop; read the log from the disk, not from the page cache.
     sh.ok("kill $(cat /tmp/pid)");
     sh.ok("sync");
     sh.ok("echo 3 > /proc/sys/vm/drop_caches");
-    let after_apply = sh.log("the log after the apply");
+    let after_apply = guest_log(&mut sh, "the log after the apply");
     let starts = check_log(&after_apply, &["A", "C"], "the log after the apply");
     let first_c = starts[1].expect("C lines in the log after the apply");
     assert!(

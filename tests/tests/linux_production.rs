@@ -49,14 +49,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::types::{
     ApplyCheckpoint, CheckpointType, Consistency, CreateCheckpoint, TakenType, VmState,
 };
 use api::LifecycleAction;
-use strata_tests::{api_client, strata_bin, Vm};
+use strata_tests::linux::{e2fs, ext4_disk, file_hash, kit, one_linux_vm, Shell, Timeouts};
+use strata_tests::{api_client, strata_bin};
 
 /// Boot to `strata-linux-ready`: ~25-60 s here, but a machine shared with other VMs (load
 /// well above its 2 cores) has taken more than 240 s: a hang guard, not a speed limit.
@@ -71,6 +72,15 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 const LINES_BEFORE: u64 = 5;
 const LINES_AFTER: u64 = 10;
 
+/// The console shell's hang guards.
+const TIMEOUTS: Timeouts = Timeouts {
+    boot: LINUX_BOOT_TIMEOUT,
+    shell_start: SHELL_TIMEOUT,
+    command: SHELL_TIMEOUT,
+};
+/// The terminal width set after each boot: wide enough that busybox's line editing never
+/// redraws (and garbles) our input.
+const COLUMNS: u16 = 250;
 /// Data disk: 64 MiB, control disk: 16 MiB (told apart in the guest by their sizes).
 const DATA_BYTES: u64 = 64 << 20;
 const CONTROL_BYTES: u64 = 16 << 20;
@@ -119,15 +129,6 @@ const HOOK_SCRIPT: [&str; 24] = [
 
 const HOOK_PATH: &str = "/etc/strata/hooks.d/50-writer";
 
-/// One Linux VM at a time in this file: each is CPU-bound on PVM, and two at once on 2 cores
-/// only stretch both towards their hang guards.
-static ONE_LINUX_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Holds [`ONE_LINUX_VM`] for the rest of a test (a failed test does not block the others).
-fn one_linux_vm() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LINUX_VM.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Waits until the guest agent answers `GET /v1/guest` (the kit's /init starts it).
 fn wait_agent(api: &api::Client, sh: &Shell) -> api::types::GuestInfo {
     let deadline = Instant::now() + AGENT_TIMEOUT;
@@ -142,61 +143,6 @@ fn wait_agent(api: &api::Client, sh: &Shell) -> api::types::GuestInfo {
         }
         std::thread::sleep(Duration::from_secs(1));
     }
-}
-
-/// Builds or finds the kit of `mode`; fails the test when it cannot (as in `linux.rs`).
-fn kit(mode: &str) -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux-kit/build.sh");
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(script)
-        .arg(mode)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run the kit script");
-    assert!(
-        out.status.success(),
-        "the Linux kit script failed ({}): the Linux tests need the {mode} kit",
-        out.status
-    );
-    let dir = String::from_utf8(out.stdout).unwrap();
-    let dir = PathBuf::from(dir.lines().last().expect("the kit folder").trim());
-    for f in ["vmlinux", "initramfs.cpio", "cmdline.txt"] {
-        assert!(dir.join(f).exists(), "the kit {} has no {f}", dir.display());
-    }
-    eprintln!("linux kit: {} ({:?})", dir.display(), started.elapsed());
-    dir
-}
-
-/// A raw disk of `bytes` with an empty ext4 file system labelled `label`, made on the host.
-fn ext4_disk(path: &Path, bytes: u64, label: &str) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(bytes).unwrap();
-    drop(f);
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", label])
-        .arg(path)
-        .status()
-        .expect(
-            "cannot run mkfs.ext4: install Debian's e2fsprogs, and as root keep /usr/sbin on PATH",
-        );
-    assert!(status.success(), "mkfs.ext4 {} failed", path.display());
-}
-
-/// Runs an e2fsprogs tool on `image`; returns its status and output.
-fn e2fs(tool: &str, args: &[&str], image: &Path) -> (ExitStatus, String, String) {
-    let out = Command::new(tool)
-        .args(args)
-        .arg(image)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {tool} (Debian's e2fsprogs): {e}"));
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// The `Filesystem features` and `Filesystem state` lines of `dumpe2fs -h image`.
@@ -252,14 +198,6 @@ fn host_md5(path: &Path) -> String {
         .to_string()
 }
 
-/// A hash of a file's content.
-fn file_hash(path: &Path) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    std::fs::read(path).unwrap().hash(&mut h);
-    h.finish()
-}
-
 /// The number of a `line N` line.
 fn line_number(line: &str) -> Option<u64> {
     line.strip_prefix("line ")?.parse().ok()
@@ -286,208 +224,79 @@ fn check_writer_file(text: &str, what: &str) -> u64 {
     n
 }
 
-/// `strata run` with the Linux shell on its serial console, driven line by line (as in
-/// `linux.rs`).
-struct Shell {
-    vm: Vm,
-    seq: u32,
+/// Writes `lines` to the guest file `path` one short line at a time and checks it.
+fn write_file(sh: &mut Shell, path: &str, lines: &[&str]) {
+    sh.ok(&format!("rm -f {path}"));
+    for line in lines {
+        assert!(!line.contains('\''), "{line}");
+        assert!(line.len() <= 48, "keep console lines short: {line}");
+        sh.ok(&format!("echo '{line}' >> {path}"));
+    }
+    // Prefixed: the harness drops lines that start with `[` as kernel messages.
+    let back: Vec<String> = sh
+        .ok(&format!("sed 's/^/F: /' {path}"))
+        .iter()
+        .filter_map(|l| l.strip_prefix("F: ").map(str::to_string))
+        .collect();
+    assert_eq!(back, lines, "{path} in the guest");
 }
 
-impl Shell {
-    fn start(args: &[&str]) -> Self {
-        Shell {
-            vm: Vm::start(args),
-            seq: 0,
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.vm.send(text);
-    }
-
-    fn console(&self) -> String {
-        format!(
-            "console:\n{}\nstrata stderr:\n{}",
-            self.vm.transcript.join("\n"),
-            self.vm.stderr()
-        )
-    }
-
-    fn try_line(&mut self, timeout: Duration) -> Option<String> {
-        self.vm.try_line(timeout)
-    }
-
-    /// Reads lines until one, trimmed, satisfies `pred`.
-    fn wait_for(&mut self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.try_line(left) {
-                Some(l) if pred(l.trim_end()) => return l.trim_end().to_string(),
-                Some(_) => {}
-                None => panic!("no {what} within {timeout:?}; {}", self.console()),
-            }
-        }
-    }
-
-    /// Runs `cmd` in the console shell and returns its output lines and exit status. The end
-    /// marker is split by quotes so that the echo of the input never matches it.
-    fn run(&mut self, cmd: &str, timeout: Duration) -> (Vec<String>, i32) {
-        self.seq += 1;
-        let tag = format!("@E{}", self.seq);
-        let (head, tail) = tag.split_at(2);
-        let echoed = format!("{head}\"\"{tail}");
-        self.send(&format!("{cmd}; echo {echoed} $?\n"));
-        let mut lines = Vec::new();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(line) = self.try_line(left) else {
-                panic!(
-                    "`{cmd}` did not finish within {timeout:?}; {}",
-                    self.console()
-                )
-            };
-            let clean = line.trim_end();
-            if let Some(rest) = clean.strip_prefix(&format!("{tag} ")) {
-                let status = rest.trim().parse().unwrap_or(-1);
-                // Drop the echo of our input, stray readiness probes and kernel messages.
-                lines.retain(|l: &String| {
-                    !l.contains(&echoed) && !l.starts_with("@R") && !l.starts_with('[')
-                });
-                return (lines, status);
-            }
-            lines.push(clean.to_string());
-        }
-    }
-
-    /// Runs `cmd`, which must succeed; returns its output lines.
-    fn ok(&mut self, cmd: &str) -> Vec<String> {
-        let (out, status) = self.run(cmd, SHELL_TIMEOUT);
-        assert_eq!(
-            status,
-            0,
-            "`{cmd}` failed with {status}: {out:?}; {}",
-            self.console()
-        );
-        out
-    }
-
-    /// Runs `cmd`, whose output must be one line; returns it.
-    fn one(&mut self, cmd: &str) -> String {
-        let out = self.ok(cmd);
-        assert_eq!(out.len(), 1, "`{cmd}` gave {out:?}; {}", self.console());
-        out[0].trim().to_string()
-    }
-
-    /// Waits until the shell answers (input sent while it starts may be lost).
-    fn wait_shell(&mut self) {
-        let deadline = Instant::now() + SHELL_TIMEOUT;
-        loop {
-            self.seq += 1;
-            let tag = format!("@R{}", self.seq);
-            let (head, tail) = tag.split_at(2);
-            self.send(&format!("echo {head}\"\"{tail}\n"));
-            let until = Instant::now() + Duration::from_secs(3);
-            while let Some(l) = self.try_line(until.saturating_duration_since(Instant::now())) {
-                if l.trim_end() == tag {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the console shell does not answer; {}",
-                self.console()
-            );
-        }
-    }
-
-    /// Waits for the kit's ready line and a shell; returns how long the boot took.
-    fn wait_ready(&mut self, since: Instant) -> Duration {
-        self.wait_for(LINUX_BOOT_TIMEOUT, "strata-linux-ready", |l| {
-            l == "strata-linux-ready"
-        });
-        let took = since.elapsed();
-        self.wait_shell();
-        // Wide enough that busybox's line editing never redraws (and garbles) our input.
-        self.ok("stty cols 250");
-        took
-    }
-
-    /// Writes `lines` to the guest file `path` one short line at a time and checks it.
-    fn write_file(&mut self, path: &str, lines: &[&str]) {
-        self.ok(&format!("rm -f {path}"));
-        for line in lines {
-            assert!(!line.contains('\''), "{line}");
-            assert!(line.len() <= 48, "keep console lines short: {line}");
-            self.ok(&format!("echo '{line}' >> {path}"));
-        }
-        // Prefixed: the harness drops lines that start with `[` as kernel messages.
-        let back: Vec<String> = self
-            .ok(&format!("sed 's/^/F: /' {path}"))
-            .iter()
-            .filter_map(|l| l.strip_prefix("F: ").map(str::to_string))
-            .collect();
-        assert_eq!(back, lines, "{path} in the guest");
-    }
-
-    /// The virtio disks by size: (data device, control device), e.g. ("vda", "vdb").
-    fn disks(&mut self) -> (String, String) {
-        let out = self.ok("cd /sys/block; for d in vd*; do echo $d $(cat $d/size); done; cd /");
-        let find = |bytes: u64| {
-            out.iter()
-                .find_map(|l| {
-                    let (dev, sectors) = l.trim().split_once(' ')?;
-                    (sectors.parse::<u64>().ok()? * 512 == bytes).then(|| dev.to_string())
-                })
-                .unwrap_or_else(|| panic!("no virtio disk of {bytes} bytes in {out:?}"))
-        };
-        (find(DATA_BYTES), find(CONTROL_BYTES))
-    }
-
-    /// The kernel's ext4 and jbd2 messages (prefixed in the guest so that the harness does not
-    /// drop them as console noise).
-    fn fs_messages(&mut self) -> Vec<String> {
-        let (out, status) = self.run(
-            "dmesg | grep -i -e ext4 -e jbd | sed 's/^/K: /'",
-            SHELL_TIMEOUT,
-        );
-        assert_eq!(status, 0, "dmesg: {out:?}");
+/// The virtio disks by size: (data device, control device), e.g. ("vda", "vdb").
+fn disks(sh: &mut Shell) -> (String, String) {
+    let out = sh.ok("cd /sys/block; for d in vd*; do echo $d $(cat $d/size); done; cd /");
+    let find = |bytes: u64| {
         out.iter()
-            .filter_map(|l| l.strip_prefix("K: "))
-            .map(str::to_string)
-            .collect()
-    }
+            .find_map(|l| {
+                let (dev, sectors) = l.trim().split_once(' ')?;
+                (sectors.parse::<u64>().ok()? * 512 == bytes).then(|| dev.to_string())
+            })
+            .unwrap_or_else(|| panic!("no virtio disk of {bytes} bytes in {out:?}"))
+    };
+    (find(DATA_BYTES), find(CONTROL_BYTES))
+}
 
-    /// The guest agent's log (`/run/strata-guest-agent.log`, written by the kit's /init).
-    fn agent_log(&mut self) -> Vec<String> {
-        self.ok("sed 's/^/A: /' /run/strata-guest-agent.log")
-            .iter()
-            .filter_map(|l| l.strip_prefix("A: ").map(str::to_string))
-            .collect()
-    }
+/// The kernel's ext4 and jbd2 messages (prefixed in the guest so that the harness does not
+/// drop them as console noise).
+fn fs_messages(sh: &mut Shell) -> Vec<String> {
+    let (out, status) = sh.run(
+        "dmesg | grep -i -e ext4 -e jbd | sed 's/^/K: /'",
+        SHELL_TIMEOUT,
+    );
+    assert_eq!(status, 0, "dmesg: {out:?}");
+    out.iter()
+        .filter_map(|l| l.strip_prefix("K: "))
+        .map(str::to_string)
+        .collect()
+}
 
-    /// The number of the writer's last line.
-    fn writer_last(&mut self) -> u64 {
-        let l = self.one("tail -n1 /mnt/w.log");
-        line_number(&l).unwrap_or_else(|| panic!("the writer's last line is {l:?}"))
-    }
+/// The guest agent's log (`/run/strata-guest-agent.log`, written by the kit's /init).
+fn agent_log(sh: &mut Shell) -> Vec<String> {
+    sh.ok("sed 's/^/A: /' /run/strata-guest-agent.log")
+        .iter()
+        .filter_map(|l| l.strip_prefix("A: ").map(str::to_string))
+        .collect()
+}
 
-    /// Waits until the writer has written line `n`; returns its last line's number.
-    fn wait_writer(&mut self, n: u64) -> u64 {
-        let deadline = Instant::now() + WRITER_TIMEOUT;
-        loop {
-            let last = self.writer_last();
-            if last >= n {
-                return last;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the writer stays at line {last}, below {n}, for {WRITER_TIMEOUT:?}; {}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(500));
+/// The number of the writer's last line.
+fn writer_last(sh: &mut Shell) -> u64 {
+    let l = sh.one("tail -n1 /mnt/w.log");
+    line_number(&l).unwrap_or_else(|| panic!("the writer's last line is {l:?}"))
+}
+
+/// Waits until the writer has written line `n`; returns its last line's number.
+fn wait_writer(sh: &mut Shell, n: u64) -> u64 {
+    let deadline = Instant::now() + WRITER_TIMEOUT;
+    loop {
+        let last = writer_last(sh);
+        if last >= n {
+            return last;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the writer stays at line {last}, below {n}, for {WRITER_TIMEOUT:?}; {}",
+            sh.console()
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -513,28 +322,32 @@ fn production_checkpoint_of_a_linux_writer_is_application_consistent() {
     std::fs::create_dir(&state).unwrap();
 
     let started = Instant::now();
-    let mut sh = Shell::start(&[
-        "--guest",
-        "linux",
-        "--linux-kernel",
-        "test",
-        "--vcpus",
-        "2",
-        "--memory",
-        "256M",
-        "--disk",
-        &format!("path={}", data.display()),
-        "--disk",
-        &format!("path={}", control.display()),
-        "--vsock",
-        &format!("cid=3,socket={}", uds.display()),
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--checkpoint-type",
-        "production",
-    ]);
+    let mut sh = Shell::start(
+        &[
+            "--guest",
+            "linux",
+            "--linux-kernel",
+            "test",
+            "--vcpus",
+            "2",
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("path={}", data.display()),
+            "--disk",
+            &format!("path={}", control.display()),
+            "--vsock",
+            &format!("cid=3,socket={}", uds.display()),
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--checkpoint-type",
+            "production",
+        ],
+        TIMEOUTS,
+    )
+    .with_columns(COLUMNS);
     let boot = sh.wait_ready(started);
     eprintln!(
         "linux production: kit {}: strata-linux-ready {boot:?} after start",
@@ -544,17 +357,17 @@ fn production_checkpoint_of_a_linux_writer_is_application_consistent() {
     assert_eq!(api.vm().unwrap().state, VmState::Running);
 
     // The data disk on /mnt, the writer on it.
-    let (dev, _) = sh.disks();
+    let (dev, _) = disks(&mut sh);
     sh.ok(&format!("mount -t ext4 /dev/{dev} /mnt"));
-    sh.write_file("/tmp/w.sh", &WRITER_SCRIPT);
+    write_file(&mut sh, "/tmp/w.sh", &WRITER_SCRIPT);
     // In a subshell: the writer belongs to init, not to the console's job control.
     sh.ok("(sh /tmp/w.sh </dev/null >/dev/null 2>&1 &)");
     sh.ok("until [ -s /mnt/w.log ]; do sleep 0.2; done");
-    let before = sh.wait_writer(LINES_BEFORE);
+    let before = wait_writer(&mut sh, LINES_BEFORE);
     eprintln!("linux production: the writer is at line {before}");
 
     // The hook, executable, in the agent's hooks folder.
-    sh.write_file("/tmp/hook", &HOOK_SCRIPT);
+    write_file(&mut sh, "/tmp/hook", &HOOK_SCRIPT);
     sh.ok(&format!("cp /tmp/hook {HOOK_PATH}"));
     sh.ok(&format!("chmod 755 {HOOK_PATH}"));
     let listing = sh.one(&format!("ls -l {HOOK_PATH}"));
@@ -619,7 +432,7 @@ fn production_checkpoint_of_a_linux_writer_is_application_consistent() {
     // For the report: when the hooks ran (guest uptime), what the agent logged, and what the
     // VMM said about the agent.
     let hook_times = sh.ok("cat /tmp/hook.t");
-    let agent_log = sh.agent_log();
+    let agent_log = agent_log(&mut sh);
     eprintln!(
         "linux production: frozen_us {:?}; hook times {hook_times:?}; agent log {agent_log:?}",
         taken.frozen_us
@@ -674,7 +487,7 @@ fn production_checkpoint_of_a_linux_writer_is_application_consistent() {
     let md5 = host_md5(&host_copy);
 
     // 3. The writer goes on: the timeline the apply discards.
-    let after = sh.wait_writer(n + LINES_AFTER);
+    let after = wait_writer(&mut sh, n + LINES_AFTER);
     sh.ok("sync");
     eprintln!("linux production: the writer is at line {after} before the apply");
 
@@ -698,9 +511,9 @@ fn production_checkpoint_of_a_linux_writer_is_application_consistent() {
     eprintln!("linux production: cold boot from the checkpoint: strata-linux-ready {boot2:?}");
 
     // 5. The data disk mounts without a journal recovery, and the file is the checkpoint's.
-    let (dev, control_dev) = sh.disks();
+    let (dev, control_dev) = disks(&mut sh);
     sh.ok(&format!("mount -t ext4 /dev/{dev} /mnt"));
-    let messages = sh.fs_messages();
+    let messages = fs_messages(&mut sh);
     eprintln!("linux production: ext4/jbd2 kernel messages after the mount: {messages:?}");
     let tag = format!("EXT4-fs ({dev})");
     assert!(
@@ -738,7 +551,7 @@ fn production_checkpoint_of_a_linux_writer_is_application_consistent() {
     // 6. The detector works: the control disk, whose superblock asks for recovery, gets one.
     sh.ok("mkdir -p /ctl");
     sh.ok(&format!("mount -t ext4 /dev/{control_dev} /ctl"));
-    let messages = sh.fs_messages();
+    let messages = fs_messages(&mut sh);
     eprintln!("linux production: after mounting the control disk: {messages:?}");
     let ctl_tag = format!("EXT4-fs ({control_dev})");
     assert!(
@@ -804,26 +617,30 @@ fn a_production_freeze_that_times_out_is_undone_not_left_to_the_lease() {
     std::fs::create_dir(&state).unwrap();
 
     let started = Instant::now();
-    let mut sh = Shell::start(&[
-        "--guest",
-        "linux",
-        "--linux-kernel",
-        "test",
-        "--vcpus",
-        "2",
-        "--memory",
-        "256M",
-        "--disk",
-        &format!("path={}", data.display()),
-        "--vsock",
-        &format!("cid=3,socket={}", uds.display()),
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--checkpoint-type",
-        "production",
-    ]);
+    let mut sh = Shell::start(
+        &[
+            "--guest",
+            "linux",
+            "--linux-kernel",
+            "test",
+            "--vcpus",
+            "2",
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("path={}", data.display()),
+            "--vsock",
+            &format!("cid=3,socket={}", uds.display()),
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--checkpoint-type",
+            "production",
+        ],
+        TIMEOUTS,
+    )
+    .with_columns(COLUMNS);
     let boot = sh.wait_ready(started);
     eprintln!(
         "linux slow freeze: kit {}: strata-linux-ready {boot:?} after start",
@@ -831,7 +648,7 @@ fn a_production_freeze_that_times_out_is_undone_not_left_to_the_lease() {
     );
     let api = api_client(&sock);
     sh.ok("mount -t ext4 /dev/vda /mnt");
-    sh.write_file("/tmp/slow", &SLOW_HOOK);
+    write_file(&mut sh, "/tmp/slow", &SLOW_HOOK);
     for name in ["10-slow", "20-slow"] {
         sh.ok(&format!("cp /tmp/slow /etc/strata/hooks.d/{name}"));
         sh.ok(&format!("chmod 755 /etc/strata/hooks.d/{name}"));
@@ -853,7 +670,7 @@ fn a_production_freeze_that_times_out_is_undone_not_left_to_the_lease() {
     // the lease (a hang guard well past hooks + lease).
     let deadline = Instant::now() + Duration::from_secs(300);
     let log = loop {
-        let log = sh.agent_log();
+        let log = agent_log(&mut sh);
         let froze = log.iter().any(|l| l.contains("froze"));
         let ended = log
             .iter()

@@ -8,21 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use strata_tests::linux::kit;
 use strata_tests::{require_kvm, strata_bin};
-
-/// Builds or finds the stock kernel kit.
-fn kit() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux-kit/build.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .arg("stock")
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run the kit script");
-    assert!(out.status.success(), "the linux kit script failed");
-    let dir = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(dir.lines().last().expect("kit dir").trim())
-}
 
 struct Boot {
     child: Child,
@@ -82,7 +69,7 @@ fn wait_for_all(boot: &Boot, needles: &[String], limit: Duration) -> String {
 
 #[test]
 fn stock_vmlinux_reports_our_cmdline_e820_acpi_and_cpus() {
-    let kit = kit();
+    let kit = kit("stock");
     let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 strata.test=early-boot-7731";
     // A 300000-byte initrd goes to the top of the 256 MiB, page-aligned: 0x0ffb6000.
     let initrd = tempfile::NamedTempFile::new().unwrap();
@@ -116,7 +103,7 @@ fn stock_vmlinux_reports_our_cmdline_e820_acpi_and_cpus() {
 
 #[test]
 fn stock_bzimage_loads_and_starts() {
-    let kit = kit();
+    let kit = kit("stock");
     let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 strata.test=bzimage-4410";
     let b = boot(&kit.join("vmlinuz"), "256M", "1", cmdline, &[]);
     // The decompressor runs in the guest first: ~100 s on PVM, well under a second on hardware.
