@@ -27,6 +27,8 @@
 
 pub mod chain;
 pub mod cli;
+#[doc(hidden)]
+pub mod crafted;
 mod error;
 #[doc(hidden)]
 pub mod file;

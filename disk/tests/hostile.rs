@@ -7,11 +7,12 @@
 // Test code: helpers outside #[test] functions panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use disk::crafted::{layer_over_raw, mtime, write_layer};
 use disk::file::Faults;
 use disk::format::{self, Entry, Header, ParentRef};
 use disk::{
@@ -34,35 +35,6 @@ fn open_err(top: &Path, policy: &ParentPolicy) -> String {
     }
 }
 
-fn mtime(p: &Path) -> (i64, u32) {
-    let m = std::fs::metadata(p).unwrap();
-    (m.mtime(), m.mtime_nsec() as u32)
-}
-
-/// Writes a layer file at `path` holding just `h` (sparse up to its data area).
-fn write_layer(path: &Path, h: &Header) {
-    let f = std::fs::File::create(path).unwrap();
-    f.write_all_at(&h.encode(), 0).unwrap();
-    f.set_len(h.data_offset).unwrap();
-}
-
-/// A layer at `path` naming `recorded` as its raw parent, with the identity (size, mtime) of
-/// the file `victim`, so that only the path rules stand between it and the victim.
-fn crafted_over_raw(path: &Path, recorded: &str, victim: &Path) {
-    let len = std::fs::metadata(victim).unwrap().len();
-    let h = Header::new(
-        16,
-        len.next_multiple_of(512),
-        ParentRef::Raw {
-            path: recorded.into(),
-            size: len,
-            mtime: mtime(victim),
-            fold_ino: 0,
-        },
-    );
-    write_layer(path, &h);
-}
-
 /// A "secret" file of 64 KiB outside the chain's directory: `(outer dir, chain dir, secret)`.
 fn victim_setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let outer = tempfile::tempdir().unwrap();
@@ -77,7 +49,7 @@ fn victim_setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
 fn an_absolute_parent_outside_the_layers_directory_is_refused_unless_allowed() {
     let (_outer, dir, secret) = victim_setup();
     let top = dir.join("evil.strata");
-    crafted_over_raw(&top, secret.to_str().unwrap(), &secret);
+    layer_over_raw(&top, secret.to_str().unwrap(), &secret).unwrap();
     let e = open_err(&top, &ParentPolicy::default());
     assert!(
         e.contains("evil.strata") && e.contains("secret.raw") && e.contains("outside"),
@@ -101,7 +73,7 @@ fn an_absolute_parent_outside_the_layers_directory_is_refused_unless_allowed() {
 fn a_parent_that_climbs_with_dotdot_or_a_symlink_is_refused() {
     let (_outer, dir, secret) = victim_setup();
     let top = dir.join("climb.strata");
-    crafted_over_raw(&top, "../secret.raw", &secret);
+    layer_over_raw(&top, "../secret.raw", &secret).unwrap();
     let e = open_err(&top, &ParentPolicy::default());
     assert!(
         e.contains("climb.strata") && e.contains("outside") && e.contains("climbs with .."),
@@ -110,7 +82,7 @@ fn a_parent_that_climbs_with_dotdot_or_a_symlink_is_refused() {
     // A symbolic link in the layer's own directory that leads outside is no way round.
     std::os::unix::fs::symlink(&secret, dir.join("innocent.raw")).unwrap();
     let link = dir.join("link.strata");
-    crafted_over_raw(&link, "innocent.raw", &secret);
+    layer_over_raw(&link, "innocent.raw", &secret).unwrap();
     let e = open_err(&link, &ParentPolicy::default());
     assert!(
         e.contains("link.strata") && e.contains("outside") && e.contains("symbolic link"),
@@ -121,7 +93,7 @@ fn a_parent_that_climbs_with_dotdot_or_a_symlink_is_refused() {
     let base = dir.join("base.raw");
     std::fs::write(&base, vec![1u8; 65_536]).unwrap();
     let inside = dir.join("sub/inside.strata");
-    crafted_over_raw(&inside, "../sub/../base.raw", &base);
+    layer_over_raw(&inside, "../sub/../base.raw", &base).unwrap();
     let e = open_err(&inside, &ParentPolicy::default());
     assert!(e.contains("outside"), "{e}");
     let below = dir.join("below.strata");
@@ -152,7 +124,7 @@ fn a_fifo_parent_is_refused_without_blocking() {
             fold_ino: 0,
         },
     );
-    write_layer(&top, &h);
+    write_layer(&top, &h).unwrap();
     // On another thread, so that a blocking open fails the test instead of hanging it.
     let (tx, rx) = mpsc::channel();
     let t = top.clone();
@@ -237,7 +209,7 @@ fn a_64_tib_header_on_a_small_file_is_refused_or_opens_cheaply() {
     assert!(e.contains("tiny.strata") && e.contains("truncated"), "{e}");
     // Sparse up to its data area: opens, reading no table (the holes are skipped).
     let sparse = d.path().join("sparse.strata");
-    write_layer(&sparse, &h);
+    write_layer(&sparse, &h).unwrap();
     let c = Chain::open(&sparse, ro()).unwrap();
     assert_eq!(c.virtual_size(), format::MAX_VIRTUAL_SIZE);
     let mut b = [1u8; 4096];
@@ -299,7 +271,7 @@ fn overflowing_cluster_numbers_are_refused() {
     let mut h = Header::new(21, 1 << 30, ParentRef::None);
     h.alloc_end = format::MAX_HOST_CLUSTER + 1;
     let p = d.path().join("mark.strata");
-    write_layer(&p, &h);
+    write_layer(&p, &h).unwrap();
     let e = open_err(&p, &ParentPolicy::default());
     assert!(e.contains("mark.strata") && e.contains("alloc_end"), "{e}");
 
@@ -308,7 +280,7 @@ fn overflowing_cluster_numbers_are_refused() {
     let mut h = Header::new(16, 1 << 30, ParentRef::None);
     h.alloc_end = format::MAX_HOST_CLUSTER + 1;
     let full = d.path().join("full.strata");
-    write_layer(&full, &h);
+    write_layer(&full, &h).unwrap();
     let before = std::fs::read(&full).unwrap();
     let mut c = Chain::open(&full, OpenOptions::default()).unwrap();
     c.prepare_write().unwrap();
@@ -472,13 +444,13 @@ fn an_interrupted_merge_into_a_layer_reopens_and_finishes() {
 fn a_merge_never_writes_outside_the_chains_directory() {
     let (_outer, dir, secret) = victim_setup();
     let before = std::fs::read(&secret).unwrap();
-    let when = mtime(&secret);
+    let when = mtime(&secret).unwrap();
     for (name, recorded) in [
         ("abs.strata", secret.to_str().unwrap().to_string()),
         ("up.strata", "../secret.raw".to_string()),
     ] {
         let top = dir.join(name);
-        crafted_over_raw(&top, &recorded, &secret);
+        layer_over_raw(&top, &recorded, &secret).unwrap();
         let e = error_chain(
             &merge(&top, None, MergeDirection::IntoParent, &mut |_, _| {}).unwrap_err(),
         );
@@ -509,7 +481,7 @@ fn a_merge_never_writes_outside_the_chains_directory() {
         assert!(e.contains("outside"), "{e}");
     }
     assert_eq!(std::fs::read(&secret).unwrap(), before);
-    assert_eq!(mtime(&secret), when);
+    assert_eq!(mtime(&secret).unwrap(), when);
     // `check` does not follow it either: a warning, not corruption.
     let r = check(&dir.join("up.strata"), false).unwrap();
     assert!(r.is_clean(), "{r:?}");

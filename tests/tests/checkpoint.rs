@@ -11,195 +11,30 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use api::types::{
-    AgentStatus, ApplyCheckpoint, CheckpointInfo, CheckpointList, CheckpointType, CreateCheckpoint,
-    TakenType, VmInfo, VmState,
+    ApplyCheckpoint, CheckpointInfo, CheckpointList, CheckpointType, CreateCheckpoint, TakenType,
+    VmInfo, VmState,
 };
 use api::{Client, ClientError};
 use resources::pattern::{fnv1a64_update, sector_fill, FNV_OFFSET, SECTOR_SIZE};
 use snapshot::store::{Store, StoreRecord, LAYERS_DIR, STORE_FILE};
-use strata_tests::{api_client, strata_bin, Reply, Vm};
+use strata_tests::checkpoint_setup::{
+    api_error, count_get, resync, wait_agent, Console, Count, Restored, Setup,
+};
+use strata_tests::{api_client, strata_bin, Vm};
 
 const MIB: u64 = 1 << 20;
 /// The launch disks: small raw files (sparse, all zeros).
 const DISK_SIZE: u64 = 8 * MIB;
-/// Hang guard for one console command of a restored VM (the shared harness uses its own).
-const COMMAND_GUARD: Duration = Duration::from_secs(120);
 /// Hang guard for a process to exit.
 const EXIT_GUARD: Duration = Duration::from_secs(60);
-/// Hang guard for the guest agent to answer `GET /v1/guest` (it reconnects by itself after the
-/// vsock transport reset an apply or restore makes).
-const AGENT_GUARD: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
-// Consoles: `strata run` through the shared harness, `strata restore` through `Restored`.
-
-/// The test guest's console, whichever process serves it.
-trait Console {
-    /// Runs a console command and returns its reply.
-    fn command(&mut self, cmd: &str) -> Reply;
-    /// The console so far, for failure messages.
-    fn transcript(&self) -> String;
-
-    /// Runs a command that must succeed; its output lines.
-    fn ok(&mut self, cmd: &str) -> Vec<String> {
-        let reply = self.command(cmd);
-        match reply.status {
-            Ok(()) => reply.lines,
-            Err(e) => panic!(
-                "{cmd}: err {e} (output {:?})\nconsole:\n{}",
-                reply.lines,
-                self.transcript()
-            ),
-        }
-    }
-
-    /// Runs a command that must succeed with one output line.
-    fn line(&mut self, cmd: &str) -> String {
-        let mut out = self.ok(cmd);
-        assert_eq!(out.len(), 1, "{cmd}: expected one line, got {out:?}");
-        out.remove(0)
-    }
-}
-
-impl Console for Vm {
-    fn command(&mut self, cmd: &str) -> Reply {
-        Vm::command(self, cmd)
-    }
-
-    fn transcript(&self) -> String {
-        self.transcript.join("\n")
-    }
-}
-
-/// A running `strata restore` with its console on piped stdio (the shared harness starts only
-/// `strata run`).
-struct Restored {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    transcript: Vec<String>,
-}
-
-impl Restored {
-    fn start(args: &[&str]) -> Restored {
-        let strata_tests::Console {
-            child,
-            stdin,
-            lines,
-            stderr,
-        } = strata_tests::spawn_console("restore", args);
-        Restored {
-            child,
-            stdin,
-            lines,
-            stderr,
-            transcript: Vec::new(),
-        }
-    }
-
-    fn next_line(&mut self, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => {
-                self.transcript.push(line.clone());
-                line
-            }
-            Err(RecvTimeoutError::Timeout) => panic!(
-                "no console line within {timeout:?}; console so far:\n{}",
-                self.transcript.join("\n")
-            ),
-            Err(RecvTimeoutError::Disconnected) => panic!(
-                "console closed; stderr: {}\nconsole so far:\n{}",
-                self.stderr(),
-                self.transcript.join("\n")
-            ),
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        let stdin = self.stdin.as_mut().expect("console input is open");
-        stdin.write_all(text.as_bytes()).expect("write console");
-        stdin.flush().expect("flush console");
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait strata") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "strata restore did not exit within {timeout:?}; console:\n{}",
-                    self.transcript.join("\n")
-                );
-            }
-            while let Ok(line) = self.lines.try_recv() {
-                self.transcript.push(line);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::thread::sleep(Duration::from_millis(50));
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Console for Restored {
-    fn command(&mut self, cmd: &str) -> Reply {
-        self.send(&format!("{cmd}\n"));
-        // The guest echoes the line after its prompt; the first command after a restore has no
-        // prompt in front (the guest printed it in the process that took the checkpoint).
-        let echo = format!("> {cmd}");
-        let deadline = Instant::now() + COMMAND_GUARD;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.next_line(left.max(Duration::from_millis(1)));
-            if line == cmd || line.ends_with(&echo) {
-                break;
-            }
-        }
-        let mut lines = Vec::new();
-        loop {
-            let line = self.next_line(COMMAND_GUARD);
-            if line == "ok" {
-                return Reply {
-                    lines,
-                    status: Ok(()),
-                };
-            }
-            if let Some(reason) = line.strip_prefix("err") {
-                return Reply {
-                    lines,
-                    status: Err(reason.trim().to_string()),
-                };
-            }
-            lines.push(line);
-        }
-    }
-
-    fn transcript(&self) -> String {
-        self.transcript.join("\n")
-    }
-}
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// Consoles: `Console` (shared) for `strata run` and `strata restore`.
 
 /// Powers the guest off from its console (`poweroff`), waits until the API says the VM is off
 /// (with an API socket the VMM outlives its guest, waiting for the next call), then ends the
@@ -225,81 +60,13 @@ fn power_off(mut con: impl Console, c: Client) {
     drop(con);
 }
 
-/// Puts the console back in step after an apply. The guest then runs on from the checkpoint's
-/// instant, and its prompt `> ` may have been printed before that instant, after it (it comes
-/// again), or not at all before the old VM was halted; the shared harness needs `> CMD` as the
-/// echo of each command. An empty command line ends whatever partial line there is (the guest
-/// answers it with a line end and a new prompt).
-fn resync(vm: &mut Vm) {
-    vm.send("\n");
-    vm.wait_for(COMMAND_GUARD, |l| l.chars().all(|c| c == '>' || c == ' '));
-}
-
 // ---------------------------------------------------------------------------------------------
 // A VM's files: launch disks, sockets, checkpoint location.
 
-struct Setup {
-    dir: tempfile::TempDir,
-    state: PathBuf,
-    sock: PathBuf,
-    vsock: PathBuf,
-    disks: Vec<PathBuf>,
-}
-
-impl Setup {
-    /// `ndisks` zeroed raw launch disks of [`DISK_SIZE`] and the paths of a VM's sockets.
-    fn new(ndisks: usize) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let disks: Vec<PathBuf> = (0..ndisks)
-            .map(|i| {
-                let p = dir.path().join(format!("launch{i}.raw"));
-                std::fs::File::create(&p)
-                    .unwrap()
-                    .set_len(DISK_SIZE)
-                    .unwrap();
-                p
-            })
-            .collect();
-        Setup {
-            state: dir.path().join("state"),
-            sock: dir.path().join("api.sock"),
-            vsock: dir.path().join("v.sock"),
-            disks,
-            dir,
-        }
-    }
-
-    /// `strata run` arguments: `vcpus`, 64 MiB, the disks, the vsock device, the API socket
-    /// and the checkpoint location.
-    fn run_args(&self, vcpus: u32) -> Vec<String> {
-        let mut args = vec![
-            "--vcpus".to_string(),
-            vcpus.to_string(),
-            "--memory".into(),
-            "64M".into(),
-            "--api-socket".into(),
-            self.sock.display().to_string(),
-            "--state-dir".into(),
-            self.state.display().to_string(),
-            "--vsock".into(),
-            format!("cid=3,socket={}", self.vsock.display()),
-        ];
-        for d in &self.disks {
-            args.push("--disk".into());
-            args.push(format!("path={}", d.display()));
-        }
-        args
-    }
-
-    /// Boots `strata run` with [`Setup::run_args`]; waits for the guest and the API.
-    fn boot(&self, vcpus: u32) -> (Vm, Client) {
-        let args = self.run_args(vcpus);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut vm = Vm::start(&args);
-        assert_eq!(vm.wait_ready(), vcpus, "the guest did not start every vCPU");
-        let c = api_client(&self.sock);
-        (vm, c)
-    }
+/// Boots `strata run` on `s`'s disks: `vcpus`, 64 MiB, the vsock device, the API socket and
+/// the checkpoint location; waits for the guest and the API.
+fn boot(s: &Setup, vcpus: u32) -> (Vm, Client) {
+    s.boot(Some(vcpus), &["--vsock", &s.vsock_arg()])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -371,24 +138,6 @@ fn apply(c: &Client, id: &str) -> Result<VmInfo, ClientError> {
     )
 }
 
-/// Polls `GET /v1/guest` until the agent answers.
-fn wait_agent(c: &Client, when: &str) {
-    let deadline = Instant::now() + AGENT_GUARD;
-    loop {
-        match c.guest() {
-            Ok(g) => {
-                assert_eq!(g.agent, AgentStatus::Connected);
-                return;
-            }
-            Err(e) => assert!(
-                Instant::now() < deadline,
-                "{when}: the guest agent did not answer within {AGENT_GUARD:?}: {e}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 /// The contents of `paths`, to compare byte for byte later.
 fn read_files(paths: &[PathBuf]) -> Vec<(PathBuf, Vec<u8>)> {
     paths
@@ -439,30 +188,6 @@ fn active_layers(state: &Path) -> Vec<PathBuf> {
 
 // ---------------------------------------------------------------------------------------------
 // The count / memory / disks / agent scenario (tests 1 and 2).
-
-/// `count get`: the sum and each vCPU's counter.
-#[derive(Debug, Clone)]
-struct Count {
-    total: u64,
-    per_cpu: Vec<u64>,
-}
-
-fn count_get(con: &mut impl Console) -> Count {
-    let out = con.ok("count get");
-    let [total, per_cpu] = out.as_slice() else {
-        panic!("count get: expected two lines, got {out:?}");
-    };
-    let total = total
-        .parse()
-        .unwrap_or_else(|_| panic!("count get: bad total {total:?}"));
-    let per_cpu = per_cpu
-        .strip_prefix("per-cpu")
-        .unwrap_or_else(|| panic!("count get: bad per-cpu line {per_cpu:?}"))
-        .split_whitespace()
-        .map(|n| n.parse().unwrap())
-        .collect();
-    Count { total, per_cpu }
-}
 
 /// Disk 0 and disk 1 ranges the scenario checks: they cover what was written before the
 /// checkpoint and what is written after it (partly over it, partly on sectors that were zero).
@@ -599,8 +324,8 @@ fn verify_back_at_checkpoint(
 
 /// Test 1 on `vcpus` vCPUs: apply in place.
 fn apply_in_place_resumes_the_checkpoint(vcpus: u32) {
-    let s = Setup::new(2);
-    let (mut vm, c) = s.boot(vcpus);
+    let s = Setup::new(&[DISK_SIZE; 2]);
+    let (mut vm, c) = boot(&s, vcpus);
     let at = run_up_to_checkpoint(&mut vm, &c, vcpus);
     let top = diverge(&mut vm, &at);
     let v = apply(&c, &at.info.id)
@@ -630,8 +355,8 @@ fn apply_in_place_resumes_count_memory_disks_and_agent_on_4_vcpus() {
 
 /// Test 2 on `vcpus` vCPUs: `strata restore` in a new process once the first one exited.
 fn restore_in_a_new_process_resumes_the_checkpoint(vcpus: u32) {
-    let s = Setup::new(2);
-    let (mut vm, c) = s.boot(vcpus);
+    let s = Setup::new(&[DISK_SIZE; 2]);
+    let (mut vm, c) = boot(&s, vcpus);
     let at = run_up_to_checkpoint(&mut vm, &c, vcpus);
     let top = diverge(&mut vm, &at);
     power_off(vm, c);
@@ -691,8 +416,8 @@ fn strata_disk_check(path: &Path) -> Result<(), String> {
 #[test]
 fn ten_rounds_of_checkpoint_apply_checkpoint_leave_a_clean_store_and_frozen_launch_disks() {
     const ROUNDS: u64 = 10;
-    let s = Setup::new(2);
-    let (mut vm, c) = s.boot(2);
+    let s = Setup::new(&[DISK_SIZE; 2]);
+    let (mut vm, c) = boot(&s, 2);
     let mut models = vec![DiskModel::zero(), DiskModel::zero()];
     // The sectors each round writes, all inside this range of each disk.
     let range = (1000, 8 * (2 * ROUNDS + 2));
@@ -853,8 +578,8 @@ fn check_store(state: &Path, list: &CheckpointList) {
 
 #[test]
 fn reboot_after_a_checkpoint_writes_only_the_active_layers() {
-    let s = Setup::new(2);
-    let (mut vm, c) = s.boot(2);
+    let s = Setup::new(&[DISK_SIZE; 2]);
+    let (mut vm, c) = boot(&s, 2);
     let mut models = vec![DiskModel::zero(), DiskModel::zero()];
     disk_write(&mut vm, &mut models, 0, 10, 16, 1);
     disk_write(&mut vm, &mut models, 1, 20, 16, 2);
@@ -937,16 +662,6 @@ fn reboot_after_a_checkpoint_writes_only_the_active_layers() {
 // ---------------------------------------------------------------------------------------------
 // Test 5: corrupt state and memory files are refused, naming the file.
 
-/// An API error's status and message.
-fn api_error(r: Result<VmInfo, ClientError>, what: &str) -> (u16, String) {
-    match r {
-        Err(ClientError::Api {
-            status, message, ..
-        }) => (status, message),
-        other => panic!("{what}: expected an API error, got {other:?}"),
-    }
-}
-
 /// Runs `strata restore` expecting it to refuse: its exit status and stderr.
 fn refused_restore(checkpoint: &Path, sock: &Path) -> (ExitStatus, String) {
     let mut r = Restored::start(&[
@@ -977,8 +692,8 @@ fn still_running(vm: &mut Vm, c: &Client, current: &str, what: &str) {
 
 #[test]
 fn corrupt_state_and_memory_files_are_refused_naming_the_file() {
-    let s = Setup::new(2);
-    let (mut vm, c) = s.boot(2);
+    let s = Setup::new(&[DISK_SIZE; 2]);
+    let (mut vm, c) = boot(&s, 2);
     vm.ok("count start");
     vm.ok("fill 8 3");
     let c1 = take_checkpoint(&c, "state to corrupt");
@@ -992,7 +707,7 @@ fn corrupt_state_and_memory_files_are_refused_naming_the_file() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x20;
     std::fs::write(&state1, &bytes).unwrap();
-    let (status, message) = api_error(apply(&c, &c1.id), "apply with a corrupt state file");
+    let (status, _, message) = api_error(apply(&c, &c1.id), "apply with a corrupt state file");
     eprintln!("apply, corrupt state file: HTTP {status}: {message}");
     assert!(status == 409 || status == 500, "HTTP {status}: {message}");
     assert!(
@@ -1016,7 +731,7 @@ fn corrupt_state_and_memory_files_are_refused_naming_the_file() {
             .unwrap()
             .set_len(new_len)
             .unwrap();
-        let (status, message) = api_error(
+        let (status, _, message) = api_error(
             apply(&c, &c2.id),
             &format!("apply with a memory file {how} than its layout"),
         );

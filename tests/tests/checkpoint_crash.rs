@@ -29,7 +29,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::hash::Hasher;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -43,6 +42,7 @@ use api::types::{ApplyCheckpoint, CheckpointList, CheckpointType, CreateCheckpoi
 use resources::pattern::{fnv1a64_update, sector_fill, FNV_OFFSET, SECTOR_SIZE};
 use snapshot::manifest::{Manifest, MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
 use snapshot::store::{Store, TMP_PREFIX};
+use strata_tests::checkpoint_setup::{file_digest, flatten, ids};
 use strata_tests::{api_client, require_kvm, strata_bin};
 
 /// Hang guard for a console command or a boot (guest code runs at ~1 M instructions/s).
@@ -521,28 +521,6 @@ fn join_answer<T>(call: std::thread::JoinHandle<T>, f: &mut Findings) -> T {
         ));
     }
     call.join().expect("the API call's thread")
-}
-
-fn ids(list: &CheckpointList) -> Vec<String> {
-    list.checkpoints.iter().map(|c| c.id.clone()).collect()
-}
-
-/// A hash of a file's bytes (std's SipHash: precompiled and fast in a debug build).
-fn file_digest(path: &Path) -> Result<(u64, u64), String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut h = std::hash::DefaultHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 {
-            return Ok((len, h.finish()));
-        }
-        h.write(&buf[..n]);
-        len += n as u64;
-    }
 }
 
 /// Every file checkpoint `id` consists of: its folder's manifest, state and memory, and each
@@ -1227,27 +1205,7 @@ fn checkpoint_hashes(env: &Env, id: &str) -> Result<Vec<u64>, String> {
     let mut out = Vec::new();
     for (i, top) in info.disks.iter().enumerate() {
         let flat = env.state.with_file_name(format!("flat-{id}-{i}.raw"));
-        let _ = std::fs::remove_file(&flat);
-        let o = Command::new(strata_bin())
-            .args([
-                "disk",
-                "convert",
-                "--allow-parent-outside",
-                "--format",
-                "raw",
-            ])
-            .arg(top)
-            .arg(&flat)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run strata disk convert: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "strata disk convert {top}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        let bytes = std::fs::read(&flat).map_err(|e| format!("read {}: {e}", flat.display()))?;
+        let bytes = flatten(top, &flat)?;
         let _ = std::fs::remove_file(&flat);
         out.push(fnv1a64_update(FNV_OFFSET, &bytes));
     }

@@ -13,12 +13,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use api::types::{ApplyCheckpoint, CheckpointType, CreateCheckpoint, VmState};
 use api::Client;
 use resources::pattern::{fnv1a64_update, sector_fill, FNV_OFFSET, SECTOR_SIZE};
-use strata_tests::{api_client, strata_bin, Vm};
+use strata_tests::checkpoint_setup::{flatten, ids, Setup};
+use strata_tests::Vm;
 
 const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 4 * MIB;
@@ -120,26 +120,7 @@ fn checkpoint_hashes(api: &Client, id: &str, scratch: &Path) -> Vec<u64> {
         .enumerate()
         .map(|(i, top)| {
             let out = scratch.join(format!("flat-{id}-{i}.raw"));
-            let _ = std::fs::remove_file(&out);
-            let o = Command::new(strata_bin())
-                .args([
-                    "disk",
-                    "convert",
-                    "--allow-parent-outside",
-                    "--format",
-                    "raw",
-                ])
-                .arg(top)
-                .arg(&out)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "strata disk convert {top}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            let bytes = std::fs::read(&out).unwrap();
+            let bytes = flatten(top, &out).unwrap_or_else(|e| panic!("{e}"));
             std::fs::remove_file(&out).unwrap();
             assert_eq!(bytes.len() as u64, DISK_SIZE);
             fnv1a64_update(FNV_OFFSET, &bytes)
@@ -174,50 +155,25 @@ fn layer_files(state: &Path) -> Vec<PathBuf> {
 /// location and `extra` arguments (`v.sock` in them means a file in the test's folder); returns
 /// the folder, the location, the launch disks and the guest.
 fn boot(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<PathBuf>, Guest) {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let sock = dir.path().join("api.sock");
-    let launch: Vec<PathBuf> = (0..DISKS)
-        .map(|i| {
-            let p = dir.path().join(format!("launch{i}.raw"));
-            std::fs::File::create(&p)
-                .unwrap()
-                .set_len(DISK_SIZE)
-                .unwrap();
-            p
-        })
+    let s = Setup::new(&[DISK_SIZE; DISKS]);
+    let folder = s.dir.path().display().to_string();
+    let extra: Vec<String> = extra
+        .iter()
+        .map(|a| a.replace("v.sock", &format!("{folder}/v.sock")))
         .collect();
-    let mut args = vec![
-        "--vcpus".to_string(),
-        "2".into(),
-        "--memory".into(),
-        "64M".into(),
-        "--api-socket".into(),
-        sock.display().to_string(),
-        "--state-dir".into(),
-        state.display().to_string(),
-    ];
-    let folder = dir.path().display().to_string();
-    args.extend(
-        extra
-            .iter()
-            .map(|a| a.replace("v.sock", &format!("{folder}/v.sock"))),
-    );
-    for d in &launch {
-        args.push("--disk".into());
-        args.push(format!("path={}", d.display()));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut vm = Vm::start(&args);
-    assert_eq!(vm.wait_ready(), 2);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let (vm, api) = s.boot(Some(2), &extra);
     let g = Guest {
         vm,
-        api: api_client(&sock),
+        api,
         model: Model::new(),
         regions: Vec::new(),
         next_seed: 100,
     };
-    (dir, state, launch, g)
+    let Setup {
+        dir, state, disks, ..
+    } = s;
+    (dir, state, disks, g)
 }
 
 #[test]
@@ -297,7 +253,7 @@ fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest
             .unwrap_or_else(|e| panic!("delete {}: {e}", name[id]));
         remaining.retain(|r| r != id);
         let list = g.api.checkpoints().unwrap();
-        let mut listed: Vec<String> = list.checkpoints.iter().map(|c| c.id.clone()).collect();
+        let mut listed = ids(&list);
         listed.sort();
         let mut want = remaining.clone();
         want.sort();

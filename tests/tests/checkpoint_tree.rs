@@ -33,180 +33,31 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use api::call::LifecycleAction;
 use api::types::{
-    AgentStatus, ApplyCheckpoint, ChangesInfo, CheckpointConfig, CheckpointInfo, CheckpointList,
-    CheckpointType, Consistency, CreateCheckpoint, DiskFormat, ExportCheckpoint, ExportInfo,
-    TakenType, VmInfo, VmState, PROGRESS_EXPORT,
+    ApplyCheckpoint, ChangesInfo, CheckpointConfig, CheckpointInfo, CheckpointList, CheckpointType,
+    Consistency, CreateCheckpoint, DiskFormat, ExportCheckpoint, ExportInfo, TakenType, VmInfo,
+    VmState, PROGRESS_EXPORT,
 };
 use api::Client;
 use resources::pattern::{fnv1a64_update, sector_fill, FNV_OFFSET, SECTOR_SIZE};
-use strata_tests::{api_client, strata_bin, Reply, Vm};
+use strata_tests::checkpoint_setup::{
+    count_get, resync, start, wait_agent, wait_state, Console, Count, Restored, Setup,
+};
+use strata_tests::{api_client, strata_bin, Vm};
 
 const MIB: u64 = 1 << 20;
 /// The launch disks of tests 1 and 2: small raw files (sparse, all zeros).
 const DISK_SIZE: u64 = 8 * MIB;
 /// Guest memory filled by `fill` (MiB).
 const FILL_MIB: u32 = 8;
-/// Hang guard for one console command of a restored VM (the shared harness uses its own).
-const COMMAND_GUARD: Duration = Duration::from_secs(120);
-/// Hang guard for the guest agent to answer, and for the VM to reach a state.
-const AGENT_GUARD: Duration = Duration::from_secs(60);
 /// Hang guard for a host tool (`strata ctl`, `strata disk`, `qemu-img`, `dd`).
 const TOOL_GUARD: Duration = Duration::from_secs(300);
 
 // ---------------------------------------------------------------------------------------------
-// Consoles: `strata run` through the shared harness, `strata restore` through `Restored`.
-
-/// The test guest's console, whichever process serves it.
-trait Console {
-    /// Runs a console command and returns its reply.
-    fn command(&mut self, cmd: &str) -> Reply;
-    /// The console so far, for failure messages.
-    fn transcript(&self) -> String;
-
-    /// Runs a command that must succeed; its output lines.
-    fn ok(&mut self, cmd: &str) -> Vec<String> {
-        let reply = self.command(cmd);
-        match reply.status {
-            Ok(()) => reply.lines,
-            Err(e) => panic!(
-                "{cmd}: err {e} (output {:?})\nconsole:\n{}",
-                reply.lines,
-                self.transcript()
-            ),
-        }
-    }
-
-    /// Runs a command that must succeed with one output line.
-    fn line(&mut self, cmd: &str) -> String {
-        let mut out = self.ok(cmd);
-        assert_eq!(out.len(), 1, "{cmd}: expected one line, got {out:?}");
-        out.remove(0)
-    }
-}
-
-impl Console for Vm {
-    fn command(&mut self, cmd: &str) -> Reply {
-        Vm::command(self, cmd)
-    }
-
-    fn transcript(&self) -> String {
-        self.transcript.join("\n")
-    }
-}
-
-/// A running `strata restore` with its console on piped stdio.
-struct Restored {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    transcript: Vec<String>,
-}
-
-impl Restored {
-    fn start(args: &[&str]) -> Restored {
-        let strata_tests::Console {
-            child,
-            stdin,
-            lines,
-            stderr,
-        } = strata_tests::spawn_console("restore", args);
-        Restored {
-            child,
-            stdin,
-            lines,
-            stderr,
-            transcript: Vec::new(),
-        }
-    }
-
-    fn next_line(&mut self, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => {
-                self.transcript.push(line.clone());
-                line
-            }
-            Err(RecvTimeoutError::Timeout) => panic!(
-                "no console line within {timeout:?}; console so far:\n{}",
-                self.transcript.join("\n")
-            ),
-            Err(RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(Duration::from_millis(50));
-                panic!(
-                    "console closed; stderr: {}\nconsole so far:\n{}",
-                    self.stderr.lock().unwrap(),
-                    self.transcript.join("\n")
-                )
-            }
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        let stdin = self.stdin.as_mut().expect("console input is open");
-        stdin.write_all(text.as_bytes()).expect("write console");
-        stdin.flush().expect("flush console");
-    }
-}
-
-impl Console for Restored {
-    fn command(&mut self, cmd: &str) -> Reply {
-        self.send(&format!("{cmd}\n"));
-        // The first command after a restore has no prompt in front (the guest printed it in
-        // the process that took the checkpoint).
-        let echo = format!("> {cmd}");
-        let deadline = Instant::now() + COMMAND_GUARD;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.next_line(left.max(Duration::from_millis(1)));
-            if line == cmd || line.ends_with(&echo) {
-                break;
-            }
-        }
-        let mut lines = Vec::new();
-        loop {
-            let line = self.next_line(COMMAND_GUARD);
-            if line == "ok" {
-                return Reply {
-                    lines,
-                    status: Ok(()),
-                };
-            }
-            if let Some(reason) = line.strip_prefix("err") {
-                return Reply {
-                    lines,
-                    status: Err(reason.trim().to_string()),
-                };
-            }
-            lines.push(line);
-        }
-    }
-
-    fn transcript(&self) -> String {
-        self.transcript.join("\n")
-    }
-}
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Puts the console back in step after a standard apply: the guest runs on from the
-/// checkpoint's instant, its prompt printed before that instant, after it, or not at all. An
-/// empty command line ends whatever partial line there is (the guest answers with a prompt).
-fn resync(vm: &mut Vm) {
-    vm.send("\n");
-    vm.wait_for(COMMAND_GUARD, |l| l.chars().all(|c| c == '>' || c == ' '));
-}
+// Consoles: `Console` (shared) for `strata run` and `strata restore`.
 
 /// Powers the guest off from its console and waits until the API says the VM is off.
 fn power_off(con: &mut impl Console, c: &Client) {
@@ -215,121 +66,33 @@ fn power_off(con: &mut impl Console, c: &Client) {
     assert_eq!(v.last_exit.as_deref(), Some("poweroff"), "{v:?}");
 }
 
-/// Polls `GET /v1/vm` until the VM is in `state`.
-fn wait_state(c: &Client, state: VmState) -> VmInfo {
-    let deadline = Instant::now() + AGENT_GUARD;
-    loop {
-        let v = c.vm().unwrap();
-        if v.state == state {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the VM is not {state:?} within {AGENT_GUARD:?}: {v:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Polls `GET /v1/guest` until the agent answers.
-fn wait_agent(c: &Client, when: &str) {
-    let deadline = Instant::now() + AGENT_GUARD;
-    loop {
-        match c.guest() {
-            Ok(g) => {
-                assert_eq!(g.agent, AgentStatus::Connected);
-                return;
-            }
-            Err(e) => assert!(
-                Instant::now() < deadline,
-                "{when}: the guest agent did not answer within {AGENT_GUARD:?}: {e}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// `start` over the API and the guest's ready line (a cold boot).
-fn start(vm: &mut Vm, c: &Client) {
-    let v = c
-        .lifecycle(LifecycleAction::Start)
-        .unwrap_or_else(|e| panic!("start: {e}"));
-    assert_eq!(v.state, VmState::Running, "{v:?}");
-    vm.wait_ready();
-}
-
 // ---------------------------------------------------------------------------------------------
 // A VM's files.
 
-struct Setup {
-    dir: tempfile::TempDir,
-    /// Where exports go: the VMM may write there (`--allow-path`).
-    out: PathBuf,
-    state: PathBuf,
-    sock: PathBuf,
-    vsock: PathBuf,
-    disks: Vec<PathBuf>,
+/// A VM's files ([`Setup`]) on raw launch disks of the given sizes, and `out/` in its folder,
+/// where exports go (the VMM may write there: `--allow-path`).
+fn setup(sizes: &[u64]) -> (Setup, PathBuf) {
+    let s = Setup::new(sizes);
+    let out = s.path("out");
+    std::fs::create_dir(&out).unwrap();
+    (s, out)
 }
 
-impl Setup {
-    /// Raw launch disks of the given sizes (sparse, zeros) and the paths of a VM's sockets and
-    /// checkpoint location.
-    fn new(sizes: &[u64]) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let disks: Vec<PathBuf> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &size)| {
-                let p = dir.path().join(format!("launch{i}.raw"));
-                std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-                p
-            })
-            .collect();
-        let out = dir.path().join("out");
-        std::fs::create_dir(&out).unwrap();
-        Setup {
-            out,
-            state: dir.path().join("state"),
-            sock: dir.path().join("api.sock"),
-            vsock: dir.path().join("v.sock"),
-            disks,
-            dir,
-        }
-    }
-
-    /// Boots `strata run`: 2 vCPUs, 64 MiB, the disks, vsock, the API socket, the checkpoint
-    /// location and the export folder; the default checkpoint type (production). Waits for the guest,
-    /// the API and the agent.
-    fn boot(&self) -> (Vm, Client) {
-        let mut args = vec![
-            "--vcpus".to_string(),
-            "2".into(),
-            "--memory".into(),
-            "64M".into(),
-            "--api-socket".into(),
-            self.sock.display().to_string(),
-            "--state-dir".into(),
-            self.state.display().to_string(),
-            "--vsock".into(),
-            format!("cid=3,socket={}", self.vsock.display()),
-            "--allow-path".into(),
-            self.out.display().to_string(),
-        ];
-        for d in &self.disks {
-            args.push("--disk".into());
-            args.push(format!("path={}", d.display()));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut vm = Vm::start(&args);
-        assert_eq!(vm.wait_ready(), 2, "the guest did not start every vCPU");
-        let c = api_client(&self.sock);
-        wait_agent(&c, "after boot");
-        (vm, c)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
+/// Boots `strata run`: 2 vCPUs, 64 MiB, the disks, vsock, the API socket, the checkpoint
+/// location and the export folder `out`; the default checkpoint type (production). Waits for
+/// the guest, the API and the agent.
+fn boot(s: &Setup, out: &Path) -> (Vm, Client) {
+    let (vm, c) = s.boot(
+        Some(2),
+        &[
+            "--vsock",
+            &s.vsock_arg(),
+            "--allow-path",
+            &out.display().to_string(),
+        ],
+    );
+    wait_agent(&c, "after boot");
+    (vm, c)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -546,31 +309,6 @@ fn qemu_img_identical(a: &Path, b: &Path) -> Result<(), String> {
 
 // ---------------------------------------------------------------------------------------------
 // The counter and memory.
-
-/// `count get`: the sum and each vCPU's counter.
-#[derive(Debug, Clone)]
-struct Count {
-    total: u64,
-    per_cpu: Vec<u64>,
-}
-
-fn count_get(con: &mut impl Console) -> Count {
-    let out = con.ok("count get");
-    let [total, per_cpu] = out.as_slice() else {
-        panic!("count get: expected two lines, got {out:?}");
-    };
-    Count {
-        total: total
-            .parse()
-            .unwrap_or_else(|_| panic!("count get: bad total {total:?}")),
-        per_cpu: per_cpu
-            .strip_prefix("per-cpu")
-            .unwrap_or_else(|| panic!("count get: bad per-cpu line {per_cpu:?}"))
-            .split_whitespace()
-            .map(|n| n.parse().unwrap())
-            .collect(),
-    }
-}
 
 /// A standard checkpoint and the guest just before it: its count, memory seed and disks.
 struct Standard {
@@ -794,9 +532,9 @@ fn assert_ctl_tree(sock: &Path, want: &[TreeRow], names: &[(&str, &CheckpointInf
 
 #[test]
 fn a_tree_of_both_kinds_on_two_branches_with_apply_save_current_and_revert() {
-    let s = Setup::new(&[DISK_SIZE]);
+    let (s, outdir) = setup(&[DISK_SIZE]);
     let scratch = s.path("");
-    let (mut vm, c) = s.boot();
+    let (mut vm, c) = boot(&s, &outdir);
     let mut models = vec![DiskModel::zero()];
     // Nothing to revert to yet: 404, and nothing happens.
     let e = c.revert().expect_err("revert with no checkpoint");
@@ -1224,9 +962,9 @@ fn check_changes(
 
 #[test]
 fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_branches() {
-    let s = Setup::new(&[DISK_SIZE, DISK_SIZE]);
+    let (s, outdir) = setup(&[DISK_SIZE, DISK_SIZE]);
     let scratch = s.path("");
-    let (mut vm, c) = s.boot();
+    let (mut vm, c) = boot(&s, &outdir);
     let mut models = vec![DiskModel::zero(), DiskModel::zero()];
     vm.ok("count start");
     vm.ok(&format!("fill {FILL_MIB} 5"));
@@ -1281,7 +1019,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
     }
 
     // Exports: every checkpoint raw through the API; S1 also through ctl, P3 also as strata.
-    let exports = s.out.join("exports");
+    let exports = outdir.join("exports");
     std::fs::create_dir(&exports).unwrap();
     let mut images: Vec<Vec<Vec<u8>>> = Vec::new();
     for t in [&p0, &s1t, &p2, &p3] {
@@ -1335,7 +1073,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
         v.sort();
         v
     };
-    let (before, parent_before) = (listing(&exports), listing(&s.out));
+    let (before, parent_before) = (listing(&exports), listing(&outdir));
     let e = c
         .export_checkpoint(
             &p2.info.id,
@@ -1355,7 +1093,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
         "a refused export wrote into the folder"
     );
     assert_eq!(
-        listing(&s.out),
+        listing(&outdir),
         parent_before,
         "a refused export left files beside it"
     );
@@ -1429,7 +1167,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
             older,
             (newer.0, newer.1),
             &launch,
-            &s.out.join("incremental"),
+            &outdir.join("incremental"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(changed < 2 * DISK_SIZE, "{changed}");
@@ -1453,7 +1191,7 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
             Some((o.0, o.1)),
             (n.0, n.1),
             &launch,
-            &s.out.join("incremental"),
+            &outdir.join("incremental"),
         )
         .err()
         .map(|e| {
@@ -1562,20 +1300,20 @@ fn dd_seconds(path: &Path, mib: u64) -> f64 {
 
 #[test]
 fn export_reports_progress_in_the_api_and_ctl_and_its_throughput_is_measured() {
-    let s = Setup::new(&[]);
+    let (s, outdir) = setup(&[]);
     let launch = s.path("data.raw");
     write_data_disk(&launch, BIG_DISK);
     let s = Setup {
         disks: vec![launch.clone()],
         ..s
     };
-    let (mut vm, c) = s.boot();
+    let (mut vm, c) = boot(&s, &outdir);
     vm.ok("blk 0 write 10 8 3");
     vm.ok("blk 0 flush");
     let info = take_production(&c, "big");
 
     // The API: poll the list while the export runs on another thread.
-    let dest = s.out.join("export-api");
+    let dest = outdir.join("export-api");
     let poll = api_client(&s.sock);
     let started = Instant::now();
     let (id, d2, sock) = (info.id.clone(), dest.clone(), s.sock.clone());
@@ -1623,7 +1361,7 @@ fn export_reports_progress_in_the_api_and_ctl_and_its_throughput_is_measured() {
     qemu_img_identical(&launch, Path::new(&exported.disks[0])).unwrap_or_else(|e| panic!("{e}"));
 
     // strata ctl on a terminal (script gives it one): a progress bar.
-    let ctl_dest = s.out.join("export-ctl");
+    let ctl_dest = outdir.join("export-ctl");
     let command = format!(
         "{} ctl --api-socket {} checkpoint export {} {}",
         strata_bin().display(),

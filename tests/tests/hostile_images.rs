@@ -8,11 +8,12 @@
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use disk::crafted::{layer_over_raw, mtime, write_layer};
 use disk::format::{self, Header, ParentRef};
 use disk::{create_empty, create_layer, Chain, CreateOptions, OpenOptions};
 use strata_tests::strata_bin;
@@ -85,33 +86,6 @@ fn args(list: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
     list.iter().map(|a| a.as_ref().to_os_string()).collect()
 }
 
-fn mtime(p: &Path) -> (i64, u32) {
-    let m = std::fs::metadata(p).unwrap();
-    (m.mtime(), m.mtime_nsec() as u32)
-}
-
-fn write_layer(path: &Path, h: &Header) {
-    let f = std::fs::File::create(path).unwrap();
-    f.write_all_at(&h.encode(), 0).unwrap();
-    f.set_len(h.data_offset).unwrap();
-}
-
-/// A layer naming `recorded` as its raw parent with the identity of `victim`.
-fn over_raw(path: &Path, recorded: &str, victim: &Path) {
-    let len = std::fs::metadata(victim).unwrap().len();
-    let h = Header::new(
-        16,
-        len.next_multiple_of(512),
-        ParentRef::Raw {
-            path: recorded.into(),
-            size: len,
-            mtime: mtime(victim),
-            fold_ino: 0,
-        },
-    );
-    write_layer(path, &h);
-}
-
 /// The corpus, in `dir/vm/`, with a "secret" file in `dir`: (file, what its error must say).
 fn corpus(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let vm = dir.join("vm");
@@ -121,11 +95,11 @@ fn corpus(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let mut out = Vec::new();
 
     let p = vm.join("absolute-parent.strata");
-    over_raw(&p, secret.to_str().unwrap(), &secret);
+    layer_over_raw(&p, secret.to_str().unwrap(), &secret).unwrap();
     out.push((p, "outside"));
 
     let p = vm.join("dotdot-parent.strata");
-    over_raw(&p, "../secret.raw", &secret);
+    layer_over_raw(&p, "../secret.raw", &secret).unwrap();
     out.push((p, "outside"));
 
     let fifo = vm.join("pipe");
@@ -143,7 +117,7 @@ fn corpus(dir: &Path) -> Vec<(PathBuf, &'static str)> {
         },
     );
     let p = vm.join("fifo-parent.strata");
-    write_layer(&p, &h);
+    write_layer(&p, &h).unwrap();
     out.push((p, "FIFO"));
 
     let base = vm.join("base.raw");
@@ -174,7 +148,7 @@ fn corpus(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let mut h = Header::new(21, 1 << 30, ParentRef::None);
     h.alloc_end = format::MAX_HOST_CLUSTER + 1;
     let p = vm.join("overflowing-mark.strata");
-    write_layer(&p, &h);
+    write_layer(&p, &h).unwrap();
     out.push((p, "alloc_end"));
 
     let p = vm.join("overflowing-table.strata");
@@ -259,7 +233,7 @@ fn huge_sparse_images_open_and_check_in_small_memory() {
         ParentRef::None,
     );
     let big = d.path().join("64tib-sparse.strata");
-    write_layer(&big, &h);
+    write_layer(&big, &h).unwrap();
     // A 1 GiB layer whose file is 1 TiB long (a sparse tail of 2^24 free clusters).
     let long = d.path().join("long-tail.strata");
     create_empty(&long, 1 << 30, CreateOptions::default()).unwrap();
@@ -301,7 +275,7 @@ fn strata_disk_merge_never_writes_outside_the_chains_folder() {
     let victim = d.path().join("victim.raw");
     std::fs::write(&victim, vec![0x5au8; 1 << 20]).unwrap();
     let before = std::fs::read(&victim).unwrap();
-    let when = mtime(&victim);
+    let when = mtime(&victim).unwrap();
     // A layer over the victim made with the opt-in (as a user who trusts it would), given data.
     let top = vm.join("top.strata");
     let r = strata(
@@ -341,7 +315,7 @@ fn strata_disk_merge_never_writes_outside_the_chains_folder() {
         );
     }
     assert_eq!(std::fs::read(&victim).unwrap(), before);
-    assert_eq!(mtime(&victim), when);
+    assert_eq!(mtime(&victim).unwrap(), when);
     // `create --parent` refuses an outside parent unless asked, and records a relative name
     // for one in the folder.
     let r = strata(

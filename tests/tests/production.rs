@@ -23,7 +23,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::hash::Hasher;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -31,12 +30,15 @@ use std::time::{Duration, Instant};
 
 use api::call::LifecycleAction;
 use api::types::{
-    AgentStatus, ApplyCheckpoint, CheckpointInfo, CheckpointList, CheckpointType, Consistency,
-    CreateCheckpoint, TakenType, VmInfo, VmState,
+    ApplyCheckpoint, CheckpointInfo, CheckpointList, CheckpointType, Consistency, CreateCheckpoint,
+    TakenType, VmInfo, VmState,
 };
 use api::{Client, ClientError};
 use resources::pattern::{log_record_parse, SECTOR_SIZE};
-use strata_tests::{api_client, Vm};
+use strata_tests::checkpoint_setup::{
+    api_error, file_digest, start, wait_agent, wait_state, Setup,
+};
+use strata_tests::Vm;
 
 const MIB: u64 = 1 << 20;
 /// The launch disks: small raw files (sparse, all zeros). 8192 log records fit.
@@ -47,81 +49,24 @@ const DISK_RECORDS: u64 = DISK_SIZE / SECTOR_SIZE as u64;
 const MIN_RECORDS: u64 = 16;
 /// `vmm::config::DEFAULT_CMDLINE`, which `--cmdline` replaces: kept, with the agent switched off.
 const AGENT_OFF_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 strata.agent=off";
-/// Hang guard for the guest agent to answer `GET /v1/guest`.
-const AGENT_GUARD: Duration = Duration::from_secs(60);
 /// Hang guard for a log to grow.
 const GROWTH_GUARD: Duration = Duration::from_secs(180);
-/// Hang guard for the VM to reach a state.
-const STATE_GUARD: Duration = Duration::from_secs(60);
+/// Hang guard for the answer to a raw HTTP request on the API socket.
+const HTTP_GUARD: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
 // A VM's files and its `strata run`.
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    state: PathBuf,
-    sock: PathBuf,
-    vsock: PathBuf,
-    disks: Vec<PathBuf>,
-}
-
-impl Setup {
-    /// `ndisks` zeroed raw launch disks of [`DISK_SIZE`] and the paths of a VM's sockets and
-    /// checkpoint location.
-    fn new(ndisks: usize) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let disks: Vec<PathBuf> = (0..ndisks)
-            .map(|i| {
-                let p = dir.path().join(format!("launch{i}.raw"));
-                std::fs::File::create(&p)
-                    .unwrap()
-                    .set_len(DISK_SIZE)
-                    .unwrap();
-                p
-            })
-            .collect();
-        Setup {
-            state: dir.path().join("state"),
-            sock: dir.path().join("api.sock"),
-            vsock: dir.path().join("v.sock"),
-            disks,
-            _dir: dir,
-        }
+/// Boots `strata run` on `s`: 64 MiB, the disks, the vsock device, the API socket and the
+/// checkpoint location; the default vCPUs and checkpoint type; `cmdline` if given. Waits for
+/// the guest and the API.
+fn boot(s: &Setup, cmdline: Option<&str>) -> (Vm, Client) {
+    let vsock = s.vsock_arg();
+    let mut extra = vec!["--vsock", vsock.as_str()];
+    if let Some(c) = cmdline {
+        extra.extend(["--cmdline", c]);
     }
-
-    /// `strata run` arguments: 64 MiB, the disks, the vsock device, the API socket and the
-    /// checkpoint location; the default checkpoint type; `cmdline` if given.
-    fn run_args(&self, cmdline: Option<&str>) -> Vec<String> {
-        let mut args = vec![
-            "--memory".to_string(),
-            "64M".into(),
-            "--api-socket".into(),
-            self.sock.display().to_string(),
-            "--state-dir".into(),
-            self.state.display().to_string(),
-            "--vsock".into(),
-            format!("cid=3,socket={}", self.vsock.display()),
-        ];
-        if let Some(c) = cmdline {
-            args.push("--cmdline".into());
-            args.push(c.into());
-        }
-        for d in &self.disks {
-            args.push("--disk".into());
-            args.push(format!("path={}", d.display()));
-        }
-        args
-    }
-
-    /// Boots `strata run`; waits for the guest and the API.
-    fn boot(&self, cmdline: Option<&str>) -> (Vm, Client) {
-        let args = self.run_args(cmdline);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut vm = Vm::start(&args);
-        vm.wait_ready();
-        let c = api_client(&self.sock);
-        (vm, c)
-    }
+    s.boot(None, &extra)
 }
 
 /// Runs a console command that must succeed; its output lines. A failure shows the console
@@ -170,40 +115,6 @@ fn wait_growth(vm: &mut Vm, disk: usize, above: u64, when: &str) -> u64 {
     }
 }
 
-/// Polls `GET /v1/guest` until the agent answers.
-fn wait_agent(c: &Client) {
-    let deadline = Instant::now() + AGENT_GUARD;
-    loop {
-        match c.guest() {
-            Ok(g) => {
-                assert_eq!(g.agent, AgentStatus::Connected);
-                return;
-            }
-            Err(e) => assert!(
-                Instant::now() < deadline,
-                "the guest agent did not answer within {AGENT_GUARD:?}: {e}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Polls `GET /v1/vm` until the VM is in `state`.
-fn wait_state(c: &Client, state: VmState) -> VmInfo {
-    let deadline = Instant::now() + STATE_GUARD;
-    loop {
-        let v = c.vm().unwrap();
-        if v.state == state {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the VM is not {state:?} within {STATE_GUARD:?}: {v:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // API helpers.
 
@@ -236,23 +147,11 @@ fn set_type(c: &Client, kind: CheckpointType) {
     assert_eq!(c.checkpoint_config().unwrap(), config);
 }
 
-/// An API error's status, code and message.
-fn api_error<T: std::fmt::Debug>(r: Result<T, ClientError>, what: &str) -> (u16, String, String) {
-    match r {
-        Err(ClientError::Api {
-            status,
-            code,
-            message,
-        }) => (status, code, message),
-        other => panic!("{what}: expected an API error, got {other:?}"),
-    }
-}
-
 /// `POST path` with a JSON `body` on the API socket, as curl sends it: the status and body as
 /// they come.
 fn http_post(sock: &Path, path: &str, body: &str) -> (u16, String) {
     let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(STATE_GUARD)).unwrap();
+    s.set_read_timeout(Some(HTTP_GUARD)).unwrap();
     write!(
         s,
         "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
@@ -413,11 +312,9 @@ fn froze_launch_disk(info: &CheckpointInfo, disk: usize, launch: &Path) -> bool 
 /// Length and hash of each file, by path.
 type Digests = BTreeMap<PathBuf, (u64, u64)>;
 
+/// The length and hash of a file (a failure to read it fails the test).
 fn digest(path: &Path) -> (u64, u64) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let mut h = std::hash::DefaultHasher::new();
-    h.write(&bytes);
-    (bytes.len() as u64, h.finish())
+    file_digest(path).unwrap_or_else(|e| panic!("read {e}"))
 }
 
 /// Every file under `dir`, recursively.
@@ -477,7 +374,7 @@ fn assert_unchanged(s: &Setup, before: &Digests, list: &CheckpointList, c: &Clie
 /// the checkpoint and the per-disk counts the agent froze at.
 fn log_checkpoint_apply(s: &Setup, vm: &mut Vm, c: &Client) -> (CheckpointInfo, Vec<u64>) {
     let ndisks = s.disks.len();
-    wait_agent(c);
+    wait_agent(c, "before the logs start");
     for d in 0..ndisks {
         ok(vm, &format!("log start {d}"));
     }
@@ -536,15 +433,6 @@ fn log_checkpoint_apply(s: &Setup, vm: &mut Vm, c: &Client) -> (CheckpointInfo, 
     (info, counts)
 }
 
-/// `start` over the API and the guest's ready line.
-fn start(vm: &mut Vm, c: &Client) {
-    let v = c
-        .lifecycle(LifecycleAction::Start)
-        .unwrap_or_else(|e| panic!("start: {e}"));
-    assert_eq!(v.state, VmState::Running, "{v:?}");
-    vm.wait_ready();
-}
-
 /// Each disk's log holds exactly the records the agent froze at.
 fn assert_records(vm: &mut Vm, counts: &[u64], when: &str) {
     for (d, &n) in counts.iter().enumerate() {
@@ -565,8 +453,8 @@ fn power_off(vm: &mut Vm, c: &Client) {
 
 #[test]
 fn production_checkpoint_of_one_log_applies_off_and_boots_to_exactly_the_frozen_records() {
-    let s = Setup::new(1);
-    let (mut vm, c) = s.boot(None);
+    let s = Setup::new(&[DISK_SIZE]);
+    let (mut vm, c) = boot(&s, None);
     let (info, counts) = log_checkpoint_apply(&s, &mut vm, &c);
     start(&mut vm, &c);
     assert_records(&mut vm, &counts, "after apply and start");
@@ -577,8 +465,8 @@ fn production_checkpoint_of_one_log_applies_off_and_boots_to_exactly_the_frozen_
 
 #[test]
 fn production_checkpoint_of_two_logs_boots_to_each_disks_frozen_records() {
-    let s = Setup::new(2);
-    let (mut vm, c) = s.boot(None);
+    let s = Setup::new(&[DISK_SIZE; 2]);
+    let (mut vm, c) = boot(&s, None);
     let (_info, counts) = log_checkpoint_apply(&s, &mut vm, &c);
     assert_eq!(counts.len(), 2);
     start(&mut vm, &c);
@@ -589,7 +477,7 @@ fn production_checkpoint_of_two_logs_boots_to_each_disks_frozen_records() {
 /// The VM a new `strata run` with the same disks and state dir starts: running on the
 /// production checkpoint's disks, that checkpoint current.
 fn boot_again(s: &Setup, info: &CheckpointInfo) -> (Vm, Client) {
-    let (vm, c) = s.boot(None);
+    let (vm, c) = boot(s, None);
     let v = c.vm().unwrap();
     assert_eq!(v.state, VmState::Running, "{v:?}");
     assert_eq!(
@@ -606,8 +494,8 @@ fn boot_again(s: &Setup, info: &CheckpointInfo) -> (Vm, Client) {
 
 #[test]
 fn a_new_strata_run_with_the_state_dir_boots_from_the_production_checkpoints_disks() {
-    let s = Setup::new(1);
-    let (mut vm, c) = s.boot(None);
+    let s = Setup::new(&[DISK_SIZE]);
+    let (mut vm, c) = boot(&s, None);
     let (info, counts) = log_checkpoint_apply(&s, &mut vm, &c);
     let launch = digest(&s.disks[0]);
     // The process ends while the applied VM is off, before it ever started again.
@@ -645,8 +533,8 @@ fn a_new_strata_run_with_the_state_dir_boots_from_the_production_checkpoints_dis
 
 #[test]
 fn with_the_agent_off_production_falls_back_production_only_fails_and_disabled_refuses() {
-    let s = Setup::new(1);
-    let (mut vm, c) = s.boot(Some(AGENT_OFF_CMDLINE));
+    let s = Setup::new(&[DISK_SIZE]);
+    let (mut vm, c) = boot(&s, Some(AGENT_OFF_CMDLINE));
     let shown = line(&mut vm, "cmdline");
     assert!(shown.contains("strata.agent=off"), "{shown:?}");
     ok(&mut vm, "blk 0 write 10 8 3");
@@ -753,8 +641,8 @@ fn with_the_agent_off_production_falls_back_production_only_fails_and_disabled_r
 /// type ("disabled: no checkpoints can be taken").
 #[test]
 fn disabled_refuses_a_checkpoint_whose_request_names_a_type() {
-    let s = Setup::new(1);
-    let (mut vm, c) = s.boot(Some(AGENT_OFF_CMDLINE));
+    let s = Setup::new(&[DISK_SIZE]);
+    let (mut vm, c) = boot(&s, Some(AGENT_OFF_CMDLINE));
     ok(&mut vm, "blk 0 write 10 8 3");
     ok(&mut vm, "blk 0 flush");
     set_type(&c, CheckpointType::Disabled);
@@ -827,8 +715,8 @@ fn assert_disk_only(info: &CheckpointInfo, consistency: Consistency, what: &str)
 
 #[test]
 fn an_off_vm_takes_a_disk_only_checkpoint_whatever_its_type_and_apply_leaves_it_off() {
-    let s = Setup::new(1);
-    let (mut vm, c) = s.boot(None);
+    let s = Setup::new(&[DISK_SIZE]);
+    let (mut vm, c) = boot(&s, None);
     ok(&mut vm, "blk 0 write 100 16 5");
     ok(&mut vm, "blk 0 flush");
     let at_checkpoint = line(&mut vm, "blk 0 read 96 32");
