@@ -217,12 +217,31 @@ impl Client {
         self.call(Method::POST, "/v1/checkpoints/revert", None, timeout)
     }
 
-    /// `DELETE /v1/checkpoints/{id}`: the checkpoints left. Waits [`CHECKPOINT_TIMEOUT`] on top
-    /// of the client's timeout (merging a large layer takes minutes).
+    /// `DELETE /v1/checkpoints/{id}`: the checkpoints left. The VMM answers once the
+    /// checkpoint is gone and merges its layers in the background ([`Client::wait_for_merge`]
+    /// waits for that); it may first finish an earlier delete's merge, so this waits
+    /// [`CHECKPOINT_TIMEOUT`] on top of the client's timeout.
     pub fn delete_checkpoint(&self, id: &str) -> Result<CheckpointList, ClientError> {
         let path = format!("/v1/checkpoints/{}", encode_segment(id));
         let timeout = self.timeout + CHECKPOINT_TIMEOUT;
         self.call(Method::DELETE, &path, None, timeout)
+    }
+
+    /// Waits for the background merge a delete of checkpoint `id` started: polls
+    /// `GET /v1/checkpoints` every `every` until its `progress` no longer names a merge of
+    /// `id`; returns that last list.
+    pub fn wait_for_merge(&self, id: &str, every: Duration) -> Result<CheckpointList, ClientError> {
+        loop {
+            let list = self.checkpoints()?;
+            let merging = list
+                .progress
+                .as_ref()
+                .is_some_and(|p| p.operation == crate::types::PROGRESS_MERGE && p.checkpoint == id);
+            if !merging {
+                return Ok(list);
+            }
+            std::thread::sleep(every);
+        }
     }
 
     /// `POST /v1/checkpoints/{id}/export`: what was written. Waits [`CHECKPOINT_TIMEOUT`] on

@@ -13,10 +13,12 @@
 //! DIR first and the changed extents are copied out of that on this side; DIR must be on a file
 //! system both reach (the API socket is local anyway).
 //!
-//! `checkpoint delete` and `checkpoint export` can take minutes. While one runs, and only when
-//! stderr is a terminal, a progress bar on stderr shows the `progress` that `GET
-//! /v1/checkpoints` reports, asked on a second connection every 200 ms; otherwise nothing
-//! extra is printed and nothing is polled.
+//! `checkpoint delete` and `checkpoint export` can take minutes. A delete answers at once and
+//! merges in the VMM's background: `ctl` then polls `GET /v1/checkpoints` every 200 ms until
+//! the merge of that checkpoint is no longer reported (`--no-wait` returns at once). While an
+//! export or that wait runs, and only when stderr is a terminal, a progress bar on stderr
+//! shows the `progress` that `GET /v1/checkpoints` reports, asked on a second connection every
+//! 200 ms; otherwise nothing extra is printed.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -117,12 +119,16 @@ pub enum CheckpointCommand {
     },
     /// Revert to the current checkpoint: apply it again, discarding the state since
     Revert,
-    /// Delete a checkpoint: its disk data is merged into the layers that still need it, with
-    /// the VM running; prints the checkpoints left
+    /// Delete a checkpoint: it goes at once, and its disk data is merged in the background
+    /// into the layers that still need it, with the VM running; waits for the merge (a
+    /// progress bar on a terminal) and prints the checkpoints left
     Delete {
         /// The checkpoint's id
         #[arg(value_name = "ID")]
         id: String,
+        /// Return once the checkpoint is gone, leaving its merge running in the VMM
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Export a checkpoint into a folder: a self-contained copy that `strata restore
     /// --checkpoint DIR` starts anywhere
@@ -398,11 +404,16 @@ fn checkpoint(client: &Client, cmd: &CheckpointCommand, out: &mut Output) -> Res
             let info = client.revert()?;
             out.vm_after_checkpoint(&info)
         }
-        CheckpointCommand::Delete { id } => {
+        CheckpointCommand::Delete { id, no_wait } => {
             let target = out.progress.take();
-            let list = with_progress(client, target, PROGRESS_MERGE, id, || {
-                client.delete_checkpoint(id)
-            })?;
+            let list = client.delete_checkpoint(id)?;
+            let list = if *no_wait {
+                list
+            } else {
+                with_progress(client, target, PROGRESS_MERGE, id, || {
+                    client.wait_for_merge(id, PROGRESS_POLL)
+                })?
+            };
             if out.json {
                 return out.print_json(&list);
             }
@@ -1613,7 +1624,7 @@ mod tests {
         let a = parse(&["checkpoint", "delete", "ck-1"]).unwrap();
         assert!(matches!(
             a.command,
-            CtlCommand::Checkpoint(CheckpointCommand::Delete { ref id }) if id == "ck-1"
+            CtlCommand::Checkpoint(CheckpointCommand::Delete { ref id, .. }) if id == "ck-1"
         ));
         assert!(parse(&["checkpoint", "delete"]).is_err());
         let a = parse(&["checkpoint", "export", "ck-1", "out"]).unwrap();

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api::ctl::{run_with, run_with_progress, CtlArgs};
 use api::types::{
@@ -308,6 +308,7 @@ fn revert_delete_export_and_changes_send_their_requests() {
         &["checkpoint", "changes", "ck-2", "--since", "ck-1"],
     );
     ctl_ok(&e.sock, &["checkpoint", "delete", "ck-1"]);
+    ctl_ok(&e.sock, &["checkpoint", "delete", "ck-2", "--no-wait"]);
     // A relative folder is made absolute against the working directory.
     let relative = std::env::current_dir().unwrap().join("exports/b");
     let export = |destination: &str, disk_format| ApiRequest::ExportCheckpoint {
@@ -329,7 +330,10 @@ fn revert_delete_export_and_changes_send_their_requests() {
             export(relative.to_str().unwrap(), DiskFormat::Strata),
             changes(None),
             changes(Some("ck-1")),
+            // The delete waits for its merge: the list no longer reports it.
             ApiRequest::DeleteCheckpoint("ck-1".into()),
+            ApiRequest::ListCheckpoints,
+            ApiRequest::DeleteCheckpoint("ck-2".into()),
         ]
     );
 }
@@ -441,7 +445,8 @@ impl indicatif::TermLike for Screen {
     }
 }
 
-/// A VMM whose delete and export take `delay` and whose list reports `progress` meanwhile.
+/// A VMM whose export takes `delay`, whose delete answers at once and merges for `delay`
+/// after, and whose list reports `progress` while either runs.
 fn slow_vmm(
     sock: &Path,
     delay: Duration,
@@ -449,18 +454,24 @@ fn slow_vmm(
 ) -> (ApiServer, Arc<Mutex<Vec<ApiRequest>>>) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let seen = calls.clone();
+    let busy_until = Arc::new(Mutex::new(Instant::now()));
     let handler: ApiHandler = Arc::new(move |call: ApiCall| {
         seen.lock().unwrap().push(call.request.clone());
         let mut reply = recorder::fixed_reply(&call.request);
+        if matches!(
+            call.request,
+            ApiRequest::DeleteCheckpoint(_) | ApiRequest::ExportCheckpoint { .. }
+        ) {
+            *busy_until.lock().unwrap() = Instant::now() + delay;
+        }
         if let api::ApiReply::Checkpoints(list) = &mut reply {
-            if call.request == ApiRequest::ListCheckpoints {
+            if call.request == ApiRequest::ListCheckpoints
+                && Instant::now() < *busy_until.lock().unwrap()
+            {
                 list.progress = Some(progress.clone());
             }
         }
-        let slow = matches!(
-            call.request,
-            ApiRequest::DeleteCheckpoint(_) | ApiRequest::ExportCheckpoint { .. }
-        );
+        let slow = matches!(call.request, ApiRequest::ExportCheckpoint { .. });
         std::thread::spawn(move || {
             if slow {
                 std::thread::sleep(delay);
@@ -498,8 +509,9 @@ fn long_calls_draw_a_progress_bar_from_the_polled_list() {
     assert_eq!(err, b"");
     let calls = calls.lock().unwrap().clone();
     assert_eq!(calls[0], ApiRequest::DeleteCheckpoint("ck-1".into()));
+    // The wait's polls (about one per 200 ms for 1.5 s) and the bar's.
     assert!(
-        calls[1..].iter().all(|c| *c == ApiRequest::ListCheckpoints) && calls.len() > 1,
+        calls[1..].iter().all(|c| *c == ApiRequest::ListCheckpoints) && calls.len() > 5,
         "{calls:?}"
     );
     let drawn = screen.0.lock().unwrap().clone();
@@ -532,13 +544,18 @@ fn progress_of_another_operation_is_not_shown_and_no_terminal_means_no_polling()
     assert!(!drawn.contains("ck-9"), "{drawn:?}");
     assert!(!drawn.contains('%'), "{drawn:?}");
 
-    // Through run_with (stderr not a terminal): only the call itself.
+    // Through run_with (stderr not a terminal): no bar, so no second connection: the
+    // delete, then the wait's polls of the list until the merge of ck-1 (here: of ck-9,
+    // another checkpoint) is no longer reported: one.
     calls.lock().unwrap().clear();
     let r = ctl(&sock, &["checkpoint", "delete", "ck-1"]);
     assert_eq!(r.status, 0, "{}", r.err);
     assert_eq!(r.err, "");
     assert_eq!(
         *calls.lock().unwrap(),
-        [ApiRequest::DeleteCheckpoint("ck-1".into())]
+        [
+            ApiRequest::DeleteCheckpoint("ck-1".into()),
+            ApiRequest::ListCheckpoints
+        ]
     );
 }

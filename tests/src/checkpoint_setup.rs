@@ -285,9 +285,19 @@ impl Setup {
     /// Boots `strata run` with [`Setup::run_args`]; waits for the guest (and checks that it
     /// started `vcpus` vCPUs, if given) and the API.
     pub fn boot(&self, vcpus: Option<u32>, extra: &[&str]) -> (Vm, Client) {
+        self.boot_with_env(vcpus, extra, &[])
+    }
+
+    /// [`Setup::boot`] with `env` added to strata's environment (test hooks).
+    pub fn boot_with_env(
+        &self,
+        vcpus: Option<u32>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Vm, Client) {
         let args = self.run_args(vcpus, extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut vm = Vm::start(&args);
+        let mut vm = Vm::start_with_env(&args, env);
         let started = vm.wait_ready();
         if let Some(n) = vcpus {
             assert_eq!(started, n, "the guest did not start every vCPU");

@@ -167,10 +167,16 @@ pub struct Console {
 /// Starts `strata SUBCOMMAND ARGS...` with its console on piped stdio (lines read on a thread,
 /// stderr collected on another).
 pub fn spawn_console(subcommand: &str, args: &[&str]) -> Console {
+    spawn_console_with(subcommand, args, &[])
+}
+
+/// [`spawn_console`] with `env` added to strata's environment (test hooks).
+pub fn spawn_console_with(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Console {
     require_kvm();
     let mut child = Command::new(strata_bin())
         .arg(subcommand)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -216,12 +222,17 @@ pub fn spawn_console(subcommand: &str, args: &[&str]) -> Console {
 impl Vm {
     /// Starts `strata run` with `args`.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts `strata run` with `args` and `env` added to its environment (test hooks).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let Console {
             child,
             stdin,
             lines,
             stderr,
-        } = spawn_console("run", args);
+        } = spawn_console_with("run", args, env);
         Self {
             child,
             stdin,

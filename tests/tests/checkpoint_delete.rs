@@ -23,6 +23,8 @@ use strata_tests::Vm;
 const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 4 * MIB;
 const DISKS: usize = 2;
+/// How often a test polls for a background merge's end.
+const MERGE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The host's model of what the guest wrote.
 #[derive(Clone)]
@@ -155,6 +157,14 @@ fn layer_files(state: &Path) -> Vec<PathBuf> {
 /// location and `extra` arguments (`v.sock` in them means a file in the test's folder); returns
 /// the folder, the location, the launch disks and the guest.
 fn boot(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<PathBuf>, Guest) {
+    boot_with_env(extra, &[])
+}
+
+/// [`boot`] with `env` added to strata's environment (test hooks).
+fn boot_with_env(
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, PathBuf, Vec<PathBuf>, Guest) {
     let s = Setup::new(&[DISK_SIZE; DISKS]);
     let folder = s.dir.path().display().to_string();
     let extra: Vec<String> = extra
@@ -162,7 +172,7 @@ fn boot(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<PathBuf>, Guest) {
         .map(|a| a.replace("v.sock", &format!("{folder}/v.sock")))
         .collect();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let (vm, api) = s.boot(Some(2), &extra);
+    let (vm, api) = s.boot_with_env(Some(2), &extra, env);
     let g = Guest {
         vm,
         api,
@@ -252,7 +262,8 @@ fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest
             .delete_checkpoint(id)
             .unwrap_or_else(|e| panic!("delete {}: {e}", name[id]));
         remaining.retain(|r| r != id);
-        let list = g.api.checkpoints().unwrap();
+        // The delete answers at once; its layers merge in the background.
+        let list = g.api.wait_for_merge(id, MERGE_POLL).unwrap();
         let mut listed = ids(&list);
         listed.sort();
         let mut want = remaining.clone();
@@ -348,12 +359,18 @@ fn log_records(bytes: &[u8]) -> u64 {
 
 #[test]
 fn merges_finish_while_the_guest_keeps_writing_and_keep_every_write() {
-    let (dir, state, launch, mut g) = boot(&["--checkpoint-type", "standard"]);
+    // Each 1 MiB step of a merge is followed by a 150 ms pause (a test hook), so the merges
+    // below last long enough to watch the API answer while they run.
+    let (dir, state, launch, mut g) = boot_with_env(
+        &["--checkpoint-type", "standard"],
+        &[(vmm::checkpoint::FOLD_STEP_DELAY_ENV, "150")],
+    );
     // Disk 0 holds data written between checkpoints; disk 1 the guest's log, written all along.
     g.write(0, 0, 2048);
     g.vm.line_ok("log start 1");
     let c1 = g.take("c1", CheckpointType::Standard);
-    g.write(0, 1024, 2048);
+    // 3 MiB: c1's delete folds it in three 1 MiB steps.
+    g.write(0, 1024, 6144);
     let c2 = g.take("c2", CheckpointType::Standard);
     g.write(0, 4000, 64);
     let h2 = checkpoint_hashes(&g.api, &c2, dir.path());
@@ -361,9 +378,37 @@ fn merges_finish_while_the_guest_keeps_writing_and_keep_every_write() {
     // c1 (the launch disks take the layer above them in), then c2 (the launch disks take the
     // active layers in, which the log writes meanwhile).
     let during = g.vm.line("log verify 1");
-    g.api.delete_checkpoint(&c1).unwrap();
+    let started = std::time::Instant::now();
+    let list = g.api.delete_checkpoint(&c1).unwrap();
+    let answered = started.elapsed();
+    assert_eq!(ids(&list), vec![c2.clone()]);
+    // The delete answered before its merge ended, and the API answers while it runs: the
+    // list reports the merge, with its bytes once a step is done, and the guest's console
+    // and the VM's status answer too.
+    let mut seen = Vec::new();
+    let ended = loop {
+        let list = g.api.checkpoints().unwrap();
+        match list.progress {
+            Some(p) if p.operation == "merge" && p.checkpoint == c1 => seen.push((p.done, p.total)),
+            _ => break list,
+        }
+        assert_eq!(g.api.vm().unwrap().state, VmState::Running);
+        std::thread::sleep(MERGE_POLL);
+    };
+    eprintln!(
+        "delete c1: answered in {:.1} ms; the merge ran {:.1} ms, progress polled {:?}",
+        answered.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64() * 1e3,
+        seen
+    );
+    assert!(
+        seen.iter().any(|&(done, total)| done > 0 && done < total),
+        "no list answered mid-merge: {seen:?}"
+    );
+    assert!(ended.progress.is_none(), "{:?}", ended.progress);
     assert_eq!(checkpoint_hashes(&g.api, &c2, dir.path())[0], h2[0]);
     g.api.delete_checkpoint(&c2).unwrap();
+    g.api.wait_for_merge(&c2, MERGE_POLL).unwrap();
     g.reads_back("after both deletes");
     let after: u64 = g.vm.line("log verify 1").parse().unwrap();
     g.vm.line_ok("log stop");

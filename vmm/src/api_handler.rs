@@ -295,6 +295,8 @@ fn export(
     request: &api::types::ExportCheckpoint,
     reply: api::Responder,
 ) {
+    // The folds of a delete change layers an export may read: they finish first.
+    machine.finish_folding();
     if machine
         .progress
         .lock()
@@ -417,6 +419,8 @@ pub fn answer(machine: &mut Machine, call: ApiCall) {
                 )))
             }
             Ok(()) => {
+                // Folds run in the store they were planned in.
+                machine.finish_folding();
                 machine.checkpoint_config = config;
                 Ok(ApiReply::CheckpointConfig(
                     machine.checkpoint_config.clone(),

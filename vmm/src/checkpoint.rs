@@ -266,6 +266,21 @@ pub struct SavedVsock {
     pub socket: PathBuf,
 }
 
+/// The folds a delete left ([`Machine::delete_checkpoint`]), run a step at a time by the
+/// control loop ([`Machine::fold_step`]).
+#[derive(Debug)]
+pub struct Folding {
+    /// The deleted checkpoint (the folds' progress shows as a merge of it).
+    id: String,
+    /// The fold under way, once one has begun.
+    job: Option<fold::FoldJob>,
+    /// Folds begun so far.
+    folds: u32,
+}
+
+/// Folds one delete may call for at most (each takes a layer out, so they end; a guard).
+const MAX_FOLDS: u32 = 4096;
+
 /// A standard checkpoint's state file payload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -670,6 +685,7 @@ impl Machine {
             },
             str::to_string,
         );
+        self.finish_folding();
         self.store()?;
         if self.state() == VmState::Off {
             // Nothing runs: the disks are all there is, whatever the type.
@@ -961,78 +977,193 @@ impl Machine {
         self.apply_manifest(&m, &dir, true)
     }
 
-    /// Deletes checkpoint `id`, anywhere in the tree (`Store::delete`): its folder goes, then
-    /// the layers no chain stands on any more are folded away ([`fold`]): a hidden layer with
-    /// one child merges with it (the cheaper way; a hidden launch disk takes its child in, so
-    /// deleting every checkpoint leaves the VM's own disk files holding the current content),
-    /// online in the running disk's chain where it runs through them. The running VM, its
-    /// disks and every other checkpoint read the same. A hidden layer shared by two or more
-    /// branches stays until only one is left. Returns the files removed.
+    /// Deletes checkpoint `id`, anywhere in the tree (`Store::delete`): its folder goes, and
+    /// the layers no chain stands on any more are then folded away ([`fold`]) in the
+    /// background, a bounded step at a time between the control loop's other work
+    /// ([`Machine::fold_step`]): a hidden layer with one child merges with it (the cheaper
+    /// way; a hidden launch disk takes its child in, so deleting every checkpoint leaves the
+    /// VM's own disk files holding the current content), online in the running disk's chain
+    /// where it runs through them. The running VM, its disks and every other checkpoint read
+    /// the same throughout. A hidden layer shared by two or more branches stays until only one
+    /// is left. Returns the files removed so far (the checkpoint's folder).
     ///
-    /// The delete is done once the folder is gone: a fold that fails is logged and runs again
-    /// on the next delete (the chains read the same either way).
+    /// The delete is done once the folder is gone: a fold that fails is logged, undone, and
+    /// runs again on the next delete (the chains read the same either way).
     pub fn delete_checkpoint(&mut self, id: &str) -> Result<Vec<PathBuf>, CheckpointError> {
         let exporting = self
             .progress
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .is_some_and(|p| p.checkpoint == id);
+            .is_some_and(|p| p.checkpoint == id && p.operation == api::types::PROGRESS_EXPORT);
         if exporting {
             return Err(CheckpointError::WrongState {
                 action: "delete a checkpoint being exported",
                 state: "exporting it",
             });
         }
-        let mut gone = self.store()?.delete(id)?;
-        if let Err(e) = self.fold_hidden_layers(id, &mut gone) {
-            log::warn!(
-                "deleting checkpoint {id}: folding its layers stopped: {}; the chains read the \
-                 same and the fold runs again on the next delete",
-                crate::error_line(&e)
-            );
+        // The folds of an earlier delete first (unless an export holds them back: then they
+        // and this delete's run after it).
+        self.finish_folding();
+        let gone = self.store()?.delete(id)?;
+        // Reported from the answer on, so a client polling for the merge's end does not see
+        // "none" before the first step (unless an export's progress holds the slot).
+        if !self.exporting() {
+            self.set_progress(Some(api::types::Progress {
+                checkpoint: id.to_string(),
+                operation: api::types::PROGRESS_MERGE.into(),
+                done: 0,
+                total: 0,
+            }));
+        }
+        match &mut self.folding {
+            Some(held_back) => held_back.id = id.to_string(),
+            None => {
+                self.folding = Some(Folding {
+                    id: id.to_string(),
+                    job: None,
+                    folds: 0,
+                })
+            }
         }
         Ok(gone)
     }
 
-    /// Folds every hidden layer that has one child ([`fold::next_fold`]) until none is left,
-    /// adding the files removed to `gone`; progress (bytes) shows as a merge of `id`.
-    fn fold_hidden_layers(
-        &mut self,
-        id: &str,
-        gone: &mut Vec<PathBuf>,
-    ) -> Result<(), CheckpointError> {
-        let progress = self.progress.clone();
-        // Each fold takes a layer out, so this ends; the bound is a guard.
-        for _ in 0..4096 {
-            let store = self.store()?;
-            let Some(f) = fold::next_fold(store)? else {
-                break;
+    /// Whether folds can run now: a delete left some, and no export reads the layers they
+    /// would change.
+    pub fn folds_runnable(&self) -> bool {
+        self.folding.is_some() && !self.exporting()
+    }
+
+    /// Whether folds wait (run or held back by an export).
+    pub fn folds_pending(&self) -> bool {
+        self.folding.is_some()
+    }
+
+    /// Whether an export runs (on its worker thread).
+    fn exporting(&self) -> bool {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|p| p.operation == api::types::PROGRESS_EXPORT)
+    }
+
+    fn set_progress(&self, p: Option<api::types::Progress>) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// Runs every fold left, now (before a call that changes the store or the VM's disks).
+    /// Folds held back by an export stay for after it.
+    pub fn finish_folding(&mut self) {
+        while self.folds_runnable() {
+            self.fold_step();
+        }
+    }
+
+    /// One bounded step of the folds a delete left (1 MiB with the disks paused, online; the
+    /// control loop calls it whenever no call waits). Begins the next fold when none runs, and
+    /// ends the folding when none is left. A fold that fails is logged and undone
+    /// ([`fold::recover`]); the next delete folds again.
+    pub fn fold_step(&mut self) {
+        let Some(mut folding) = self.folding.take() else {
+            return;
+        };
+        match self.try_fold_step(&mut folding) {
+            Ok(true) => self.folding = Some(folding),
+            Ok(false) => {
+                log::info!("deleting checkpoint {}: its layers are folded", folding.id);
+                self.set_progress(None);
+            }
+            Err(e) => {
+                log::warn!(
+                    "deleting checkpoint {}: folding its layers stopped: {}; the chains read the \
+                     same and the fold runs again on the next delete",
+                    folding.id,
+                    crate::error_line(&e)
+                );
+                if let Some(job) = folding.job.take() {
+                    job.abort(self.vm.as_ref().map(|v| (v, self.generation)));
+                }
+                self.recover_fold();
+                self.set_progress(None);
+            }
+        }
+    }
+
+    /// Undoes an interrupted fold ([`fold::recover`]), logging what it did.
+    fn recover_fold(&mut self) {
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        match fold::recover(store) {
+            Ok(Some(what)) => log::warn!("checkpoint store {}: {what}", store.location().display()),
+            Ok(None) => {}
+            Err(e) => log::error!(
+                "checkpoint store {}: an interrupted fold: {}",
+                store.location().display(),
+                crate::error_line(&e)
+            ),
+        }
+    }
+
+    /// [`Machine::fold_step`]'s work: `Ok(false)` when no fold is left.
+    fn try_fold_step(&mut self, folding: &mut Folding) -> Result<bool, CheckpointError> {
+        // An online fold whose VM stopped or was replaced (a reboot) is undone, then planned
+        // again on what runs now.
+        if let Some(job) = folding.job.take_if(|j| {
+            j.online_generation()
+                .is_some_and(|g| self.vm.is_none() || g != self.generation)
+        }) {
+            log::info!(
+                "folding {:?}: the VM changed; planning it again",
+                job.fold()
+            );
+            job.abort(None);
+            self.recover_fold();
+        }
+        if folding.job.is_none() {
+            let Some(f) = fold::next_fold(self.store()?)? else {
+                return Ok(false);
             };
-            let location = store.location().to_path_buf();
-            let from = match &f.from {
-                fold::Node::Layer(l) => Some(l.resolve(&location)),
-                fold::Node::Launch(_) => None,
-            };
+            folding.folds += 1;
+            // Each fold takes a layer out, so folding ends; the bound is a guard.
+            if folding.folds > MAX_FOLDS {
+                return Err(CheckpointError::Unsupported(format!(
+                    "more than {MAX_FOLDS} folds after one delete"
+                )));
+            }
             log::info!("folding {f:?}");
+            let vm = self.vm.as_ref().map(|v| (v, self.generation));
             let store = self.store.as_mut().ok_or(CheckpointError::NoLocation)?;
-            let mut report = |done: u64, total: u64| {
-                let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-                *p = Some(api::types::Progress {
-                    checkpoint: id.to_string(),
+            folding.job = Some(fold::FoldJob::begin(store, vm, f)?);
+        }
+        let Some(job) = folding.job.as_mut() else {
+            return Ok(true);
+        };
+        let vm = self.vm.as_ref().map(|v| (v, self.generation));
+        let store = self.store.as_mut().ok_or(CheckpointError::NoLocation)?;
+        match job.step(store, vm)? {
+            fold::FoldStep::Copied(done, total) => {
+                self.set_progress(Some(api::types::Progress {
+                    checkpoint: folding.id.clone(),
                     operation: api::types::PROGRESS_MERGE.into(),
                     done,
                     total,
-                });
-            };
-            let result = fold::run(store, self.vm.as_ref(), &f, &mut report);
-            *progress.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            result?;
-            gone.extend(from);
-            let removed = self.store()?.remove_unused_layers()?;
-            gone.extend(removed);
+                }));
+                if let Some(d) = fold_step_delay() {
+                    std::thread::sleep(d);
+                }
+            }
+            fold::FoldStep::Finished => {
+                folding.job = None;
+                let removed = self.store()?.remove_unused_layers()?;
+                if !removed.is_empty() {
+                    log::info!("removed unused layers {removed:?}");
+                }
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Reverts: applies the checkpoint the VM runs from (the most recent one on its branch);
@@ -1064,6 +1195,7 @@ impl Machine {
         id: &str,
         since: Option<&str>,
     ) -> Result<Vec<disk::ops::ChangeMap>, CheckpointError> {
+        self.finish_folding();
         let store = self.store()?;
         let location = store.location().to_path_buf();
         let newer = store.get(id)?;
@@ -1139,6 +1271,7 @@ impl Machine {
         in_store: bool,
     ) -> Result<(), CheckpointError> {
         let id = m.id.as_str();
+        self.finish_folding();
         let location = self.store()?.location().to_path_buf();
         if m.disks.len() != self.config.disks.len() {
             return Err(CheckpointError::Incompatible {
@@ -1480,6 +1613,7 @@ impl Machine {
         destination: &Path,
         format: disk::ops::ConvertFormat,
     ) -> Result<ExportJob, CheckpointError> {
+        self.finish_folding();
         let store = self.store()?;
         let manifest = store.get(id)?;
         let empty_dir = std::fs::read_dir(destination).is_ok_and(|mut d| d.next().is_none());
@@ -1649,6 +1783,21 @@ impl ExportJob {
             bytes,
         })
     }
+}
+
+/// The environment variable of [`fold_step_delay`].
+pub const FOLD_STEP_DELAY_ENV: &str = "STRATA_TEST_FOLD_STEP_MS";
+
+/// A test hook: with `STRATA_TEST_FOLD_STEP_MS=N` the control loop sleeps N ms after each
+/// step of a background fold, so a test can watch the API answer while a merge is under way.
+pub fn fold_step_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var(FOLD_STEP_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
 }
 
 /// The environment variable of [`crash_point`].

@@ -10,7 +10,7 @@
 //! exits when the guest powers off or panics; with one it stays up in `off` so the VM can be
 //! inspected, checkpointed and started again.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use devices::GuestEvent;
@@ -141,6 +141,8 @@ pub struct Machine {
     /// The checkpoint just applied while its new active layers are being recorded: the VM's
     /// disks are held until then (`Machine::settle_held`).
     pub(crate) held: Option<String>,
+    /// The folds a checkpoint delete left, stepped by the control loop between calls.
+    pub(crate) folding: Option<crate::checkpoint::Folding>,
 }
 
 impl Machine {
@@ -158,6 +160,7 @@ impl Machine {
             last_exit: None,
             checkpoint_config: config.checkpoint.clone(),
             held: None,
+            folding: None,
         }
     }
 
@@ -441,98 +444,132 @@ impl PendingShutdowns {
     }
 }
 
+/// How often folds held back by an export are looked at again.
+const FOLD_RECHECK: Duration = Duration::from_millis(200);
+
 /// Applies events until the run ends.
 fn control_loop(machine: &mut Machine, events: &Receiver<VmEvent>) -> Result<Outcome, RunError> {
     let mut shutdowns = PendingShutdowns::default();
     loop {
-        // The machine holds a sender, so the channel never disconnects while it lives.
-        let event = match shutdowns.wait() {
-            Some(wait) => match events.recv_timeout(wait) {
+        // Folds a delete left run a step at a time whenever no event waits; held back by an
+        // export, they are looked at again every FOLD_RECHECK.
+        let event = if machine.folds_runnable() {
+            match events.try_recv() {
                 Ok(event) => event,
-                Err(RecvTimeoutError::Timeout) => {
+                Err(TryRecvError::Empty) => {
+                    machine.fold_step();
                     shutdowns.settle(machine);
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => return Ok(Outcome::Quit),
-            },
-            None => match events.recv() {
-                Ok(event) => event,
-                Err(_) => return Ok(Outcome::Quit),
-            },
-        };
-        let event = match event {
-            VmEvent::Api(call) => {
-                crate::api_handler::answer(machine, call);
-                shutdowns.settle(machine);
-                continue;
+                Err(TryRecvError::Disconnected) => return Ok(Outcome::Quit),
             }
-            VmEvent::LayersRecorded(generation) => {
-                if generation == machine.generation {
-                    if let Err(e) = machine.settle_held() {
-                        log::error!("{}", crate::error_line(&e));
+        } else {
+            let wait = match (shutdowns.wait(), machine.folds_pending()) {
+                (Some(w), true) => Some(w.min(FOLD_RECHECK)),
+                (None, true) => Some(FOLD_RECHECK),
+                (w, false) => w,
+            };
+            // The machine holds a sender, so the channel never disconnects while it lives.
+            match wait {
+                Some(wait) => match events.recv_timeout(wait) {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout) => {
+                        shutdowns.settle(machine);
+                        continue;
                     }
-                }
-                continue;
+                    Err(RecvTimeoutError::Disconnected) => return Ok(Outcome::Quit),
+                },
+                None => match events.recv() {
+                    Ok(event) => event,
+                    Err(_) => return Ok(Outcome::Quit),
+                },
             }
-            VmEvent::AwaitPowerOff(reply) => {
-                shutdowns
-                    .0
-                    .push((reply, Instant::now() + SHUTDOWN_TIMEOUT, machine.generation));
-                shutdowns.settle(machine);
-                continue;
-            }
-            other => other,
         };
-        // Events of a VM that is gone (a second vCPU reporting the same reset, a device event
-        // racing a stop, anything the VM sent before an apply replaced it) are stale.
-        if event
-            .generation()
-            .is_some_and(|g| g != machine.generation || machine.state() == VmState::Off)
-        {
-            continue;
+        if let Some(outcome) = handle(machine, &mut shutdowns, event)? {
+            return Ok(outcome);
         }
-        let Some(outcome) = classify(&event) else {
-            machine.halt("quit");
-            return Ok(Outcome::Quit);
-        };
-        // With an API socket the VMM outlives its guest: it waits, off, for the next call.
-        let stays_up = machine.config().api_socket.is_some();
-        match outcome {
-            GuestOutcome::PowerOff => {
-                machine.halt("poweroff");
-                if !stays_up {
-                    return Ok(Outcome::PowerOff);
-                }
-            }
-            GuestOutcome::Reset if !machine.config().reboot => {
-                machine.halt("reset");
-                if !stays_up {
-                    return Ok(Outcome::Reset);
-                }
-            }
-            GuestOutcome::Reset => {
-                log::info!("guest reset: rebooting");
-                machine.halt("reset");
-                machine.platform().reset_serial();
-                machine.start().map_err(boot_error)?;
-            }
-            GuestOutcome::Panic => {
-                machine.halt("panic");
-                if !stays_up {
-                    return Err(RunError::GuestPanic);
-                }
-                log::error!("the guest panicked; the VM is off");
-            }
-            GuestOutcome::Failed(why) => {
-                machine.halt(&format!("error: {why}"));
-                if !stays_up {
-                    return Err(RunError::GuestFailed(why));
-                }
-                log::error!("the guest stopped: {why}; the VM is off");
-            }
-        }
-        shutdowns.settle(machine);
     }
+}
+
+/// Applies one event; `Some` when the run ends with it.
+fn handle(
+    machine: &mut Machine,
+    shutdowns: &mut PendingShutdowns,
+    event: VmEvent,
+) -> Result<Option<Outcome>, RunError> {
+    let event = match event {
+        VmEvent::Api(call) => {
+            crate::api_handler::answer(machine, call);
+            shutdowns.settle(machine);
+            return Ok(None);
+        }
+        VmEvent::LayersRecorded(generation) => {
+            if generation == machine.generation {
+                if let Err(e) = machine.settle_held() {
+                    log::error!("{}", crate::error_line(&e));
+                }
+            }
+            return Ok(None);
+        }
+        VmEvent::AwaitPowerOff(reply) => {
+            shutdowns
+                .0
+                .push((reply, Instant::now() + SHUTDOWN_TIMEOUT, machine.generation));
+            shutdowns.settle(machine);
+            return Ok(None);
+        }
+        other => other,
+    };
+    // Events of a VM that is gone (a second vCPU reporting the same reset, a device event
+    // racing a stop, anything the VM sent before an apply replaced it) are stale.
+    if event
+        .generation()
+        .is_some_and(|g| g != machine.generation || machine.state() == VmState::Off)
+    {
+        return Ok(None);
+    }
+    let Some(outcome) = classify(&event) else {
+        machine.halt("quit");
+        return Ok(Some(Outcome::Quit));
+    };
+    // With an API socket the VMM outlives its guest: it waits, off, for the next call.
+    let stays_up = machine.config().api_socket.is_some();
+    match outcome {
+        GuestOutcome::PowerOff => {
+            machine.halt("poweroff");
+            if !stays_up {
+                return Ok(Some(Outcome::PowerOff));
+            }
+        }
+        GuestOutcome::Reset if !machine.config().reboot => {
+            machine.halt("reset");
+            if !stays_up {
+                return Ok(Some(Outcome::Reset));
+            }
+        }
+        GuestOutcome::Reset => {
+            log::info!("guest reset: rebooting");
+            machine.halt("reset");
+            machine.platform().reset_serial();
+            machine.start().map_err(boot_error)?;
+        }
+        GuestOutcome::Panic => {
+            machine.halt("panic");
+            if !stays_up {
+                return Err(RunError::GuestPanic);
+            }
+            log::error!("the guest panicked; the VM is off");
+        }
+        GuestOutcome::Failed(why) => {
+            machine.halt(&format!("error: {why}"));
+            if !stays_up {
+                return Err(RunError::GuestFailed(why));
+            }
+            log::error!("the guest stopped: {why}; the VM is off");
+        }
+    }
+    shutdowns.settle(machine);
+    Ok(None)
 }
 
 #[cfg(test)]

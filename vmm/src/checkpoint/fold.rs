@@ -330,101 +330,78 @@ pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Runs fold `f`: journal, merge (in the running VM's chain of that disk if it runs through
-/// the layers, else on a chain of its own), records, unlink, journal gone. `progress` hears
-/// (done, total) bytes.
-pub fn run(
-    store: &mut Store,
-    vm: Option<&Vm>,
-    f: &Fold,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(), CheckpointError> {
-    let location = store.location().to_path_buf();
-    let from = f.from.path(&location);
-    let records = all_records(store)?;
-    let active = store.active().iter().find(|r| r.index == f.index).cloned();
-    write_journal(&location, f)?;
-    super::crash_point("fold-journaled");
-    let fold_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source: disk::DiskError| CheckpointError::Fold {
-            path,
-            source: Box::new(source),
+/// What a fold step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoldStep {
+    /// Copied some more: (done, total) bytes of the merge.
+    Copied(u64, u64),
+    /// The fold is finished: records rewritten, file unlinked, journal gone.
+    Finished,
+}
+
+/// A fold under way: its journal written and its merge begun, advanced a bounded step at a
+/// time ([`FoldJob::step`]) so that the VMM's control loop can answer calls in between.
+#[derive(Debug)]
+pub struct FoldJob {
+    f: Fold,
+    from: PathBuf,
+    /// `Some(generation)`: the merge runs in the device chain of that VM (its generation);
+    /// `None`: in `chain`, opened for it.
+    online: Option<u64>,
+    chain: Option<Chain>,
+    steps: u64,
+}
+
+impl FoldJob {
+    /// Writes `f`'s journal and begins its merge: in the running VM's chain of that disk if it
+    /// runs through the layers (`vm`: the VM and its generation), else on a chain of its own.
+    pub fn begin(
+        store: &mut Store,
+        vm: Option<(&Vm, u64)>,
+        f: Fold,
+    ) -> Result<FoldJob, CheckpointError> {
+        let location = store.location().to_path_buf();
+        let from = f.from.path(&location);
+        let records = all_records(store)?;
+        let active = store.active().iter().find(|r| r.index == f.index).cloned();
+        write_journal(&location, &f)?;
+        super::crash_point("fold-journaled");
+        // Online when the running disk's chain runs through the layers.
+        let online = vm.filter(|_| {
+            active
+                .as_ref()
+                .is_some_and(|a| chain_of(a).contains(&f.from))
+        });
+        if let Some((vm, generation)) = online {
+            let begun = vm
+                .virtio_devices()
+                .with_disk_chain(f.index, |c| {
+                    let i = c
+                        .layer_index(&from)
+                        .ok_or_else(|| disk::DiskError::BadChain {
+                            path: c.top_path().to_path_buf(),
+                            reason: format!(
+                                "{} is not in the running disk's chain",
+                                from.display()
+                            ),
+                        })?;
+                    c.begin_merge_keeping_file(i, f.dir)
+                })
+                .ok_or_else(|| no_chain(&f))?;
+            begun.map_err(fold_err(&from))?;
+            return Ok(FoldJob {
+                f,
+                from,
+                online: Some(generation),
+                chain: None,
+                steps: 0,
+            });
         }
-    };
-    let no_chain = || CheckpointError::Unsupported(format!("disk {} has no chain", f.index));
-    // Online when the running disk's chain runs through the layers.
-    let online = vm.filter(|_| {
-        active
-            .as_ref()
-            .is_some_and(|a| chain_of(a).contains(&f.from))
-    });
-    if let Some(vm) = online {
-        let devices = vm.virtio_devices();
-        let begun = devices
-            .with_disk_chain(f.index, |c| {
-                let i = c
-                    .layer_index(&from)
-                    .ok_or_else(|| disk::DiskError::BadChain {
-                        path: c.top_path().to_path_buf(),
-                        reason: format!("{} is not in the running disk's chain", from.display()),
-                    })?;
-                c.begin_merge_keeping_file(i, f.dir)
-            })
-            .ok_or_else(no_chain)?;
-        begun.map_err(fold_err(&from))?;
-        let cs = devices
-            .with_disk_chain(f.index, |c| c.cluster_size())
-            .unwrap_or(1);
-        // Each step runs with the disks paused (the request being served finishes first), so
-        // the step that switches the chain is followed by the records' rewrite before the
-        // guest's next request: when `from` is the top the guest writes, its next write lands
-        // in `into`, which the records must name first.
-        // A paused VM's disks stay paused after each step.
-        let was_paused = devices.disks_paused();
-        let mut steps = 0u64;
-        loop {
-            devices
-                .pause_disks()
-                .map_err(|e| CheckpointError::Unsupported(format!("pausing the disks: {e}")))?;
-            let step = devices.with_disk_chain(f.index, |c| c.merge_step(STEP_CLUSTERS));
-            let outcome = match step {
-                None => Err(no_chain()),
-                Some(Err(e)) => {
-                    devices.with_disk_chain(f.index, Chain::abort_merge);
-                    Err(fold_err(&from)(e))
-                }
-                Some(Ok(p)) if p.finished => {
-                    super::crash_point("fold-switched");
-                    finish(store, f).map(|()| Some(p))
-                }
-                Some(Ok(p)) => Ok(Some(p)),
-            };
-            if !was_paused {
-                if let Err(e) = devices.resume_disks() {
-                    log::error!(
-                        "folding {}: the disks cannot run again: {e}",
-                        from.display()
-                    );
-                }
-            }
-            let p = outcome?.ok_or_else(no_chain)?;
-            progress(p.done * cs, p.total * cs);
-            if p.finished {
-                super::crash_point("fold-finished");
-                return Ok(());
-            }
-            steps += 1;
-            if steps == 2 {
-                super::crash_point("fold-copying");
-            }
-        }
-    } else {
-        let child = child_of(f).path(&location);
+        let child = child_of(&f).path(&location);
         // A record whose chain holds both layers, for the folders its parents may be in.
         let holder = records
             .iter()
-            .find(|r| r.index == f.index && chain_of(r).contains(child_of(f)))
+            .find(|r| r.index == f.index && chain_of(r).contains(child_of(&f)))
             .ok_or_else(|| {
                 CheckpointError::Unsupported(format!(
                     "no chain of disk {} runs through {}",
@@ -444,29 +421,149 @@ pub fn run(
         chain
             .begin_merge_keeping_file(i, f.dir)
             .map_err(fold_err(&from))?;
-        let mut steps = 0u64;
-        loop {
-            let p = chain
-                .merge_step(STEP_CLUSTERS * 4)
-                .map_err(fold_err(&from))?;
-            progress(
-                p.done * chain.cluster_size(),
-                p.total * chain.cluster_size(),
-            );
-            if p.finished {
-                break;
+        Ok(FoldJob {
+            f,
+            from,
+            online: None,
+            chain: Some(chain),
+            steps: 0,
+        })
+    }
+
+    /// The fold.
+    pub fn fold(&self) -> &Fold {
+        &self.f
+    }
+
+    /// The generation of the VM in whose device chain the merge runs (`None`: it runs on a
+    /// chain of its own).
+    pub fn online_generation(&self) -> Option<u64> {
+        self.online
+    }
+
+    /// Copies one bounded step; the step that copies the last cluster switches the chain and,
+    /// still in the same step (online: with the disks still paused), rewrites the records,
+    /// unlinks the folded file and drops the journal. `vm` is the running VM and its
+    /// generation: an online fold whose VM is gone or replaced fails (the caller undoes it
+    /// with [`recover`]).
+    pub fn step(
+        &mut self,
+        store: &mut Store,
+        vm: Option<(&Vm, u64)>,
+    ) -> Result<FoldStep, CheckpointError> {
+        let step = match self.online {
+            Some(generation) => {
+                let vm = vm.filter(|(_, g)| *g == generation).map(|(vm, _)| vm);
+                let vm = vm.ok_or_else(|| {
+                    CheckpointError::Unsupported(format!(
+                        "the VM whose disk {} was folding {} is gone",
+                        self.f.index,
+                        self.from.display()
+                    ))
+                })?;
+                self.online_step(store, vm)?
             }
-            steps += 1;
-            if steps == 2 {
+            None => self.offline_step(store)?,
+        };
+        if step == FoldStep::Finished {
+            super::crash_point("fold-finished");
+        } else {
+            self.steps += 1;
+            if self.steps == 2 {
                 super::crash_point("fold-copying");
             }
         }
-        chain.flush().map_err(fold_err(&child))?;
+        Ok(step)
     }
-    super::crash_point("fold-switched");
-    finish(store, f)?;
-    super::crash_point("fold-finished");
-    Ok(())
+
+    /// A step in the device chain, with the disks paused (the request being served finishes
+    /// first), so the step that switches the chain is followed by the records' rewrite before
+    /// the guest's next request: when `from` is the top the guest writes, its next write
+    /// lands in `into`, which the records must name first. A paused VM's disks stay paused.
+    fn online_step(&mut self, store: &mut Store, vm: &Vm) -> Result<FoldStep, CheckpointError> {
+        let f = &self.f;
+        let devices = vm.virtio_devices();
+        let cs = devices
+            .with_disk_chain(f.index, |c| c.cluster_size())
+            .unwrap_or(1);
+        let was_paused = devices.disks_paused();
+        devices
+            .pause_disks()
+            .map_err(|e| CheckpointError::Unsupported(format!("pausing the disks: {e}")))?;
+        let step = devices.with_disk_chain(f.index, |c| c.merge_step(STEP_CLUSTERS));
+        let outcome = match step {
+            None => Err(no_chain(f)),
+            Some(Err(e)) => {
+                devices.with_disk_chain(f.index, Chain::abort_merge);
+                Err(fold_err(&self.from)(e))
+            }
+            Some(Ok(p)) if p.finished => {
+                super::crash_point("fold-switched");
+                finish(store, f).map(|()| FoldStep::Finished)
+            }
+            Some(Ok(p)) => Ok(FoldStep::Copied(p.done * cs, p.total * cs)),
+        };
+        if !was_paused {
+            if let Err(e) = devices.resume_disks() {
+                log::error!(
+                    "folding {}: the disks cannot run again: {e}",
+                    self.from.display()
+                );
+            }
+        }
+        outcome
+    }
+
+    /// A step on the fold's own chain (no guest waits on it: four times the online step).
+    fn offline_step(&mut self, store: &mut Store) -> Result<FoldStep, CheckpointError> {
+        let Some(chain) = self.chain.as_mut() else {
+            return Err(no_chain(&self.f));
+        };
+        let p = chain
+            .merge_step(STEP_CLUSTERS * 4)
+            .map_err(fold_err(&self.from))?;
+        if !p.finished {
+            let cs = chain.cluster_size();
+            return Ok(FoldStep::Copied(p.done * cs, p.total * cs));
+        }
+        let top = chain.top_path().to_path_buf();
+        chain.flush().map_err(fold_err(&top))?;
+        // Closed before the records change, so nothing holds the folded file.
+        self.chain = None;
+        super::crash_point("fold-switched");
+        finish(store, &self.f)?;
+        Ok(FoldStep::Finished)
+    }
+
+    /// Stops the merge where it is (the chains read the same; the journal stays for
+    /// [`recover`] to drop).
+    pub fn abort(mut self, vm: Option<(&Vm, u64)>) {
+        match self.online {
+            Some(generation) => {
+                if let Some((vm, _)) = vm.filter(|(_, g)| *g == generation) {
+                    vm.virtio_devices()
+                        .with_disk_chain(self.f.index, Chain::abort_merge);
+                }
+            }
+            None => {
+                if let Some(c) = self.chain.as_mut() {
+                    c.abort_merge();
+                }
+            }
+        }
+    }
+}
+
+fn no_chain(f: &Fold) -> CheckpointError {
+    CheckpointError::Unsupported(format!("disk {} has no chain", f.index))
+}
+
+fn fold_err(path: &Path) -> impl Fn(disk::DiskError) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |source| CheckpointError::Fold {
+        path: path.clone(),
+        source: Box::new(source),
+    }
 }
 
 #[cfg(test)]
