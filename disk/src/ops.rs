@@ -577,6 +577,55 @@ pub fn merge_with(
     chain.flush()
 }
 
+/// Points layer `child`, whose header names `old_parent`, at `new_parent` instead, recording
+/// `new_parent`'s identity as it is now; clears `FOLDING`. For a parent that reads exactly as
+/// the old one did: after `old_parent` was merged into `new_parent`, each of its children that
+/// the merge's own chain did not hold is repointed so before `old_parent` is removed. Returns
+/// `false`, changing nothing, when `child` names another parent (already repointed).
+/// `policy` must let `child` name both parents.
+pub fn repoint_after_merge(
+    child: &Path,
+    old_parent: &Path,
+    new_parent: &Path,
+    policy: &ParentPolicy,
+) -> Result<bool> {
+    let names_old = |h: &format::Header| {
+        let Some(recorded) = h.parent.path() else {
+            return false;
+        };
+        let named = crate::parent::resolve_parent(child, recorded);
+        match (std::fs::metadata(&named), std::fs::metadata(old_parent)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+    };
+    // A look at the header without a lock first: a child already repointed may be open (and
+    // locked) in a running chain, and is left alone.
+    let mut buf = [0u8; format::HEADER_SIZE];
+    let file = crate::parent::open_regular(child, false)?;
+    let n = read_full(&file, &mut buf, 0).map_err(DiskError::io(child, "read header"))?;
+    drop(file);
+    let peek = format::Header::parse(&buf[..n]).map_err(|source| DiskError::Format {
+        path: child.to_path_buf(),
+        source,
+    })?;
+    if !names_old(&peek) {
+        return Ok(false);
+    }
+    let mut layer = Layer::open(child, true, Some(Format::Strata))?;
+    let Some(mut h) = layer.header.clone() else {
+        return Ok(false);
+    };
+    if !names_old(&h) {
+        return Ok(false);
+    }
+    let parent = Layer::open(new_parent, false, None)?;
+    h.parent = parent.parent_ref_for(child, Some(policy))?;
+    h.flags &= !format::FLAG_FOLDING;
+    layer.write_header(h)?;
+    Ok(true)
+}
+
 /// Output format of [`convert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -715,6 +764,50 @@ fn convert_into(
 mod tests {
     use super::*;
     use crate::chain::create_layer;
+
+    fn read_all(top: &Path) -> Vec<u8> {
+        let c = Chain::open(top, OpenOptions::default()).unwrap();
+        let mut b = vec![0u8; c.virtual_size() as usize];
+        c.read_at(0, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn a_merged_parent_s_other_children_are_repointed_past_it_and_read_the_same() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base.raw");
+        std::fs::write(&base, vec![1u8; 1 << 20]).unwrap();
+        // base <- mid <- {top, other}: two children of mid.
+        let (mid, top, other) = (
+            d.path().join("mid.strata"),
+            d.path().join("top.strata"),
+            d.path().join("other.strata"),
+        );
+        create_layer(&base, &mid).unwrap();
+        let mut c = Chain::open(&mid, OpenOptions::default()).unwrap();
+        c.write_at(4096, &[2u8; 70_000]).unwrap();
+        drop(c);
+        create_layer(&mid, &top).unwrap();
+        create_layer(&mid, &other).unwrap();
+        let mut c = Chain::open(&other, OpenOptions::default()).unwrap();
+        c.write_at(200_000, &[3u8; 5000]).unwrap();
+        drop(c);
+        let (want_top, want_other) = (read_all(&top), read_all(&other));
+        // mid merges into base through top's chain, which repoints top; other still names mid.
+        let mut c = Chain::open(&top, OpenOptions::default()).unwrap();
+        c.begin_merge_keeping_file(1, MergeDirection::IntoParent)
+            .unwrap();
+        while !c.merge_step(4).unwrap().finished {}
+        drop(c);
+        let policy = ParentPolicy::confined();
+        assert!(!repoint_after_merge(&top, &mid, &base, &policy).unwrap());
+        assert!(repoint_after_merge(&other, &mid, &base, &policy).unwrap());
+        assert!(!repoint_after_merge(&other, &mid, &base, &policy).unwrap());
+        std::fs::remove_file(&mid).unwrap();
+        assert_eq!(read_all(&top), want_top);
+        assert_eq!(read_all(&other), want_other);
+        assert_eq!(info(&other).unwrap().layers.len(), 2);
+    }
 
     #[test]
     fn changes_between_layers_are_the_clusters_written_since() {

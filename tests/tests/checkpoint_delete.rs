@@ -434,3 +434,36 @@ fn merges_finish_while_the_guest_keeps_writing_and_keep_every_write() {
     assert_eq!(fnv1a64_update(FNV_OFFSET, &bytes), g.model.whole(0));
     g.api.lifecycle(api::LifecycleAction::Stop).unwrap();
 }
+
+/// A background merge outlives the VM it began in: the VM is stopped mid-merge (the online fold
+/// is undone and runs again on a chain of its own while the VM is off) and started again (the
+/// fold that holds the VM's disks finishes before they open); every write stays, the remaining
+/// checkpoint holds its disks, and the merge ends.
+#[test]
+fn a_vm_stopped_and_started_during_a_background_merge_keeps_every_write() {
+    let (dir, _state, _launch, mut g) = boot_with_env(
+        &["--checkpoint-type", "standard"],
+        &[(vmm::checkpoint::FOLD_STEP_DELAY_ENV, "150")],
+    );
+    g.write(0, 0, 2048);
+    let c1 = g.take("c1", CheckpointType::Standard);
+    g.write(0, 1024, 6144);
+    g.write(1, 0, 4096);
+    let c2 = g.take("c2", CheckpointType::Standard);
+    g.write(0, 4000, 64);
+    let h2 = checkpoint_hashes(&g.api, &c2, dir.path());
+    g.api.delete_checkpoint(&c1).unwrap();
+    // Mid-merge (three 150 ms steps per disk): off, then on again.
+    g.api.lifecycle(api::LifecycleAction::Stop).unwrap();
+    assert_eq!(g.api.vm().unwrap().state, VmState::Off);
+    g.api.lifecycle(api::LifecycleAction::Start).unwrap();
+    assert_eq!(g.vm.wait_ready(), 2);
+    let list = g.api.wait_for_merge(&c1, MERGE_POLL).unwrap();
+    assert_eq!(ids(&list), vec![c2.clone()]);
+    assert!(list.shared_layers.is_empty(), "{:?}", list.shared_layers);
+    assert_eq!(checkpoint_hashes(&g.api, &c2, dir.path()), h2);
+    g.reads_back("after the merge across a stop and a start");
+    g.write(1, 100, 8);
+    g.reads_back("after a write on the merged chain");
+    g.api.lifecycle(api::LifecycleAction::Stop).unwrap();
+}

@@ -1061,6 +1061,33 @@ impl Machine {
         }
     }
 
+    /// Before a VM opens its disks ([`Machine::start`]): a fold running on a chain of its own
+    /// may hold a layer the VM opens (its active top) locked, so it finishes first; an online
+    /// fold whose VM is gone is undone, to be planned again once the new VM runs.
+    pub fn settle_folds_for_boot(&mut self) {
+        loop {
+            let Some(folding) = self.folding.as_mut() else {
+                return;
+            };
+            match folding.job.as_ref().map(fold::FoldJob::online_generation) {
+                None => return,
+                Some(Some(_)) => {
+                    if let Some(job) = folding.job.take() {
+                        log::info!(
+                            "folding {:?}: the VM stopped; planning it again",
+                            job.fold()
+                        );
+                        job.abort(None);
+                    }
+                    self.recover_fold();
+                    return;
+                }
+                Some(None) if self.folds_runnable() => self.fold_step(),
+                Some(None) => return,
+            }
+        }
+    }
+
     /// One bounded step of the folds a delete left (1 MiB with the disks paused, online; the
     /// control loop calls it whenever no call waits). Begins the next fold when none runs, and
     /// ends the folding when none is left. A fold that fails is logged and undone

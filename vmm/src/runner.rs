@@ -206,6 +206,7 @@ impl Machine {
         if let Err(e) = self.settle_held() {
             log::error!("{}", crate::error_line(&e));
         }
+        self.settle_folds_for_boot();
         self.generation += 1;
         let events = crate::vm::EventTx::new(&self.events, self.generation);
         self.vm = Some(Vm::boot(&self.platform, &self.boot_config(), &events)?);

@@ -228,9 +228,39 @@ fn remove_journal(location: &Path) -> Result<(), CheckpointError> {
     }
 }
 
-/// Takes `f.from` out of every record of its disk, then unlinks it (a store layer; a launch
-/// disk never goes) and drops the journal.
+/// After `f.from` was merged into its parent `f.into`: every child of `from` that still names
+/// it is pointed at `into` (those the merge's own chain did not hold: other branches' layers,
+/// or the VM's top when the fold ran on a chain of its own), before the records stop naming
+/// `from` and it goes.
+fn repoint_children(store: &Store, f: &Fold) -> Result<(), CheckpointError> {
+    let location = store.location();
+    let (from, into) = (f.from.path(location), f.into.path(location));
+    for r in all_records(store)?.iter().filter(|r| r.index == f.index) {
+        let chain = chain_of(r);
+        let Some(i) = chain.iter().position(|n| *n == f.from) else {
+            continue;
+        };
+        let Some(child) = chain.get(i + 1) else {
+            continue;
+        };
+        let path = child.path(location);
+        disk::ops::repoint_after_merge(&path, &from, &into, &chain_parents(r)).map_err(
+            |source| CheckpointError::Fold {
+                path: path.clone(),
+                source: Box::new(source),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Points `f.from`'s children past it (a merge into its parent), takes `f.from` out of every
+/// record of its disk, then unlinks it (a store layer; a launch disk never goes) and drops
+/// the journal.
 fn finish(store: &mut Store, f: &Fold) -> Result<(), CheckpointError> {
+    if f.dir == MergeDirection::IntoParent {
+        repoint_children(store, f)?;
+    }
     let location = store.location().to_path_buf();
     store.edit_disk_records(|r| {
         if r.index != f.index {
@@ -255,17 +285,16 @@ fn finish(store: &mut Store, f: &Fold) -> Result<(), CheckpointError> {
     remove_journal(&location)
 }
 
-/// A record of disk `index` whose chain runs through `from` past it (so its on-disk chain
-/// shows whether the merge's switch was made).
-fn record_through(records: &[DiskRecord], f: &Fold) -> Option<DiskRecord> {
-    records
-        .iter()
-        .filter(|r| r.index == f.index)
-        .find(|r| {
-            let c = chain_of(r);
-            c.contains(&f.from) && c.last() != Some(&f.from)
-        })
-        .cloned()
+/// The records of disk `index` whose chains run through `from` past it (so their on-disk
+/// chains show whether the merge's switch, or the repointing of `from`'s children, began).
+fn records_through<'a>(
+    records: &'a [DiskRecord],
+    f: &'a Fold,
+) -> impl Iterator<Item = &'a DiskRecord> {
+    records.iter().filter(|r| r.index == f.index).filter(|r| {
+        let c = chain_of(r);
+        c.contains(&f.from) && c.last() != Some(&f.from)
+    })
 }
 
 /// On opening the store: finishes a fold whose switch reached the disk, or drops one whose
@@ -288,22 +317,24 @@ pub fn recover(store: &mut Store) -> Result<Option<String>, CheckpointError> {
     };
     let from = f.from.path(&location);
     let records = all_records(store)?;
-    let switched = if !from.exists() {
-        // Unlinked: only after the records stopped naming it.
-        true
-    } else if let Some(r) = record_through(&records, &f) {
+    // Unlinked: only after the records stopped naming it. Else switched once any chain
+    // through it no longer runs through it on disk: the merge was complete, and finishing
+    // points the rest of its children past it. When `from` is only ever a chain's top, the
+    // switch is the records' rewrite itself.
+    let mut switched = !from.exists();
+    for r in records_through(&records, &f) {
+        if switched {
+            break;
+        }
         let top = r.top(&location);
-        let on_disk = disk::ops::info_with(&top, &chain_parents(&r)).map_err(|source| {
+        let on_disk = disk::ops::info_with(&top, &chain_parents(r)).map_err(|source| {
             CheckpointError::Fold {
                 path: top.clone(),
                 source: Box::new(source),
             }
         })?;
-        !on_disk.layers.iter().any(|l| same_file(&l.path, &from))
-    } else {
-        // `from` is a chain's top: the switch is the records' rewrite itself.
-        false
-    };
+        switched = !on_disk.layers.iter().any(|l| same_file(&l.path, &from));
+    }
     if switched {
         finish(store, &f)?;
         Ok(Some(format!(
