@@ -467,3 +467,60 @@ fn a_vm_stopped_and_started_during_a_background_merge_keeps_every_write() {
     g.reads_back("after a write on the merged chain");
     g.api.lifecycle(api::LifecycleAction::Stop).unwrap();
 }
+
+/// The layer a fold takes out may have children on two branches: deleting c1 makes the launch
+/// disks take c2's layer in, and that layer is the parent both of c3's layer (the first branch)
+/// and of the VM's active layer (the second, after c2 was applied). Both children must be
+/// pointed past it before it goes: c2, c3 and the guest read the same after the merge.
+#[test]
+fn deleting_the_root_under_a_checkpoint_with_two_branches_keeps_both_branches() {
+    let (dir, _state, _launch, mut g) = boot(&["--vsock", "cid=3,socket=v.sock"]);
+    g.write(0, 0, 64);
+    g.write(1, 0, 64);
+    let c1 = g.take("c1", CheckpointType::Standard);
+    g.write(0, 64, 2048);
+    g.write(1, 64, 512);
+    let c2 = g.take("c2", CheckpointType::Production);
+    let at_c2 = (g.model.clone(), g.regions.clone());
+    g.write(0, 3000, 64);
+    g.write(1, 3000, 64);
+    let c3 = g.take("c3", CheckpointType::Standard);
+    let (h2, h3) = (
+        checkpoint_hashes(&g.api, &c2, dir.path()),
+        checkpoint_hashes(&g.api, &c3, dir.path()),
+    );
+    let vm_after = g
+        .api
+        .apply_checkpoint(
+            &c2,
+            &ApplyCheckpoint {
+                save_current: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(vm_after.state, VmState::Off);
+    g.api.lifecycle(api::LifecycleAction::Start).unwrap();
+    g.vm.wait_ready();
+    (g.model, g.regions) = at_c2;
+    g.write(0, 5000, 64);
+    g.write(1, 5000, 64);
+    g.api.delete_checkpoint(&c1).unwrap();
+    let list = g.api.wait_for_merge(&c1, MERGE_POLL).unwrap();
+    let mut left = ids(&list);
+    left.sort();
+    let mut want = vec![c2.clone(), c3.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    assert_eq!(
+        checkpoint_hashes(&g.api, &c2, dir.path()),
+        h2,
+        "c2 after the merge"
+    );
+    assert_eq!(
+        checkpoint_hashes(&g.api, &c3, dir.path()),
+        h3,
+        "c3 after the merge"
+    );
+    g.reads_back("after deleting c1");
+    g.api.lifecycle(api::LifecycleAction::Stop).unwrap();
+}
