@@ -1065,26 +1065,35 @@ impl Machine {
     /// may hold a layer the VM opens (its active top) locked, so it finishes first; an online
     /// fold whose VM is gone is undone, to be planned again once the new VM runs.
     pub fn settle_folds_for_boot(&mut self) {
-        loop {
-            let Some(folding) = self.folding.as_mut() else {
-                return;
-            };
-            match folding.job.as_ref().map(fold::FoldJob::online_generation) {
-                None => return,
-                Some(Some(_)) => {
-                    if let Some(job) = folding.job.take() {
-                        log::info!(
-                            "folding {:?}: the VM stopped; planning it again",
-                            job.fold()
-                        );
-                        job.abort(None);
-                    }
-                    self.recover_fold();
-                    return;
-                }
-                Some(None) if self.folds_runnable() => self.fold_step(),
-                Some(None) => return,
-            }
+        if let Some(mut folding) = self.folding.take() {
+            self.undo_stale_online_fold(&mut folding);
+            self.folding = Some(folding);
+        }
+        let on_own_chain = |m: &Machine| {
+            m.folding
+                .as_ref()
+                .and_then(|f| f.job.as_ref())
+                .is_some_and(|j| j.online_generation().is_none())
+        };
+        while on_own_chain(self) && self.folds_runnable() {
+            self.fold_step();
+        }
+    }
+
+    /// Undoes the online fold of `folding` if its VM stopped or was replaced (a reboot): it is
+    /// planned again on what runs next.
+    fn undo_stale_online_fold(&mut self, folding: &mut Folding) {
+        let stale = |g: u64| self.vm.is_none() || g != self.generation;
+        if let Some(job) = folding
+            .job
+            .take_if(|j| j.online_generation().is_some_and(stale))
+        {
+            log::info!(
+                "folding {:?}: its VM stopped or was replaced; planning it again",
+                job.fold()
+            );
+            job.abort(None);
+            self.recover_fold();
         }
     }
 
@@ -1136,19 +1145,7 @@ impl Machine {
 
     /// [`Machine::fold_step`]'s work: `Ok(false)` when no fold is left.
     fn try_fold_step(&mut self, folding: &mut Folding) -> Result<bool, CheckpointError> {
-        // An online fold whose VM stopped or was replaced (a reboot) is undone, then planned
-        // again on what runs now.
-        if let Some(job) = folding.job.take_if(|j| {
-            j.online_generation()
-                .is_some_and(|g| self.vm.is_none() || g != self.generation)
-        }) {
-            log::info!(
-                "folding {:?}: the VM changed; planning it again",
-                job.fold()
-            );
-            job.abort(None);
-            self.recover_fold();
-        }
+        self.undo_stale_online_fold(folding);
         if folding.job.is_none() {
             let Some(f) = fold::next_fold(self.store()?)? else {
                 return Ok(false);
