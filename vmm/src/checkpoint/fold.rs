@@ -30,6 +30,17 @@
 //! in the device's own chain, a bounded step at a time under the device's lock, so the guest's
 //! requests go on between steps and a write into a layer being folded re-queues its cluster
 //! (the disk crate's merge); otherwise it runs on a chain of its own.
+//!
+//! **In the background.** A [`FoldJob`] is advanced one step at a time by the VMM's control
+//! loop whenever no call waits (`Machine::fold_step`), so the API answers during a merge and
+//! reports its progress. Calls that change checkpoints or the VM's disks finish the folds
+//! first; an export holds them back. An online fold whose VM stops or is replaced is undone
+//! ([`recover`]) and planned again on what runs next.
+//!
+//! **Children past the folded layer.** A merge into the parent leaves the folded layer's
+//! children naming it; the merge's own chain points its child past it, and [`finish`] points
+//! every other one (another branch's layer, or the VM's top when the fold ran on a chain of its
+//! own) before the records stop naming the layer and it goes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
