@@ -38,7 +38,7 @@
 //! ([`recover`]) and planned again on what runs next.
 //!
 //! **Children past the folded layer.** A merge into the parent leaves the folded layer's
-//! children naming it; the merge's own chain points its child past it, and [`finish`] points
+//! children naming it; the merge's own chain points its child past it, and finishing points
 //! every other one (another branch's layer, or the VM's top when the fold ran on a chain of its
 //! own) before the records stop naming the layer and it goes.
 
