@@ -657,6 +657,20 @@ pub fn convert_with(
     parents: &ParentPolicy,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
+    convert_observed(src, out, fmt, parents, progress, &mut |_, _| {})
+}
+
+/// [`convert_with`], with `observe` hearing every range of data written into a raw `out`
+/// (offset, bytes), in ascending order; what it does not hear is a hole. (A Strata `out` is
+/// not observed.) The export checksums its disk files this way as it writes them.
+pub fn convert_observed(
+    src: &Path,
+    out: &Path,
+    fmt: ConvertFormat,
+    parents: &ParentPolicy,
+    progress: &mut dyn FnMut(u64, u64),
+    observe: &mut dyn FnMut(u64, &[u8]),
+) -> Result<()> {
     if out.symlink_metadata().is_ok() {
         return Err(DiskError::Exists {
             path: out.to_path_buf(),
@@ -664,7 +678,7 @@ pub fn convert_with(
     }
     let chain = Chain::open_with(src, RO, parents)?;
     let tmp = unique_tmp_path(out);
-    let res = convert_into(&chain, &tmp, fmt, progress).and_then(|()| {
+    let res = convert_into(&chain, &tmp, fmt, progress, observe).and_then(|()| {
         std::fs::hard_link(&tmp, out).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 DiskError::Exists {
@@ -691,6 +705,7 @@ fn convert_into(
     tmp: &Path,
     fmt: ConvertFormat,
     progress: &mut dyn FnMut(u64, u64),
+    observe: &mut dyn FnMut(u64, &[u8]),
 ) -> Result<()> {
     let cs = chain.cluster_size();
     let size = chain.virtual_size();
@@ -750,6 +765,9 @@ fn convert_into(
             chain.read_at(off, &mut buf[..len])?;
             if buf[..len].iter().any(|&b| b != 0) {
                 sink(off, &buf[..len])?;
+                if fmt == ConvertFormat::Raw {
+                    observe(off, &buf[..len]);
+                }
             }
             off += len as u64;
             done += len as u64;

@@ -762,6 +762,73 @@ pub fn sparse_digest(path: &Path) -> Result<SparseDigest> {
     })
 }
 
+/// The CRC of [`SparseDigester`] (the same as [`sparse_digest`]'s), in a `static` so a
+/// digester can hold its running state.
+static DIGESTER_CRC: crc::Crc<u64, crc::Table<16>> = CRC64;
+
+/// A [`SparseDigest`] computed while a file of `size` bytes is written front to back, so the
+/// file need not be read back: feed it every data range as it is written ([`Self::feed`]),
+/// in ascending order; what is not fed is a hole (zeroes). Ranges fed out of order, or not
+/// on whole 4 KiB blocks (but at the file's end), leave the digest to [`Self::finish`], which
+/// then reads the file back ([`sparse_digest`]).
+pub struct SparseDigester {
+    digest: crc::Digest<'static, u64, crc::Table<16>>,
+    size: u64,
+    /// The first block after what was fed.
+    next_block: u64,
+    /// Whether everything fed was in order and on whole blocks.
+    ordered: bool,
+}
+
+impl SparseDigester {
+    /// A digester for a file of `size` bytes.
+    pub fn new(size: u64) -> SparseDigester {
+        SparseDigester {
+            digest: DIGESTER_CRC.digest(),
+            size,
+            next_block: 0,
+            ordered: true,
+        }
+    }
+
+    /// `data` was written at `offset`.
+    pub fn feed(&mut self, offset: u64, data: &[u8]) {
+        let end = offset.saturating_add(data.len() as u64);
+        let whole_blocks = offset.is_multiple_of(PAGE_SIZE)
+            && (end.is_multiple_of(PAGE_SIZE) || end == self.size)
+            && end <= self.size;
+        if !self.ordered || !whole_blocks || offset / PAGE_SIZE < self.next_block {
+            self.ordered = false;
+            return;
+        }
+        for (i, block) in data.chunks(PAGE_SIZE as usize).enumerate() {
+            if !is_zero(block) {
+                self.digest
+                    .update(&(offset / PAGE_SIZE + i as u64).to_le_bytes());
+                self.digest.update(block);
+            }
+        }
+        self.next_block = end.div_ceil(PAGE_SIZE);
+    }
+
+    /// The digest of the file at `path`, now written: from what was fed, or, if that was not
+    /// in order, by reading the file.
+    pub fn finish(self, path: &Path) -> Result<SparseDigest> {
+        if !self.ordered {
+            return sparse_digest(path);
+        }
+        let md = std::fs::metadata(path).at(path, "stat")?;
+        if md.len() != self.size {
+            return sparse_digest(path);
+        }
+        Ok(SparseDigest {
+            size: self.size,
+            allocated: md.blocks() * 512,
+            crc64: self.digest.finalize(),
+        })
+    }
+}
+
 /// Copies the file at `src` to a new file `dst` (refused if it exists), keeping holes: only
 /// data extents are copied, in the kernel where it can (`copy_file_range`). The copy is
 /// fsynced. Returns the bytes copied.
@@ -832,6 +899,50 @@ impl Drop for MmapRegion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_digest_fed_while_writing_is_the_one_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 10 * PAGE_SIZE + 1536; // the last block is short
+        let page = |v: u8| vec![v; PAGE_SIZE as usize];
+        // (offset, data): data, a zero block inside data, a hole, the short last block.
+        let mut middle = page(7);
+        middle.extend(page(0));
+        middle.extend(page(9));
+        let writes: Vec<(u64, Vec<u8>)> = vec![
+            (0, page(1)),
+            (2 * PAGE_SIZE, middle),
+            (9 * PAGE_SIZE, {
+                let mut t = page(3);
+                t.extend(vec![4u8; 1536]);
+                t
+            }),
+        ];
+        let path = d.path().join("f");
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        let mut dg = SparseDigester::new(size);
+        for (off, data) in &writes {
+            f.write_all_at(data, *off).unwrap();
+            dg.feed(*off, data);
+        }
+        drop(f);
+        let read_back = sparse_digest(&path).unwrap();
+        assert_eq!(dg.finish(&path).unwrap(), read_back);
+
+        // Out of order, or off whole blocks: it reads the file back, with the same result.
+        let mut dg = SparseDigester::new(size);
+        dg.feed(2 * PAGE_SIZE, &writes[1].1);
+        dg.feed(0, &writes[0].1);
+        assert_eq!(dg.finish(&path).unwrap(), read_back);
+        let mut dg = SparseDigester::new(size);
+        dg.feed(512, &[1u8; 512]);
+        assert_eq!(dg.finish(&path).unwrap(), read_back);
+        // Fed wrong but in order: a different digest (what is fed is what counts).
+        let mut dg = SparseDigester::new(size);
+        dg.feed(0, &page(1));
+        assert_ne!(dg.finish(&path).unwrap().crc64, read_back.crc64);
+    }
 
     const MIB: usize = 1 << 20;
 

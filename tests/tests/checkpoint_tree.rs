@@ -1033,6 +1033,24 @@ fn exports_boot_and_restore_and_changed_blocks_rebuild_newer_exports_across_bran
             "{e:?}"
         );
         assert!(dest.join("manifest.json").is_file(), "{e:?}");
+        // The manifest's checksums (taken as the export wrote the disks) are those of the
+        // files as they are, read back.
+        let manifest = snapshot::manifest::Manifest::load(&dest.join("manifest.json")).unwrap();
+        let recorded = manifest
+            .export
+            .as_ref()
+            .unwrap_or_else(|| panic!("{manifest:?}"));
+        assert_eq!(recorded.disks.len(), 2, "{recorded:?}");
+        for f in &recorded.disks {
+            let read = snapshot::memory::sparse_digest(&dest.join(&f.file)).unwrap();
+            assert_eq!(
+                (f.size, f.crc64),
+                (read.size, read.crc64),
+                "export of {}: {} as recorded and as read back",
+                t.name,
+                f.file
+            );
+        }
         let standard = t.info.kind == TakenType::Standard;
         assert_eq!(
             (e.state.is_some(), e.memory.is_some()),

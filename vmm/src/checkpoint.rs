@@ -1740,12 +1740,15 @@ impl ExportJob {
             let src = d.top(&self.location);
             let name = export_disk_name(d.index, self.format);
             let out = tmp.join(&name);
-            disk::ops::convert_with(
+            // A raw file is checksummed as it is written; a Strata one is read back.
+            let mut digester = snapshot::memory::SparseDigester::new(*size);
+            disk::ops::convert_observed(
                 &src,
                 &out,
                 self.format,
                 &chain_parents(d),
                 &mut |done, _| progress(base + done, total),
+                &mut |offset, data| digester.feed(offset, data),
             )
             .map_err(|source| CheckpointError::Layer {
                 path: out.clone(),
@@ -1753,7 +1756,10 @@ impl ExportJob {
                 source: Box::new(source),
             })?;
             base += size;
-            let digest = snapshot::memory::sparse_digest(&out)?;
+            let digest = match self.format {
+                disk::ops::ConvertFormat::Raw => digester.finish(&out)?,
+                disk::ops::ConvertFormat::Strata => snapshot::memory::sparse_digest(&out)?,
+            };
             bytes += digest.allocated;
             digests.push(snapshot::manifest::ExportedFile {
                 file: name.clone(),
