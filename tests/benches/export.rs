@@ -19,20 +19,22 @@
 //! `cargo build --release --bin strata && cargo bench -p strata-tests --bench export [-- RUNS]`
 //! (default 3 runs of each measurement).
 //!
-//! Measured on the project's machine (ext4 on a virtio disk, 2 cores shared with other work,
-//! release build, 3 runs; MiB/s median / min):
+//! Measured on the project's machine (ext4 on a virtio disk, 2 cores, release build, 3 runs;
+//! MiB/s median / min). Loaded by other work (an earlier stop), when an export still read each
+//! disk file back to checksum it:
 //!
 //! | disk | export raw | export strata | dd write | dd copy |
 //! |---|---|---|---|---|
 //! | 1 GiB | 160 / 151 | 268 / 236 | 635 / 630 | 655 / 251 |
 //! | 4 GiB | 186 / 176 | 240 / 225 | 677 / 668 | 531 / 478 |
 //!
-//! So an export writes at about a quarter to a third of the file system's sequential write
-//! speed. `strata disk convert` of the same 1 GiB disk alone takes ~1.8 s (~575 MiB/s): the rest
-//! is the export's second pass, which reads the written disk file back to compute its CRC-64
-//! for the manifest (`snapshot::memory::sparse_digest`); `perf` of the VMM during an export
-//! shows ~34 % of its CPU in `crc::crc64::update_table` and ~50 % in the kernel's copies for
-//! `pread`/`pwrite`. Computing the checksum in the flattening pass would save the re-read.
+//! Quiet (load 1-2), the same code: raw 507 / 291 (1 GiB) and 540 / 417 (4 GiB). Quiet, with a
+//! raw export checksummed as it writes (`snapshot::memory::SparseDigester`): raw 578 / 254 and
+//! 525 / 468 (1 GiB, two runs), 495 / 381 and 480 / 365 (4 GiB), against `dd` writes of
+//! 885-1393: within the noise of the read-back version here, because the file read back was
+//! still in the page cache; the saving is a whole re-read from disk when an export does not
+//! fit in the page cache. What is left is the flattening itself (`strata disk convert` alone
+//! ran at ~575 MiB/s) with the CRC-64 computed on the same thread.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
