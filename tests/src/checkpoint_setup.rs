@@ -128,23 +128,13 @@ impl Restored {
 
     /// Waits for `strata restore` to exit; kills it and panics after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait strata") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "strata restore did not exit within {timeout:?}; console:\n{}",
-                    self.transcript.join("\n")
-                );
-            }
-            while let Ok(line) = self.lines.try_recv() {
-                self.transcript.push(line);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::wait_console_exit(
+            &mut self.child,
+            &self.lines,
+            &mut self.transcript,
+            "strata restore",
+            timeout,
+        )
     }
 
     /// What `strata restore` wrote to stderr (complete once it has exited).

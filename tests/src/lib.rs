@@ -330,24 +330,13 @@ impl Vm {
 
     /// Waits for `strata` to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait strata") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "strata did not exit within {timeout:?}; console:\n{}",
-                    self.transcript.join("\n")
-                );
-            }
-            // Keep the transcript complete for failure messages.
-            while let Ok(line) = self.lines.try_recv() {
-                self.transcript.push(line);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_console_exit(
+            &mut self.child,
+            &self.lines,
+            &mut self.transcript,
+            "strata",
+            timeout,
+        )
     }
 
     /// The `strata` process id.
@@ -367,6 +356,34 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits for `child` (`what`, for the message) to exit, keeping `transcript` complete with the
+/// console `lines` for failure messages; kills it and panics after `timeout`.
+pub(crate) fn wait_console_exit(
+    child: &mut Child,
+    lines: &Receiver<String>,
+    transcript: &mut Vec<String>,
+    what: &str,
+    timeout: Duration,
+) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait strata") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "{what} did not exit within {timeout:?}; console:\n{}",
+                transcript.join("\n")
+            );
+        }
+        while let Ok(line) = lines.try_recv() {
+            transcript.push(line);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
