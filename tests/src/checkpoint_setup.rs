@@ -158,23 +158,7 @@ impl Console for Restored {
                 break;
             }
         }
-        let mut lines = Vec::new();
-        loop {
-            let line = self.next_line(COMMAND_GUARD);
-            if line == "ok" {
-                return Reply {
-                    lines,
-                    status: Ok(()),
-                };
-            }
-            if let Some(reason) = line.strip_prefix("err") {
-                return Reply {
-                    lines,
-                    status: Err(reason.trim().to_string()),
-                };
-            }
-            lines.push(line);
-        }
+        crate::read_reply(|| self.next_line(COMMAND_GUARD))
     }
 
     fn transcript(&self) -> String {

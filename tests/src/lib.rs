@@ -302,23 +302,7 @@ impl Vm {
         // The guest echoes the line after its prompt.
         let echo = format!("> {cmd}");
         self.wait_for(COMMAND_TIMEOUT, |l| l.ends_with(&echo));
-        let mut lines = Vec::new();
-        loop {
-            let line = self.next_line(COMMAND_TIMEOUT);
-            if line == "ok" {
-                return Reply {
-                    lines,
-                    status: Ok(()),
-                };
-            }
-            if let Some(reason) = line.strip_prefix("err") {
-                return Reply {
-                    lines,
-                    status: Err(reason.trim().to_string()),
-                };
-            }
-            lines.push(line);
-        }
+        read_reply(|| self.next_line(COMMAND_TIMEOUT))
     }
 
     /// Runs a command that must succeed and returns its single output line.
@@ -356,6 +340,28 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reads a console command's reply after its echo: output lines from `next_line` up to `ok`
+/// or `err <reason>`.
+pub(crate) fn read_reply(mut next_line: impl FnMut() -> String) -> Reply {
+    let mut lines = Vec::new();
+    loop {
+        let line = next_line();
+        if line == "ok" {
+            return Reply {
+                lines,
+                status: Ok(()),
+            };
+        }
+        if let Some(reason) = line.strip_prefix("err") {
+            return Reply {
+                lines,
+                status: Err(reason.trim().to_string()),
+            };
+        }
+        lines.push(line);
     }
 }
 
