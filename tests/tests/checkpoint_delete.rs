@@ -90,6 +90,28 @@ impl Guest {
         }
     }
 
+    /// Applies production checkpoint `id` (it leaves the VM off), starts the VM, and takes
+    /// back the model and regions `at` it.
+    fn apply_production(&mut self, id: &str, at: (Model, Vec<(usize, u64, u64)>)) {
+        let vm_after = self
+            .api
+            .apply_checkpoint(
+                id,
+                &ApplyCheckpoint {
+                    save_current: false,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            vm_after.state,
+            VmState::Off,
+            "a production apply leaves the VM off"
+        );
+        self.api.lifecycle(api::LifecycleAction::Start).unwrap();
+        self.vm.wait_ready();
+        (self.model, self.regions) = at;
+    }
+
     fn take(&mut self, name: &str, kind: CheckpointType) -> String {
         let info = self
             .api
@@ -206,23 +228,7 @@ fn deleting_anywhere_in_a_tree_of_six_keeps_every_other_checkpoint_and_the_guest
     g.write(1, 0, 16);
     let c3 = g.take("c3", CheckpointType::Standard);
     // The second branch: back to c2, diverge.
-    let vm_after = g
-        .api
-        .apply_checkpoint(
-            &c2,
-            &ApplyCheckpoint {
-                save_current: false,
-            },
-        )
-        .unwrap();
-    assert_eq!(
-        vm_after.state,
-        VmState::Off,
-        "a production apply leaves the VM off"
-    );
-    g.api.lifecycle(api::LifecycleAction::Start).unwrap();
-    g.vm.wait_ready();
-    (g.model, g.regions) = at_c2;
+    g.apply_production(&c2, at_c2);
     g.reads_back("after applying c2 and starting");
     g.write(0, 1000, 256);
     g.write(1, 3000, 8);
@@ -505,19 +511,7 @@ fn deleting_the_root_under_a_checkpoint_with_two_branches_keeps_both_branches() 
         checkpoint_hashes(&g.api, &c2, dir.path()),
         checkpoint_hashes(&g.api, &c3, dir.path()),
     );
-    let vm_after = g
-        .api
-        .apply_checkpoint(
-            &c2,
-            &ApplyCheckpoint {
-                save_current: false,
-            },
-        )
-        .unwrap();
-    assert_eq!(vm_after.state, VmState::Off);
-    g.api.lifecycle(api::LifecycleAction::Start).unwrap();
-    g.vm.wait_ready();
-    (g.model, g.regions) = at_c2;
+    g.apply_production(&c2, at_c2);
     g.write(0, 5000, 64);
     g.write(1, 5000, 64);
     g.api.delete_checkpoint(&c1).unwrap();

@@ -990,13 +990,7 @@ impl Machine {
     /// The delete is done once the folder is gone: a fold that fails is logged, undone, and
     /// runs again on the next delete (the chains read the same either way).
     pub fn delete_checkpoint(&mut self, id: &str) -> Result<Vec<PathBuf>, CheckpointError> {
-        let exporting = self
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|p| p.checkpoint == id && p.operation == api::types::PROGRESS_EXPORT);
-        if exporting {
+        if self.exported().as_deref() == Some(id) {
             return Err(CheckpointError::WrongState {
                 action: "delete a checkpoint being exported",
                 state: "exporting it",
@@ -1040,13 +1034,19 @@ impl Machine {
         self.folding.is_some()
     }
 
-    /// Whether an export runs (on its worker thread).
-    fn exporting(&self) -> bool {
+    /// The checkpoint an export (on its worker thread) is writing out, if one runs.
+    fn exported(&self) -> Option<String> {
         self.progress
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .is_some_and(|p| p.operation == api::types::PROGRESS_EXPORT)
+            .filter(|p| p.operation == api::types::PROGRESS_EXPORT)
+            .map(|p| p.checkpoint.clone())
+    }
+
+    /// Whether an export runs.
+    fn exporting(&self) -> bool {
+        self.exported().is_some()
     }
 
     fn set_progress(&self, p: Option<api::types::Progress>) {
